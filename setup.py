@@ -1,0 +1,43 @@
+"""Packaging for vsproxy. `pip install .` installs the `vsproxy` command; `.[test]` the test tools."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "vsproxy" / "__init__.py").read_text(), VERSION)
+
+setup(
+    name="vsproxy",
+    version=VERSION["__version__"],
+    description="Video stream proxy for robot simulators: one upstream connection, many browser viewers.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vsproxy", "vsproxy.*"]),
+    package_data={"vsproxy.web": ["*.html"]},
+    install_requires=[
+        "tornado>=6.4,<7",
+        "PyYAML>=6.0",
+        "prometheus-client>=0.20",
+        "Pillow>=10.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",  # pytest-tornado 0.8.1 uses hooks pytest 10 removes
+            "pytest-tornado==0.8.1",
+            "setuptools<82",  # pytest-tornado imports pkg_resources, gone in setuptools 82
+            "playwright>=1.45",  # drives Debian's chromium; never `playwright install`
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+        ],
+    },
+    entry_points={"console_scripts": ["vsproxy = vsproxy.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Framework :: Tornado",
+        "License :: OSI Approved :: MIT License",
+    ],
+)

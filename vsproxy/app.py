@@ -1,0 +1,137 @@
+"""Wiring: the Proxy object owns config, hubs and sessions, and builds the Tornado application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import tornado.httpserver
+import tornado.web
+from tornado.httputil import HTTPServerRequest
+from tornado.ioloop import PeriodicCallback
+
+from .config import Config
+from .handlers import api, pages, stream
+from .handlers.base import NotFoundHandler
+from .hub import FrameHub
+from .sessions import SessionManager
+from .sources import Source
+from .sources.demo import DemoSource
+from .sources.isaac import IsaacSource
+
+log = logging.getLogger("vsproxy.app")
+access_log = logging.getLogger("vsproxy.access")
+
+
+def build_sources(config: Config) -> tuple[dict[str, Source], str]:
+    """The configured upstreams by name, and the default one.
+
+    With an Isaac Sim address the default upstream is that simulator's WebSocket; without one it
+    is the built-in demo source. The public IP in the original README is never a default.
+    """
+    sources: dict[str, Source] = {"demo": DemoSource("demo", config.demo)}
+    url = config.isaac_ws_url
+    if url is not None:
+        sources["isaac"] = IsaacSource("isaac", url, config.reconnect, config.isaac_sim.headers)
+        return sources, "isaac"
+    return sources, "demo"
+
+
+class Proxy:
+    """The application object: everything with state hangs off it (no module-level state)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        sources, default = build_sources(config)
+        self.hubs: dict[str, FrameHub] = {
+            name: FrameHub(name, source, streaming=config.streaming, reconnect=config.reconnect)
+            for name, source in sources.items()
+        }
+        self.sessions = SessionManager(
+            self.hubs,
+            default,
+            max_sessions=config.limits.max_sessions,
+            idle_timeout=config.sessions.idle_timeout_seconds,
+        )
+        self._timers: list[PeriodicCallback] = []
+        self._server: tornado.httpserver.HTTPServer | None = None
+
+    # -- the Tornado application ---------------------------------------------------------------
+
+    def make_app(self) -> tornado.web.Application:
+        handlers: list[Any] = []
+        for module in (api, stream, pages):  # each handler module ends with its `routes` list
+            handlers += module.routes
+        return tornado.web.Application(
+            handlers,
+            proxy=self,
+            default_handler_class=NotFoundHandler,
+            log_function=self._log_request,
+            # Tornado's own message cap only guards against abuse; our configured, friendlier
+            # limit (an error message, connection kept) is checked in the handler below it.
+            websocket_max_message_size=max(4 * self.config.streaming.max_viewer_message_bytes, 1 << 20),
+            websocket_ping_interval=20,
+            websocket_ping_timeout=60,
+        )
+
+    def _log_request(self, handler: tornado.web.RequestHandler) -> None:
+        status = handler.get_status()
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        if handler.request.path == "/health" and status == 200:
+            level = logging.DEBUG  # health probes every few seconds would drown the log
+        access_log.log(level, "%d %s %s %.1fms", status, handler.request.method,
+                       handler.request.path, 1000 * handler.request.request_time())
+
+    def public_base_url(self, request: HTTPServerRequest) -> str:
+        """http(s)://host[:port] as clients reach this server, for the URLs the API returns."""
+        cfg = self.config.server
+        if cfg.public_url:
+            return cfg.public_url.rstrip("/")
+        scheme, host = request.protocol, request.host
+        if cfg.trust_proxy_headers:
+            forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+            forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+            if forwarded_proto in ("http", "https"):
+                scheme = forwarded_proto
+            if forwarded_host:
+                host = forwarded_host
+        return f"{scheme}://{host}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start_background_tasks(self) -> None:
+        cleanup_ms = self.config.sessions.cleanup_interval_seconds * 1000
+        self._timers = [
+            PeriodicCallback(self.sessions.reap_idle, cleanup_ms),
+            PeriodicCallback(self._drop_stalled_viewers, 1000),
+        ]
+        for timer in self._timers:
+            timer.start()
+
+    def _drop_stalled_viewers(self) -> None:
+        now = time.monotonic()
+        for hub in self.hubs.values():
+            hub.drop_stalled(now)
+
+    def listen(self, port: int, address: str = "") -> tornado.httpserver.HTTPServer:
+        self._server = self.make_app().listen(port, address=address, xheaders=False)
+        self.start_background_tasks()
+        return self._server
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell viewers, close sessions and upstreams."""
+        if self._server is not None:
+            self._server.stop()
+        for timer in self._timers:
+            timer.stop()
+        self.sessions.close_all("closed: server shutting down")
+        await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.close_all_connections(),
+                                       self.config.server.shutdown_timeout_seconds)
+            except asyncio.TimeoutError:
+                log.warning("some connections did not close within the shutdown timeout")

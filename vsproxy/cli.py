@@ -1,0 +1,103 @@
+"""Command line: `vsproxy` serves; `vsproxy simulate` runs a simulated Isaac Sim upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from . import __version__
+from .config import ConfigError, load_config
+from .logs import configure_logging
+
+log = logging.getLogger("vsproxy")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vsproxy",
+        description="Video stream proxy for robot simulators: one upstream connection, many browser viewers.",
+        epilog="Precedence: command-line flags > environment > .env > config file > built-in defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"vsproxy {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help="YAML config file (default: ./config.yaml if present, else built-in defaults)")
+    parser.add_argument("--host", help="address to listen on (server.host, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port to listen on (server.port, default 8889)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging.level (default info)")
+    parser.add_argument("--log-format", choices=("text", "json"), help="logging.format (default text)")
+    commands = parser.add_subparsers(dest="command", metavar="{simulate}")
+    sim = commands.add_parser("simulate", help="run a simulated Isaac Sim WebSocket server")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=8211, help="port to listen on (default 8211)")
+    sim.add_argument("--width", type=int, default=1280)
+    sim.add_argument("--height", type=int, default=720)
+    sim.add_argument("--fps", type=float, default=30.0)
+    sim.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        configure_logging(args.log_level, "text")
+        return asyncio.run(_simulate(args))
+    overrides = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "logging.level": args.log_level,
+        "logging.format": args.log_format,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"vsproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+    return asyncio.run(_serve(config))
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with the app
+    from .app import Proxy
+
+    proxy = Proxy(config)
+    host, port = config.server.host, config.server.port
+    try:
+        proxy.listen(port, address=host)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return 1
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    upstream = config.isaac_ws_url or "built-in demo source"
+    log.info("vsproxy %s listening on http://%s:%d/ (upstream: %s)", __version__, shown, port, upstream)
+    await _wait_for_signal()
+    log.info("shutting down")
+    await proxy.shutdown()
+    log.info("stopped")
+    return 0
+
+
+async def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulatedIsaacSim
+
+    sim = SimulatedIsaacSim(width=args.width, height=args.height, fps=args.fps)
+    try:
+        sim.listen(args.port, address=args.host)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        return 1
+    await _wait_for_signal()
+    await sim.stop()
+    return 0

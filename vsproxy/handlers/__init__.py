@@ -1,0 +1,1 @@
+"""HTTP and WebSocket handlers: thin adapters; each module ends with its `routes` list."""

@@ -1,0 +1,174 @@
+"""Viewer outputs: WebSocket (JSON/base64 or binary), MJPEG and snapshot.
+
+Handlers only parse, check and attach a `hub.Viewer`; the hub decides what each viewer gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import tornado.web
+import tornado.websocket
+from tornado.iostream import IOStream, StreamClosedError
+
+from ..hub import MJPEG, MJPEG_BOUNDARY, WS_BINARY, WS_JSON, Viewer, status_message
+from ..sessions import Session, SessionNotFound
+from .base import JsonHandler, ProxyMixin, origin_allowed
+
+CONNECTED_MESSAGE = status_message("status", "\u2705 Connected to video stream proxy")
+
+
+def parse_fps(raw: str | None) -> float | None:
+    """`?fps=N` caps one viewer's frame rate: a number from 0.1 to 120."""
+    if raw is None or raw == "":
+        return None
+    try:
+        fps = float(raw)
+    except ValueError:
+        fps = float("nan")
+    if not 0.1 <= fps <= 120:  # also false for NaN
+        raise tornado.web.HTTPError(400, reason="'fps' must be a number from 0.1 to 120")
+    return fps
+
+
+class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
+    """WS /stream/{sessionId}[?format=binary][&fps=N]: frames out, viewer input relayed upstream."""
+
+    session: Session
+    viewer: Viewer | None = None
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+
+    async def get(self, session_id: str, *args: Any, **kwargs: Any) -> None:
+        # Refuse before the upgrade, with a JSON body, so a client sees why.
+        try:
+            self.session = self.proxy.sessions.get(session_id)
+        except SessionNotFound:
+            return self._refuse(404, "Session not found")
+        fmt = self.get_query_argument("format", "json")
+        if fmt not in ("json", "binary"):
+            return self._refuse(400, "'format' must be 'json' or 'binary'")
+        try:
+            self.max_fps = parse_fps(self.get_query_argument("fps", None))
+        except tornado.web.HTTPError as exc:
+            return self._refuse(400, exc.reason or "bad fps")
+        self.transport = WS_BINARY if fmt == "binary" else WS_JSON
+        await super().get(session_id, *args, **kwargs)
+
+    def _refuse(self, status: int, error: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"success": False, "error": error}))
+
+    def open(self, session_id: str) -> None:
+        self.write_message(CONNECTED_MESSAGE)
+        stream = self.ws_connection.stream  # type: ignore[union-attr]
+        self.viewer = Viewer(
+            stream, self.transport, self.session.hub.stats[self.transport],
+            close=self._close_viewer, send_text=self._send_text, max_fps=self.max_fps,
+        )
+        self.proxy.sessions.add_viewer(self.session, self.viewer)
+
+    def on_message(self, message: str | bytes) -> None:
+        self.session.touch()
+        limit = self.config.streaming.max_viewer_message_bytes
+        if len(message) > limit:
+            error = f"Message too large ({len(message)} bytes, limit {limit}); not relayed"
+            self._send_text(status_message("error", error))
+            return
+        if not self.session.hub.send_upstream(message):
+            self._send_text(status_message("error", "Upstream not connected; message not delivered"))
+
+    def on_close(self) -> None:
+        if self.viewer is not None:
+            self.proxy.sessions.remove_viewer(self.session, self.viewer)
+
+    def _send_text(self, text: str) -> None:
+        try:
+            self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+    def _close_viewer(self, reason: str) -> None:
+        # 1001 "going away" for shutdown/destroy; browsers show the reason in the close event.
+        self.close(1001, reason[:120])
+
+    def get_compression_options(self) -> None:
+        # Off on purpose: frames are pre-built once for every viewer, and JPEG does not compress.
+        return None
+
+
+class MjpegHandler(JsonHandler):
+    """GET /stream/{sessionId}/mjpeg[?fps=N]: multipart/x-mixed-replace for a plain <img>.
+
+    After the checks the connection is detached from Tornado's HTTP layer so every part is the
+    same pre-built bytes for every viewer (no per-viewer chunk framing).
+    """
+
+    async def get(self, session_id: str) -> None:
+        session = self.proxy.sessions.get(session_id)
+        max_fps = parse_fps(self.get_query_argument("fps", None))
+        head = [
+            "HTTP/1.1 200 OK",
+            f"Content-Type: multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+            "Cache-Control: no-cache, no-store, must-revalidate, max-age=0",
+            "Pragma: no-cache",
+            "Expires: 0",
+            "Connection: close",
+            "X-Content-Type-Options: nosniff",
+        ]
+        origin = self.request.headers.get("Origin")
+        if origin_allowed(origin, self.config.cors.allowed_origins, self.request.host):
+            head += [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin"]
+        # As WebSocketHandler._detach_stream does: take the raw stream and mark the request
+        # finished, so Tornado writes nothing more for it.
+        self._finished = True
+        stream: IOStream = self.request.connection.detach()  # type: ignore[attr-defined]
+        closed = asyncio.get_running_loop().create_future()
+        stream.set_close_callback(lambda: closed.done() or closed.set_result(None))
+        viewer = Viewer(stream, MJPEG, session.hub.stats[MJPEG], close=lambda reason: stream.close(), max_fps=max_fps)
+        try:
+            await stream.write(("\r\n".join(head) + f"\r\n\r\n--{MJPEG_BOUNDARY}\r\n").encode("latin-1"))
+        except StreamClosedError:
+            return
+        self.proxy.sessions.add_viewer(session, viewer)
+        asyncio.ensure_future(_discard_input(stream))  # notices a client that goes away at once
+        try:
+            await closed
+        finally:
+            self.proxy.sessions.remove_viewer(session, viewer)
+            self.application.log_request(self)  # access log and request metrics, as for any request
+
+
+async def _discard_input(stream: IOStream) -> None:
+    try:
+        while True:
+            await stream.read_bytes(4096, partial=True)
+    except StreamClosedError:
+        pass
+
+
+class SnapshotHandler(JsonHandler):
+    """GET /stream/{sessionId}/snapshot.jpg: the latest frame as one JPEG."""
+
+    def get(self, session_id: str) -> None:
+        session = self.proxy.sessions.get(session_id)
+        session.touch()
+        frame = session.hub.snapshot()
+        if frame is None:
+            raise tornado.web.HTTPError(503, reason="No frame received from the upstream yet")
+        self.set_header("Content-Type", "image/jpeg")
+        self.set_header("X-Frame-Seq", str(frame.seq))
+        self.set_header("X-Timestamp", f"{frame.timestamp:.6f}")
+        self.finish(frame.jpeg)
+
+
+_SESSION = r"(?P<session_id>[^/]+)"
+routes = [
+    (rf"/stream/{_SESSION}/mjpeg", MjpegHandler),
+    (rf"/stream/{_SESSION}/snapshot\.jpg", SnapshotHandler),
+    (rf"/stream/{_SESSION}", StreamSocketHandler),
+]

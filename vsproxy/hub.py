@@ -1,0 +1,501 @@
+"""The frame hub: one per upstream; keeps the latest frame and fans it out to every viewer.
+
+Hot path (per frame): build each wire representation once (`Frame.encoded`), then hand the same
+bytes to every viewer of that representation (`Viewer.offer`). A viewer whose socket is still busy
+keeps only the newest frame waiting (latest-frame-wins), so a slow viewer costs at most two frame
+references, never a queue, and never slows the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import logging
+import random
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tornado.ioloop import PeriodicCallback
+from tornado.iostream import IOStream, StreamClosedError
+
+from . import render
+
+if TYPE_CHECKING:
+    from .config import ReconnectConfig, StreamingConfig
+    from .sessions import Session
+    from .sources import Source
+
+log = logging.getLogger("vsproxy.hub")
+
+# Viewer transports; also the `transport` label of the metrics.
+WS_JSON = "ws_json"
+WS_BINARY = "ws_binary"
+MJPEG = "mjpeg"
+TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)
+
+MJPEG_BOUNDARY = "vsproxyframe"
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A complete, unmasked server-to-client WebSocket frame (RFC 6455 §5.2).
+
+    Server frames carry no mask, so one frame's bytes are identical for every viewer of the same
+    format and are built once per video frame (permessage-deflate stays off for that reason).
+    """
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return header + payload
+
+
+def _encode_ws_json(frame: Frame) -> bytes:
+    # The original service's message, {"type":"frame","data":"<base64 JPEG>"}, encoded once per frame.
+    b64 = binascii.b2a_base64(frame.jpeg, newline=False)
+    return ws_frame(0x1, b'{"type":"frame","data":"' + b64 + b'"}')
+
+
+def _encode_ws_binary(frame: Frame) -> bytes:
+    return ws_frame(0x2, frame.jpeg)
+
+
+def _encode_mjpeg(frame: Frame) -> bytes:
+    # Each part ends with the next boundary: Chrome shows a part only once the next boundary
+    # arrives, so sending it right away avoids showing every frame one frame late.
+    head = (
+        f"Content-Type: image/jpeg\r\nContent-Length: {len(frame.jpeg)}\r\n"
+        f"X-Frame-Seq: {frame.seq}\r\nX-Timestamp: {frame.timestamp:.6f}\r\n\r\n"
+    ).encode("ascii")
+    return b"".join((head, frame.jpeg, b"\r\n--" + MJPEG_BOUNDARY.encode("ascii") + b"\r\n"))
+
+
+_ENCODERS: dict[str, Callable[[Frame], bytes]] = {
+    WS_JSON: _encode_ws_json,
+    WS_BINARY: _encode_ws_binary,
+    MJPEG: _encode_mjpeg,
+}
+
+
+class Frame:
+    """One JPEG frame and its wire representations, each built at most once."""
+
+    __slots__ = ("jpeg", "seq", "arrived", "timestamp", "offline", "_encoded")
+
+    def __init__(self, jpeg: bytes, seq: int, *, offline: bool = False) -> None:
+        self.jpeg = jpeg
+        self.seq = seq
+        self.arrived = time.monotonic()  # for latency and fps caps
+        self.timestamp = time.time()  # wall clock, sent as X-Timestamp
+        self.offline = offline  # a generated "upstream offline" picture, not upstream content
+        self._encoded: dict[str, bytes] = {}
+
+    def encoded(self, transport: str) -> bytes:
+        data = self._encoded.get(transport)
+        if data is None:
+            data = self._encoded[transport] = _ENCODERS[transport](self)
+        return data
+
+
+class RateMeter:
+    """Events and bytes per second over a sliding window."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = window
+        self._events: deque[tuple[float, int]] = deque()
+        self.total_events = 0
+        self.total_bytes = 0
+
+    def add(self, nbytes: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._events.append((now, nbytes))
+        self.total_events += 1
+        self.total_bytes += nbytes
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window
+        events = self._events
+        while events and events[0][0] < horizon:
+            events.popleft()
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """(events/s, bytes/s) over the window."""
+        now = time.monotonic() if now is None else now
+        self._prune(now)
+        if not self._events:
+            return 0.0, 0.0
+        span = max(now - self._events[0][0], 1e-3)
+        if len(self._events) > 1:
+            # n events span n-1 intervals; measuring to `now` would understate a steady stream.
+            span = max(self._events[-1][0] - self._events[0][0], 1e-3) * len(self._events) / (len(self._events) - 1)
+        nbytes = sum(n for _, n in self._events)
+        return len(self._events) / span, nbytes / span
+
+
+class TransportStats:
+    """Counters of one transport, summed over all viewers that ever used it."""
+
+    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped")
+
+    def __init__(self) -> None:
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.frames_dropped = 0
+
+
+class Viewer:
+    """One connected viewer socket: gets the newest frame whenever its socket can take one.
+
+    `close` is how the owning handler disconnects it (WebSocket close or end of the MJPEG
+    response); `send_text` delivers status/error/relayed text (None for MJPEG).
+    """
+
+    def __init__(
+        self,
+        stream: IOStream,
+        transport: str,
+        stats: TransportStats,
+        *,
+        close: Callable[[str], None],
+        send_text: Callable[[str], None] | None = None,
+        max_fps: float | None = None,
+    ) -> None:
+        self.stream = stream
+        self.transport = transport
+        self.stats = stats
+        self.close = close
+        self.send_text = send_text
+        self.min_interval = 0.95 / max_fps if max_fps else 0.0
+        self.connected_at = time.monotonic()
+        self.last_drain = self.connected_at  # last time the socket took everything we gave it
+        self.last_sent_arrival = -1e9
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self._busy = False
+        self._pending: Frame | None = None
+        self._sock = stream.socket
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def offer(self, frame: Frame, data: bytes) -> None:
+        """Hand the viewer a frame (`data` is that frame in this viewer's wire format)."""
+        if frame.arrived - self.last_sent_arrival < self.min_interval:
+            return  # this viewer asked for fewer frames per second
+        if self._busy or self.stream.writing():
+            if self._pending is not None:
+                self.frames_dropped += 1
+                self.stats.frames_dropped += 1
+            self._pending = frame
+            if not self._busy:
+                # Tornado itself is writing (a status message, a ping): send when that drains.
+                self._wait_for_drain(self.stream.write(b""))
+            return
+        self._send(frame, data)
+
+    def _send(self, frame: Frame, data: bytes) -> None:
+        self.last_sent_arrival = frame.arrived
+        self.frames_sent += 1
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent += len(data)
+        # One plain non-blocking send of the shared bytes: the common case costs no Future and no
+        # copy. Only what the kernel did not take goes through IOStream, as a view (no copy).
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.stream.close()
+            return
+        if sent == len(data):
+            self.last_drain = time.monotonic()
+            return
+        try:
+            future = self.stream.write(memoryview(data)[sent:])
+        except StreamClosedError:
+            return
+        self._wait_for_drain(future)
+
+    def _wait_for_drain(self, future: asyncio.Future) -> None:
+        self._busy = True
+        future.add_done_callback(self._drained)
+
+    def _drained(self, future: asyncio.Future) -> None:
+        self._busy = False
+        if future.cancelled() or future.exception() is not None:
+            return  # the stream closed; the handler's close callback tidies up
+        self.last_drain = time.monotonic()
+        frame, self._pending = self._pending, None
+        if frame is not None and not self.stream.closed():
+            self._send(frame, frame.encoded(self.transport))
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds this viewer has had data waiting that its socket would not take."""
+        return now - self.last_drain if self._busy else 0.0
+
+
+class FrameHub:
+    """One upstream's frames and state, shared by every session on that upstream.
+
+    The upstream connection runs (under `_supervise`, which reconnects with backoff) while at
+    least one session is attached, and stops `linger` seconds after the last one leaves.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        *,
+        streaming: StreamingConfig,
+        reconnect: ReconnectConfig,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.streaming = streaming
+        self.reconnect = reconnect
+        self.sessions: set[Session] = set()
+        self.viewers: dict[str, list[Viewer]] = {t: [] for t in TRANSPORTS}
+        self.stats: dict[str, TransportStats] = {t: TransportStats() for t in TRANSPORTS}
+        self.latest: Frame | None = None
+        self.seq = 0
+        self.rate_in = RateMeter()
+        self.state = "idle"  # idle | connecting | connected | retrying
+        self.last_error: str | None = None
+        self.connects = 0
+        self.failures = 0
+        self._task: asyncio.Task | None = None
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._offline_timer: PeriodicCallback | None = None
+        self._offline_frames: dict[str, bytes] = {}
+        self._frame_size = (1280, 720)
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def viewer_count(self) -> int:
+        return sum(len(v) for v in self.viewers.values())
+
+    # -- sessions: start on the first, stop `linger` seconds after the last ------------------
+
+    def attach(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
+        if self._task is None:
+            self._start()
+
+    def detach(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._task is not None and self._linger_handle is None:
+            linger = self.streaming.linger_seconds
+            loop = asyncio.get_running_loop()
+            self._linger_handle = loop.call_later(linger, lambda: asyncio.ensure_future(self.stop()))
+
+    def _start(self) -> None:
+        self.state = "connecting"
+        self._task = asyncio.ensure_future(self._supervise())
+        self._offline_timer = PeriodicCallback(
+            self._send_offline_frame, self.streaming.offline_frame_interval_seconds * 1000
+        )
+        self._offline_timer.start()
+
+    async def stop(self) -> None:
+        """Close the upstream connection (sessions may attach again later and restart it)."""
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
+        if self._offline_timer is not None:
+            self._offline_timer.stop()
+            self._offline_timer = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            log.info("upstream closed (no sessions left)", extra={"upstream": self.name})
+        self.state = "idle"
+
+    async def _supervise(self) -> None:
+        rc = self.reconnect
+        delay = rc.initial_delay_seconds
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.state != "connected":
+                self.state = "connecting" if attempt == 1 else "retrying"
+            try:
+                await self.source.run(self)
+                reason = "upstream closed the connection"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of the source is a lost upstream; we retry
+                reason = describe_error(exc)
+            if self.state == "connected":
+                delay = rc.initial_delay_seconds
+                attempt = 1
+            self._lost(reason)
+            # Full jitter keeps many proxies from hammering a restarted simulator in lockstep.
+            wait = delay * random.uniform(0.5, 1.0)
+            self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s (attempt {attempt})")
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, rc.max_delay_seconds)
+
+    def set_connected(self) -> None:
+        """Called by the source once its connection is up."""
+        self.state = "connected"
+        self.connects += 1
+        self.last_error = None
+        log.info("upstream connected", extra={"upstream": self.name})
+        self.notify("status", f"✅ Connected to upstream '{self.name}'")
+
+    def _lost(self, reason: str) -> None:
+        was_connected = self.state == "connected"
+        self.state = "retrying"
+        self.failures += 1
+        self.last_error = reason
+        if was_connected:
+            log.warning("upstream lost: %s", reason, extra={"upstream": self.name})
+            self.notify("error", f"Upstream '{self.name}' lost: {reason}")
+        else:
+            log.info("upstream connect failed: %s", reason, extra={"upstream": self.name})
+        self._send_offline_frame()
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def publish(self, jpeg: bytes) -> None:
+        """A frame from the upstream: keep it as the latest and offer it to every viewer."""
+        self.seq += 1
+        frame = Frame(jpeg, self.seq)
+        self.latest = frame
+        self.rate_in.add(len(jpeg), frame.arrived)
+        self._fan_out(frame, self.viewers)
+
+    def _fan_out(self, frame: Frame, viewers_by_transport: dict[str, list[Viewer]]) -> None:
+        for transport, viewers in viewers_by_transport.items():
+            if viewers:
+                data = frame.encoded(transport)
+                for viewer in tuple(viewers):  # a failed send may remove the viewer
+                    viewer.offer(frame, data)
+
+    def _offline_frame(self) -> Frame:
+        text = "upstream offline \u2014 reconnecting" if self.connects else "connecting to upstream\u2026"
+        jpeg = self._offline_frames.get(text)
+        if jpeg is None:
+            if self.latest is not None:
+                self._frame_size = render.jpeg_size(self.latest.jpeg) or self._frame_size
+            jpeg = self._offline_frames[text] = render.status_frame(*self._frame_size, self.name, text)
+        return Frame(jpeg, self.seq, offline=True)
+
+    def _send_offline_frame(self) -> None:
+        # The JSON WebSocket format gets status messages instead (see `notify`).
+        if self.connected or not (self.viewers[MJPEG] or self.viewers[WS_BINARY]):
+            return
+        frame = self._offline_frame()
+        self._fan_out(frame, {MJPEG: self.viewers[MJPEG], WS_BINARY: self.viewers[WS_BINARY]})
+
+    def snapshot(self) -> Frame | None:
+        """The newest real frame, or the offline picture if the upstream went down since."""
+        if self.latest is None:
+            return None
+        if self.running and not self.connected:
+            return self._offline_frame()
+        return self.latest
+
+    # -- viewers -----------------------------------------------------------------------------
+
+    def add_viewer(self, viewer: Viewer) -> None:
+        self.viewers[viewer.transport].append(viewer)
+        if not self.connected and self.running:
+            viewer.send_text and viewer.send_text(status_message("status", self.describe_state()))
+            if viewer.transport != WS_JSON:
+                frame = self._offline_frame()
+                viewer.offer(frame, frame.encoded(viewer.transport))
+        elif self.latest is not None:
+            # Show the newest frame at once instead of a blank player until the next one.
+            viewer.offer(self.latest, self.latest.encoded(viewer.transport))
+
+    def remove_viewer(self, viewer: Viewer) -> None:
+        try:
+            self.viewers[viewer.transport].remove(viewer)
+        except ValueError:
+            pass
+
+    def notify(self, kind: str, message: str) -> None:
+        """Send a {"type": kind, "message": ...} text message to every WebSocket viewer."""
+        self.relay_text(status_message(kind, message))
+
+    def relay_text(self, text: str) -> None:
+        """Send a text message (status, or relayed from the upstream) to every WebSocket viewer."""
+        for transport in (WS_JSON, WS_BINARY):
+            for viewer in tuple(self.viewers[transport]):
+                viewer.send_text(text)  # type: ignore[misc]
+
+    def send_upstream(self, message: str | bytes) -> bool:
+        """Relay a viewer's message to the upstream; False if it is not connected."""
+        return self.connected and self.source.send(message)
+
+    def drop_stalled(self, now: float) -> int:
+        """Disconnect viewers whose socket has taken nothing for the stall timeout."""
+        limit = self.streaming.stall_timeout_seconds
+        dropped = 0
+        for viewers in self.viewers.values():
+            for viewer in tuple(viewers):
+                if viewer.stalled_for(now) > limit:
+                    log.warning("viewer stalled for %.0f s, disconnecting", limit,
+                                extra={"upstream": self.name, "transport": viewer.transport})
+                    viewer.close("viewer stalled: no frame could be delivered")
+                    dropped += 1
+        return dropped
+
+    def describe_state(self) -> str:
+        if self.connected:
+            return f"Upstream '{self.name}' connected"
+        if self.last_error:
+            return f"Upstream '{self.name}' offline ({self.last_error}); reconnecting"
+        return f"Connecting to upstream '{self.name}'"
+
+    def status(self) -> dict:
+        fps, bps = self.rate_in.rates()
+        return {
+            "name": self.name,
+            "kind": self.source.kind,
+            "state": self.state,
+            "lastError": self.last_error,
+            "fpsIn": round(fps, 2),
+            "bytesPerSecondIn": round(bps),
+            "framesIn": self.rate_in.total_events,
+            "connects": self.connects,
+            "failures": self.failures,
+            "sessions": len(self.sessions),
+            "viewers": {t: len(v) for t, v in self.viewers.items()},
+        }
+
+
+def status_message(kind: str, message: str) -> str:
+    return json.dumps({"type": kind, "message": message}, ensure_ascii=False)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,181 @@
+"""Sessions: a user's view on an upstream's frame hub, with its viewers and idle reaping.
+
+Plain classes, no HTTP: handlers translate the exceptions below into status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hub import FrameHub, Viewer
+
+log = logging.getLogger("vsproxy.sessions")
+
+MAX_NAME_LENGTH = 128
+# `stream_<epoch-ms>_<random>` as in the original service, with 128 random bits: the ID is the
+# capability to watch the stream, so it must not be guessable.
+SESSION_ID_RE = re.compile(r"^stream_\d{13,}_[0-9a-f]{32}$")
+
+
+class SessionError(Exception):
+    """Base of the errors a client can cause; `status` is the HTTP status handlers answer with."""
+
+    status = 400
+
+
+class InvalidSessionRequest(SessionError):
+    status = 400
+
+
+class SessionNotFound(SessionError):
+    status = 404
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__("Session not found")
+        self.session_id = session_id
+
+
+class SessionLimitReached(SessionError):
+    status = 503
+
+
+def new_session_id(now: float | None = None) -> str:
+    millis = int((time.time() if now is None else now) * 1000)
+    return f"stream_{millis}_{secrets.token_hex(16)}"
+
+
+def iso_utc(timestamp: float) -> str:
+    """ISO-8601 UTC with milliseconds and a Z, as JavaScript's Date.toISOString() writes it."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _check_name(field: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSessionRequest(f"'{field}' must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidSessionRequest(f"'{field}' must be at most {MAX_NAME_LENGTH} characters")
+    return value
+
+
+class Session:
+    """One streaming session: who asked, which upstream, and its live viewers."""
+
+    def __init__(self, session_id: str, user_id: str, robot_name: str, hub: FrameHub, now: float) -> None:
+        self.id = session_id
+        self.user_id = user_id
+        self.robot_name = robot_name
+        self.hub = hub
+        self.created_at = now
+        self._last_activity = now
+        self.viewers: set[Viewer] = set()
+
+    def touch(self, now: float | None = None) -> None:
+        self._last_activity = time.time() if now is None else now
+
+    def last_activity(self, now: float) -> float:
+        # A session with viewers is active right now: frames flow. Deriving it saves a clock
+        # read per frame per viewer on the hot path.
+        return now if self.viewers else self._last_activity
+
+    def to_json(self, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        return {
+            "id": self.id,
+            "userId": self.user_id,
+            "robotName": self.robot_name,
+            "createdAt": iso_utc(self.created_at),
+            "lastActivity": iso_utc(self.last_activity(now)),
+            "connections": len(self.viewers),
+            "isIsaacSimConnected": self.hub.connected,
+            "upstream": self.hub.name,
+        }
+
+
+class SessionManager:
+    """Creates, finds, lists and destroys sessions; reaps idle ones."""
+
+    def __init__(
+        self,
+        hubs: Mapping[str, FrameHub],
+        default_upstream: str,
+        *,
+        max_sessions: int,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.hubs = hubs
+        self.default_upstream = default_upstream
+        self.max_sessions = max_sessions
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, user_id: object, robot_name: object) -> Session:
+        user_id = _check_name("userId", user_id)
+        robot_name = _check_name("robotName", robot_name)
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitReached(f"Maximum number of sessions ({self.max_sessions}) reached")
+        hub = self.hubs[self.default_upstream]
+        now = self.clock()
+        session = Session(new_session_id(now), user_id, robot_name, hub, now)
+        self._sessions[session.id] = session
+        hub.attach(session)
+        log.info("session created for user %r, robot %r", user_id, robot_name,
+                 extra={"session": session.id, "upstream": hub.name})
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def destroy(self, session_id: str, reason: str = "destroyed") -> Session:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(session_id)
+        for viewer in tuple(session.viewers):
+            viewer.close(f"Session {reason}")
+        session.hub.detach(session)
+        log.info("session %s", reason, extra={"session": session.id})
+        return session
+
+    def reap_idle(self) -> list[Session]:
+        """Destroy sessions with no viewers whose last activity is older than the idle timeout."""
+        now = self.clock()
+        idle = [s for s in self._sessions.values()
+                if not s.viewers and now - s.last_activity(now) > self.idle_timeout]
+        for session in idle:
+            self.destroy(session.id, reason="reaped (idle)")
+        return idle
+
+    def close_all(self, reason: str) -> None:
+        for session_id in list(self._sessions):
+            self.destroy(session_id, reason=reason)
+
+    def add_viewer(self, session: Session, viewer: Viewer) -> None:
+        session.viewers.add(viewer)
+        session.hub.add_viewer(viewer)
+        log.info("client connected (%s)", viewer.transport, extra={"session": session.id})
+
+    def remove_viewer(self, session: Session, viewer: Viewer) -> None:
+        if viewer not in session.viewers:
+            return
+        session.viewers.discard(viewer)
+        session.hub.remove_viewer(viewer)
+        session.touch(self.clock())
+        log.info("client disconnected (%s)", viewer.transport, extra={"session": session.id})

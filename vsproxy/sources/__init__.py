@@ -1,0 +1,26 @@
+"""Upstream sources: one module per kind. A source connects, feeds frames to its hub, and returns
+or raises when the connection is lost; the hub's supervisor owns reconnecting with backoff."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ..hub import FrameHub
+
+
+class Source:
+    """The contract every upstream kind implements."""
+
+    kind: ClassVar[str] = "source"
+
+    async def run(self, hub: FrameHub) -> None:
+        """Connect, call `hub.set_connected()`, feed `hub.publish(jpeg)` / `hub.relay_text(text)`.
+
+        Return or raise when the stream ends; never retry here (the hub does).
+        """
+        raise NotImplementedError
+
+    def send(self, message: str | bytes) -> bool:
+        """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
+        return False

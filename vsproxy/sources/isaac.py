@@ -1,0 +1,108 @@
+"""The Isaac Sim WebSocket upstream (the original service's path).
+
+Binary messages are JPEG frames; a text message {"type": "frame", "data": <base64>} is a frame
+too; any other text message is relayed to the viewers unchanged. Viewer messages go upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import time
+from typing import TYPE_CHECKING
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+
+from . import Source
+
+if TYPE_CHECKING:
+    from ..config import ReconnectConfig
+    from ..hub import FrameHub
+
+
+class FrameTimeout(Exception):
+    """The upstream is connected but has sent no frame for too long."""
+
+
+class IsaacSource(Source):
+    kind = "isaac"
+
+    def __init__(self, name: str, url: str, reconnect: ReconnectConfig, headers: dict | None = None) -> None:
+        self.name = name
+        self.url = url
+        self.reconnect = reconnect
+        self.headers = dict(headers or {})
+        self._conn: WebSocketClientConnection | None = None
+
+    async def run(self, hub: FrameHub) -> None:
+        rc = self.reconnect
+        request = HTTPRequest(
+            self.url,
+            headers=self.headers,
+            connect_timeout=rc.connect_timeout_seconds,
+            request_timeout=rc.connect_timeout_seconds,
+        )
+        ping = rc.ping_interval_seconds or None
+        conn = await websocket_connect(
+            request,
+            ping_interval=ping,
+            ping_timeout=ping and 2 * ping,
+            max_message_size=rc.max_message_bytes,
+        )
+        self._conn = conn
+        try:
+            hub.set_connected()
+            await self._read_loop(conn, hub, rc.frame_timeout_seconds)
+        finally:
+            self._conn = None
+            conn.close()
+
+    async def _read_loop(self, conn: WebSocketClientConnection, hub: FrameHub, frame_timeout: float) -> None:
+        last_frame = time.monotonic()
+        while True:
+            remaining = frame_timeout - (time.monotonic() - last_frame)
+            try:
+                message = await asyncio.wait_for(conn.read_message(), timeout=max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                raise FrameTimeout(f"no frame for {frame_timeout:g} s") from None
+            if message is None:
+                reason = conn.close_reason or (f"code {conn.close_code}" if conn.close_code else "")
+                raise ConnectionError("upstream closed the connection" + (f" ({reason})" if reason else ""))
+            if isinstance(message, bytes):
+                hub.publish(message)
+                last_frame = time.monotonic()
+                continue
+            jpeg = _frame_from_text(message)
+            if jpeg is not None:
+                hub.publish(jpeg)
+                last_frame = time.monotonic()
+            else:
+                hub.relay_text(message)
+
+    def send(self, message: str | bytes) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.write_message(message, binary=isinstance(message, bytes))
+        except WebSocketClosedError:
+            return False
+        return True
+
+
+def _frame_from_text(message: str) -> bytes | None:
+    """The JPEG inside a {"type": "frame", "data": <base64>} message, else None."""
+    if '"frame"' not in message[:200]:
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict) or parsed.get("type") != "frame" or not isinstance(parsed.get("data"), str):
+        return None
+    try:
+        return binascii.a2b_base64(parsed["data"])
+    except (binascii.Error, ValueError):
+        return None
