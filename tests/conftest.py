@@ -1,0 +1,129 @@
+"""Shared fixtures: the proxy on a real loopback port (pytest-tornado), a simulated Isaac Sim
+upstream, and small clients for the REST API and WebSockets.
+
+Per-test configuration: `@pytest.mark.config({"streaming": {"linger_seconds": 0.2}})` merges into
+the test config (the YAML's shape). Requesting the `sim` fixture points the proxy's Isaac Sim
+upstream at the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import tornado.websocket
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+
+from vsproxy.app import Proxy
+from vsproxy.config import Config, config_from_dict
+from vsproxy.simulate import SimulatedIsaacSim
+
+# Fast retries so reconnect tests finish in seconds; everything else stays at its default.
+TEST_DEFAULTS: dict[str, Any] = {
+    "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5, "connect_timeout_seconds": 2},
+    "demo": {"width": 320, "height": 240, "fps": 30},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def sim(io_loop):
+    """A simulated Isaac Sim WebSocket server on loopback (320x240 at 30 fps, keeps its frames)."""
+    simulator = SimulatedIsaacSim(width=320, height=240, fps=30, keep_frames=600)
+    simulator.port = free_port()
+    simulator.listen(simulator.port)
+    yield simulator
+    io_loop.run_sync(simulator.stop)
+
+
+@pytest.fixture
+def proxy_config(request) -> Config:
+    tree = merge({}, TEST_DEFAULTS)
+    if "sim" in request.fixturenames:
+        simulator = request.getfixturevalue("sim")
+        tree = merge(tree, {"isaac_sim": {"ip": "127.0.0.1", "ws_port": simulator.port}})
+    for marker in reversed(list(request.node.iter_markers("config"))):
+        tree = merge(tree, marker.args[0])
+    return config_from_dict(tree)
+
+
+@pytest.fixture
+def proxy(io_loop, proxy_config):
+    instance = Proxy(proxy_config)
+    instance.start_background_tasks()
+    yield instance
+    io_loop.run_sync(instance.shutdown)
+
+
+@pytest.fixture
+def app(proxy):
+    return proxy.make_app()
+
+
+@pytest.fixture
+def base_url(http_port):
+    # 127.0.0.1, not pytest-tornado's "localhost": the server socket is bound there.
+    return f"http://127.0.0.1:{http_port}"
+
+
+class Api:
+    """The REST API as named calls; every call returns (status, JSON body or None, response)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.client = AsyncHTTPClient()
+
+    async def call(self, method: str, path: str, body: Any = None, headers: dict | None = None,
+                   raw: bytes | None = None) -> tuple[int, Any, HTTPResponse]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is None and method in ("POST", "PUT", "PATCH"):
+            data = b""
+        request = HTTPRequest(self.base_url + path, method=method, body=data, headers=headers or {},
+                              request_timeout=10, allow_nonstandard_methods=True)
+        response = await self.client.fetch(request, raise_error=False)
+        try:
+            parsed = json.loads(response.body) if response.body else None
+        except ValueError:
+            parsed = None
+        return response.code, parsed, response
+
+    async def create_session(self, user: str = "user123", robot: str = "demo-robot") -> dict:
+        code, body, _ = await self.call("POST", "/session/create", {"userId": user, "robotName": robot})
+        assert code == 200, body
+        return body
+
+
+@pytest.fixture
+def api(http_server, base_url):
+    return Api(base_url)
+
+
+@pytest.fixture
+def ws_connect(http_server, http_port):
+    """`conn = await ws_connect("/stream/<id>?format=binary")`; closed at teardown."""
+    conns = []
+
+    async def connect(path: str, **kwargs: Any) -> tornado.websocket.WebSocketClientConnection:
+        request = HTTPRequest(f"ws://127.0.0.1:{http_port}{path}", connect_timeout=5, request_timeout=5,
+                              headers=kwargs.pop("headers", None))
+        conn = await tornado.websocket.websocket_connect(request, **kwargs)
+        conns.append(conn)
+        return conn
+
+    yield connect
+    for conn in conns:
+        conn.close()
