@@ -13,9 +13,10 @@ from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 
 from .config import Config
-from .handlers import api, pages, stream
+from .handlers import api, ops, pages, stream
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
+from .metrics import Metrics
 from .sessions import SessionManager
 from .sources import Source
 from .sources.demo import DemoSource
@@ -56,6 +57,7 @@ class Proxy:
             max_sessions=config.limits.max_sessions,
             idle_timeout=config.sessions.idle_timeout_seconds,
         )
+        self.metrics = Metrics(self)
         self._timers: list[PeriodicCallback] = []
         self._server: tornado.httpserver.HTTPServer | None = None
 
@@ -63,7 +65,7 @@ class Proxy:
 
     def make_app(self) -> tornado.web.Application:
         handlers: list[Any] = []
-        for module in (api, stream, pages):  # each handler module ends with its `routes` list
+        for module in (api, ops, stream, pages):  # each handler module ends with its `routes` list
             handlers += module.routes
         return tornado.web.Application(
             handlers,
@@ -78,10 +80,11 @@ class Proxy:
         )
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
+        self.metrics.observe_request(handler)
         status = handler.get_status()
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-        if handler.request.path == "/health" and status == 200:
-            level = logging.DEBUG  # health probes every few seconds would drown the log
+        if handler.request.path in ("/health", "/metrics") and status == 200:
+            level = logging.DEBUG  # probes and scrapes every few seconds would drown the log
         access_log.log(level, "%d %s %s %.1fms", status, handler.request.method,
                        handler.request.path, 1000 * handler.request.request_time())
 
@@ -127,7 +130,7 @@ class Proxy:
             self._server.stop()
         for timer in self._timers:
             timer.stop()
-        self.sessions.close_all("closed: server shutting down")
+        self.sessions.close_all()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
         if self._server is not None:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import bisect
 import json
 import logging
 import random
@@ -139,15 +140,36 @@ class RateMeter:
         return len(self._events) / span, nbytes / span
 
 
+class LatencyBuckets:
+    """A histogram cheap enough for every write: one bisect and two additions.
+
+    prometheus-client's Histogram.observe takes a lock and costs several times more; the metrics
+    collector exports these counts as a histogram at scrape time instead.
+    """
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
+        self.total += seconds
+
+
 class TransportStats:
     """Counters of one transport, summed over all viewers that ever used it."""
 
-    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped")
+    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped", "latency")
 
     def __init__(self) -> None:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.frames_dropped = 0
+        self.latency = LatencyBuckets()  # frame arrival -> written to the viewer's socket
 
 
 class Viewer:
@@ -180,6 +202,7 @@ class Viewer:
         self.frames_dropped = 0
         self._busy = False
         self._pending: Frame | None = None
+        self._inflight_arrived: float | None = None  # arrival time of a frame still being written
         self._sock = stream.socket
 
     @property
@@ -216,12 +239,14 @@ class Viewer:
             self.stream.close()
             return
         if sent == len(data):
-            self.last_drain = time.monotonic()
+            now = self.last_drain = time.monotonic()
+            self.stats.latency.observe(now - frame.arrived)
             return
         try:
             future = self.stream.write(memoryview(data)[sent:])
         except StreamClosedError:
             return
+        self._inflight_arrived = frame.arrived
         self._wait_for_drain(future)
 
     def _wait_for_drain(self, future: asyncio.Future) -> None:
@@ -232,7 +257,10 @@ class Viewer:
         self._busy = False
         if future.cancelled() or future.exception() is not None:
             return  # the stream closed; the handler's close callback tidies up
-        self.last_drain = time.monotonic()
+        now = self.last_drain = time.monotonic()
+        if self._inflight_arrived is not None:
+            self.stats.latency.observe(now - self._inflight_arrived)
+            self._inflight_arrived = None
         frame, self._pending = self._pending, None
         if frame is not None and not self.stream.closed():
             self._send(frame, frame.encoded(self.transport))

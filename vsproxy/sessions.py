@@ -9,6 +9,7 @@ import logging
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -65,6 +66,14 @@ def _check_name(field: str, value: object) -> str:
     return value
 
 
+# What viewers are told (WebSocket close reason) when their session ends, by destroy reason.
+CLOSE_REASONS = {
+    "api": "Session destroyed",
+    "idle": "Session expired (idle)",
+    "shutdown": "Session closed: server shutting down",
+}
+
+
 class Session:
     """One streaming session: who asked, which upstream, and its live viewers."""
 
@@ -117,6 +126,9 @@ class SessionManager:
         self.idle_timeout = idle_timeout
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        # Read by the metrics collector at scrape time.
+        self.created_total = 0
+        self.destroyed_total: Counter[str] = Counter()  # by reason: api, idle, shutdown
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -130,6 +142,7 @@ class SessionManager:
         now = self.clock()
         session = Session(new_session_id(now), user_id, robot_name, hub, now)
         self._sessions[session.id] = session
+        self.created_total += 1
         hub.attach(session)
         log.info("session created for user %r, robot %r", user_id, robot_name,
                  extra={"session": session.id, "upstream": hub.name})
@@ -144,14 +157,19 @@ class SessionManager:
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def destroy(self, session_id: str, reason: str = "destroyed") -> Session:
+    def destroy(self, session_id: str, reason: str = "api") -> Session:
+        """Destroy a session and close its viewers; `reason` is one of CLOSE_REASONS' keys."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise SessionNotFound(session_id)
         for viewer in tuple(session.viewers):
-            viewer.close(f"Session {reason}")
+            viewer.close(CLOSE_REASONS[reason])
         session.hub.detach(session)
-        log.info("session %s", reason, extra={"session": session.id})
+        self.destroyed_total[reason] += 1
+        if reason == "idle":
+            log.info("session reaped: idle for over %g s", self.idle_timeout, extra={"session": session.id})
+        else:
+            log.info("session destroyed (%s)", reason, extra={"session": session.id})
         return session
 
     def reap_idle(self) -> list[Session]:
@@ -160,12 +178,13 @@ class SessionManager:
         idle = [s for s in self._sessions.values()
                 if not s.viewers and now - s.last_activity(now) > self.idle_timeout]
         for session in idle:
-            self.destroy(session.id, reason="reaped (idle)")
+            self.destroy(session.id, reason="idle")
         return idle
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self) -> None:
+        """Destroy every session (server shutdown)."""
         for session_id in list(self._sessions):
-            self.destroy(session_id, reason=reason)
+            self.destroy(session_id, reason="shutdown")
 
     def add_viewer(self, session: Session, viewer: Viewer) -> None:
         session.viewers.add(viewer)

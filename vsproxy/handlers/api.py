@@ -1,11 +1,9 @@
-"""REST API of the original service: sessions and health (same paths and JSON field names)."""
+"""REST API of the original service: sessions (same paths and JSON field names)."""
 
 from __future__ import annotations
 
 import time
 
-from .. import __version__
-from ..sessions import iso_utc
 from .base import JsonHandler
 
 
@@ -51,28 +49,10 @@ class SessionsHandler(JsonHandler):
         self.send_json({"success": True, "count": len(sessions), "sessions": sessions})
 
 
-class HealthHandler(JsonHandler):
-    cors_methods = "GET, OPTIONS"
-
-    def get(self) -> None:
-        sim = self.config.isaac_sim
-        self.send_json({
-            "status": "healthy",
-            "service": "video-stream-proxy",
-            "version": __version__,
-            "isaac_sim_ip": sim.ip or None,
-            "isaac_sim_port": str(sim.port),
-            "active_sessions": len(self.proxy.sessions),
-            "timestamp": iso_utc(time.time()),
-            "upstreams": [hub.status() for hub in self.proxy.hubs.values()],
-        })
-
-
 _SESSION = r"(?P<session_id>[^/]+)"
 routes = [
     (r"/session/create", SessionCreateHandler),
     (rf"/session/{_SESSION}/destroy", SessionDestroyHandler),
     (rf"/session/{_SESSION}", SessionHandler),
     (r"/sessions", SessionsHandler),
-    (r"/health", HealthHandler),
 ]

@@ -1,0 +1,43 @@
+"""Operations endpoints: /health (the original's shape, plus upstream state) and /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.exposition import choose_encoder
+
+from .. import __version__
+from ..sessions import iso_utc
+from .base import JsonHandler
+
+
+class HealthHandler(JsonHandler):
+    cors_methods = "GET, OPTIONS"
+
+    def get(self) -> None:
+        sim = self.config.isaac_sim
+        self.send_json({
+            "status": "healthy",
+            "service": "video-stream-proxy",
+            "version": __version__,
+            "isaac_sim_ip": sim.ip or None,
+            "isaac_sim_port": str(sim.port),
+            "active_sessions": len(self.proxy.sessions),
+            "timestamp": iso_utc(time.time()),
+            "upstreams": [hub.status() for hub in self.proxy.hubs.values()],
+        })
+
+
+class MetricsHandler(JsonHandler):
+    """Prometheus text format, or OpenMetrics when the scraper's Accept header asks for it."""
+
+    def get(self) -> None:
+        encoder, content_type = choose_encoder(self.request.headers.get("Accept", ""))
+        self.set_header("Content-Type", content_type)
+        self.finish(encoder(self.proxy.metrics.registry))
+
+
+routes = [
+    (r"/health", HealthHandler),
+    (r"/metrics", MetricsHandler),
+]

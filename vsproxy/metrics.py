@@ -1,0 +1,121 @@
+"""Prometheus metrics, all in one place (naming: https://prometheus.io/docs/practices/naming/).
+
+Streaming counters are plain integers on the hubs and sessions, read by a collector at scrape
+time, so the per-frame path pays nothing for them. Labels are bounded: configured upstream names
+and transports, never session or user IDs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from .hub import TRANSPORTS, LatencyBuckets
+
+if TYPE_CHECKING:
+    import tornado.web
+
+    from .app import Proxy
+
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class ProxyCollector(Collector):
+    """Reads sessions, viewers, upstream state and frame counters from the live Proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterable:
+        proxy = self.proxy
+        sessions = proxy.sessions
+        hubs = list(proxy.hubs.values())
+
+        yield GaugeMetricFamily("vsproxy_sessions", "Sessions that exist now.", value=len(sessions))
+        yield GaugeMetricFamily("vsproxy_sessions_max", "Configured maximum number of sessions.",
+                                value=proxy.config.limits.max_sessions)
+        yield CounterMetricFamily("vsproxy_sessions_created", "Sessions created.", value=sessions.created_total)
+        destroyed = CounterMetricFamily("vsproxy_sessions_destroyed",
+                                        "Sessions destroyed, by reason (api, idle, shutdown).", labels=["reason"])
+        for reason in ("api", "idle", "shutdown"):
+            destroyed.add_metric([reason], sessions.destroyed_total[reason])
+        yield destroyed
+
+        viewers = GaugeMetricFamily("vsproxy_viewers", "Connected viewers, by transport.", labels=["transport"])
+        for transport in TRANSPORTS:
+            viewers.add_metric([transport], sum(len(h.viewers[transport]) for h in hubs))
+        yield viewers
+
+        connected = GaugeMetricFamily("vsproxy_upstream_connected",
+                                      "1 if the upstream connection is up, else 0.", labels=["upstream"])
+        running = GaugeMetricFamily("vsproxy_upstream_active",
+                                    "1 if the upstream is wanted (has sessions or lingers), else 0.",
+                                    labels=["upstream"])
+        connects = CounterMetricFamily("vsproxy_upstream_connects", "Successful upstream connections.",
+                                       labels=["upstream"])
+        failures = CounterMetricFamily("vsproxy_upstream_failures",
+                                       "Upstream connections lost or attempts failed.", labels=["upstream"])
+        frames_in = CounterMetricFamily("vsproxy_upstream_frames_received", "Frames received from the upstream.",
+                                        labels=["upstream"])
+        bytes_in = CounterMetricFamily("vsproxy_upstream_received_bytes", "JPEG bytes received from the upstream.",
+                                       labels=["upstream"])
+        for hub in hubs:
+            connected.add_metric([hub.name], 1 if hub.connected else 0)
+            running.add_metric([hub.name], 1 if hub.running else 0)
+            connects.add_metric([hub.name], hub.connects)
+            failures.add_metric([hub.name], hub.failures)
+            frames_in.add_metric([hub.name], hub.rate_in.total_events)
+            bytes_in.add_metric([hub.name], hub.rate_in.total_bytes)
+        yield from (connected, running, connects, failures, frames_in, bytes_in)
+
+        frames_sent = CounterMetricFamily("vsproxy_frames_sent", "Frames written to viewers.", labels=["transport"])
+        bytes_sent = CounterMetricFamily("vsproxy_sent_bytes", "Bytes of frames written to viewers (wire format).",
+                                         labels=["transport"])
+        dropped = CounterMetricFamily("vsproxy_frames_dropped",
+                                      "Frames skipped for viewers that could not keep up.", labels=["transport"])
+        latency = HistogramMetricFamily("vsproxy_frame_write_latency_seconds",
+                                        "Time from a frame's arrival to its write to a viewer's socket.",
+                                        labels=["transport"])
+        for transport in TRANSPORTS:
+            stats = [h.stats[transport] for h in hubs]
+            frames_sent.add_metric([transport], sum(s.frames_sent for s in stats))
+            bytes_sent.add_metric([transport], sum(s.bytes_sent for s in stats))
+            dropped.add_metric([transport], sum(s.frames_dropped for s in stats))
+            counts = [sum(s.latency.counts[i] for s in stats) for i in range(len(LatencyBuckets.BOUNDS) + 1)]
+            cumulative, buckets = 0, []
+            for bound, count in zip((*LatencyBuckets.BOUNDS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([transport], buckets, sum_value=sum(s.latency.total for s in stats))
+        yield from (frames_sent, bytes_sent, dropped, latency)
+
+
+class Metrics:
+    """The registry and the metrics recorded outside the streaming path (HTTP requests)."""
+
+    def __init__(self, proxy: Proxy, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(ProxyCollector(proxy))
+        self.http_requests = Counter(
+            "vsproxy_http_requests", "HTTP requests, by handler, method and status code.",
+            ["handler", "method", "code"], registry=self.registry)
+        self.http_duration = Histogram(
+            "vsproxy_http_request_duration_seconds", "HTTP request duration (streams: their whole life).",
+            ["handler", "method"], buckets=HTTP_BUCKETS, registry=self.registry)
+
+    def observe_request(self, handler: tornado.web.RequestHandler) -> None:
+        # The handler class, not the URL, keeps the label bounded (URLs carry session IDs).
+        name = type(handler).__name__
+        method = handler.request.method or "GET"
+        self.http_requests.labels(name, method, str(handler.get_status())).inc()
+        self.http_duration.labels(name, method).observe(handler.request.request_time())
