@@ -1,0 +1,40 @@
+"""Headless Chromium for page tests: Debian's /usr/bin/chromium driven by Playwright's async API,
+inside pytest-tornado's event loop (the sync API would fight Tornado for the loop).
+
+A missing browser is a failure, not a skip: CI installs `chromium` with apt.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from playwright.async_api import Browser, async_playwright
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google on this closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    assert Path(CHROMIUM).exists(), (
+        f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install -y chromium) "
+        "or set CHROMIUM_PATH")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+def artifact(name: str) -> str:
+    """Path for a screenshot or trace kept after the run (test-artifacts/, git-ignored)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return str(ARTIFACTS / name)
