@@ -18,26 +18,10 @@ from .handlers.base import NotFoundHandler
 from .hub import FrameHub
 from .metrics import Metrics
 from .sessions import SessionManager
-from .sources import Source
-from .sources.demo import DemoSource
-from .sources.isaac import IsaacSource
+from .sources import create_source
 
 log = logging.getLogger("vsproxy.app")
 access_log = logging.getLogger("vsproxy.access")
-
-
-def build_sources(config: Config) -> tuple[dict[str, Source], str]:
-    """The configured upstreams by name, and the default one.
-
-    With an Isaac Sim address the default upstream is that simulator's WebSocket; without one it
-    is the built-in demo source. The public IP in the original README is never a default.
-    """
-    sources: dict[str, Source] = {"demo": DemoSource("demo", config.demo)}
-    url = config.isaac_ws_url
-    if url is not None:
-        sources["isaac"] = IsaacSource("isaac", url, config.reconnect, config.isaac_sim.headers)
-        return sources, "isaac"
-    return sources, "demo"
 
 
 class Proxy:
@@ -46,14 +30,18 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started_at = time.time()
-        sources, default = build_sources(config)
+        # Without an Isaac Sim address the default upstream is the built-in demo source; the
+        # public IP in the original README is an example, never a default.
+        upstreams, default = config.upstream_configs()
         self.hubs: dict[str, FrameHub] = {
-            name: FrameHub(name, source, streaming=config.streaming, reconnect=config.reconnect)
-            for name, source in sources.items()
+            name: FrameHub(name, create_source(name, settings, config),
+                           streaming=config.streaming, reconnect=config.reconnect)
+            for name, settings in upstreams.items()
         }
         self.sessions = SessionManager(
             self.hubs,
             default,
+            robots=config.robots,
             max_sessions=config.limits.max_sessions,
             idle_timeout=config.sessions.idle_timeout_seconds,
         )

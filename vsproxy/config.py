@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -110,6 +111,56 @@ class LoggingConfig:
     format: str = field(default="text", metadata=_bounds(choices=("text", "json")))
 
 
+# -- named upstreams: `upstreams: {name: {kind: ..., ...}}`; `demo` settings are DemoConfig's ------
+
+@dataclass(frozen=True)
+class IsaacUpstream:
+    """An Isaac Sim WebSocket stream (binary JPEG messages, or {"type": "frame", "data": base64})."""
+
+    url: str = ""  # ws:// or wss://
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MjpegUpstream:
+    """An HTTP(S) multipart/x-mixed-replace camera (ROS web_video_server, IP cameras)."""
+
+    url: str = ""  # http:// or https://
+    headers: dict = field(default_factory=dict)
+    max_part_bytes: int = field(default=8 * 1024 * 1024, metadata=_bounds(1024, 256 * 1024 * 1024))
+
+
+@dataclass(frozen=True)
+class RtspUpstream:
+    """An RTSP H.264/MJPEG stream (Isaac Sim's isaacsim.streaming.rtsp), re-encoded to JPEG."""
+
+    url: str = ""  # rtsp:// or rtsps://
+    transport: str = field(default="tcp", metadata=_bounds(choices=("tcp", "udp")))
+    quality: int = field(default=80, metadata=_bounds(1, 100))
+    max_width: int = field(default=1920, metadata=_bounds(16, 7680))
+    max_height: int = field(default=1080, metadata=_bounds(16, 4320))
+
+
+@dataclass(frozen=True)
+class PushUpstream:
+    """Frames published to vsproxy (WS /ingest/{name} or POST /ingest/{name}/frame) with a token."""
+
+    token: str = ""
+    max_frame_bytes: int = field(default=8 * 1024 * 1024, metadata=_bounds(1024, 256 * 1024 * 1024))
+
+
+UPSTREAM_KINDS: dict[str, type] = {
+    "demo": DemoConfig,
+    "isaac": IsaacUpstream,
+    "mjpeg": MjpegUpstream,
+    "rtsp": RtspUpstream,
+    "push": PushUpstream,
+}
+_URL_SCHEMES = {IsaacUpstream: ("ws://", "wss://"), MjpegUpstream: ("http://", "https://"),
+                RtspUpstream: ("rtsp://", "rtsps://")}
+UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -121,6 +172,21 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Named upstreams (name -> one of UPSTREAM_KINDS' settings), which robot uses which, and the
+    # upstream of sessions that name neither. Empty: "isaac" if isaac_sim.ip is set, else "demo".
+    upstreams: dict = field(default_factory=dict)
+    robots: dict = field(default_factory=dict)
+    default_upstream: str = ""
+
+    def upstream_configs(self) -> tuple[dict[str, Any], str]:
+        """Every upstream by name (the implicit "demo" and "isaac" ones included) and the default."""
+        configs: dict[str, Any] = {"demo": self.demo}
+        isaac_url = self.isaac_ws_url
+        if isaac_url is not None:
+            configs["isaac"] = IsaacUpstream(url=isaac_url, headers=self.isaac_sim.headers)
+        configs.update(self.upstreams)  # a configured name wins over an implicit one
+        default = self.default_upstream or ("isaac" if isaac_url is not None else "demo")
+        return configs, default
 
     @property
     def isaac_ws_url(self) -> str | None:
@@ -259,11 +325,36 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
         ftype = hints[name]
-        if dataclasses.is_dataclass(ftype):
+        if cls is Config and name == "upstreams":
+            kwargs[name] = _build_upstreams(data.get(name), key)
+        elif dataclasses.is_dataclass(ftype):
             kwargs[name] = _build(ftype, data.get(name), key)
         elif name in data:
             kwargs[name] = _check_value(key, data[name], ftype, f.metadata)
     return cls(**kwargs)
+
+
+def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(prefix, f"expected a mapping of name -> {{kind: ...}}, got {data!r}")
+    upstreams = {}
+    for name, entry in data.items():
+        key = f"{prefix}.{name}"
+        if not isinstance(name, str) or not UPSTREAM_NAME_RE.match(name):
+            raise ConfigError(key, "upstream names are 1-64 letters, digits, '.', '_' or '-'")
+        if not isinstance(entry, dict) or entry.get("kind") not in UPSTREAM_KINDS:
+            raise ConfigError(f"{key}.kind", "expected one of " + ", ".join(UPSTREAM_KINDS))
+        cls = UPSTREAM_KINDS[entry["kind"]]
+        settings = _build(cls, {k: v for k, v in entry.items() if k != "kind"}, key)
+        schemes = _URL_SCHEMES.get(cls)
+        if schemes and not settings.url.startswith(schemes):
+            raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {settings.url!r}")
+        if cls is PushUpstream and len(settings.token) < 8:
+            raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")
+        upstreams[name] = settings
+    return upstreams
 
 
 def _cross_checks(config: Config) -> None:
@@ -273,6 +364,12 @@ def _cross_checks(config: Config) -> None:
     url = config.server.public_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
+    names, default = config.upstream_configs()
+    if default not in names:
+        raise ConfigError("default_upstream", f"{default!r} is not a configured upstream")
+    for robot, upstream in config.robots.items():
+        if upstream not in names:
+            raise ConfigError(f"robots.{robot}", f"{upstream!r} is not a configured upstream")
     for origin in config.cors.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')

@@ -312,6 +312,11 @@ class FrameHub:
         return self.state == "connected"
 
     @property
+    def down(self) -> bool:
+        """Wanted, but its connection failed or was lost and is being retried."""
+        return self._task is not None and self.state == "retrying"
+
+    @property
     def running(self) -> bool:
         return self._task is not None
 

@@ -116,12 +116,14 @@ class SessionManager:
         hubs: Mapping[str, FrameHub],
         default_upstream: str,
         *,
+        robots: Mapping[str, str] | None = None,
         max_sessions: int,
         idle_timeout: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.hubs = hubs
         self.default_upstream = default_upstream
+        self.robots = dict(robots or {})
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.clock = clock
@@ -133,12 +135,29 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, user_id: object, robot_name: object) -> Session:
+    def choose_upstream(self, robot_name: str, upstream: object = None) -> FrameHub:
+        """The named upstream, else the robot's mapped one, else the default.
+
+        Clients only ever name a configured upstream: never a URL (no server-side request forgery),
+        and an unknown name is refused without listing what exists.
+        """
+        if upstream is None:
+            return self.hubs[self.robots.get(robot_name, self.default_upstream)]
+        if not isinstance(upstream, str) or not upstream:
+            raise InvalidSessionRequest("'upstream' must be the name of a configured upstream")
+        if "://" in upstream or "/" in upstream:
+            raise InvalidSessionRequest("'upstream' must be the name of a configured upstream, not a URL")
+        hub = self.hubs.get(upstream)
+        if hub is None:
+            raise InvalidSessionRequest(f"Unknown upstream {upstream[:64]!r}")
+        return hub
+
+    def create(self, user_id: object, robot_name: object, upstream: object = None) -> Session:
         user_id = _check_name("userId", user_id)
         robot_name = _check_name("robotName", robot_name)
+        hub = self.choose_upstream(robot_name, upstream)
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(f"Maximum number of sessions ({self.max_sessions}) reached")
-        hub = self.hubs[self.default_upstream]
         now = self.clock()
         session = Session(new_session_id(now), user_id, robot_name, hub, now)
         self._sessions[session.id] = session

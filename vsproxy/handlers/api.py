@@ -12,7 +12,7 @@ class SessionCreateHandler(JsonHandler):
 
     def post(self) -> None:
         body = self.json_body()
-        session = self.proxy.sessions.create(body.get("userId"), body.get("robotName"))
+        session = self.proxy.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
         self.send_json({
             "success": True,
             "sessionId": session.id,
@@ -49,10 +49,19 @@ class SessionsHandler(JsonHandler):
         self.send_json({"success": True, "count": len(sessions), "sessions": sessions})
 
 
+class UpstreamsHandler(JsonHandler):
+    cors_methods = "GET, OPTIONS"
+
+    def get(self) -> None:
+        upstreams = [hub.status() for hub in self.proxy.hubs.values()]
+        self.send_json({"success": True, "default": self.proxy.sessions.default_upstream, "upstreams": upstreams})
+
+
 _SESSION = r"(?P<session_id>[^/]+)"
 routes = [
     (r"/session/create", SessionCreateHandler),
     (rf"/session/{_SESSION}/destroy", SessionDestroyHandler),
     (rf"/session/{_SESSION}", SessionHandler),
     (r"/sessions", SessionsHandler),
+    (r"/upstreams", UpstreamsHandler),
 ]

@@ -97,7 +97,7 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
             raise tornado.web.HTTPError(400, reason="Request body must be a JSON object")
         return body
 
-    def options(self, *args: Any) -> None:
+    def options(self, *args: Any, **kwargs: Any) -> None:
         # CORS preflight. Without an allowed Origin the browser finds no Allow-Origin and refuses.
         self.set_header("Access-Control-Allow-Methods", self.cors_methods)
         self.set_header("Access-Control-Allow-Headers", "Content-Type, Authorization")

@@ -16,15 +16,19 @@ class HealthHandler(JsonHandler):
 
     def get(self) -> None:
         sim = self.config.isaac_sim
+        hubs = self.proxy.hubs.values()
+        # Still 200 when degraded: the proxy itself is fine; load balancers should keep it.
+        failing = sorted(hub.name for hub in hubs if hub.sessions and hub.down)
         self.send_json({
-            "status": "healthy",
+            "status": "degraded" if failing else "healthy",
             "service": "video-stream-proxy",
             "version": __version__,
             "isaac_sim_ip": sim.ip or None,
             "isaac_sim_port": str(sim.port),
             "active_sessions": len(self.proxy.sessions),
             "timestamp": iso_utc(time.time()),
-            "upstreams": [hub.status() for hub in self.proxy.hubs.values()],
+            "failing_upstreams": failing,
+            "upstreams": [hub.status() for hub in hubs],
         })
 
 

@@ -3,9 +3,10 @@ or raises when the connection is lost; the hub's supervisor owns reconnecting wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from ..config import Config
     from ..hub import FrameHub
 
 
@@ -24,3 +25,18 @@ class Source:
     def send(self, message: str | bytes) -> bool:
         """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
         return False
+
+
+def create_source(name: str, settings: Any, config: Config) -> Source:
+    """The one place an upstream's settings (one of config.UPSTREAM_KINDS) become a Source."""
+    from .. import config as cfg
+
+    if isinstance(settings, cfg.DemoConfig):
+        from .demo import DemoSource
+
+        return DemoSource(name, settings)
+    if isinstance(settings, cfg.IsaacUpstream):
+        from .isaac import IsaacSource
+
+        return IsaacSource(name, settings.url, config.reconnect, settings.headers)
+    raise ValueError(f"upstream {name!r}: kind {type(settings).__name__} is not supported")
