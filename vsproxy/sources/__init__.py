@@ -39,4 +39,16 @@ def create_source(name: str, settings: Any, config: Config) -> Source:
         from .isaac import IsaacSource
 
         return IsaacSource(name, settings.url, config.reconnect, settings.headers)
+    if isinstance(settings, cfg.MjpegUpstream):
+        from .mjpeg import MjpegSource
+
+        return MjpegSource(name, settings, config.reconnect)
+    if isinstance(settings, cfg.RtspUpstream):
+        from .rtsp import RtspSource  # imports PyAV: only where an rtsp upstream is configured
+
+        return RtspSource(name, settings, config.reconnect)
+    if isinstance(settings, cfg.PushUpstream):
+        from .push import PushSource
+
+        return PushSource(name, settings)
     raise ValueError(f"upstream {name!r}: kind {type(settings).__name__} is not supported")
