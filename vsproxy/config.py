@@ -413,7 +413,8 @@ def load_config(
     env_layers.append(("environment", os.environ if environ is None else environ))
     for source, values in env_layers:
         for var, dotted in ENV_KEYS.items():
-            if var in values:
+            # Empty counts as unset, as `process.env.X || default` did in the original service.
+            if values.get(var, "").strip():
                 _set_dotted(tree, dotted, _coerce_text(values[var], _field_type(dotted)))
                 origins[dotted] = f"{var} ({source})"
     for dotted, value in (overrides or {}).items():

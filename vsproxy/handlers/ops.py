@@ -23,7 +23,7 @@ class HealthHandler(JsonHandler):
             "status": "degraded" if failing else "healthy",
             "service": "video-stream-proxy",
             "version": __version__,
-            "isaac_sim_ip": sim.ip or None,
+            "isaac_sim_ip": sim.ip,  # "" without a simulator: the original always sent a string
             "isaac_sim_port": str(sim.port),
             "active_sessions": len(self.proxy.sessions),
             "timestamp": iso_utc(time.time()),

@@ -1,0 +1,283 @@
+"""Configuration: defaults, the precedence of its layers, .env parsing and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vsproxy.config import Config, ConfigError, load_config, read_dotenv
+
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, yaml_text: str | None = None, *, env: dict | None = None,
+         dotenv: str | None = None, overrides: dict | None = None) -> Config:
+    """load_config with every layer explicit, isolated from the real environment and cwd."""
+    config_path = write(tmp_path / "config.yaml", yaml_text) if yaml_text is not None else None
+    dotenv_path = write(tmp_path / ".env", dotenv) if dotenv is not None else tmp_path / "no.env"
+    return load_config(config_path, environ=env or {}, dotenv_path=dotenv_path, overrides=overrides)
+
+
+# -- defaults ----------------------------------------------------------------------------------
+
+
+def test_builtin_defaults():
+    """Without any configuration the proxy listens on 0.0.0.0:8889 and streams the demo source."""
+    config = Config()
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 8889)
+    assert config.sessions.idle_timeout_seconds == 300
+    assert config.cors.allowed_origins == ["http://localhost:3000"]
+    assert config.isaac_sim.ip == ""
+    assert config.isaac_ws_url is None
+
+
+def test_load_config_without_any_source_gives_defaults(tmp_path, monkeypatch):
+    """No config.yaml in the working directory, no .env, empty environment: the defaults."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(environ={}) == Config()
+
+
+def test_config_yaml_in_working_directory_is_read(tmp_path, monkeypatch):
+    """`./config.yaml` is picked up when no --config path is given."""
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "config.yaml", "server: {port: 9100}\n")
+    assert load_config(environ={}).server.port == 9100
+
+
+def test_shipped_config_yaml_equals_builtin_defaults():
+    """The repository's config.yaml documents the defaults, so loading it changes nothing."""
+    assert load_config(SHIPPED_CONFIG, environ={}, dotenv_path=None) == Config()
+
+
+def test_shipped_config_yaml_lists_every_key():
+    """Every setting of the schema appears in the shipped config.yaml (it is the documentation)."""
+    tree = yaml.safe_load(SHIPPED_CONFIG.read_text(encoding="utf-8"))
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        assert section.name in tree, f"config.yaml lacks {section.name!r}"
+        value = getattr(defaults, section.name)
+        if dataclasses.is_dataclass(value):
+            for setting in dataclasses.fields(value):
+                assert setting.name in tree[section.name], f"config.yaml lacks {section.name}.{setting.name}"
+
+
+# -- precedence: CLI overrides > environment > .env > config.yaml > defaults --------------------
+
+
+def test_yaml_overrides_defaults(tmp_path):
+    config = load(tmp_path, """
+        server: {port: 9001}
+        sessions: {idle_timeout_seconds: 60}
+    """)
+    assert config.server.port == 9001
+    assert config.sessions.idle_timeout_seconds == 60
+    assert config.server.host == "0.0.0.0"  # untouched keys keep their defaults
+
+
+def test_dotenv_overrides_yaml(tmp_path):
+    config = load(tmp_path, "server: {port: 9001}\n", dotenv="VIDEO_PROXY_PORT=9002\n")
+    assert config.server.port == 9002
+
+
+def test_environment_overrides_dotenv(tmp_path):
+    config = load(tmp_path, "server: {port: 9001}\n", dotenv="VIDEO_PROXY_PORT=9002\n",
+                  env={"VIDEO_PROXY_PORT": "9003"})
+    assert config.server.port == 9003
+
+
+def test_cli_overrides_everything(tmp_path):
+    config = load(tmp_path, "server: {port: 9001}\n", dotenv="VIDEO_PROXY_PORT=9002\n",
+                  env={"VIDEO_PROXY_PORT": "9003"}, overrides={"server.port": 9004})
+    assert config.server.port == 9004
+
+
+def test_cli_override_of_none_means_flag_not_given(tmp_path):
+    """An absent flag (None) leaves the lower layers' value in place."""
+    config = load(tmp_path, "server: {port: 9001}\n", overrides={"server.port": None, "server.host": None})
+    assert config.server.port == 9001
+    assert config.server.host == "0.0.0.0"
+
+
+def test_dotenv_layer_keeps_yaml_values_it_does_not_set(tmp_path):
+    """Layers merge key by key: .env setting the port does not reset the YAML's Isaac Sim address."""
+    config = load(tmp_path, "isaac_sim: {ip: 10.1.2.3}\n", dotenv="VIDEO_PROXY_PORT=9002\n")
+    assert config.isaac_sim.ip == "10.1.2.3"
+    assert config.server.port == 9002
+
+
+def test_original_environment_variables_build_isaac_ws_url(tmp_path):
+    """The original service's variables configure the Isaac Sim upstream URL."""
+    config = load(tmp_path, env={
+        "VIDEO_PROXY_PORT": "8890",
+        "ISAAC_SIM_IP": "10.0.0.5",
+        "ISAAC_SIM_PORT": "8212",
+        "ISAAC_SIM_WS_PORT": "49100",
+        "ISAAC_SIM_WS_PATH": "/streaming/client",
+    })
+    assert config.server.port == 8890
+    assert config.isaac_sim.ip == "10.0.0.5"
+    assert config.isaac_sim.port == 8212
+    assert config.isaac_sim.ws_port == 49100
+    assert config.isaac_ws_url == "ws://10.0.0.5:49100/streaming/client"
+
+
+def test_isaac_ws_url_adds_leading_slash_and_honours_secure(tmp_path):
+    config = load(tmp_path, "isaac_sim: {ip: sim.example, ws_port: 443, ws_path: stream, secure: true}\n")
+    assert config.isaac_ws_url == "wss://sim.example:443/stream"
+
+
+def test_isaac_ws_url_defaults_to_port_8211_and_root_path(tmp_path):
+    assert load(tmp_path, env={"ISAAC_SIM_IP": "10.0.0.5"}).isaac_ws_url == "ws://10.0.0.5:8211/"
+
+
+def test_unrelated_environment_variables_are_ignored(tmp_path):
+    config = load(tmp_path, env={"PORT": "1234", "VIDEO_PROXY_SOMETHING": "x", "HOME": "/root"})
+    assert config == Config()
+
+
+# -- .env parsing ------------------------------------------------------------------------------
+
+
+def test_dotenv_parsing_comments_quotes_and_export(tmp_path):
+    path = write(tmp_path / ".env", """\
+        # the original service's .env
+        VIDEO_PROXY_PORT=8889
+
+        export ISAAC_SIM_IP=18.0.0.1
+        ISAAC_SIM_PORT="8211"
+        ISAAC_SIM_WS_PORT='8212'
+        ISAAC_SIM_WS_PATH=/ws   # trailing comment
+        QUOTED_HASH="/a #b"
+          SPACED = value with spaces
+        EMPTY=
+    """)
+    assert read_dotenv(path) == {
+        "VIDEO_PROXY_PORT": "8889",
+        "ISAAC_SIM_IP": "18.0.0.1",
+        "ISAAC_SIM_PORT": "8211",
+        "ISAAC_SIM_WS_PORT": "8212",
+        "ISAAC_SIM_WS_PATH": "/ws",
+        "QUOTED_HASH": "/a #b",
+        "SPACED": "value with spaces",
+        "EMPTY": "",
+    }
+
+
+def test_dotenv_values_reach_the_config(tmp_path):
+    config = load(tmp_path, dotenv="""\
+        # comment
+        export ISAAC_SIM_IP="10.9.8.7"
+        ISAAC_SIM_WS_PORT='49100'
+        ISAAC_SIM_WS_PATH=/live  # comment
+    """)
+    assert config.isaac_ws_url == "ws://10.9.8.7:49100/live"
+
+
+def test_dotenv_line_without_equals_is_an_error_naming_file_and_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, dotenv="VIDEO_PROXY_PORT=8889\nthis is not an assignment\n")
+    assert ".env:2" in str(info.value)
+
+
+# -- errors: one message naming the key --------------------------------------------------------
+
+BAD_YAML = [
+    pytest.param("sever:\n  port: 1\n", ["sever", "unknown key"], id="unknown-top-level-key"),
+    pytest.param("server:\n  prot: 1\n", ["server.prot", "unknown key"], id="unknown-nested-key"),
+    pytest.param("server:\n  port: '8889'\n", ["server.port", "integer"], id="string-for-port"),
+    pytest.param("server:\n  port: 88.5\n", ["server.port", "integer"], id="float-for-port"),
+    pytest.param("limits:\n  max_sessions: true\n", ["limits.max_sessions", "integer"], id="bool-for-int"),
+    pytest.param("server:\n  trust_proxy_headers: 'yes please'\n", ["server.trust_proxy_headers", "true or false"],
+                 id="string-for-bool"),
+    pytest.param("server:\n  port: 0\n", ["server.port", "1", "65535"], id="port-0"),
+    pytest.param("server:\n  port: 70000\n", ["server.port", "65535"], id="port-70000"),
+    pytest.param("sessions:\n  idle_timeout_seconds: -1\n", ["sessions.idle_timeout_seconds"], id="negative-timeout"),
+    pytest.param("logging:\n  format: xml\n", ["logging.format", "text", "json"], id="bad-choice"),
+    pytest.param("cors:\n  allowed_origins: http://localhost:3000\n", ["cors.allowed_origins", "list"],
+                 id="string-for-list"),
+    pytest.param("cors:\n  allowed_origins: [localhost:3000]\n", ["cors.allowed_origins"], id="origin-without-scheme"),
+    pytest.param("server:\n  public_url: video.example.com\n", ["server.public_url"], id="public-url-without-scheme"),
+    pytest.param("reconnect:\n  initial_delay_seconds: 5\n  max_delay_seconds: 1\n",
+                 ["reconnect.max_delay_seconds"], id="max-delay-below-initial"),
+    pytest.param("isaac_sim:\n  headers: {Authorization: 5}\n", ["isaac_sim.headers"], id="non-string-header"),
+    pytest.param("server: 8889\n", ["server", "mapping"], id="section-not-a-mapping"),
+    pytest.param("server:\n  port: [1\n", ["config.yaml", "YAML"], id="invalid-yaml"),
+    pytest.param("- server\n- port\n", ["config.yaml", "mapping"], id="top-level-list"),
+    pytest.param("just a string\n", ["config.yaml", "mapping"], id="top-level-scalar"),
+]
+
+
+@pytest.mark.parametrize(("yaml_text", "expected"), BAD_YAML)
+def test_bad_config_file_is_a_config_error_naming_the_key(tmp_path, yaml_text, expected):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, yaml_text)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert "\n" not in message
+
+
+def test_empty_config_file_gives_defaults(tmp_path):
+    assert load(tmp_path, "# nothing configured\n") == Config()
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.yaml", environ={}, dotenv_path=None)
+    message = str(info.value)
+    assert "--config" in message
+    assert "missing.yaml" in message
+    assert "does not exist" in message
+
+
+@pytest.mark.parametrize(("variable", "value", "key"), [
+    ("VIDEO_PROXY_PORT", "abc", "server.port"),
+    ("VIDEO_PROXY_PORT", "0", "server.port"),
+    ("ISAAC_SIM_PORT", "eighty", "isaac_sim.port"),
+    ("ISAAC_SIM_WS_PORT", "99999", "isaac_sim.ws_port"),
+    ("VIDEO_PROXY_PUBLIC_URL", "video.example.com", "server.public_url"),
+])
+def test_bad_environment_variable_names_the_variable(tmp_path, variable, value, key):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, env={variable: value})
+    message = str(info.value)
+    assert variable in message
+    assert key in message
+    assert "environment" in message
+
+
+def test_bad_dotenv_value_names_the_variable_and_the_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, dotenv="VIDEO_PROXY_PORT=abc\n")
+    message = str(info.value)
+    assert "VIDEO_PROXY_PORT" in message
+    assert ".env" in message
+
+
+def test_bad_cli_override_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, overrides={"server.port": 70000})
+    assert "server.port" in str(info.value)
+
+
+def test_cli_override_replaces_a_bad_environment_value(tmp_path):
+    """A flag wins even where the environment's value would have been invalid."""
+    config = load(tmp_path, env={"VIDEO_PROXY_PORT": "abc"}, overrides={"server.port": 9005})
+    assert config.server.port == 9005
+
+
+def test_empty_environment_variable_counts_as_unset(tmp_path):
+    """`VIDEO_PROXY_PORT=` (a template with an empty ${PORT}) falls back, as `X || default` did."""
+    config = load_config(None, environ={"VIDEO_PROXY_PORT": "", "ISAAC_SIM_IP": "  "},
+                         dotenv_path=tmp_path / "none.env")
+    assert config.server.port == 8889
+    assert config.isaac_ws_url is None

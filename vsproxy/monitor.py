@@ -1,0 +1,331 @@
+"""The operator dashboard's model: the state snapshot, per-second rate histories, thumbnails.
+
+Plain class, no HTTP (handlers/dashboard.py serves it). A sampler reads the counters the hubs and
+viewers already keep, once a second, so the streaming path pays nothing for the dashboard; the
+push timer and thumbnails cost something only while a dashboard is open.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import quote
+
+from PIL import Image
+from tornado.ioloop import PeriodicCallback
+
+from . import __version__
+from .hub import TRANSPORTS
+from .sessions import iso_utc
+
+if TYPE_CHECKING:
+    from .app import Proxy
+    from .hub import FrameHub, Viewer
+    from .sessions import Session
+
+log = logging.getLogger("vsproxy.monitor")
+
+HISTORY_LENGTH = 60  # samples kept for sparklines: one minute at one sample a second
+SAMPLE_INTERVAL_SECONDS = 1.0
+PUSH_INTERVAL_SECONDS = 1.0
+THUMBNAIL_WIDTH = 160
+THUMBNAIL_MAX_AGE_SECONDS = 1.0  # at most one thumbnail a second per upstream
+
+
+class Listener(Protocol):
+    """A connected dashboard (the SSE handler): gets each pushed event, and a close at shutdown."""
+
+    def send(self, event: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _HubTrack:
+    """One upstream's counters at the previous sample, and what the last interval measured."""
+
+    def __init__(self, hub: FrameHub) -> None:
+        self.frames_in = hub.rate_in.total_events
+        self.sent = {t: hub.stats[t].frames_sent for t in TRANSPORTS}
+        self.sent_bytes = {t: hub.stats[t].bytes_sent for t in TRANSPORTS}
+        self.bytes_per_frame = dict.fromkeys(TRANSPORTS, 0.0)  # average wire size, for sessions
+        self.fps_out = 0.0
+        self.bytes_out = 0.0
+        self.fps_in: deque[float] = deque(maxlen=HISTORY_LENGTH)
+
+
+class _SessionTrack:
+    """One session's viewers' counters at the previous sample, and its rates and history."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Viewer, tuple[int, int]] = {}  # viewer -> (frames_sent, frames_dropped)
+        self.frames_dropped = 0  # summed over every viewer the session ever had
+        self.fps_out = 0.0
+        self.bytes_out = 0.0
+        self.fps_out_history: deque[float] = deque(maxlen=HISTORY_LENGTH)
+
+
+class _Thumbnail:
+    __slots__ = ("made", "key", "jpeg")
+
+    def __init__(self, made: float, key: tuple[int, bool], jpeg: bytes) -> None:
+        self.made = made
+        self.key = key  # (frame seq, offline picture?) of the frame it was made from
+        self.jpeg = jpeg
+
+
+def make_thumbnail(jpeg: bytes, width: int = THUMBNAIL_WIDTH, quality: int = 70) -> bytes:
+    """A JPEG `width` pixels wide (aspect kept), decoded at reduced size where JPEG allows it."""
+    with Image.open(io.BytesIO(jpeg)) as image:
+        w, h = image.size
+        size = (width, max(1, round(h * width / w)))
+        # draft() lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), still at least
+        # `size`: a 1280x720 frame decodes as 160x90 instead of 0.9 megapixels.
+        image.draft("RGB", size)
+        small = image.convert("RGB")
+    small.thumbnail(size)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+class Monitor:
+    """Builds the dashboard state, keeps rate histories, makes thumbnails, pushes to listeners."""
+
+    def __init__(self, proxy: Proxy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.proxy = proxy
+        self.clock = clock
+        self.listeners: set[Listener] = set()
+        self._hubs = {name: _HubTrack(hub) for name, hub in proxy.hubs.items()}
+        self._sessions: dict[str, _SessionTrack] = {}
+        self._thumbnails: dict[str, _Thumbnail] = {}
+        self._last_sample = clock()
+        self._sampler: PeriodicCallback | None = None
+        self._pusher: PeriodicCallback | None = None
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start sampling (cheap: a few integer sums per session a second, dashboard open or not,
+        so a dashboard opened later still shows the last minute)."""
+        if self._sampler is None:
+            self._sampler = PeriodicCallback(self.sample, SAMPLE_INTERVAL_SECONDS * 1000)
+            self._sampler.start()
+
+    def stop(self) -> None:
+        """Stop the timers and end every dashboard's event stream (server shutdown)."""
+        for timer in (self._sampler, self._pusher):
+            if timer is not None:
+                timer.stop()
+        self._sampler = self._pusher = None
+        for listener in tuple(self.listeners):
+            listener.close()
+        self.listeners.clear()
+
+    @property
+    def pushing(self) -> bool:
+        return self._pusher is not None
+
+    def subscribe(self, listener: Listener) -> None:
+        """A dashboard connected: push to it every second (the push timer runs only while some
+        dashboard is connected)."""
+        self.listeners.add(listener)
+        if self._pusher is None:
+            self._pusher = PeriodicCallback(self.push, PUSH_INTERVAL_SECONDS * 1000)
+            self._pusher.start()
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self.listeners.discard(listener)
+        if not self.listeners and self._pusher is not None:
+            self._pusher.stop()
+            self._pusher = None
+            self._thumbnails.clear()  # nobody looks at them until the next dashboard opens
+
+    def push(self) -> None:
+        """Send the state, encoded once, to every connected dashboard."""
+        if not self.listeners:
+            return
+        event = self.event()
+        for listener in tuple(self.listeners):
+            listener.send(event)
+
+    def event(self) -> bytes:
+        """The state as one Server-Sent Event (JSON has no raw newlines, so one `data:` line)."""
+        return b"data: " + self.state_json().encode("utf-8") + b"\n\n"
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def sample(self) -> None:
+        """Turn the counters' growth since the previous sample into rates and history entries."""
+        now = self.clock()
+        elapsed = max(now - self._last_sample, 1e-3)
+        self._last_sample = now
+        for name, hub in self.proxy.hubs.items():
+            track = self._hubs.get(name)
+            if track is None:
+                track = self._hubs[name] = _HubTrack(hub)
+            self._sample_hub(hub, track, elapsed)
+        alive: dict[str, _SessionTrack] = {}
+        for session in self.proxy.sessions.all():
+            track = self._sessions.get(session.id) or _SessionTrack()
+            self._sample_session(session, track, elapsed)
+            alive[session.id] = track
+        self._sessions = alive
+
+    def _sample_hub(self, hub: FrameHub, track: _HubTrack, elapsed: float) -> None:
+        frames_in = hub.rate_in.total_events
+        track.fps_in.append(round((frames_in - track.frames_in) / elapsed, 1))
+        track.frames_in = frames_in
+        frames_out = bytes_out = 0
+        for transport in TRANSPORTS:
+            stats = hub.stats[transport]
+            frames = stats.frames_sent - track.sent[transport]
+            nbytes = stats.bytes_sent - track.sent_bytes[transport]
+            if frames > 0:
+                track.bytes_per_frame[transport] = nbytes / frames
+            track.sent[transport], track.sent_bytes[transport] = stats.frames_sent, stats.bytes_sent
+            frames_out += frames
+            bytes_out += nbytes
+        track.fps_out = frames_out / elapsed
+        track.bytes_out = bytes_out / elapsed
+
+    def _sample_session(self, session: Session, track: _SessionTrack, elapsed: float) -> None:
+        # Viewers count frames, not bytes: a session's bytes are its frames times the average wire
+        # size of a frame in that transport on its hub over the same interval (every viewer of a
+        # transport on one hub is sent the same bytes per frame).
+        hub_track = self._hubs.get(session.hub.name)
+        seen: dict[Viewer, tuple[int, int]] = {}
+        frames = 0
+        nbytes = 0.0
+        for viewer in tuple(session.viewers):
+            sent_before, dropped_before = track.seen.get(viewer, (0, 0))
+            sent = viewer.frames_sent - sent_before
+            track.frames_dropped += viewer.frames_dropped - dropped_before
+            seen[viewer] = (viewer.frames_sent, viewer.frames_dropped)
+            frames += sent
+            if hub_track is not None:
+                nbytes += sent * hub_track.bytes_per_frame.get(viewer.transport, 0.0)
+        track.seen = seen
+        track.fps_out = frames / elapsed
+        track.bytes_out = nbytes / elapsed
+        track.fps_out_history.append(round(track.fps_out, 1))
+
+    # -- the state ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Everything the dashboard shows (see dashboard/README.md for the shape)."""
+        proxy = self.proxy
+        now = time.time()
+        hubs = list(proxy.hubs.values())
+        upstreams = [self._upstream_json(hub) for hub in hubs]
+        sessions = [self._session_json(s, now) for s in proxy.sessions.all()]
+        viewers = {t: sum(len(h.viewers[t]) for h in hubs) for t in TRANSPORTS}
+        totals = {
+            "sessions": len(sessions),
+            "maxSessions": proxy.config.limits.max_sessions,
+            "viewers": sum(viewers.values()),
+            "viewersByTransport": viewers,
+            "upstreams": len(hubs),
+            "upstreamsUp": sum(1 for h in hubs if h.connected),
+            "upstreamsDown": sum(1 for h in hubs if h.running and not h.connected),
+            "fpsIn": round(sum(u["fpsIn"] for u in upstreams), 1),
+            "bytesPerSecondIn": round(sum(u["bytesPerSecondIn"] for u in upstreams)),
+            "fpsOut": round(sum(t.fps_out for t in self._hubs.values()), 1),
+            "bytesPerSecondOut": round(sum(t.bytes_out for t in self._hubs.values())),
+            "uptimeSeconds": round(now - proxy.started_at, 1),
+            "version": __version__,
+        }
+        return {"generatedAt": iso_utc(now), "totals": totals, "sessions": sessions, "upstreams": upstreams}
+
+    def state_json(self) -> str:
+        return json.dumps(self.state(), ensure_ascii=False, separators=(",", ":"))
+
+    def _upstream_json(self, hub: FrameHub) -> dict:
+        fps, bps = hub.rate_in.rates()
+        track = self._hubs.get(hub.name)
+        return {
+            "name": hub.name,
+            "kind": hub.source.kind,
+            "state": hub.state,
+            "lastError": hub.last_error,
+            "connects": hub.connects,
+            "failures": hub.failures,
+            "fpsIn": round(fps, 1),
+            "bytesPerSecondIn": round(bps),
+            "framesIn": hub.rate_in.total_events,
+            "sessions": len(hub.sessions),
+            "viewers": {t: len(v) for t, v in hub.viewers.items()},
+            "fpsHistory": list(track.fps_in) if track else [],
+            "thumbnailUrl": thumbnail_url(hub.name),
+        }
+
+    def _session_json(self, session: Session, now: float) -> dict:
+        hub = session.hub
+        track = self._sessions.get(session.id)
+        hub_track = self._hubs.get(hub.name)
+        by_transport = dict.fromkeys(TRANSPORTS, 0)
+        dropped = track.frames_dropped if track else 0
+        for viewer in tuple(session.viewers):
+            by_transport[viewer.transport] = by_transport.get(viewer.transport, 0) + 1
+            if track is not None:  # drops since the last sample, so the count never lags
+                dropped += viewer.frames_dropped - track.seen.get(viewer, (0, 0))[1]
+        fps_in, _ = hub.rate_in.rates()
+        return {
+            "id": session.id,
+            "userId": session.user_id,
+            "robotName": session.robot_name,
+            "upstream": hub.name,
+            "upstreamState": hub.state,
+            "viewers": by_transport,
+            "viewersTotal": sum(by_transport.values()),
+            "fpsIn": round(fps_in, 1),
+            "fpsOut": round(track.fps_out, 1) if track else 0.0,
+            "bytesPerSecondOut": round(track.bytes_out) if track else 0,
+            "framesDropped": dropped,
+            "createdAt": iso_utc(session.created_at),
+            "ageSeconds": round(now - session.created_at, 1),
+            "lastActivity": iso_utc(session.last_activity(now)),
+            "thumbnailUrl": thumbnail_url(hub.name),
+            # The same number of samples in both, the newest last; `in` is the hub's, shared by
+            # every session on it, cut to this session's lifetime.
+            "fpsHistory": {
+                "in": list(hub_track.fps_in)[-len(track.fps_out_history):] if track and hub_track else [],
+                "out": list(track.fps_out_history) if track else [],
+            },
+        }
+
+    # -- thumbnails --------------------------------------------------------------------------
+
+    def thumbnail(self, upstream: str) -> bytes | None:
+        """A small JPEG of the upstream's newest frame (or its offline picture); None if it has
+        sent none yet. Made at most once a second per upstream, shared by its sessions.
+
+        Raises KeyError for an unknown upstream.
+        """
+        hub = self.proxy.hubs[upstream]
+        now = self.clock()
+        cached = self._thumbnails.get(upstream)
+        if cached is not None and now - cached.made < THUMBNAIL_MAX_AGE_SECONDS:
+            return cached.jpeg
+        frame = hub.snapshot()
+        if frame is None:
+            return None
+        key = (frame.seq, frame.offline)
+        if cached is not None and cached.key == key:
+            cached.made = now  # the picture has not changed: nothing to decode
+            return cached.jpeg
+        try:
+            jpeg = make_thumbnail(frame.jpeg)
+        except (OSError, ValueError) as exc:  # a frame Pillow cannot decode; viewers still get it
+            log.warning("cannot make a thumbnail: %s", exc, extra={"upstream": upstream})
+            return cached.jpeg if cached is not None else None
+        self._thumbnails[upstream] = _Thumbnail(now, key, jpeg)
+        return jpeg
+
+
+def thumbnail_url(upstream: str) -> str:
+    return f"/dashboard/api/thumbnail/{quote(upstream, safe='')}.jpg"
