@@ -97,15 +97,15 @@ class Proxy:
         cleanup_ms = self.config.sessions.cleanup_interval_seconds * 1000
         self._timers = [
             PeriodicCallback(self.sessions.reap_idle, cleanup_ms),
-            PeriodicCallback(self._drop_stalled_viewers, 1000),
+            PeriodicCallback(self._tick_hubs, 1000),
         ]
         for timer in self._timers:
             timer.start()
 
-    def _drop_stalled_viewers(self) -> None:
+    def _tick_hubs(self) -> None:
         now = time.monotonic()
         for hub in self.hubs.values():
-            hub.drop_stalled(now)
+            hub.tick(now)
 
     def listen(self, port: int, address: str = "") -> tornado.httpserver.HTTPServer:
         self._server = self.make_app().listen(port, address=address, xheaders=False)

@@ -8,12 +8,15 @@ references, never a queue, and never slows the others.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import binascii
 import bisect
+import fcntl
 import json
 import logging
 import random
+import ssl
 import struct
 import time
 from collections import deque
@@ -172,11 +175,19 @@ class TransportStats:
         self.latency = LatencyBuckets()  # frame arrival -> written to the viewer's socket
 
 
+# Bytes in a socket's send queue not yet sent (Linux). Lets a viewer wait for the kernel too:
+# Linux grows a socket's send buffer to megabytes, so without this a slow viewer's frames queue
+# in the kernel, first in first out, and arrive seconds late.
+SIOCOUTQNSD = 0x894B
+
+
 class Viewer:
     """One connected viewer socket: gets the newest frame whenever its socket can take one.
 
-    `close` is how the owning handler disconnects it (WebSocket close or end of the MJPEG
-    response); `send_text` delivers status/error/relayed text (None for MJPEG).
+    A frame is written only when nothing of the previous one is left, neither in Tornado's buffer
+    nor unsent in the kernel; otherwise it waits in a single slot, replaced by newer frames
+    (latest-frame-wins). `close` is how the owning handler disconnects the viewer (WebSocket close
+    or end of the MJPEG response); `send_text` delivers status/error/relayed text (None for MJPEG).
     """
 
     def __init__(
@@ -196,33 +207,60 @@ class Viewer:
         self.send_text = send_text
         self.min_interval = 0.95 / max_fps if max_fps else 0.0
         self.connected_at = time.monotonic()
-        self.last_drain = self.connected_at  # last time the socket took everything we gave it
+        self.last_drain = self.connected_at  # last time the socket took a whole frame
         self.last_sent_arrival = -1e9
         self.frames_sent = 0
         self.frames_dropped = 0
-        self._busy = False
+        self._busy = False  # Tornado's buffer holds bytes; a drain callback is due
         self._pending: Frame | None = None
         self._inflight_arrived: float | None = None  # arrival time of a frame still being written
         self._sock = stream.socket
+        self._fd = self._sock.fileno()
+        self._outq = array.array("i", [0])
 
     @property
     def busy(self) -> bool:
         return self._busy
 
+    @property
+    def pending(self) -> Frame | None:
+        return self._pending
+
     def offer(self, frame: Frame, data: bytes) -> None:
         """Hand the viewer a frame (`data` is that frame in this viewer's wire format)."""
         if frame.arrived - self.last_sent_arrival < self.min_interval:
             return  # this viewer asked for fewer frames per second
-        if self._busy or self.stream.writing():
-            if self._pending is not None:
-                self.frames_dropped += 1
-                self.stats.frames_dropped += 1
-            self._pending = frame
-            if not self._busy:
-                # Tornado itself is writing (a status message, a ping): send when that drains.
-                self._wait_for_drain(self.stream.write(b""))
+        if self._busy or self.stream.writing() or self._kernel_backlog():
+            self._hold(frame)
             return
         self._send(frame, data)
+
+    def _hold(self, frame: Frame) -> None:
+        if self._pending is not None:
+            self.frames_dropped += 1
+            self.stats.frames_dropped += 1
+        self._pending = frame
+        if not self._busy and self.stream.writing():
+            # Tornado itself is writing (a status message, a ping): retry when that drains.
+            self._wait_for_drain(self.stream.write(b""))
+
+    def flush_pending(self) -> None:
+        """Send the waiting frame if the socket has room now (on drain, and on the hub's tick)."""
+        frame = self._pending
+        if frame is None or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
+            return
+        self._pending = None
+        self._send(frame, frame.encoded(self.transport))
+
+    def _kernel_backlog(self) -> bool:
+        if self._fd < 0:
+            return False
+        try:
+            fcntl.ioctl(self._fd, SIOCOUTQNSD, self._outq, True)
+        except OSError:
+            self._fd = -1  # not Linux, or not a TCP socket: rely on Tornado's buffer alone
+            return False
+        return self._outq[0] > 0
 
     def _send(self, frame: Frame, data: bytes) -> None:
         self.last_sent_arrival = frame.arrived
@@ -233,7 +271,7 @@ class Viewer:
         # copy. Only what the kernel did not take goes through IOStream, as a view (no copy).
         try:
             sent = self._sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError):
             sent = 0
         except OSError:
             self.stream.close()
@@ -257,17 +295,15 @@ class Viewer:
         self._busy = False
         if future.cancelled() or future.exception() is not None:
             return  # the stream closed; the handler's close callback tidies up
-        now = self.last_drain = time.monotonic()
         if self._inflight_arrived is not None:
+            now = self.last_drain = time.monotonic()
             self.stats.latency.observe(now - self._inflight_arrived)
             self._inflight_arrived = None
-        frame, self._pending = self._pending, None
-        if frame is not None and not self.stream.closed():
-            self._send(frame, frame.encoded(self.transport))
+        self.flush_pending()
 
     def stalled_for(self, now: float) -> float:
-        """Seconds this viewer has had data waiting that its socket would not take."""
-        return now - self.last_drain if self._busy else 0.0
+        """Seconds this viewer has had a frame waiting that its socket would not take."""
+        return now - self.last_drain if (self._busy or self._pending is not None) else 0.0
 
 
 class FrameHub:
@@ -485,8 +521,9 @@ class FrameHub:
         """Relay a viewer's message to the upstream; False if it is not connected."""
         return self.connected and self.source.send(message)
 
-    def drop_stalled(self, now: float) -> int:
-        """Disconnect viewers whose socket has taken nothing for the stall timeout."""
+    def tick(self, now: float) -> int:
+        """Once a second: send frames still waiting for sockets that drained since, and
+        disconnect viewers whose socket has taken nothing for the stall timeout."""
         limit = self.streaming.stall_timeout_seconds
         dropped = 0
         for viewers in self.viewers.values():
@@ -496,6 +533,8 @@ class FrameHub:
                                 extra={"upstream": self.name, "transport": viewer.transport})
                     viewer.close("viewer stalled: no frame could be delivered")
                     dropped += 1
+                elif viewer.pending is not None:
+                    viewer.flush_pending()
         return dropped
 
     def describe_state(self) -> str:
