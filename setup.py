@@ -25,7 +25,10 @@ setup(
         "Pillow>=10.1",
     ],
     extras_require={
+        # RTSP upstreams (Isaac Sim's isaacsim.streaming.rtsp): PyAV, whose wheel bundles FFmpeg.
+        "rtsp": ["av>=18,<19"],
         "test": [
+            "av>=18,<19",
             "pytest>=8,<10",  # pytest-tornado 0.8.1 uses hooks pytest 10 removes
             "pytest-tornado==0.8.1",
             "setuptools<82",  # pytest-tornado imports pkg_resources, gone in setuptools 82

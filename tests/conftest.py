@@ -66,7 +66,7 @@ def proxy(io_loop, proxy_config):
     instance = Proxy(proxy_config)
     instance.start_background_tasks()
     yield instance
-    io_loop.run_sync(instance.shutdown)
+    io_loop.run_sync(instance.shutdown, timeout=20)  # a hub that will not stop fails, not hangs
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -12,8 +13,9 @@ import tornado.web
 from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 
+from .auth import Access, RateLimiter
 from .config import Config
-from .handlers import api, ops, pages, stream
+from .handlers import api, ingest, ops, pages, stream
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
 from .metrics import Metrics
@@ -43,17 +45,27 @@ class Proxy:
             default,
             robots=config.robots,
             max_sessions=config.limits.max_sessions,
+            max_sessions_per_user=config.limits.max_sessions_per_user,
+            max_viewers_per_session=config.limits.max_viewers_per_session,
             idle_timeout=config.sessions.idle_timeout_seconds,
         )
+        self.access = Access(config.auth)
+        limits = config.limits
+        self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
         self.metrics = Metrics(self)
         self._timers: list[PeriodicCallback] = []
         self._server: tornado.httpserver.HTTPServer | None = None
+        self._servers: list[tornado.httpserver.HTTPServer] = []
 
     # -- the Tornado application ---------------------------------------------------------------
 
     def make_app(self) -> tornado.web.Application:
         handlers: list[Any] = []
-        for module in (api, ops, stream, pages):  # each handler module ends with its `routes` list
+        # Each handler module ends with its `routes` list.
+        for module in (api, ops, stream, ingest, pages):
+            if module is ops and self.config.server.metrics_port:
+                handlers += ops.health_routes  # /metrics is served on its own port instead
+                continue
             handlers += module.routes
         return tornado.web.Application(
             handlers,
@@ -64,7 +76,7 @@ class Proxy:
             # limit (an error message, connection kept) is checked in the handler below it.
             websocket_max_message_size=max(4 * self.config.streaming.max_viewer_message_bytes, 1 << 20),
             websocket_ping_interval=20,
-            websocket_ping_timeout=60,
+            websocket_ping_timeout=20,  # Tornado caps it at the interval
         )
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
@@ -91,6 +103,14 @@ class Proxy:
                 host = forwarded_host
         return f"{scheme}://{host}"
 
+    def client_address(self, request: HTTPServerRequest) -> str:
+        """The client's IP, for per-address limits (X-Forwarded-For only behind a trusted proxy)."""
+        if self.config.server.trust_proxy_headers:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return request.remote_ip or "unknown"
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start_background_tasks(self) -> None:
@@ -107,15 +127,32 @@ class Proxy:
         for hub in self.hubs.values():
             hub.tick(now)
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context from tls.cert_file/key_file, or None for plain HTTP."""
+        tls = self.config.tls
+        if not tls.cert_file:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        return context
+
     def listen(self, port: int, address: str = "") -> tornado.httpserver.HTTPServer:
-        self._server = self.make_app().listen(port, address=address, xheaders=False)
+        """Serve on `port` (HTTPS/WSS when TLS is configured); /metrics also on server.metrics_port."""
+        context = self.ssl_context()
+        self._server = self.make_app().listen(port, address=address, ssl_options=context)
+        self._servers = [self._server]
+        if self.config.server.metrics_port:
+            metrics_app = tornado.web.Application(ops.metrics_routes, proxy=self, log_function=self._log_request)
+            self._servers.append(metrics_app.listen(self.config.server.metrics_port, address=address,
+                                                    ssl_options=context))
         self.start_background_tasks()
         return self._server
 
     async def shutdown(self) -> None:
         """Stop accepting, tell viewers, close sessions and upstreams."""
-        if self._server is not None:
-            self._server.stop()
+        for server in self._servers:
+            server.stop()
         for timer in self._timers:
             timer.stop()
         self.sessions.close_all()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 
 from . import __version__
@@ -76,12 +77,17 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     host, port = config.server.host, config.server.port
     try:
         proxy.listen(port, address=host)
+    except ssl.SSLError as exc:
+        log.error("cannot load tls.cert_file/tls.key_file: %s", exc.reason or exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
     shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    upstream = config.isaac_ws_url or "built-in demo source"
-    log.info("vsproxy %s listening on http://%s:%d/ (upstream: %s)", __version__, shown, port, upstream)
+    default = config.upstream_configs()[1]
+    upstream = f"{default} (built-in demo source)" if default == "demo" else default
+    scheme = "https" if config.tls.cert_file else "http"
+    log.info("vsproxy %s listening on %s://%s:%d/ (upstream: %s)", __version__, scheme, shown, port, upstream)
     await _wait_for_signal()
     log.info("shutting down")
     await proxy.shutdown()

@@ -43,6 +43,8 @@ class ServerConfig:
     trust_proxy_headers: bool = False
     # Seconds a graceful shutdown waits for viewers to be told before the process exits.
     shutdown_timeout_seconds: float = field(default=3.0, metadata=_bounds(0, 60))
+    # Serve /metrics on this port instead of the main one (0: on the main port).
+    metrics_port: int = field(default=0, metadata=_bounds(0, 65535))
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,51 @@ class ReconnectConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_sessions: int = field(default=100, metadata=_bounds(1, 1_000_000))
+    max_sessions_per_user: int = field(default=20, metadata=_bounds(1, 1_000_000))
+    max_viewers_per_session: int = field(default=50, metadata=_bounds(1, 100_000))
     max_body_bytes: int = field(default=65536, metadata=_bounds(64, 64 * 1024 * 1024))
+    # POST /session/create per client address: a token bucket (per second, and burst).
+    session_create_rate: float = field(default=2.0, metadata=_bounds(0.01, 10_000))
+    session_create_burst: int = field(default=20, metadata=_bounds(1, 100_000))
+    # Viewer -> upstream messages per viewer: a token bucket; beyond it an error, then close 1008.
+    viewer_message_rate: float = field(default=100.0, metadata=_bounds(0.1, 100_000))
+    viewer_message_burst: int = field(default=200, metadata=_bounds(1, 1_000_000))
 
 
 @dataclass(frozen=True)
 class CorsConfig:
     # Origins allowed to call the REST API and open WebSockets; "*" allows any (development only).
     allowed_origins: list = field(default_factory=lambda: ["http://localhost:3000"])
+
+
+@dataclass(frozen=True)
+class ViewerTokensConfig:
+    enabled: bool = False
+    secret: str = ""  # HMAC key, at least 32 characters when enabled
+    ttl_seconds: float = field(default=3600.0, metadata=_bounds(10, 30 * 86400))
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Bearer tokens for session management (/session/*, /sessions, /upstreams). Empty: open.
+    api_tokens: list = field(default_factory=list)
+    viewer_tokens: ViewerTokensConfig = field(default_factory=ViewerTokensConfig)
+    # username -> password for HTTP Basic on /dashboard and its API. Empty: open.
+    operators: dict = field(default_factory=dict)
+    # Bearer token for /metrics. Empty: open (or use server.metrics_port to keep it off the main port).
+    metrics_token: str = ""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""  # PEM certificate (chain); with key_file, serve HTTPS and WSS
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    # Who may frame the embed page (CSP frame-ancestors): the frontend that shows it.
+    frame_ancestors: list = field(default_factory=lambda: ["'self'", "http://localhost:3000"])
 
 
 @dataclass(frozen=True)
@@ -171,6 +211,9 @@ class Config:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Named upstreams (name -> one of UPSTREAM_KINDS' settings), which robot uses which, and the
     # upstream of sessions that name neither. Empty: "isaac" if isaac_sim.ip is set, else "demo".
@@ -273,9 +316,14 @@ def _expected(ftype: type, meta: Mapping) -> str:
     return text
 
 
+# Values of these keys are never echoed in errors: they may hold credentials.
+_SECRET_KEYS = re.compile(r"secret|token|password|operators|headers")
+
+
 def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
     def bad() -> ConfigError:
-        return ConfigError(key, f"expected {_expected(ftype, meta)}, got {value!r}")
+        shown = f"a value of type {type(value).__name__}" if _SECRET_KEYS.search(key) else repr(value)
+        return ConfigError(key, f"expected {_expected(ftype, meta)}, got {shown}")
 
     if ftype is bool:
         if not isinstance(value, bool):
@@ -364,6 +412,28 @@ def _cross_checks(config: Config) -> None:
     url = config.server.public_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
+    auth = config.auth
+    for i, token in enumerate(auth.api_tokens):
+        if len(token) < 16:
+            raise ConfigError(f"auth.api_tokens[{i}]", "expected a token of at least 16 characters")
+    if auth.viewer_tokens.enabled and len(auth.viewer_tokens.secret) < 32:
+        raise ConfigError("auth.viewer_tokens.secret", "expected a secret of at least 32 characters when enabled")
+    if auth.metrics_token and len(auth.metrics_token) < 16:
+        raise ConfigError("auth.metrics_token", "expected a token of at least 16 characters")
+    for user, password in auth.operators.items():
+        if not user or ":" in user or len(password) < 8:
+            raise ConfigError(f"auth.operators.{user}",
+                              "expected a user name without ':' and a password of 8+ characters")
+    tls = config.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("tls", "set both cert_file and key_file, or neither")
+    for key in ("cert_file", "key_file"):
+        path = getattr(tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"tls.{key}", f"file {path!r} does not exist")
+    for source in config.security.frame_ancestors:
+        if not re.fullmatch(r"'self'|'none'|\*|https?://[^\s;,]+", source):
+            raise ConfigError("security.frame_ancestors", f"expected 'self', 'none' or http(s) origins, got {source!r}")
     names, default = config.upstream_configs()
     if default not in names:
         raise ConfigError("default_upstream", f"{default!r} is not a configured upstream")

@@ -394,11 +394,14 @@ class FrameHub:
             self._offline_timer = None
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # Cancel until it ends: a source may be mid-await on something that ignores one
+            # cancellation (a completed read racing it), and stop() must never hang.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.5)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("upstream task ended with %s", describe_error(task.exception()),
+                            extra={"upstream": self.name})
             log.info("upstream closed (no sessions left)", extra={"upstream": self.name})
         self.state = "idle"
 
@@ -532,6 +535,9 @@ class FrameHub:
                     log.warning("viewer stalled for %.0f s, disconnecting", limit,
                                 extra={"upstream": self.name, "transport": viewer.transport})
                     viewer.close("viewer stalled: no frame could be delivered")
+                    # Then the socket itself: a stalled client would never answer a WebSocket
+                    # close handshake, and Tornado would wait 5 s more for it.
+                    viewer.stream.close()
                     dropped += 1
                 elif viewer.pending is not None:
                     viewer.flush_pending()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from .errors import ClientError
+
 if TYPE_CHECKING:
     from .hub import FrameHub, Viewer
 
@@ -25,8 +27,8 @@ MAX_NAME_LENGTH = 128
 SESSION_ID_RE = re.compile(r"^stream_\d{13,}_[0-9a-f]{32}$")
 
 
-class SessionError(Exception):
-    """Base of the errors a client can cause; `status` is the HTTP status handlers answer with."""
+class SessionError(ClientError):
+    """Base of the session errors a client can cause; `status` is the HTTP status to answer."""
 
     status = 400
 
@@ -44,6 +46,14 @@ class SessionNotFound(SessionError):
 
 
 class SessionLimitReached(SessionError):
+    status = 503
+
+
+class UserSessionLimitReached(SessionError):
+    status = 429
+
+
+class ViewerLimitReached(SessionError):
     status = 503
 
 
@@ -118,6 +128,8 @@ class SessionManager:
         *,
         robots: Mapping[str, str] | None = None,
         max_sessions: int,
+        max_sessions_per_user: int | None = None,
+        max_viewers_per_session: int | None = None,
         idle_timeout: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -125,6 +137,8 @@ class SessionManager:
         self.default_upstream = default_upstream
         self.robots = dict(robots or {})
         self.max_sessions = max_sessions
+        self.max_sessions_per_user = max_sessions_per_user
+        self.max_viewers_per_session = max_viewers_per_session
         self.idle_timeout = idle_timeout
         self.clock = clock
         self._sessions: dict[str, Session] = {}
@@ -158,6 +172,9 @@ class SessionManager:
         hub = self.choose_upstream(robot_name, upstream)
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(f"Maximum number of sessions ({self.max_sessions}) reached")
+        per_user = self.max_sessions_per_user
+        if per_user is not None and sum(s.user_id == user_id for s in self._sessions.values()) >= per_user:
+            raise UserSessionLimitReached(f"Maximum number of sessions per user ({per_user}) reached")
         now = self.clock()
         session = Session(new_session_id(now), user_id, robot_name, hub, now)
         self._sessions[session.id] = session
@@ -204,6 +221,12 @@ class SessionManager:
         """Destroy every session (server shutdown)."""
         for session_id in list(self._sessions):
             self.destroy(session_id, reason="shutdown")
+
+    def check_viewer_room(self, session: Session) -> None:
+        """Raise ViewerLimitReached if the session has as many viewers as it may."""
+        limit = self.max_viewers_per_session
+        if limit is not None and len(session.viewers) >= limit:
+            raise ViewerLimitReached(f"Maximum number of viewers per session ({limit}) reached")
 
     def add_viewer(self, session: Session, viewer: Viewer) -> None:
         session.viewers.add(viewer)

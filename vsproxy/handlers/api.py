@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import time
 
+from ..errors import RateLimited
 from .base import JsonHandler
 
 
 class SessionCreateHandler(JsonHandler):
     cors_methods = "POST, OPTIONS"
+    auth_scope = "api"
 
     def post(self) -> None:
+        wait = self.proxy.session_create_limiter.check(self.proxy.client_address(self.request))
+        if wait:
+            raise RateLimited("Too many sessions created from this address; retry later", wait)
         body = self.json_body()
         session = self.proxy.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
-        self.send_json({
+        token = self.proxy.access.issue_viewer_token(session.id)
+        reply = {
             "success": True,
             "sessionId": session.id,
-            **self.urls_for(session.id),
+            **self.urls_for(session.id, token),
             "message": "Streaming session created",
-        })
+        }
+        if token:
+            reply["viewerToken"] = token  # the stream and embed URLs need it as ?token=
+        self.send_json(reply)
 
 
 class SessionHandler(JsonHandler):
+    auth_scope = "api"
+
     def get(self, session_id: str) -> None:
         session = self.proxy.sessions.get(session_id)
         session.touch()
@@ -34,6 +45,7 @@ class SessionHandler(JsonHandler):
 
 class SessionDestroyHandler(JsonHandler):
     cors_methods = "POST, OPTIONS"
+    auth_scope = "api"
 
     def post(self, session_id: str) -> None:
         self.proxy.sessions.destroy(session_id)
@@ -42,6 +54,7 @@ class SessionDestroyHandler(JsonHandler):
 
 class SessionsHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
+    auth_scope = "api"
 
     def get(self) -> None:
         now = time.time()
@@ -51,6 +64,7 @@ class SessionsHandler(JsonHandler):
 
 class UpstreamsHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
+    auth_scope = "api"
 
     def get(self) -> None:
         upstreams = [hub.status() for hub in self.proxy.hubs.values()]

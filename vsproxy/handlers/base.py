@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from ..sessions import SessionError
+from ..errors import ClientError
 
 if TYPE_CHECKING:
     from ..app import Proxy
@@ -43,6 +43,16 @@ class ProxyMixin:
     def config(self) -> Config:
         return self.proxy.config
 
+    def require(self, scope: str | None) -> None:
+        """Raise AccessDenied unless the request carries the credential `scope` needs."""
+        self.proxy.access.require(scope, self.request.headers.get("Authorization"))  # type: ignore[attr-defined]
+
+    def require_viewer(self, session_id: str) -> None:
+        """With viewer tokens on, raise AccessDenied unless the request has this session's token."""
+        request = self.request  # type: ignore[attr-defined]
+        token = request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
+        self.proxy.access.require_viewer(session_id, token, request.headers.get("Authorization"))
+
 
 @tornado.web.stream_request_body
 class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
@@ -52,6 +62,8 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
     """
 
     cors_methods = "GET, POST, DELETE, OPTIONS"
+    # The credential this handler needs (see auth.Access.require): None, "api", "operator", "metrics".
+    auth_scope: str | None = None
 
     def set_default_headers(self) -> None:
         origin = self.request.headers.get("Origin")
@@ -59,8 +71,11 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
             self.set_header("Access-Control-Allow-Origin", origin)
         self.set_header("Vary", "Origin")
         self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
 
     def prepare(self) -> None:
+        if self.request.method != "OPTIONS":  # browsers send no credentials on a preflight
+            self.require(self.auth_scope)
         self._body = bytearray()
         self._body_too_large = False
         limit = self.config.limits.max_body_bytes
@@ -110,17 +125,19 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
         self.finish(json.dumps(payload, ensure_ascii=False))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, SessionError):
+        if isinstance(value, ClientError):
             return  # a client's mistake, answered below; not a server error worth a traceback
         super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = None
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, SessionError):
-            # Domain errors (unknown session, limits, bad fields) map to their status here, once.
+        if isinstance(exc, ClientError):
+            # Domain errors (unknown session, limits, credentials) map to their status here, once.
             status_code = exc.status
             self.set_status(status_code)
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
             error = str(exc)
         elif isinstance(exc, tornado.web.HTTPError) and exc.reason:
             error = exc.reason
@@ -133,13 +150,14 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps({"success": False, "error": error}))
 
-    def urls_for(self, session_id: str) -> dict[str, str]:
-        """wsUrl / httpStreamUrl as the client should use them."""
+    def urls_for(self, session_id: str, viewer_token: str | None = None) -> dict[str, str]:
+        """wsUrl / httpStreamUrl as the client should use them (carrying the viewer token, if any)."""
         base = self.proxy.public_base_url(self.request)
         ws_base = "ws" + base[len("http"):]
+        query = f"?token={viewer_token}" if viewer_token else ""
         return {
-            "wsUrl": f"{ws_base}/stream/{session_id}",
-            "httpStreamUrl": f"{base}/stream/{session_id}/mjpeg",
+            "wsUrl": f"{ws_base}/stream/{session_id}{query}",
+            "httpStreamUrl": f"{base}/stream/{session_id}/mjpeg{query}",
         }
 
 

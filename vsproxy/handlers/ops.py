@@ -1,4 +1,5 @@
-"""Operations endpoints: /health (the original's shape, plus upstream state) and /metrics."""
+"""Operations endpoints: /health (the original's shape, plus upstream state), /metrics and the
+OpenAPI document at /openapi.json."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from prometheus_client.exposition import choose_encoder
 
 from .. import __version__
+from ..openapi import openapi_document
 from ..sessions import iso_utc
 from .base import JsonHandler
 
@@ -35,13 +37,25 @@ class HealthHandler(JsonHandler):
 class MetricsHandler(JsonHandler):
     """Prometheus text format, or OpenMetrics when the scraper's Accept header asks for it."""
 
+    auth_scope = "metrics"
+
     def get(self) -> None:
         encoder, content_type = choose_encoder(self.request.headers.get("Accept", ""))
         self.set_header("Content-Type", content_type)
         self.finish(encoder(self.proxy.metrics.registry))
 
 
-routes = [
-    (r"/health", HealthHandler),
-    (r"/metrics", MetricsHandler),
-]
+class OpenApiHandler(JsonHandler):
+    """GET /openapi.json: the REST API's OpenAPI 3.1 document (vsproxy/openapi.py), with this
+    server's public base URL as `servers`. Open, like /health: it describes, it holds no secret."""
+
+    cors_methods = "GET, OPTIONS"
+
+    def get(self) -> None:
+        self.send_json(openapi_document(self.proxy.public_base_url(self.request)))
+
+
+health_routes = [(r"/health", HealthHandler)]
+metrics_routes = [(r"/metrics", MetricsHandler)]
+openapi_routes = [(r"/openapi\.json", OpenApiHandler)]
+routes = health_routes + metrics_routes + openapi_routes

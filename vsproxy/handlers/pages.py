@@ -2,30 +2,71 @@
 
 from __future__ import annotations
 
+import html
 import json
+import secrets
+from functools import lru_cache
 from importlib import resources
 
 import tornado.web
 
-from ..sessions import SessionNotFound
+from ..errors import ClientError
 from .base import ProxyMixin
 
 
+@lru_cache(maxsize=8)
 def _page(name: str) -> str:
     return resources.files("vsproxy.web").joinpath(name).read_text(encoding="utf-8")
 
 
-class EmbedHandler(ProxyMixin, tornado.web.RequestHandler):
+class PageHandler(ProxyMixin, tornado.web.RequestHandler):
+    """An HTML page with inline script and style, allowed by a per-response nonce (CSP)."""
+
+    frame_ancestors = "'none'"
+
+    def render_page(self, text: str, status: int = 200) -> None:
+        nonce = secrets.token_urlsafe(16)
+        host = self.request.host
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        self.set_header("Content-Security-Policy", "; ".join([
+            "default-src 'none'",
+            f"script-src 'nonce-{nonce}'",
+            f"style-src 'nonce-{nonce}'",
+            "img-src 'self' blob: data:",
+            f"connect-src 'self' ws://{host} wss://{host}",
+            "base-uri 'none'",
+            "form-action 'none'",
+            f"frame-ancestors {self.frame_ancestors}",
+        ]))
+        text = text.replace("<script>", f'<script nonce="{nonce}">').replace("<style>", f'<style nonce="{nonce}">')
+        self.finish(text)
+
+    def error_page(self, status: int, message: str) -> None:
+        self.render_page(
+            "<!doctype html><meta charset=utf-8><title>vsproxy</title>"
+            "<style>body{font:16px sans-serif;background:#111;color:#eee}</style>"
+            f"<p>{html.escape(message)}</p>", status)
+
+
+class EmbedHandler(PageHandler):
     """GET /stream/{sessionId}/embed[?control=1][&fps=N][&mode=ws|mjpeg]: a player for iframes."""
+
+    @property
+    def frame_ancestors(self) -> str:  # type: ignore[override]
+        # Meant to be framed by the frontend: who may frame it comes from the configuration.
+        return " ".join(self.config.security.frame_ancestors)
 
     def get(self, session_id: str) -> None:
         try:
             session = self.proxy.sessions.get(session_id)
-        except SessionNotFound:
-            self.set_status(404)
-            self.finish("<!doctype html><meta charset=utf-8><title>Session not found</title>"
-                        "<body style='font:16px sans-serif;background:#111;color:#eee'>"
-                        "<p>Session not found. It may have expired; create a new one.</p>")
+            self.require_viewer(session_id)
+        except ClientError as exc:
+            text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)
+            self.error_page(exc.status, text)
             return
         session.touch()
         settings = {
@@ -35,20 +76,20 @@ class EmbedHandler(ProxyMixin, tornado.web.RequestHandler):
             "control": self.get_query_argument("control", "0") in ("1", "true", "yes"),
             "fps": self.get_query_argument("fps", None),
             "mode": self.get_query_argument("mode", "ws"),
+            "token": self.get_query_argument("token", None),
         }
-        # json.dumps escapes nothing HTML-dangerous by default; "</" must not end the script.
-        blob = json.dumps(settings).replace("</", "<\\/")
-        self.set_header("Content-Type", "text/html; charset=UTF-8")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(_page("embed.html").replace("/*{{SETTINGS}}*/null", blob))
+        # json.dumps escapes nothing HTML-dangerous: no "<" may reach the script ("</script>", "<!--").
+        blob = json.dumps(settings).replace("<", "\\u003c")
+        self.render_page(_page("embed.html").replace("/*{{SETTINGS}}*/null", blob))
 
 
-class IndexHandler(ProxyMixin, tornado.web.RequestHandler):
+class IndexHandler(PageHandler):
     """GET /: what this server is, and a one-click demo session in the embedded player."""
 
+    frame_ancestors = "'self'"
+
     def get(self) -> None:
-        self.set_header("Content-Type", "text/html; charset=UTF-8")
-        self.finish(_page("index.html"))
+        self.render_page(_page("index.html"))
 
 
 routes = [

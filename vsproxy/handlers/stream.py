@@ -13,8 +13,10 @@ import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamClosedError
 
+from ..auth import TokenBucket
+from ..errors import ClientError
 from ..hub import MJPEG, MJPEG_BOUNDARY, WS_BINARY, WS_JSON, Viewer, status_message
-from ..sessions import Session, SessionNotFound
+from ..sessions import Session
 from .base import JsonHandler, ProxyMixin, origin_allowed
 
 CONNECTED_MESSAGE = status_message("status", "\u2705 Connected to video stream proxy")
@@ -46,8 +48,9 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         # Refuse before the upgrade, with a JSON body, so a client sees why.
         try:
             self.session = self.proxy.sessions.get(session_id)
-        except SessionNotFound:
-            return self._refuse(404, "Session not found")
+            self.require_viewer(session_id)
+        except ClientError as exc:
+            return self._refuse(exc.status, str(exc))
         fmt = self.get_query_argument("format", "json")
         if fmt not in ("json", "binary"):
             return self._refuse(400, "'format' must be 'json' or 'binary'")
@@ -64,6 +67,13 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         self.finish(json.dumps({"success": False, "error": error}))
 
     def open(self, session_id: str) -> None:
+        try:
+            self.proxy.sessions.check_viewer_room(self.session)
+        except ClientError as exc:
+            self.close(1013, str(exc)[:120])  # "try again later"
+            return
+        limits = self.config.limits
+        self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
         self.write_message(CONNECTED_MESSAGE)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         self.viewer = Viewer(
@@ -73,10 +83,18 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         self.proxy.sessions.add_viewer(self.session, self.viewer)
 
     def on_message(self, message: str | bytes) -> None:
+        if self.viewer is None:
+            return
         self.session.touch()
+        if not self.message_bucket.take():
+            self._send_text(status_message("error", "Too many messages; closing"))
+            self.close(1008, "message rate limit exceeded")
+            return
         limit = self.config.streaming.max_viewer_message_bytes
-        if len(message) > limit:
-            error = f"Message too large ({len(message)} bytes, limit {limit}); not relayed"
+        # The limit is in bytes: a text message of n characters is up to 4n bytes of UTF-8.
+        size = len(message.encode()) if isinstance(message, str) and 4 * len(message) > limit else len(message)
+        if size > limit:
+            error = f"Message too large ({size} bytes, limit {limit}); not relayed"
             self._send_text(status_message("error", error))
             return
         if not self.session.hub.send_upstream(message):
@@ -110,7 +128,9 @@ class MjpegHandler(JsonHandler):
 
     async def get(self, session_id: str) -> None:
         session = self.proxy.sessions.get(session_id)
+        self.require_viewer(session_id)
         max_fps = parse_fps(self.get_query_argument("fps", None))
+        self.proxy.sessions.check_viewer_room(session)
         head = [
             "HTTP/1.1 200 OK",
             f"Content-Type: multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
@@ -156,6 +176,7 @@ class SnapshotHandler(JsonHandler):
 
     def get(self, session_id: str) -> None:
         session = self.proxy.sessions.get(session_id)
+        self.require_viewer(session_id)
         session.touch()
         frame = session.hub.snapshot()
         if frame is None:

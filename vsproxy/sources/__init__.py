@@ -10,6 +10,10 @@ if TYPE_CHECKING:
     from ..hub import FrameHub
 
 
+class FrameTimeout(Exception):
+    """The upstream is connected but has sent no frame for too long: it counts as lost."""
+
+
 class Source:
     """The contract every upstream kind implements."""
 

@@ -15,15 +15,11 @@ from typing import TYPE_CHECKING
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
-from . import Source
+from . import FrameTimeout, Source
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig
     from ..hub import FrameHub
-
-
-class FrameTimeout(Exception):
-    """The upstream is connected but has sent no frame for too long."""
 
 
 class IsaacSource(Source):
@@ -48,7 +44,7 @@ class IsaacSource(Source):
         conn = await websocket_connect(
             request,
             ping_interval=ping,
-            ping_timeout=ping and 2 * ping,
+            ping_timeout=ping,  # Tornado caps the timeout at the interval
             max_message_size=rc.max_message_bytes,
         )
         self._conn = conn
@@ -63,9 +59,12 @@ class IsaacSource(Source):
         last_frame = time.monotonic()
         while True:
             remaining = frame_timeout - (time.monotonic() - last_frame)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as a message completes, and then the hub could never stop this source.
             try:
-                message = await asyncio.wait_for(conn.read_message(), timeout=max(remaining, 0.001))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    message = await conn.read_message()
+            except TimeoutError:
                 raise FrameTimeout(f"no frame for {frame_timeout:g} s") from None
             if message is None:
                 reason = conn.close_reason or (f"code {conn.close_code}" if conn.close_code else "")

@@ -1,0 +1,260 @@
+"""Unit tests of the frame hub's building blocks, without HTTP: WebSocket frame headers, the
+once-built wire representations of a frame, the rate meter, and a viewer's backpressure on a real
+socket pair (at most one frame waiting, the newest wins)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import struct
+
+import pytest
+from mjpeg_reader import MjpegReader
+from tornado.iostream import IOStream
+
+from vsproxy.config import ReconnectConfig, StreamingConfig
+from vsproxy.hub import (
+    MJPEG,
+    MJPEG_BOUNDARY,
+    WS_BINARY,
+    WS_JSON,
+    Frame,
+    FrameHub,
+    RateMeter,
+    TransportStats,
+    Viewer,
+    ws_frame,
+)
+from vsproxy.render import TestPattern
+from vsproxy.sources import Source
+
+JPEG = TestPattern(64, 48, "hub unit test").render(7, 0.0)
+
+
+def parse_ws_frame(data: bytes) -> tuple[bool, int, bytes, int]:
+    """(fin, opcode, payload, header length) of one unmasked WebSocket frame (RFC 6455 §5.2)."""
+    first, second = data[0], data[1]
+    assert first & 0x70 == 0, "RSV bits must be 0 (no extension negotiated)"
+    assert second & 0x80 == 0, "server frames must not be masked"
+    length = second & 0x7F
+    offset = 2
+    if length == 126:
+        (length,) = struct.unpack("!H", data[2:4])
+        offset = 4
+        assert length >= 126, "the 16-bit length must not be used for lengths under 126"
+    elif length == 127:
+        (length,) = struct.unpack("!Q", data[2:10])
+        offset = 10
+        assert length >= 65536, "the 64-bit length must not be used for lengths under 65536"
+        assert length >> 63 == 0, "the most significant bit of the 64-bit length must be 0"
+    payload = data[offset:]
+    assert len(payload) == length, f"header says {length} bytes, frame carries {len(payload)}"
+    return bool(first & 0x80), first & 0x0F, payload, offset
+
+
+@pytest.mark.parametrize(
+    ("size", "header_length"),
+    [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)],
+)
+@pytest.mark.parametrize("opcode", [0x1, 0x2])
+def test_ws_frame_header_encodes_payload_length(size, header_length, opcode):
+    payload = bytes(i % 251 for i in range(size))
+    fin, parsed_opcode, parsed_payload, offset = parse_ws_frame(ws_frame(opcode, payload))
+    assert fin
+    assert parsed_opcode == opcode
+    assert offset == header_length
+    assert parsed_payload == payload
+
+
+def test_frame_representations_are_built_once_and_decode_to_the_frame():
+    frame = Frame(JPEG, seq=42)
+    for transport in (WS_JSON, WS_BINARY, MJPEG):
+        first = frame.encoded(transport)
+        assert frame.encoded(transport) is first, f"{transport} was built twice"
+
+    _, opcode, payload, _ = parse_ws_frame(frame.encoded(WS_JSON))
+    assert opcode == 0x1  # text
+    message = json.loads(payload.decode("utf-8"))
+    assert set(message) == {"type", "data"}
+    assert message["type"] == "frame"
+    assert base64.b64decode(message["data"], validate=True) == JPEG
+
+    _, opcode, payload, _ = parse_ws_frame(frame.encoded(WS_BINARY))
+    assert opcode == 0x2  # binary
+    assert payload == JPEG
+
+    # An MJPEG part: headers, the JPEG, then the delimiter that announces the next part.
+    reader = MjpegReader(MJPEG_BOUNDARY)
+    parts = reader.feed(f"--{MJPEG_BOUNDARY}\r\n".encode() + frame.encoded(MJPEG))
+    assert len(parts) == 1
+    part = parts[0]
+    assert part.body == JPEG
+    assert part.headers["content-type"] == "image/jpeg"
+    assert int(part.headers["content-length"]) == len(JPEG)
+    assert int(part.headers["x-frame-seq"]) == 42
+    assert float(part.headers["x-timestamp"]) == pytest.approx(frame.timestamp, abs=1e-5)
+    assert reader.state == "headers", "the part must end with a complete delimiter line"
+
+
+def test_rate_meter_counts_events_per_second():
+    meter = RateMeter(window=5.0)
+    start = 1000.0
+    for i in range(30):  # 30 events, evenly spread over one second
+        meter.add(1000, now=start + i / 30)
+    fps, bps = meter.rates(now=start + 1.0)
+    assert fps == pytest.approx(30, rel=0.05)
+    assert bps == pytest.approx(30_000, rel=0.05)
+    assert (meter.total_events, meter.total_bytes) == (30, 30_000)
+
+    # Long after the window, the rate is zero again; the totals stay.
+    assert meter.rates(now=start + 60) == (0.0, 0.0)
+    assert (meter.total_events, meter.total_bytes) == (30, 30_000)
+
+
+# -- Viewer backpressure on a real socket pair --------------------------------------------------
+
+
+def socket_pair() -> tuple[IOStream, socket.socket]:
+    """A (server IOStream, client socket) pair with small buffers so writes back up quickly."""
+    server, client = socket.socketpair()
+    for sock in (server, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.setblocking(False)
+    return IOStream(server), client
+
+
+async def read_exactly(sock: socket.socket, size: int, timeout: float = 10) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+
+    async def read() -> None:
+        while len(out) < size:
+            chunk = await loop.sock_recv(sock, min(1 << 16, size - len(out)))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(out)} of {size} bytes")
+            out.extend(chunk)
+
+    await asyncio.wait_for(read(), timeout)
+    return bytes(out)
+
+
+async def wait_until(condition, timeout: float = 10, what: str = "condition"):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def write_buffer_bytes(stream: IOStream) -> int:
+    """Bytes the IOStream holds that the kernel has not taken yet (a private attribute, on purpose)."""
+    return len(stream._write_buffer)
+
+
+def big_frame(seq: int, size: int = 1_000_000) -> Frame:
+    return Frame(bytes([seq]) * size, seq)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_busy_viewer_keeps_only_the_newest_frame():
+    stream, client = socket_pair()
+    stats = TransportStats()
+    viewer = Viewer(stream, WS_BINARY, stats, close=lambda reason: None)
+    try:
+        frames = [big_frame(seq) for seq in range(1, 6)]
+        viewer.offer(frames[0], frames[0].encoded(WS_BINARY))
+        assert viewer.busy, "a 1 MB frame cannot fit in the socket buffers: the viewer must be busy"
+        for frame in frames[1:]:
+            viewer.offer(frame, frame.encoded(WS_BINARY))
+        # At most one frame waits: the socket's write buffer holds less than one frame.
+        assert write_buffer_bytes(stream) <= len(frames[0].encoded(WS_BINARY))
+        assert viewer.frames_dropped == 3 and stats.frames_dropped == 3
+
+        expected = frames[0].encoded(WS_BINARY) + frames[4].encoded(WS_BINARY)
+        received = await read_exactly(client, len(expected))
+        assert received == expected, "the viewer must get the first frame, then the newest one"
+        await wait_until(lambda: not viewer.busy, what="the viewer to drain")
+        assert viewer.frames_sent == 2 and stats.frames_sent == 2
+        assert stats.bytes_sent == len(expected)
+
+        # Nothing else was queued: the socket stays quiet.
+        client.setblocking(True)
+        client.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            client.recv(1)
+    finally:
+        stream.close()
+        client.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_viewer_fps_cap_skips_frames_that_come_too_soon():
+    stream, client = socket_pair()
+    viewer = Viewer(stream, WS_BINARY, TransportStats(), close=lambda reason: None, max_fps=10)
+    try:
+        sent = []
+        for seq, arrived in enumerate([100.0, 100.05, 100.10, 100.12, 100.20, 100.40], start=1):
+            frame = Frame(bytes([seq]) * 10, seq)
+            frame.arrived = arrived
+            viewer.offer(frame, frame.encoded(WS_BINARY))
+            sent.append(frame)
+        expected = b"".join(sent[i].encoded(WS_BINARY) for i in (0, 2, 4, 5))
+        assert await read_exactly(client, len(expected)) == expected
+        assert viewer.frames_sent == 4
+    finally:
+        stream.close()
+        client.close()
+
+
+class IdleSource(Source):
+    kind = "test"
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_hub_sends_each_viewer_its_format_and_drops_only_stalled_viewers():
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(stall_timeout_seconds=2.0),
+                   reconnect=ReconnectConfig())
+    pairs = {transport: socket_pair() for transport in (WS_JSON, WS_BINARY, MJPEG)}
+    closed: list[tuple[str, str]] = []
+    viewers = {}
+    try:
+        for transport, (stream, _) in pairs.items():
+            viewers[transport] = Viewer(stream, transport, hub.stats[transport],
+                                        close=lambda reason, t=transport: closed.append((t, reason)))
+            hub.add_viewer(viewers[transport])
+        assert hub.viewer_count() == 3
+
+        hub.publish(JPEG)
+        frame = hub.latest
+        assert frame is not None and frame.seq == 1 and frame.jpeg == JPEG
+        assert hub.snapshot() is frame
+        for transport, (_, client) in pairs.items():
+            expected = frame.encoded(transport)
+            assert await read_exactly(client, len(expected)) == expected, transport
+
+        # A big frame the binary viewer's peer never reads: that viewer stalls, the others drain.
+        hub.publish(b"\xff\xd8" + bytes(2_000_000) + b"\xff\xd9")
+        big = hub.latest
+        for transport in (WS_JSON, MJPEG):
+            expected = big.encoded(transport)
+            assert await read_exactly(pairs[transport][1], len(expected)) == expected, transport
+            await wait_until(lambda t=transport: not viewers[t].busy, what=f"{transport} to drain")
+        assert viewers[WS_BINARY].busy
+
+        now = viewers[WS_BINARY].last_drain
+        assert hub.tick(now + 1.0) == 0 and closed == []
+        assert hub.tick(now + 2.5) == 1
+        assert [t for t, _ in closed] == [WS_BINARY]
+        assert "stalled" in closed[0][1]
+
+        hub.remove_viewer(viewers[WS_BINARY])
+        assert hub.viewer_count() == 2
+        hub.remove_viewer(viewers[WS_BINARY])  # removing twice is harmless
+        assert hub.viewer_count() == 2
+    finally:
+        for stream, client in pairs.values():
+            stream.close()
+            client.close()

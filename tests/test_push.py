@@ -1,0 +1,519 @@
+"""The push upstream end to end: publishers (vsproxy.publish, raw WebSockets, POST) -> vsproxy ->
+viewers, over real loopback sockets, no mocks.
+
+`Publisher` runs its own thread and event loop; the test's Tornado loop serves the proxy, so
+every wait here polls with asyncio.sleep (never blocks the loop), and closing a Publisher (a
+thread join) runs in an executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.websocket
+from PIL import Image
+from tornado.httpclient import HTTPClientError, HTTPRequest
+
+from vsproxy import render
+from vsproxy.logs import TextFormatter
+from vsproxy.publish import AsyncPublisher, Publisher
+from vsproxy.sources.push import PushSource
+
+TOKEN = "secret-token-1"
+WRONG = "wrong-token-9"
+MAX_FRAME = 65536
+PUSH_CONFIG = {
+    "upstreams": {"replicator": {"kind": "push", "token": TOKEN, "max_frame_bytes": MAX_FRAME}},
+    "default_upstream": "replicator",
+}
+pytestmark = pytest.mark.config(PUSH_CONFIG)
+WAIT = 10.0
+CONNECTED_TEXT = {"type": "status", "message": "\u2705 Connected to video stream proxy"}
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[bytes]:
+    pattern = render.TestPattern(160, 120, "push test")
+    out = [pattern.render(i, wall_time=1_700_000_000 + i) for i in range(20)]
+    assert len(set(out)) == len(out) and all(len(f) < MAX_FRAME for f in out)
+    return out
+
+
+@pytest.fixture
+def hub(proxy):
+    return proxy.hubs["replicator"]
+
+
+@pytest.fixture
+def ingest_url(http_server, http_port) -> str:
+    return f"ws://127.0.0.1:{http_port}/ingest/replicator"
+
+
+@pytest.fixture
+def publishers(io_loop, http_server):
+    """`make(url, token, **options)`: a Publisher that is closed at teardown at the latest (while
+    the server still runs, so the close handshake completes)."""
+    made: list[Publisher] = []
+
+    def make(url: str, token: str = TOKEN, **options: Any) -> Publisher:
+        options.setdefault("initial_backoff", 0.05)
+        options.setdefault("max_backoff", 0.3)
+        pub = Publisher(url, token, **options)
+        made.append(pub)
+        return pub
+
+    yield make
+
+    async def close_all() -> None:
+        for pub in made:
+            await close_publisher(pub)
+
+    io_loop.run_sync(close_all, timeout=20)
+
+
+async def close_publisher(pub: Publisher) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, pub.close)
+
+
+async def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class ViewerLog:
+    """A binary WebSocket viewer whose messages are collected in the background."""
+
+    def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
+        self.conn = conn
+        self.frames: list[bytes] = []
+        self.texts: list[dict] = []
+        self.closed = False
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.conn.read_message()
+            if message is None:
+                self.closed = True
+                return
+            if isinstance(message, bytes):
+                self.frames.append(message)
+            else:
+                self.texts.append(json.loads(message))
+
+    def known(self, published: list[bytes]) -> list[bytes]:
+        """The frames that are among `published` (not offline pictures), in arrival order."""
+        wanted = set(published)
+        return [f for f in self.frames if f in wanted]
+
+    def has_text(self, predicate: Callable[[dict], bool]) -> bool:
+        return any(predicate(t) for t in self.texts)
+
+
+async def open_viewer(api, ws_connect) -> ViewerLog:
+    session = await api.create_session()
+    conn = await ws_connect(f"/stream/{session['sessionId']}?format=binary")
+    first = await asyncio.wait_for(conn.read_message(), WAIT)
+    assert json.loads(first) == CONNECTED_TEXT
+    return ViewerLog(conn)
+
+
+async def raw_publisher(ws_connect, path: str = "/ingest/replicator", token: str | None = TOKEN,
+                        via: str = "header") -> tornado.websocket.WebSocketClientConnection:
+    headers = {}
+    if token is not None and via == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    elif token is not None:
+        path += f"?token={token}"
+    return await ws_connect(path, headers=headers)
+
+
+async def ws_refusal(ws_connect, path: str = "/ingest/replicator", **kwargs: Any) -> tuple[int, dict]:
+    """The status and JSON body of a refused WebSocket handshake."""
+    with pytest.raises(HTTPClientError) as info:
+        await raw_publisher(ws_connect, path, **kwargs)
+    response = info.value.response
+    assert response is not None
+    assert response.headers["Content-Type"].startswith("application/json")
+    return info.value.code, json.loads(response.body)
+
+
+async def post_frame(api, body: bytes, *, token: str | None = TOKEN, via: str = "header",
+                     path: str = "/ingest/replicator/frame") -> tuple[int, Any]:
+    headers = {"Content-Type": "image/jpeg"}
+    if token is not None and via == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    elif token is not None:
+        path += f"?token={token}"
+    code, parsed, _ = await api.call("POST", path, headers=headers, raw=body)
+    return code, parsed
+
+
+def lost_message(text: dict) -> bool:
+    return text["type"] == "error" and "lost" in text["message"] and "publisher disconnected" in text["message"]
+
+
+def jpeg_of_size(size: int) -> bytes:
+    """A byte string that passes the SOI/EOI check, of exactly `size` bytes."""
+    return b"\xff\xd8" + b"\x00" * (size - 4) + b"\xff\xd9"
+
+
+# -- the publisher library ------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_publisher_frames_reach_a_binary_viewer_byte_identical_and_in_order(
+        api, ws_connect, ingest_url, publishers, hub, frames):
+    viewer = await open_viewer(api, ws_connect)
+    pub = publishers(ingest_url, max_pending=len(frames))
+    await wait_until(lambda: pub.connected and hub.connected, "the publisher to attach")
+    await wait_until(lambda: pub.active is True, "the server to say viewers are waiting")
+    # One at a time: every frame reaches the viewer, byte-identical.
+    half = len(frames) // 2
+    for i, frame in enumerate(frames[:half]):
+        pub.publish(frame)
+        await wait_until(lambda i=i: len(viewer.known(frames)) == i + 1, f"frame {i} at the viewer")
+    assert viewer.known(frames) == frames[:half]
+    # A burst: the publisher queues (max_pending) and sends them all, in order; the hub gets every
+    # one, and the viewer the newest whenever its socket can take one (the hub's latest-frame-wins).
+    seq_before = hub.seq
+    for frame in frames[half:]:
+        pub.publish(frame)
+    await wait_until(lambda: viewer.known(frames)[-1:] == frames[-1:], "the burst's last frame at the viewer")
+    received = viewer.known(frames)
+    assert received[:half] == frames[:half]
+    positions = [frames.index(f) for f in received]
+    assert positions == sorted(set(positions)), positions  # in order, none twice
+    assert hub.seq - seq_before == len(frames) - half and hub.latest.jpeg == frames[-1]
+    assert pub.frames_sent == len(frames) and pub.frames_dropped == 0 and pub.pending == 0
+    assert hub.status()["kind"] == "push" and hub.status()["state"] == "connected"
+    assert viewer.has_text(lambda t: t == {"type": "status", "message": "\u2705 Connected to upstream 'replicator'"})
+    await close_publisher(pub)
+    await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
+    await wait_until(lambda: viewer.has_text(lost_message), "the viewers to be told")
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_publish_rgb_accepts_arrays_and_pil_images(api, ws_connect, ingest_url, publishers, hub):
+    numpy = pytest.importorskip("numpy")
+    viewer = await open_viewer(api, ws_connect)
+    pub = publishers(ingest_url, max_pending=4)
+    await wait_until(lambda: pub.connected and hub.connected, "the publisher to attach")
+    sizes = ((64, 48), (40, 30), (20, 10))
+
+    def sized() -> list[bytes]:
+        return [f for f in viewer.frames if render.jpeg_size(f) in sizes]
+
+    rgba = numpy.zeros((48, 64, 4), dtype=numpy.uint8)
+    rgba[..., 0] = 255  # red, alpha 0: the alpha channel is dropped
+    pub.publish_rgb(rgba, quality=90)
+    rgba[...] = 0  # the caller may reuse its buffer at once: the publisher copied the pixels
+    await wait_until(lambda: len(sized()) == 1, "the array with alpha at the viewer")
+    pub.publish_rgb(numpy.full((30, 40, 3), 128, dtype=numpy.uint8))
+    await wait_until(lambda: len(sized()) == 2, "the RGB array at the viewer")
+    pub.publish_rgb(Image.new("RGB", (20, 10), (0, 0, 255)))
+    await wait_until(lambda: len(sized()) == 3, "the PIL image at the viewer")
+    assert pub.frames_sent == 3
+    got = sized()
+    assert [render.jpeg_size(f) for f in got] == [(64, 48), (40, 30), (20, 10)]
+    red = Image.open(io.BytesIO(got[0])).convert("RGB").getpixel((32, 24))
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60, red
+    with pytest.raises(TypeError):
+        pub.publish_rgb(numpy.zeros((4, 4, 3), dtype=numpy.float32))
+    with pytest.raises(ValueError):
+        pub.publish_rgb(numpy.zeros((4, 4, 2), dtype=numpy.uint8))
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_async_publisher_on_the_callers_loop(api, ws_connect, ingest_url, hub, frames):
+    viewer = await open_viewer(api, ws_connect)
+    messages: list[str] = []
+    async with AsyncPublisher(ingest_url, TOKEN, max_pending=len(frames), initial_backoff=0.05,
+                              on_message=messages.append) as pub:
+        await wait_until(lambda: pub.connected and hub.connected, "the publisher to attach")
+        for i, frame in enumerate(frames[:5]):
+            pub.publish(frame)
+            await wait_until(lambda i=i: len(viewer.known(frames)) == i + 1, f"frame {i} at the viewer")
+        assert viewer.known(frames) == frames[:5]
+        # A viewer's message goes to the publisher; a publisher's text goes to the viewers.
+        await viewer.conn.write_message('{"type": "command", "action": "reset"}')
+        await wait_until(lambda: '{"type": "command", "action": "reset"}' in messages, "the viewer's message")
+        assert any(json.loads(m).get("active") is True for m in messages)
+    await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publisher_keeps_only_the_newest_frame_while_down_and_reconnects(
+        api, ws_connect, ingest_url, publishers, hub, proxy, frames):
+    viewer = await open_viewer(api, ws_connect)
+    # Another publisher holds the upstream: the library is refused (409) and keeps retrying.
+    blocker = await raw_publisher(ws_connect)
+    pub = publishers(ingest_url, max_pending=1)
+    await wait_until(lambda: pub.last_error and "409" in pub.last_error, "the library to be refused with 409")
+    assert not pub.connected
+    for i, frame in enumerate(frames):
+        pub.publish(frame)
+        assert pub.pending == 1  # bounded: only the newest frame waits
+        assert pub.frames_dropped == i
+    assert pub.frames_published == len(frames) and pub.frames_sent == 0
+    blocker.close()
+    await wait_until(lambda: pub.connected, "the library to connect once the slot is free")
+    await wait_until(lambda: viewer.known(frames) == [frames[-1]], "the newest frame at the viewer")
+    assert pub.connects == 1 and pub.frames_sent == 1 and pub.frames_dropped == len(frames) - 1
+    await asyncio.sleep(0.2)
+    assert viewer.known(frames) == [frames[-1]]  # none of the dropped frames arrived late
+
+    # The server closes the publisher's connection: the hub shows the loss, the library reconnects.
+    source = hub.source
+    assert isinstance(source, PushSource)
+    assert source.disconnect("test says goodbye")
+    await wait_until(lambda: pub.connects == 2 and pub.connected, "the library to reconnect")
+    await wait_until(lambda: hub.connected, "the hub to show the publisher again")
+    assert viewer.has_text(lost_message)
+    assert sum(t == {"type": "status", "message": "\u2705 Connected to upstream 'replicator'"}
+               for t in viewer.texts) >= 2
+    pub.publish(frames[0])
+    await wait_until(lambda: viewer.known(frames) == [frames[-1], frames[0]], "a frame after the reconnect")
+    assert hub.connects == 3  # the blocker, the library, the library again
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_wrong_token_never_connects_and_keeps_retrying(ingest_url, publishers, hub, frames):
+    pub = publishers(ingest_url, WRONG)
+    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "a 401 refusal")
+    pub.publish(frames[0])
+    await asyncio.sleep(0.3)
+    assert not pub.connected and pub.connects == 0 and pub.pending == 1
+    assert hub.seq == 0
+
+
+# -- authentication and refusals ------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_tokens_are_checked_on_websocket_and_post(api, ws_connect, hub, frames):
+    viewer = await open_viewer(api, ws_connect)
+    for kwargs in ({"token": None}, {"token": WRONG}, {"token": WRONG, "via": "query"},
+                   {"token": TOKEN[:-1]}, {"token": TOKEN + "x", "via": "query"}):
+        code, body = await ws_refusal(ws_connect, **kwargs)
+        assert (code, body) == (401, {"success": False, "error": "Missing or wrong publish token"}), kwargs
+        code, body = await post_frame(api, frames[0], **kwargs)
+        assert (code, body) == (401, {"success": False, "error": "Missing or wrong publish token"}), kwargs
+    # Another scheme in the Authorization header is a wrong token, even with a right ?token=.
+    code, _, response = await api.call("POST", f"/ingest/replicator/frame?token={TOKEN}", raw=frames[0],
+                                       headers={"Authorization": f"Basic {TOKEN}"})
+    assert code == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert hub.seq == 0 and hub.source.publisher is None
+    await asyncio.sleep(0.2)
+    assert viewer.known(frames) == []
+
+    # The right token, both ways.
+    for via in ("header", "query"):
+        conn = await raw_publisher(ws_connect, via=via)
+        await wait_until(lambda: hub.source.publisher is not None, "the publisher to attach")
+        conn.close()
+        await wait_until(lambda: hub.source.publisher is None, "the publisher to detach")
+        code, body = await post_frame(api, frames[1], via=via)
+        assert code == 200 and body["success"] is True and body["seq"] == hub.seq
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_unknown_or_non_push_upstream_is_404(api, ws_connect):
+    for name in ("nope", "demo"):  # "demo" exists but is not a push upstream
+        code, body = await ws_refusal(ws_connect, f"/ingest/{name}")
+        assert (code, body) == (404, {"success": False, "error": f"No push upstream named {name!r}"})
+        code, body = await post_frame(api, b"\xff\xd8\xff\xd9", path=f"/ingest/{name}/frame")
+        assert (code, body) == (404, {"success": False, "error": f"No push upstream named {name!r}"})
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_second_websocket_publisher_is_refused_with_409(ws_connect, hub, api, frames):
+    first = await raw_publisher(ws_connect)
+    await wait_until(lambda: hub.source.publisher is not None, "the first publisher to attach")
+    code, body = await ws_refusal(ws_connect)
+    assert code == 409 and body["success"] is False
+    assert "already connected" in body["error"] and "one at a time" in body["error"]
+    # The first one is unaffected, and POST still works alongside it.
+    first.write_message(frames[0], binary=True)
+    await wait_until(lambda: hub.latest is not None and hub.latest.jpeg == frames[0], "the first publisher's frame")
+    code, body = await post_frame(api, frames[1])
+    assert code == 200 and hub.latest.jpeg == frames[1]
+    first.close()
+    await wait_until(lambda: hub.source.publisher is None, "the slot to be free")
+    second = await raw_publisher(ws_connect)
+    await wait_until(lambda: hub.source.publisher is not None, "the second publisher to attach")
+    second.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_non_jpeg_frames_are_refused_and_not_published(api, ws_connect, hub, frames):
+    viewer = await open_viewer(api, ws_connect)
+    conn = await raw_publisher(ws_connect)
+    status = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+    assert status["type"] == "status" and status["active"] is True
+    await wait_until(lambda: hub.connected, "the publisher to attach")
+    for junk in (b"not a jpeg at all", b"\xff\xd8 truncated, no EOI", b"\x89PNG\r\n\x1a\n....\xff\xd9"):
+        conn.write_message(junk, binary=True)
+        reply = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+        assert reply["type"] == "error" and "not a JPEG" in reply["message"] and "dropped" in reply["message"]
+    assert hub.seq == 0 and hub.latest is None
+    conn.write_message(frames[0], binary=True)  # the connection is still good
+    await wait_until(lambda: viewer.known(frames) == [frames[0]], "the good frame at the viewer")
+    assert hub.seq == 1
+    code, body = await post_frame(api, b"GIF89a not a jpeg")
+    assert code == 400 and body["success"] is False and "not a JPEG" in body["error"]
+    code, body = await post_frame(api, b"")
+    assert code == 400 and body["success"] is False
+    assert hub.seq == 1
+    assert hub.source.frames_rejected == 4
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_oversize_frames_are_refused(api, ws_connect, hub, http_port):
+    big = jpeg_of_size(MAX_FRAME + 1)
+    code, body = await post_frame(api, big)
+    assert code == 413 and body == {"success": False, "error": f"Frame larger than the limit of {MAX_FRAME} bytes"}
+
+    async def chunked(write):  # no Content-Length: counted as it arrives
+        for _ in range(3):
+            await write(b"\xff\xd8" + b"\x00" * (MAX_FRAME // 2))
+
+    request = HTTPRequest(f"http://127.0.0.1:{http_port}/ingest/replicator/frame", method="POST",
+                          headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/jpeg"},
+                          body_producer=chunked, request_timeout=10)
+    response = await api.client.fetch(request, raise_error=False)
+    assert response.code == 413, response.body
+    code, body = await post_frame(api, jpeg_of_size(MAX_FRAME))  # exactly the limit is fine
+    assert code == 200 and body["seq"] == 1
+
+    conn = await raw_publisher(ws_connect)
+    await wait_until(lambda: hub.source.publisher is not None, "the publisher to attach")
+    conn.write_message(big, binary=True)
+    while await asyncio.wait_for(conn.read_message(), WAIT) is not None:
+        pass  # the status message, then the close
+    assert conn.close_code == 1009
+    assert hub.seq == 1
+    await wait_until(lambda: hub.source.publisher is None, "the publisher to be detached")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_post_frame_reaches_viewers_and_counts_as_a_publisher_for_a_while(api, ws_connect, hub, frames):
+    hub.source.post_hold_seconds = 0.5
+    viewer = await open_viewer(api, ws_connect)
+    await wait_until(lambda: viewer.frames, "the 'connecting' picture")
+    assert hub.state == "connecting" and viewer.known(frames) == []
+    code, body = await post_frame(api, frames[0])
+    assert code == 200 and body == {"success": True, "seq": 1, "active": True}
+    assert hub.connected  # at once: no offline picture between the posted frames
+    await wait_until(lambda: viewer.known(frames) == [frames[0]], "the posted frame at the viewer")
+    code, body = await post_frame(api, frames[1], via="query")
+    assert code == 200 and body["seq"] == 2
+    await wait_until(lambda: viewer.known(frames) == frames[:2], "the second posted frame")
+    # No further POST within the hold time: the upstream counts as lost and viewers are told.
+    await wait_until(lambda: hub.state == "retrying", "the hold time to pass")
+    await wait_until(lambda: viewer.has_text(lambda t: t["type"] == "error" and "no frame POSTed" in t["message"]),
+                     "the viewers to be told")
+    code, body = await post_frame(api, frames[2])
+    assert code == 200 and hub.connected
+    await wait_until(lambda: viewer.known(frames) == frames[:3], "the frame after the loss")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_publishing_without_sessions_is_accepted_and_kept_as_latest(api, ws_connect, hub, frames):
+    code, body = await post_frame(api, frames[3])
+    assert code == 200 and body == {"success": True, "seq": 1, "active": False}
+    assert not hub.running and hub.state == "idle"  # a publisher does not start the upstream
+    session = await api.create_session()
+    await wait_until(lambda: hub.connected, "the recent POST to count as a publisher")
+    code, _, response = await api.call("GET", f"/stream/{session['sessionId']}/snapshot.jpg")
+    assert code == 200 and response.body == frames[3]
+
+
+@pytest.mark.config({"streaming": {"max_viewer_message_bytes": 1024}})
+@pytest.mark.gen_test(timeout=30)
+async def test_publisher_text_is_relayed_to_viewers(api, ws_connect, hub, proxy):
+    viewer = await open_viewer(api, ws_connect)
+    conn = await raw_publisher(ws_connect)
+    await wait_until(lambda: hub.connected, "the publisher to attach")
+    conn.write_message('{"type": "telemetry", "pose": [1, 2, 3]}')
+    await wait_until(lambda: viewer.has_text(lambda t: t == {"type": "telemetry", "pose": [1, 2, 3]}),
+                     "the telemetry at the viewer")
+    conn.write_message("x" * (proxy.config.streaming.max_viewer_message_bytes + 1))
+    while True:
+        reply = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+        if reply["type"] == "error":
+            break
+    assert "too large" in reply["message"]
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_tokens_never_appear_in_logs(api, ws_connect, ingest_url, publishers, hub, frames, caplog):
+    caplog.set_level(logging.DEBUG)
+    await open_viewer(api, ws_connect)
+    conn = await raw_publisher(ws_connect, via="query")  # the token in the URL
+    await wait_until(lambda: hub.connected, "the publisher to attach")
+    conn.write_message(b"junk", binary=True)
+    await ws_refusal(ws_connect, token=TOKEN, via="query")  # 409, token in the URL
+    conn.close()
+    await ws_refusal(ws_connect, token=WRONG, via="query")
+    await ws_refusal(ws_connect, token=WRONG)
+    await post_frame(api, frames[0], via="query")
+    await post_frame(api, frames[0], token=WRONG, via="query")
+    await post_frame(api, b"junk", via="query")
+    await post_frame(api, jpeg_of_size(MAX_FRAME + 1), via="query")
+    await post_frame(api, frames[0], path="/ingest/demo/frame", via="query")
+    pub = publishers(ingest_url + f"?token={TOKEN}", WRONG)  # a token in the URL given to the library
+    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "the library's refusal")
+    await close_publisher(pub)
+    good = publishers(ingest_url)
+    await wait_until(lambda: good.connected, "the library to connect")
+    good.publish(b"junk")
+    await wait_until(lambda: good.frames_refused == 1, "the refusal of a junk frame")
+    await close_publisher(good)
+
+    formatter = TextFormatter()
+    lines = [formatter.format(record) for record in caplog.records]
+    assert any("/ingest/replicator" in line and "vsproxy.access" in line for line in lines)
+    assert any("vsproxy.publish" in line for line in lines)
+    for secret in (TOKEN, WRONG):
+        leaks = [line for line in lines if secret in line]
+        assert not leaks, leaks
+        assert secret not in caplog.text
+
+
+# -- the runnable example -------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_test_pattern_example_publishes_to_a_local_vsproxy(api, ws_connect, hub, http_port):
+    viewer = await open_viewer(api, ws_connect)
+    root = Path(__file__).resolve().parent.parent
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "examples" / "publish_test_pattern.py"),
+        "--url", f"http://127.0.0.1:{http_port}/ingest/replicator",
+        "--frames", "10", "--fps", "25", "--size", "160x120",
+        env={**os.environ, "VSPROXY_PUBLISH_TOKEN": TOKEN}, cwd=str(root),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 45)
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "done: " in text and TOKEN not in text
+    assert hub.connects == 1 and hub.seq >= 1  # latest-frame-wins may drop some on a busy machine
+    assert render.jpeg_size(hub.latest.jpeg) == (160, 120)
+    await wait_until(lambda: hub.latest.jpeg in viewer.frames, "the last pattern frame at the viewer")

@@ -1,0 +1,201 @@
+"""Credentials and rate limits: plain functions and classes, no HTTP (handlers map them to 401/429).
+
+Secrets are compared in constant time and never logged or put in exception messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .errors import AccessDenied
+
+if TYPE_CHECKING:
+    from .config import AuthConfig
+
+
+def token_matches(candidate: str | None, accepted: Iterable[str]) -> bool:
+    """Is `candidate` one of `accepted`? Constant time in the candidate's content."""
+    if not candidate:
+        return False
+    given = candidate.encode("utf-8", "surrogatepass")
+    found = False
+    for token in accepted:
+        # No early exit: every configured token is compared, whatever matches.
+        found |= hmac.compare_digest(given, token.encode("utf-8", "surrogatepass"))
+    return found
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(user, password) of an `Authorization: Basic ...` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def operator_allowed(credentials: tuple[str, str] | None, operators: dict[str, str]) -> bool:
+    """HTTP Basic credentials against the configured operators, in constant time."""
+    if credentials is None:
+        return False
+    user, password = credentials
+    ok = False
+    for name, secret in operators.items():
+        ok |= hmac.compare_digest(user.encode(), name.encode()) & hmac.compare_digest(
+            password.encode("utf-8", "surrogatepass"), secret.encode("utf-8", "surrogatepass"))
+    return ok
+
+
+class InvalidToken(Exception):
+    """A viewer token that is missing, malformed, forged, for another session, or expired."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.expired = reason == "expired"
+
+
+class ViewerTokens:
+    """Signed, expiring capabilities to watch one session: `<expiry>.<HMAC-SHA256, base64url>`.
+
+    The signature covers the session ID and the expiry, so a token opens only its own session,
+    only until it expires, and cannot be made without the server's secret.
+    """
+
+    def __init__(self, secret: str, ttl_seconds: float) -> None:
+        self._key = hashlib.sha256(secret.encode("utf-8")).digest()
+        self.ttl = ttl_seconds
+
+    def _signature(self, session_id: str, expiry: int) -> str:
+        mac = hmac.new(self._key, f"{session_id}.{expiry}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+    def issue(self, session_id: str, now: float | None = None) -> str:
+        expiry = int((time.time() if now is None else now) + self.ttl)
+        return f"{expiry}.{self._signature(session_id, expiry)}"
+
+    def verify(self, token: str | None, session_id: str, now: float | None = None) -> None:
+        """Raise InvalidToken unless `token` is valid for `session_id` right now."""
+        if not token:
+            raise InvalidToken("missing")
+        expiry_text, sep, signature = token.partition(".")
+        if not sep or not expiry_text.isdigit() or len(expiry_text) > 12:
+            raise InvalidToken("malformed")
+        expected = self._signature(session_id, int(expiry_text))
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
+            raise InvalidToken("invalid")
+        if int(expiry_text) < (time.time() if now is None else now):
+            raise InvalidToken("expired")
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `burst`; `take()` spends one if there is one."""
+
+    __slots__ = ("rate", "burst", "tokens", "updated")
+
+    def __init__(self, rate: float, burst: float, now: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated = time.monotonic() if now is None else now
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def retry_after(self) -> float:
+        """Seconds until one token is available again."""
+        return max(0.0, (1 - self.tokens) / self.rate) if self.rate > 0 else float("inf")
+
+
+class RateLimiter:
+    """One token bucket per key (a client address), in a bounded table: the least recently
+    seen keys are forgotten first, so a flood of addresses cannot grow memory without bound."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def check(self, key: str, now: float | None = None) -> float:
+        """0 if allowed (a token is spent), else the seconds to wait."""
+        now = time.monotonic() if now is None else now
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            if len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return 0.0 if bucket.take(now) else bucket.retry_after()
+
+
+class Access:
+    """Who may do what, from the `auth:` config. Every check raises AccessDenied or returns."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self.config = config
+        vt = config.viewer_tokens
+        self.viewer_tokens = ViewerTokens(vt.secret, vt.ttl_seconds) if vt.enabled else None
+
+    def require(self, scope: str | None, authorization: str | None) -> None:
+        """scope: None (open), "api" (session management), "operator" (dashboard), "metrics"."""
+        cfg = self.config
+        if scope == "api" and cfg.api_tokens:
+            self._bearer(authorization, cfg.api_tokens, "API token")
+        elif scope == "metrics" and cfg.metrics_token:
+            self._bearer(authorization, [cfg.metrics_token], "metrics token")
+        elif scope == "operator" and cfg.operators:
+            if not operator_allowed(basic_credentials(authorization), cfg.operators):
+                raise AccessDenied("Operator credentials required",
+                                   challenge='Basic realm="vsproxy operators", charset="UTF-8"')
+
+    @staticmethod
+    def _bearer(authorization: str | None, accepted: list[str], what: str) -> None:
+        token = bearer_token(authorization)
+        if token is None:
+            raise AccessDenied(f"Missing {what} (Authorization: Bearer <token>)", challenge='Bearer realm="vsproxy"')
+        if not token_matches(token, accepted):
+            raise AccessDenied(f"Invalid {what}", status=401, challenge='Bearer realm="vsproxy", error="invalid_token"')
+
+    def issue_viewer_token(self, session_id: str) -> str | None:
+        return self.viewer_tokens.issue(session_id) if self.viewer_tokens else None
+
+    def require_viewer(self, session_id: str, token: str | None, authorization: str | None) -> None:
+        """With viewer tokens on, a stream needs its session's token (?token= or Bearer)."""
+        if self.viewer_tokens is None:
+            return
+        try:
+            self.viewer_tokens.verify(token or bearer_token(authorization), session_id)
+        except InvalidToken as exc:
+            if str(exc) == "missing":
+                raise AccessDenied("Viewer token required", challenge='Bearer realm="vsproxy viewer"') from None
+            raise AccessDenied(f"Viewer token {'expired' if exc.expired else 'invalid'}", status=403) from None

@@ -1,0 +1,27 @@
+"""Errors a client causes. Lower layers raise them; handlers answer with `status` (and `headers`)
+and the message as JSON, so no layer below the handlers knows about HTTP."""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    status = 400
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers or {}
+
+
+class AccessDenied(ClientError):
+    """401 without a credential (with a WWW-Authenticate challenge), 403 with a wrong one."""
+
+    def __init__(self, message: str, *, status: int = 401, challenge: str | None = None) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": challenge} if challenge else None)
+        self.status = status
+
+
+class RateLimited(ClientError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})

@@ -1,0 +1,244 @@
+"""Publisher inputs of `push` upstreams: WS /ingest/{upstream} and POST /ingest/{upstream}/frame.
+
+Both authenticate with the upstream's publish token, `Authorization: Bearer <token>` or
+`?token=<token>` (browsers cannot set headers on a WebSocket), compared in constant time; a
+token never reaches a log line (the access log has the path only, and so do the request
+summaries below, which Tornado puts in its exception logs). Checks, in order: 404 no push
+upstream of that name, 401 missing or wrong token, 409 (WebSocket) another publisher attached,
+413 frame larger than the upstream's `max_frame_bytes`, 400 not a JPEG.
+
+WebSocket publishers send binary JPEG messages; a frame that is not a JPEG is dropped with a
+`{"type": "error", "message": ...}` text message (the connection stays open), an oversized one
+closes the connection with 1009 before it is read. Text messages are telemetry, relayed to the
+upstream's WebSocket viewers unchanged. The server sends the publisher
+`{"type": "status", "active": bool, ...}` when viewers start or stop wanting frames, and relays
+viewers' messages to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+import tornado.websocket
+
+from ..hub import status_message
+from ..sources.push import FrameRejected, PushSource
+from .base import JsonHandler, ProxyMixin, origin_allowed
+
+if TYPE_CHECKING:
+    from ..app import Proxy
+    from ..hub import FrameHub
+
+log = logging.getLogger("vsproxy.ingest")
+
+TOKEN_QUERY_ARGUMENT = "token"
+
+
+def find_push_upstream(proxy: Proxy, name: str) -> tuple[FrameHub, PushSource] | None:
+    hub = proxy.hubs.get(name)
+    if hub is None or not isinstance(hub.source, PushSource):
+        return None
+    return hub, hub.source
+
+
+def not_found_message(name: str) -> str:
+    # The same answer for "no such upstream" and "not a push upstream".
+    return f"No push upstream named {name[:64]!r}"
+
+
+def presented_token(handler: tornado.web.RequestHandler) -> str | None:
+    """The token of `Authorization: Bearer <token>`, else of `?token=`; None if neither is there.
+
+    An Authorization header that is not a Bearer one counts as a wrong token (never falls back).
+    """
+    auth = handler.request.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+    return handler.get_query_argument(TOKEN_QUERY_ARGUMENT, None)
+
+
+class PathOnlySummary:
+    """Tornado logs `method uri (ip)` with exceptions; the query may hold a token, so: the path."""
+
+    request: Any
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+
+class IngestSocketHandler(PathOnlySummary, ProxyMixin, tornado.websocket.WebSocketHandler):
+    """WS /ingest/{upstream}: the one WebSocket publisher of a push upstream."""
+
+    hub: FrameHub
+    source: PushSource
+    attached = False
+    _warned_bad_frame = False
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+
+    @property
+    def max_message_size(self) -> int:
+        # Tornado closes with 1009 as soon as a frame header announces more, before reading it;
+        # a binary message between max_frame_bytes and this is closed with 1009 in on_message.
+        return max(self.source.max_frame_bytes, self.config.streaming.max_viewer_message_bytes)
+
+    async def get(self, upstream: str, *args: Any, **kwargs: Any) -> None:
+        # Refuse before the upgrade, with a JSON body, so a publisher sees why.
+        found = find_push_upstream(self.proxy, upstream)
+        if found is None:
+            return self._refuse(404, not_found_message(upstream))
+        hub, source = found
+        if not source.token_ok(presented_token(self)):
+            log.warning("publisher refused from %s: missing or wrong token", self.request.remote_ip,
+                        extra={"upstream": hub.name})
+            self.set_header("WWW-Authenticate", 'Bearer realm="vsproxy ingest"')
+            return self._refuse(401, "Missing or wrong publish token")
+        if source.publisher is not None:
+            log.warning("publisher refused from %s: another publisher is connected", self.request.remote_ip,
+                        extra={"upstream": hub.name})
+            return self._refuse(409, f"Another publisher is already connected to upstream '{hub.name}' "
+                                     "(one at a time)")
+        self.hub, self.source = hub, source
+        await super().get(upstream, *args, **kwargs)
+
+    def _refuse(self, status: int, error: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(json.dumps({"success": False, "error": error}))
+
+    def open(self, upstream: str, *args: Any, **kwargs: Any) -> None:
+        # No await between the 409 check in get() and here, so two publishers cannot both pass;
+        # this is only a safety net.
+        if not self.source.attach(self.hub, self):
+            self.close(1008, "another publisher is already connected")
+            return
+        self.attached = True
+        log.info("publisher connected from %s", self.request.remote_ip, extra={"upstream": self.hub.name})
+
+    def on_message(self, message: str | bytes) -> None:
+        if not self.attached:
+            return
+        if isinstance(message, bytes):
+            try:
+                self.source.publish(self.hub, message)
+            except FrameRejected as exc:
+                if exc.status == 413:
+                    self.close(1009, "frame too big")
+                    return
+                if not self._warned_bad_frame:  # once per connection: a broken publisher repeats itself
+                    self._warned_bad_frame = True
+                    log.warning("publisher frame refused: %s", exc, extra={"upstream": self.hub.name})
+                self.send_to_publisher(status_message("error", f"{exc}; frame dropped"))
+            return
+        limit = self.config.streaming.max_viewer_message_bytes
+        if len(message) > limit:
+            self.send_to_publisher(status_message(
+                "error", f"Text message too large ({len(message)} characters, limit {limit}); not relayed"))
+            return
+        self.hub.relay_text(message)  # telemetry for the viewers
+
+    def on_close(self) -> None:
+        if self.attached:
+            self.attached = False
+            was_attached = self.source.publisher is self
+            self.source.detach(self)
+            if was_attached:
+                code = f" (code {self.close_code})" if self.close_code else ""
+                log.info("publisher disconnected%s", code, extra={"upstream": self.hub.name})
+
+    # -- PublisherLink, used by PushSource ---------------------------------------------------
+
+    def send_to_publisher(self, message: str | bytes) -> bool:
+        try:
+            self.write_message(message, binary=isinstance(message, bytes))
+        except tornado.websocket.WebSocketClosedError:
+            return False
+        return True
+
+    def disconnect(self, code: int, reason: str) -> None:
+        log.info("publisher disconnected by the server: %s", reason, extra={"upstream": self.hub.name})
+        self.close(code, reason[:120])
+
+    def get_compression_options(self) -> None:
+        return None  # JPEG does not compress
+
+
+class IngestFrameHandler(PathOnlySummary, JsonHandler):
+    """POST /ingest/{upstream}/frame: publish one JPEG (the request body); answers {"success", "seq"}.
+
+    The body limit is the upstream's `max_frame_bytes`, not `limits.max_body_bytes` (which is
+    sized for JSON): too large a Content-Length is refused before the body is read, a chunked
+    body is counted as it arrives and nothing past the limit is kept.
+    """
+
+    cors_methods = "POST, OPTIONS"
+    hub: FrameHub
+    source: PushSource
+    _limit = 0
+
+    def prepare(self) -> None:
+        self._body = bytearray()
+        self._body_too_large = True  # discard whatever arrives until every check has passed
+        if self.request.method == "OPTIONS":
+            return
+        upstream = self.path_kwargs.get("upstream", "")
+        found = find_push_upstream(self.proxy, upstream)
+        if found is None:
+            raise tornado.web.HTTPError(404, reason=not_found_message(upstream))
+        self.hub, self.source = found
+        if not self.source.token_ok(presented_token(self)):
+            log.warning("frame refused from %s: missing or wrong token", self.request.remote_ip,
+                        extra={"upstream": self.hub.name})
+            raise tornado.web.HTTPError(401, reason="Missing or wrong publish token")
+        self._limit = self.source.max_frame_bytes
+        length = self.request.headers.get("Content-Length")
+        if length is not None:
+            try:
+                too_large = int(length) > self._limit
+            except ValueError:
+                raise tornado.web.HTTPError(400, reason="Invalid Content-Length") from None
+            if too_large:
+                raise tornado.web.HTTPError(413, reason=self._too_large())
+        self._body_too_large = False
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._body_too_large:
+            return
+        if len(self._body) + len(chunk) > self._limit:
+            self._body_too_large = True
+            self._body.clear()
+            return
+        self._body.extend(chunk)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 401:  # send_error cleared the headers set before raising
+            self.set_header("WWW-Authenticate", 'Bearer realm="vsproxy ingest"')
+        super().write_error(status_code, **kwargs)
+
+    def _too_large(self) -> str:
+        return f"Frame larger than the limit of {self._limit} bytes"
+
+    def post(self, upstream: str) -> None:
+        if self._body_too_large:
+            raise tornado.web.HTTPError(413, reason=self._too_large())
+        if not self._body:
+            raise tornado.web.HTTPError(400, reason="Request body must be one JPEG frame (Content-Type: image/jpeg)")
+        try:
+            seq = self.source.publish(self.hub, bytes(self._body), posted=True)
+        except FrameRejected as exc:
+            raise tornado.web.HTTPError(exc.status, reason=str(exc)) from None
+        finally:
+            self._body = bytearray()
+        self.send_json({"success": True, "seq": seq, "active": self.source.active})
+
+
+_UPSTREAM = r"(?P<upstream>[^/]+)"
+routes = [
+    (rf"/ingest/{_UPSTREAM}/frame", IngestFrameHandler),
+    (rf"/ingest/{_UPSTREAM}", IngestSocketHandler),
+]

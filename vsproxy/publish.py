@@ -1,0 +1,540 @@
+"""Publish frames to a vsproxy `push` upstream from any Python program (an Isaac Sim script, say).
+
+A synchronous script (Isaac Sim standalone scripts are) uses `Publisher`, which keeps its own
+thread with an event loop and a WebSocket to `ws://<vsproxy>/ingest/<upstream>`::
+
+    from vsproxy.publish import Publisher
+
+    with Publisher("ws://127.0.0.1:8889/ingest/replicator", token="secret-token-1") as pub:
+        while simulation_app.is_running():
+            world.step(render=True)
+            pub.publish_rgb(annotator.get_data())   # HxWx3/4 uint8 array or PIL image
+            # or: pub.publish(jpeg_bytes)
+
+`publish` and `publish_rgb` never block on the network and never queue without bound: at most
+`max_pending` frames wait (default 1, the newest); an older one is dropped, and counted in
+`frames_dropped`, when the connection is slow or down. The connection is retried with
+exponential backoff (with jitter) for as long as the publisher is open. `publish_rgb` only copies
+the pixels in the caller's thread; the JPEG encoding happens in the publisher's thread, and only
+for frames that are actually sent.
+
+Inside an asyncio program use `AsyncPublisher` (same options, same counters)::
+
+    async with AsyncPublisher("ws://127.0.0.1:8889/ingest/replicator", token=TOKEN) as pub:
+        pub.publish(jpeg_bytes)
+
+The token goes in an `Authorization: Bearer` header, never in the URL, and is never logged.
+The server tells the publisher whether anyone is watching (`active`: True while the upstream
+has sessions); a script may skip rendering or encoding while it is False. Counters:
+`frames_published` (handed to publish), `frames_sent`, `frames_dropped`, `connects`;
+`connected`, `active`, `last_error` describe the current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import json
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+
+__all__ = ["AsyncPublisher", "Publisher", "encode_rgb"]
+
+log = logging.getLogger("vsproxy.publish")
+
+
+def ingest_ws_url(url: str) -> str:
+    """http(s):// becomes ws(s)://; ws(s):// stays. The URL names the upstream: .../ingest/<name>."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"expected a ws://, wss://, http:// or https:// URL, got {safe_url(url)!r}")
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+def safe_url(url: str) -> str:
+    """The URL without its query and credentials, for log lines (a query may carry a token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def to_rgb_image(image: Any) -> Any:
+    """A PIL RGB (or L) image that owns its pixels, from a PIL image or an HxW[x3|x4] uint8 array.
+
+    Arrays are anything with the numpy array interface (numpy is not required by this module);
+    an alpha channel is dropped. The result is a copy, so the caller may reuse its buffer.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.copy() if image.mode in ("RGB", "L") else image.convert("RGB")
+    shape = getattr(image, "shape", None)
+    dtype = getattr(image, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"expected a PIL image or an HxWx3/HxWx4 uint8 array, got {type(image).__name__}")
+    if str(dtype) != "uint8":
+        raise TypeError(f"expected a uint8 array, got dtype {dtype}")
+    shape = tuple(shape)
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4))):
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {shape}")
+    if len(shape) == 3 and shape[2] == 4:
+        return Image.fromarray(image).convert("RGB")
+    converted = Image.fromarray(image)
+    return converted.copy() if converted.readonly else converted  # fromarray may share the buffer
+
+
+def encode_rgb(image: Any, quality: int = 80) -> bytes:
+    """JPEG bytes of a PIL image or an HxWx3/4 uint8 array (Pillow)."""
+    return _encode(to_rgb_image(image), quality)
+
+
+def _encode(image: Any, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+class _EncodeJob:
+    """A frame handed to publish_rgb: pixels copied, encoded only if it is ever sent."""
+
+    __slots__ = ("image", "quality")
+
+    def __init__(self, image: Any, quality: int) -> None:
+        self.image = image
+        self.quality = quality
+
+    def encode(self) -> bytes:
+        return _encode(self.image, self.quality)
+
+
+class AsyncPublisher:
+    """A WebSocket publisher on the running asyncio loop; see the module docstring.
+
+    `publish` / `publish_rgb` may be called from any thread. `on_message(text)` is called (on the
+    loop) with every text message the server sends: status, errors, relayed viewer messages.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        max_pending: int = 1,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        connect_timeout: float = 10.0,
+        ping_interval: float = 10.0,
+        on_message: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        if not token:
+            raise ValueError("a publish token is required")
+        self.url = ingest_ws_url(url)
+        self._token = token
+        self.max_pending = max_pending
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max(max_backoff, initial_backoff)
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.on_message = on_message
+        # State; the counters are only ever increased.
+        self.frames_published = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.frames_refused = 0  # frames the server answered with an error message
+        self.connects = 0
+        self.connected = False
+        self.active: bool | None = None  # does the server want frames? None until it says
+        self.last_error: str | None = None
+        self.connected_event = threading.Event()  # for synchronous waiting (Publisher)
+        self._pending: deque[bytes | _EncodeJob] = deque()
+        self._lock = threading.Lock()
+        self._wake_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._conn: WebSocketClientConnection | None = None
+        self._conn_closed: asyncio.Future | None = None  # resolved when the current connection closes
+        self._closing = False
+        self._sending = False
+        self._last_logged_error: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting (call on the loop that should run it); `async with` does this."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; frames still pending are dropped."""
+        self._closing = True
+        self.connected_event.clear()
+        conn, closed = self._conn, self._conn_closed
+        if conn is not None:
+            conn.close(1000, "publisher closed")
+            if closed is not None:  # a moment for the close handshake, so the server sees a clean close
+                try:
+                    await asyncio.wait_for(asyncio.shield(closed), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+        if self._wake is not None:
+            self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def __aenter__(self) -> AsyncPublisher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pending(self) -> int:
+        """Frames waiting to be sent (at most max_pending)."""
+        return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending and nothing being sent."""
+        return not self._pending and not self._sending
+
+    # -- publishing (any thread) ------------------------------------------------------------
+
+    def publish(self, jpeg: bytes | bytearray | memoryview) -> None:
+        """Queue one JPEG frame for sending (copied); never blocks. Older waiting frames beyond
+        `max_pending` are dropped."""
+        self._put(bytes(jpeg))
+
+    def publish_rgb(self, image: Any, quality: int = 80) -> None:
+        """Queue a PIL image or an HxWx3/HxWx4 uint8 array, JPEG-encoded (`quality`) when sent."""
+        if not 1 <= quality <= 100:
+            raise ValueError("quality must be from 1 to 100")
+        self._put(_EncodeJob(to_rgb_image(image), quality))
+
+    def _put(self, item: bytes | _EncodeJob) -> None:
+        if self._closing:
+            return
+        with self._lock:
+            while len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self.frames_dropped += 1
+            self._pending.append(item)
+            self.frames_published += 1
+            schedule = not self._wake_scheduled
+            self._wake_scheduled = True
+        if schedule:
+            self._schedule_wake()
+
+    def _schedule_wake(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return  # not started yet: the sender looks at the queue when it starts
+        if threading.get_ident() == self._loop_thread:
+            self._on_wake()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._on_wake)
+            except RuntimeError:  # the loop is closed: the publisher is gone
+                pass
+
+    def _on_wake(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+        if self._wake is not None:
+            self._wake.set()
+
+    def _take(self) -> bytes | _EncodeJob | None:
+        with self._lock:
+            return self._pending.popleft() if self._pending else None
+
+    def _put_back(self, data: bytes) -> None:
+        # A frame that could not be sent stays the one to send, unless a newer one is waiting.
+        with self._lock:
+            if not self._pending:
+                self._pending.append(data)
+            else:
+                self.frames_dropped += 1
+
+    # -- the connection ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.initial_backoff
+        assert self._wake is not None
+        while not self._closing:
+            closed = self._conn_closed = asyncio.get_running_loop().create_future()
+            try:
+                conn = await websocket_connect(
+                    HTTPRequest(self.url, headers={"Authorization": f"Bearer {self._token}"},
+                                connect_timeout=self.connect_timeout, request_timeout=self.connect_timeout),
+                    on_message_callback=functools.partial(self._on_server_message, closed=closed),
+                    ping_interval=self.ping_interval or None,
+                    ping_timeout=self.ping_interval or None,  # Tornado caps it at the interval
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # refused, unreachable, timed out: retry
+                reason = _describe_connect_error(exc)
+            else:
+                reason = await self._connected(conn)
+                delay = self.initial_backoff
+            if self._closing:
+                break
+            self.last_error = reason
+            wait = delay * random.uniform(0.5, 1.0)
+            level = logging.DEBUG if reason == self._last_logged_error else logging.WARNING
+            self._last_logged_error = reason
+            log.log(level, "publisher: %s (%s); retrying in %.2f s", reason, safe_url(self.url), wait)
+            await self._sleep(wait)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, 0.1))
+
+    async def _connected(self, conn: WebSocketClientConnection) -> str:
+        """Send frames until the connection closes; the reason it closed."""
+        self._conn = conn
+        self.connects += 1
+        self.connected = True
+        self.last_error = None
+        self._last_logged_error = None
+        self.connected_event.set()
+        log.info("publisher connected to %s", safe_url(self.url))
+        wake = self._wake
+        assert wake is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                wake.clear()
+                if self._conn is None or self._closing:
+                    break
+                item = self._take()
+                if item is None:
+                    await wake.wait()
+                    continue
+                self._sending = True
+                try:
+                    data = item if isinstance(item, bytes) else await loop.run_in_executor(None, item.encode)
+                    try:
+                        await conn.write_message(data, binary=True)
+                    except (WebSocketClosedError, StreamClosedError):
+                        self._put_back(data)
+                        break
+                    self.frames_sent += 1
+                finally:
+                    self._sending = False
+        finally:
+            self.connected = False
+            self.connected_event.clear()
+            self._conn = None
+            conn.close()
+        if conn.close_code is not None:
+            why = f" ({conn.close_reason})" if conn.close_reason else ""
+            return f"connection closed by the server: code {conn.close_code}{why}"
+        return "connection lost"
+
+    def _on_server_message(self, message: str | bytes | None, closed: asyncio.Future) -> None:
+        if message is None:  # this connection closed
+            if not closed.done():
+                closed.set_result(None)
+            if self._conn_closed is closed:
+                self._conn = None
+            if self._wake is not None:
+                self._wake.set()
+            return
+        if isinstance(message, bytes):
+            return  # nothing binary is expected from the server
+        try:
+            parsed = json.loads(message)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            if parsed.get("type") == "status" and isinstance(parsed.get("active"), bool):
+                self.active = parsed["active"]
+            elif parsed.get("type") == "error":
+                self.frames_refused += 1
+                error = str(parsed.get("message"))
+                self.last_error = error
+                if error != self._last_logged_error:
+                    self._last_logged_error = error
+                    log.warning("publisher: the server says: %s", error)
+        if self.on_message is not None:
+            try:
+                self.on_message(message)
+            except Exception:
+                log.exception("publisher: on_message callback failed")
+
+
+def _describe_connect_error(exc: BaseException) -> str:
+    if isinstance(exc, HTTPClientError):
+        error = None
+        body = exc.response.body if exc.response is not None else b""
+        try:
+            error = json.loads(body).get("error") if body else None
+        except (ValueError, AttributeError):
+            pass
+        return f"refused: HTTP {exc.code}" + (f": {error}" if error else "")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "connect timed out"
+    text = str(exc).strip()
+    return f"cannot connect: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+class Publisher:
+    """`AsyncPublisher` on its own thread and event loop, for synchronous programs.
+
+    Example (an Isaac Sim standalone script; see examples/isaac_camera_publisher.py)::
+
+        pub = Publisher("ws://127.0.0.1:8889/ingest/replicator", "secret-token-1")
+        pub.wait_connected(5)          # optional; publish() works (and drops) while disconnected
+        for _ in range(1000):
+            world.step(render=True)
+            if pub.active is not False:    # skip the work while no viewer session exists
+                pub.publish_rgb(annotator.get_data(), quality=80)
+        pub.close()
+
+    or `with Publisher(...) as pub: ...`. Every method may be called from any thread.
+    """
+
+    def __init__(self, url: str, token: str, *, max_pending: int = 1, **options: Any) -> None:
+        self._core = AsyncPublisher(url, token, max_pending=max_pending, **options)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(started,), name="vsproxy-publisher", daemon=True)
+        self._thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the publisher thread did not start")
+
+    def _main(self, started: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._amain(started))
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _amain(self, started: threading.Event) -> None:
+        self._stop = asyncio.Event()
+        self._core.start()
+        started.set()
+        await self._stop.wait()
+        await self._core.close()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, jpeg: bytes | bytearray | memoryview) -> None:
+        """Queue one JPEG frame; never blocks (see AsyncPublisher.publish)."""
+        self._core.publish(jpeg)
+
+    def publish_rgb(self, image: Any, quality: int = 80) -> None:
+        """Queue a PIL image or an HxWx3/4 uint8 array; encoded to JPEG on the publisher thread."""
+        self._core.publish_rgb(image, quality)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until connected (True) or `timeout` seconds pass (False)."""
+        return self._core.connected_event.wait(timeout)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until every pending frame is sent (True) or `timeout` passes (False)."""
+        deadline = time.monotonic() + timeout
+        while not self._core.idle:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop the thread (pending frames are dropped; see flush)."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and self._thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state (see AsyncPublisher) -----------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self._core.url
+
+    @property
+    def connected(self) -> bool:
+        return self._core.connected
+
+    @property
+    def active(self) -> bool | None:
+        return self._core.active
+
+    @property
+    def last_error(self) -> str | None:
+        return self._core.last_error
+
+    @property
+    def connects(self) -> int:
+        return self._core.connects
+
+    @property
+    def frames_published(self) -> int:
+        return self._core.frames_published
+
+    @property
+    def frames_sent(self) -> int:
+        return self._core.frames_sent
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._core.frames_dropped
+
+    @property
+    def frames_refused(self) -> int:
+        return self._core.frames_refused
+
+    @property
+    def pending(self) -> int:
+        return self._core.pending
+
+    @property
+    def max_pending(self) -> int:
+        return self._core.max_pending

@@ -1,0 +1,220 @@
+"""The push upstream: frames are published *to* vsproxy (WS /ingest/{name}, POST /ingest/{name}/frame).
+
+A publisher (an Isaac Sim script using `vsproxy.publish`, a camera bridge, curl) authenticates
+with the upstream's token and sends JPEG frames; the ingest handlers (vsproxy/handlers/ingest.py)
+check them and hand them to `PushSource.publish`, which publishes them on the upstream's hub.
+
+How this fits the Source contract (the hub's supervisor calls `run(hub)` while the upstream has
+sessions and retries with backoff when it returns):
+
+* "connected" means a publisher is present: a WebSocket publisher is attached, or a frame was
+  POSTed less than `post_hold_seconds` ago (so a POST-only publisher does not flicker between
+  its frames and the "offline" picture).
+* `run()` waits for a publisher, calls `hub.set_connected()`, then waits until the publisher is
+  gone and raises `PublisherGone`; the hub shows "retrying", tells WebSocket viewers and sends
+  the offline picture, as for any lost upstream. `run()` never times out while nobody publishes
+  (there is nothing to reconnect to), so the hub simply stays "connecting"/"retrying".
+* Frames are published on the hub directly, whatever `run()` is doing: none is lost in the gap
+  between a publisher attaching and `run()` noticing, nor during the supervisor's backoff sleep.
+* A publisher that attaches while the hub is running but not connected (during that backoff
+  sleep, say) marks the hub connected at once, so the viewers' status is right and no offline
+  picture is interleaved with its first frames. The supervisor keeps a "connected" state it finds
+  at the top of its loop; when `run()` is entered again it does not call `set_connected()` twice,
+  and if the publisher already left again it raises at once so the hub marks the loss.
+* Publishing while the hub is not running (no sessions) is accepted: the frame becomes the
+  hub's latest frame (one frame reference, no fan-out since there are no viewers), so the first
+  viewer of a new session sees a picture at once. The publisher is told whether anyone wants
+  frames with `{"type": "status", "active": true|false, ...}` text messages, so it can pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from .. import render
+from . import Source
+
+if TYPE_CHECKING:
+    from ..config import PushUpstream
+    from ..hub import FrameHub
+
+log = logging.getLogger("vsproxy.push")
+
+
+class PublisherGone(Exception):
+    """The publisher detached (or stopped POSTing); the hub treats it as a lost upstream."""
+
+
+class FrameRejected(ValueError):
+    """A published frame was refused; `status` is the HTTP status a POST answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PublisherLink(Protocol):
+    """The attached WebSocket publisher as the source sees it (the ingest socket handler)."""
+
+    def send_to_publisher(self, message: str | bytes) -> bool: ...
+
+    def disconnect(self, code: int, reason: str) -> None: ...
+
+
+class PushSource(Source):
+    kind = "push"
+
+    # A POSTed frame keeps the upstream "connected" this long (a POST-only publisher has no
+    # connection whose end would say it stopped).
+    post_hold_seconds: float = 10.0
+
+    def __init__(self, name: str, settings: PushUpstream) -> None:
+        self.name = name
+        self.settings = settings
+        self.max_frame_bytes = settings.max_frame_bytes
+        self._token_digest = _digest(settings.token.encode("utf-8"))
+        self.publisher: PublisherLink | None = None
+        self.publishers_total = 0  # WebSocket publishers ever attached
+        self.frames_rejected = 0
+        self._post_until = 0.0  # monotonic time until which the last POST counts as a publisher
+        self._last_posted = False  # was the most recent publisher a POST (not a WebSocket)?
+        self._changed: asyncio.Event | None = None  # set when a publisher attaches or leaves
+        self._active = False  # run() is active: the hub has sessions and wants frames
+
+    # -- authentication and validation ------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Does the hub want frames (it has sessions, so run() is running)?"""
+        return self._active
+
+    def token_ok(self, presented: str | None) -> bool:
+        """Constant-time comparison of a presented token with the upstream's publish token."""
+        if not presented:
+            return False
+        # Digests first, so neither the time nor the comparison depends on the token's length.
+        return hmac.compare_digest(_digest(presented.encode("utf-8", "surrogatepass")), self._token_digest)
+
+    def check_frame(self, data: bytes) -> None:
+        """Raise FrameRejected (413 too large, 400 not a JPEG) for a frame that must not be shown."""
+        if len(data) > self.max_frame_bytes:
+            raise FrameRejected(413, f"Frame of {len(data)} bytes is larger than the limit of "
+                                     f"{self.max_frame_bytes} bytes")
+        if not render.is_jpeg(data):
+            raise FrameRejected(400, "Frame is not a JPEG (expected data starting with FFD8 and ending with FFD9)")
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self, hub: FrameHub, data: bytes, *, posted: bool = False) -> int:
+        """Check and publish one frame; returns its sequence number. Raises FrameRejected."""
+        try:
+            self.check_frame(data)
+        except FrameRejected:
+            self.frames_rejected += 1
+            raise
+        if posted:
+            self._post_until = time.monotonic() + self.post_hold_seconds
+            self._last_posted = self.publisher is None
+            self._publisher_present(hub)
+        hub.publish(bytes(data))
+        return hub.seq
+
+    def attach(self, hub: FrameHub, link: PublisherLink) -> bool:
+        """A WebSocket publisher connected; False if another one is already attached."""
+        if self.publisher is not None:
+            return False
+        self.publisher = link
+        self._last_posted = False
+        self.publishers_total += 1
+        self._publisher_present(hub)
+        link.send_to_publisher(self._active_message())
+        return True
+
+    def detach(self, link: PublisherLink) -> None:
+        if self.publisher is link:
+            self.publisher = None
+            self._signal()
+
+    def disconnect(self, reason: str = "closed by the server") -> bool:
+        """Close the attached WebSocket publisher's connection (it may reconnect); False if none."""
+        link = self.publisher
+        if link is None:
+            return False
+        self.detach(link)  # free the slot now, not when the close handshake completes
+        link.disconnect(1001, reason)
+        return True
+
+    def send(self, message: str | bytes) -> bool:
+        """A viewer's message goes to the attached WebSocket publisher, if any."""
+        link = self.publisher
+        return link is not None and link.send_to_publisher(message)
+
+    def _present(self) -> bool:
+        return self.publisher is not None or time.monotonic() < self._post_until
+
+    def _publisher_present(self, hub: FrameHub) -> None:
+        # Connected at once while the hub wants frames, even if run() is in the supervisor's
+        # backoff sleep (see the module docstring); run() itself covers the other cases.
+        if hub.running and not hub.connected:
+            hub.set_connected()
+        self._signal()
+
+    def _signal(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    # -- the Source contract -----------------------------------------------------------------
+
+    async def run(self, hub: FrameHub) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        changed = self._changed
+        self._set_active(True)
+        try:
+            while not self._present():
+                if hub.connected:  # marked connected during the backoff sleep, and gone again
+                    raise PublisherGone(self._gone_reason())
+                changed.clear()
+                await changed.wait()
+            if not hub.connected:
+                hub.set_connected()
+            while True:
+                changed.clear()
+                if self.publisher is not None:
+                    await changed.wait()
+                    continue
+                remaining = self._post_until - time.monotonic()
+                if remaining <= 0:
+                    raise PublisherGone(self._gone_reason())
+                try:
+                    await asyncio.wait_for(changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            self._set_active(False)  # the hub stopped: no sessions left
+            raise
+
+    def _gone_reason(self) -> str:
+        if self._last_posted:
+            return f"publisher gone (no WebSocket publisher, no frame POSTed for {self.post_hold_seconds:g} s)"
+        return "publisher disconnected"
+
+    def _set_active(self, active: bool) -> None:
+        if active != self._active:
+            self._active = active
+            if self.publisher is not None:
+                self.publisher.send_to_publisher(self._active_message())
+
+    def _active_message(self) -> str:
+        text = "viewers are waiting for frames" if self._active else "no session is using this upstream"
+        return json.dumps({"type": "status", "active": self._active, "message": text})
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()

@@ -1,0 +1,308 @@
+"""The RTSP upstream: an H.264 (or MJPEG) RTSP stream, such as Isaac Sim's isaacsim.streaming.rtsp
+extension serves from NVENC at rtsp://host:8554/stream, re-encoded to JPEG for the viewers.
+
+PyAV (FFmpeg) reads, depacketizes and decodes the stream in a worker thread, one per connection,
+so the event loop never blocks: the thread scales each picture to fit max_width x max_height
+(swscale, which also converts YUV to RGB), encodes it with Pillow at `quality` and hands the JPEG
+to the loop with `call_soon_threadsafe`. It hands over at most one frame at a time: while the loop
+has not yet taken the previous one, new frames are decoded (H.264 needs every one) but not
+encoded, so a busy loop costs dropped frames, never a queue or latency. For the same reason the
+thread spends at most half its time encoding; on a machine too slow for the stream's size and
+rate it encodes fewer frames instead of falling behind the live stream.
+
+The thread runs only while `run()` runs, i.e. while the upstream has sessions: when run() is
+cancelled it tells the thread to stop, which it does after the packet it is reading (a few ms on
+a live stream; at most the read timeout on a stalled one), and it closes the RTSP session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import av
+import av.error
+from av.video.reformatter import VideoReformatter
+from PIL import Image
+
+from . import Source
+
+if TYPE_CHECKING:
+    from ..config import ReconnectConfig, RtspUpstream
+    from ..hub import FrameHub
+
+log = logging.getLogger("vsproxy.rtsp")
+
+THREAD_PREFIX = "vsproxy-rtsp"  # worker threads are named "vsproxy-rtsp-<upstream>"
+ENCODE_SHARE = 0.5  # encoding may use this share of the worker thread's time...
+ENCODE_BURST_SECONDS = 0.25  # ...averaged over bursts of up to this much encoding time
+STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread to finish
+# Almost no probing: the SDP describes the stream, and the decoder reads the H.264 parameter
+# sets in-band anyway. FFmpeg's default probing reads ~1 s of the stream before returning, which
+# then comes out as a burst of stale frames after every (re)connect.
+PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
+
+
+class FrameTimeout(Exception):
+    """The upstream is connected but has sent no picture for too long."""
+
+
+class RtspError(Exception):
+    """Opening or reading the stream failed (the message never contains URL credentials)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any user:password@ replaced by ***@, for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def _secrets(url: str) -> list[str]:
+    """The strings of `url` that must never appear in a log line or error message."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    if "@" not in parts.netloc:
+        return []
+    userinfo = parts.netloc.rpartition("@")[0]
+    found = [url, userinfo, unquote(userinfo)]
+    user, _, password = userinfo.partition(":")
+    found += [p for p in (password, unquote(password)) if len(p) >= 3]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def fit_within(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """The size of a width x height picture scaled down (never up) to fit, keeping its aspect."""
+    scale = min(1.0, max_width / width, max_height / height)
+    if scale >= 1.0:
+        return width, height
+    return max(1, min(max_width, round(width * scale))), max(1, min(max_height, round(height * scale)))
+
+
+class RtspSource(Source):
+    kind = "rtsp"
+
+    def __init__(self, name: str, settings: RtspUpstream, reconnect: ReconnectConfig) -> None:
+        self.name = name
+        self.settings = settings
+        self.reconnect = reconnect
+        self.safe_url = redact_url(settings.url)
+        self._reader: _Reader | None = None
+
+    def __repr__(self) -> str:
+        return f"RtspSource({self.name!r}, {self.safe_url!r})"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of the current connection (decoded, encoded, skipped frames)."""
+        reader = self._reader
+        return dict(reader.counters) if reader is not None else {}
+
+    async def run(self, hub: FrameHub) -> None:
+        loop = asyncio.get_running_loop()
+        reader = self._reader = _Reader(self, hub, loop)
+        reader.start()
+        try:
+            await reader.wait()
+        finally:
+            reader.stop()
+            if not reader.finished.done():
+                # Usually the thread finishes within one frame; a stalled read can take up to the
+                # read timeout, and then the thread finishes on its own (it publishes nothing more).
+                await asyncio.wait({reader.finished}, timeout=STOP_WAIT_SECONDS)
+            if reader.finished.done():
+                if not reader.finished.cancelled():
+                    reader.finished.exception()  # retrieved: never "exception was never retrieved"
+                reader.join(0.1)  # it has signalled its very last step; this returns at once
+            if self._reader is reader:
+                self._reader = None
+
+
+class _Reader:
+    """One RTSP connection: a worker thread that reads, decodes and encodes; a loop-side handoff."""
+
+    def __init__(self, source: RtspSource, hub: FrameHub, loop: asyncio.AbstractEventLoop) -> None:
+        self.source = source
+        self.settings = source.settings
+        self.reconnect = source.reconnect
+        self.hub = hub
+        self.loop = loop
+        self.finished: asyncio.Future = loop.create_future()
+        self.counters = {"decoded": 0, "encoded": 0, "skipped_busy": 0, "skipped_slow": 0, "bad_packets": 0}
+        self._stop = threading.Event()
+        self._handoff_pending = False  # a JPEG is on its way to the loop and not yet published
+        self._connected = False
+        self._started = time.monotonic()
+        self._last_frame: float | None = None  # monotonic time of the last decoded picture
+        self._thread = threading.Thread(target=self._main, name=f"{THREAD_PREFIX}-{source.name}", daemon=True)
+
+    # -- loop side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    async def wait(self) -> None:
+        """Until the thread ends (returns or raises its error), or, as a backstop, stops delivering."""
+        rc = self.reconnect
+        while True:
+            done, _ = await asyncio.wait({self.finished}, timeout=0.5)
+            if done:
+                return self.finished.result()
+            now = time.monotonic()
+            if self._last_frame is None:
+                # Open (connect + describe/setup/play), probe, then the first keyframe; the thread
+                # enforces each of these itself, this only guards against a wedged FFmpeg call.
+                limit = 2 * rc.connect_timeout_seconds + rc.frame_timeout_seconds + 5.0
+                if now - self._started > limit:
+                    raise RtspError(f"no picture within {limit:g} s of connecting")
+            elif now - self._last_frame > rc.frame_timeout_seconds + 5.0:
+                raise FrameTimeout(f"no frame for {rc.frame_timeout_seconds:g} s")
+
+    def _deliver(self, jpeg: bytes) -> None:
+        self._handoff_pending = False
+        if self._stop.is_set():
+            return  # run() has ended: nothing more reaches the hub
+        if not self._connected:
+            self._connected = True
+            self.hub.set_connected()
+        self.hub.publish(jpeg)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.finished.done():
+            return
+        if error is None or self._stop.is_set():  # after a stop, nobody waits for the error
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(error)
+
+    def _call_loop(self, callback: Any, *args: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._stop.set()
+            return False
+        return True
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _main(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._read_stream()
+        except BaseException as exc:  # handed to run(), which raises it to the hub's supervisor
+            error = self._safe_error(exc)
+        if self._stop.is_set():
+            log.debug("rtsp reader stopped %s", self.counters, extra={"upstream": self.source.name})
+        self._call_loop(self._finish, error)
+
+    def _safe_error(self, exc: BaseException) -> BaseException:
+        """`exc` as an error whose text holds no credentials (FFmpeg's messages quote the URL)."""
+        if isinstance(exc, (FrameTimeout, RtspError)):
+            return exc
+        if isinstance(exc, av.error.ExitError):  # PyAV's timeout interrupted a blocking call
+            return RtspError("timed out waiting for the RTSP server")
+        text = str(exc)
+        for secret in _secrets(self.settings.url):
+            text = text.replace(secret, self.source.safe_url if secret == self.settings.url else "***")
+        name = type(exc).__name__
+        return RtspError(f"{name}: {text}" if text else name)
+
+    def _read_stream(self) -> None:
+        settings, rc = self.settings, self.reconnect
+        if self._stop.is_set():
+            return
+        options = {
+            "rtsp_transport": settings.transport,
+            # FFmpeg's own socket I/O timeout (microseconds), a backstop to PyAV's timeouts below.
+            "timeout": str(int(max(rc.connect_timeout_seconds, rc.frame_timeout_seconds) * 1_000_000)),
+            **PROBE_OPTIONS,
+        }
+        log.info("opening %s over %s", self.source.safe_url, settings.transport.upper(),
+                 extra={"upstream": self.source.name})
+        # (open, read) timeouts: a dead or silent server cannot hold the thread for longer.
+        container = av.open(settings.url, options=options,
+                            timeout=(rc.connect_timeout_seconds, rc.frame_timeout_seconds))
+        try:
+            if not container.streams.video:
+                raise RtspError("the RTSP stream has no video track")
+            stream = container.streams.video[0]
+            stream.codec_context.thread_type = "SLICE"  # frame threading would delay every frame
+            log.info("rtsp stream open: %s %sx%s", stream.codec_context.name, stream.codec_context.width,
+                     stream.codec_context.height, extra={"upstream": self.source.name})
+            with contextlib.closing(container.demux(stream)) as packets:
+                self._decode_loop(packets)
+        finally:
+            container.close()
+
+    def _decode_loop(self, packets: Any) -> None:
+        settings, frame_timeout = self.settings, self.reconnect.frame_timeout_seconds
+        reformatter = VideoReformatter()
+        counters = self.counters
+        opened = last_picture = budget_time = time.monotonic()
+        # Encoding may use half of this thread's time, with bursts of up to ENCODE_BURST_SECONDS:
+        # a stream that arrives unevenly loses no frames, one too big for the CPU loses some.
+        budget = ENCODE_BURST_SECONDS
+        for packet in packets:
+            if self._stop.is_set():
+                return
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
+                counters["bad_packets"] += 1
+                frames = []
+            now = time.monotonic()
+            for frame in frames:
+                counters["decoded"] += 1
+                last_picture = self._last_frame = now
+                budget = min(ENCODE_BURST_SECONDS, budget + ENCODE_SHARE * (now - budget_time))
+                budget_time = now
+                if self._handoff_pending:
+                    counters["skipped_busy"] += 1  # the loop has not taken the last one yet
+                    continue
+                if budget <= 0:
+                    counters["skipped_slow"] += 1  # decoding must keep up with the live stream
+                    continue
+                jpeg = self._encode(frame, reformatter, settings)
+                budget -= time.monotonic() - now
+                counters["encoded"] += 1
+                self._handoff_pending = True
+                if not self._call_loop(self._deliver, jpeg):
+                    return
+            if now - last_picture > frame_timeout:
+                what = "frame" if self._last_frame is not None else "picture since the stream opened"
+                raise FrameTimeout(f"no {what} for {frame_timeout:g} s")
+            if self._stop.is_set():
+                return
+        if not self._stop.is_set():
+            raise RtspError(f"the RTSP stream ended after {time.monotonic() - opened:.1f} s")
+
+    @staticmethod
+    def _encode(frame: Any, reformatter: VideoReformatter, settings: RtspUpstream) -> bytes:
+        width, height = fit_within(frame.width, frame.height, settings.max_width, settings.max_height)
+        scaled = (width, height) != (frame.width, frame.height)
+        # One swscale pass scales and converts to RGB; Pillow then reads the plane in place.
+        rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                   interpolation="AREA" if scaled else None)
+        plane = rgb.planes[0]
+        image = Image.frombuffer("RGB", (rgb.width, rgb.height), plane, "raw", "RGB", plane.line_size, 1)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=settings.quality, subsampling=2)
+        return out.getvalue()
