@@ -1,0 +1,448 @@
+"""The REST API as an OpenAPI 3.1 document, built in code and served at GET /openapi.json.
+
+It is the compatibility contract with the original Node service plus what vsproxy added (auth,
+limits, upstreams, metrics): every path, every status a request can produce, and the exact keys of
+every JSON body (`additionalProperties: false` where the shape is fixed), so tests can validate
+real responses against it and fuzz the server from it. Every JSON error is `Error`.
+
+OpenAPI cannot describe WebSockets or endless multipart streams; `GET /stream/{sessionId}` and
+`GET /stream/{sessionId}/mjpeg` document their handshake/refusal statuses, and the WebSocket's
+messages are in `x-websocket` and the `Ws*` schemas.
+
+Any method a path does not list answers 405 with an `Error` body (`components.responses.
+MethodNotAllowed`; OpenAPI has no place to attach it to a method a path lacks).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Any
+
+from . import __version__
+
+SESSION_ID_PATTERN = r"^stream_[0-9]{13,}_[0-9a-f]{32}$"
+VIEWER_TOKEN_PATTERN = r"^[0-9]{1,12}\.[A-Za-z0-9_-]{43}$"
+ISO_UTC_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
+NAME_MAX_LENGTH = 128  # sessions.MAX_NAME_LENGTH
+
+API_SECURITY: list[dict[str, list]] = [{"apiToken": []}, {}]  # {}: open when auth.api_tokens is empty
+VIEWER_SECURITY: list[dict[str, list]] = [{"viewerToken": []}, {"viewerBearer": []}, {}]
+METRICS_SECURITY: list[dict[str, list]] = [{"metricsToken": []}, {}]
+OPEN: list[dict[str, list]] = []
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _schema(name: str) -> dict[str, str]:
+    return _ref("schemas", name)
+
+
+def _json(schema: dict[str, Any], description: str, headers: dict | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
+    return _json(_schema("Error"), description, headers)
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None, *, closed: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties) if required is None else required,
+    }
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
+
+
+_TRUE = {"type": "boolean", "const": True}
+_NAME = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_LENGTH, "pattern": r"\S"}
+_COUNT = {"type": "integer", "minimum": 0}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _object({
+        "success": {"type": "boolean", "const": False},
+        "error": {"type": "string", "minLength": 1, "description": "What went wrong, for people."},
+    }),
+    "CreateSessionRequest": _object({
+        "userId": {**_NAME, "description": "Who the session is for (not blank, at most 128 characters)."},
+        "robotName": {**_NAME, "description": "Robot shown; may select the upstream through `robots:`."},
+        "upstream": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[^/]*$",
+                     "description": "Name of a configured upstream (never a URL); default: by robot, else the "
+                                    "default upstream. An unknown name is 400."},
+    }, ["userId", "robotName"], closed=False),
+    "CreateSessionResponse": _object({
+        "success": _TRUE,
+        "sessionId": {"type": "string", "pattern": SESSION_ID_PATTERN},
+        "wsUrl": {"type": "string", "pattern": r"^wss?://[^/\s]+(/[^\s?]*)?/stream/[^/?\s]+(\?token=[^&\s]+)?$"},
+        "httpStreamUrl": {"type": "string",
+                          "pattern": r"^https?://[^/\s]+(/[^\s?]*)?/stream/[^/?\s]+/mjpeg(\?token=[^&\s]+)?$"},
+        "message": {"type": "string", "const": "Streaming session created"},
+        "viewerToken": {"type": "string", "pattern": VIEWER_TOKEN_PATTERN,
+                        "description": "Only with auth.viewer_tokens.enabled: the stream, snapshot and embed "
+                                       "endpoints need it as ?token= (wsUrl and httpStreamUrl carry it)."},
+    }, ["success", "sessionId", "wsUrl", "httpStreamUrl", "message"]),
+    "Session": _object({
+        "id": {"type": "string", "pattern": SESSION_ID_PATTERN},
+        "userId": {"type": "string"},
+        "robotName": {"type": "string"},
+        "createdAt": {"type": "string", "pattern": ISO_UTC_PATTERN},
+        "lastActivity": {"type": "string", "pattern": ISO_UTC_PATTERN,
+                         "description": "The current time while the session has viewers."},
+        "connections": {**_COUNT, "description": "Live viewers of every transport."},
+        "isIsaacSimConnected": {"type": "boolean", "description": "Whether the session's upstream is connected."},
+        "upstream": {"type": "string"},
+    }),
+    "SessionResponse": _object({"success": _TRUE, "session": _schema("Session")}),
+    "SessionDestroyedResponse": _object({
+        "success": _TRUE,
+        "message": {"type": "string", "const": "Session destroyed"},
+    }),
+    "SessionListResponse": _object({
+        "success": _TRUE,
+        "count": _COUNT,
+        "sessions": {"type": "array", "items": _schema("Session")},
+    }),
+    "UpstreamStatus": _object({
+        "name": {"type": "string"},
+        "kind": {"type": "string", "enum": ["demo", "isaac", "mjpeg", "rtsp", "push"]},
+        "state": {"type": "string", "enum": ["idle", "connecting", "connected", "retrying"]},
+        "lastError": {"type": ["string", "null"]},
+        "fpsIn": {"type": "number", "minimum": 0},
+        "bytesPerSecondIn": _COUNT,
+        "framesIn": _COUNT,
+        "connects": _COUNT,
+        "failures": _COUNT,
+        "sessions": _COUNT,
+        "viewers": _object({"ws_json": _COUNT, "ws_binary": _COUNT, "mjpeg": _COUNT}),
+    }, closed=False),  # informational; a source kind may add keys
+    "UpstreamListResponse": _object({
+        "success": _TRUE,
+        "default": {"type": "string", "description": "Upstream of sessions that name none."},
+        "upstreams": {"type": "array", "items": _schema("UpstreamStatus")},
+    }),
+    "Health": _object({
+        "status": {"type": "string", "enum": ["healthy", "degraded"],
+                   "description": "degraded (still 200) while an upstream with sessions is down."},
+        "service": {"type": "string", "const": "video-stream-proxy"},
+        "version": {"type": "string"},
+        "isaac_sim_ip": {"type": "string", "description": "Empty without a simulator."},
+        "isaac_sim_port": {"type": "string"},
+        "active_sessions": _COUNT,
+        "timestamp": {"type": "string", "pattern": ISO_UTC_PATTERN},
+        "failing_upstreams": {"type": "array", "items": {"type": "string"}},
+        "upstreams": {"type": "array", "items": _schema("UpstreamStatus")},
+    }),
+    "WsStatusMessage": _object({
+        "type": {"type": "string", "enum": ["status", "error"]},
+        "message": {"type": "string"},
+    }),
+    "WsFrameMessage": _object({
+        "type": {"type": "string", "const": "frame"},
+        "data": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/jpeg"},
+    }),
+}
+
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"required": True, "description": "The challenge (Bearer or Basic).",
+                                          "schema": {"type": "string", "minLength": 1}}}
+_RETRY_AFTER = {"Retry-After": {"required": False,
+                                "description": "Whole seconds to wait (at least 1); sent when the creation rate "
+                                               "per client address was exceeded.",
+                                "schema": {"type": "integer", "minimum": 1}}}
+
+RESPONSES: dict[str, Any] = {
+    "BadRequest": _error("Malformed request: invalid JSON, a missing or mistyped field, a bad query "
+                         "parameter, or a path that is not valid UTF-8."),
+    "Unauthorized": _error("A credential is required and was missing or wrong.", _WWW_AUTHENTICATE),
+    "Forbidden": _error("The viewer token is invalid, expired or for another session."),
+    "NotFound": _error("Unknown session (or path)."),
+    "MethodNotAllowed": _error("The path does not support this method."),
+    "PayloadTooLarge": _error("The request body is larger than limits.max_body_bytes."),
+    "TooManyRequests": _error("Session creation from this address is too fast (limits.session_create_rate; "
+                              "with Retry-After), or the user has limits.max_sessions_per_user sessions.",
+                              _RETRY_AFTER),
+    "ServiceUnavailable": _error("A capacity limit was reached, or there is no frame yet."),
+}
+
+PARAMETERS: dict[str, Any] = {
+    "sessionId": {"name": "sessionId", "in": "path", "required": True,
+                  "description": "A session ID as returned by POST /session/create.",
+                  "schema": {"type": "string", "pattern": SESSION_ID_PATTERN}},
+    "token": {"name": "token", "in": "query", "required": False,
+              "description": "The session's viewer token (auth.viewer_tokens.enabled).",
+              "schema": {"type": "string"}},
+    "fps": {"name": "fps", "in": "query", "required": False,
+            "description": "Cap this viewer's frame rate; anything but a number from 0.1 to 120 is 400.",
+            "schema": {"type": "number", "minimum": 0.1, "maximum": 120}},
+    "format": {"name": "format", "in": "query", "required": False,
+               "description": "json: {\"type\": \"frame\", \"data\": base64}; binary: one binary message per JPEG.",
+               "schema": {"type": "string", "enum": ["json", "binary"], "default": "json"}},
+}
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "apiToken": {"type": "http", "scheme": "bearer",
+                 "description": "One of auth.api_tokens, for session management. Not required when none is "
+                                "configured."},
+    "viewerToken": {"type": "apiKey", "in": "query", "name": "token",
+                    "description": "The session's viewerToken (auth.viewer_tokens.enabled)."},
+    "viewerBearer": {"type": "http", "scheme": "bearer",
+                     "description": "The session's viewerToken as Authorization: Bearer (non-browser clients)."},
+    "metricsToken": {"type": "http", "scheme": "bearer", "description": "auth.metrics_token, when configured."},
+}
+
+
+def _responses(*codes: str, ok: dict[str, Any]) -> dict[str, Any]:
+    names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
+             "413": "PayloadTooLarge", "429": "TooManyRequests", "503": "ServiceUnavailable"}
+    out = dict(ok)
+    for code in codes:
+        out[code] = _ref("responses", names[code])
+    return out
+
+
+def _preflight(summary: str) -> dict[str, Any]:
+    """CORS preflight of a REST path: no credential needed; 204 with Access-Control-* headers."""
+    return {
+        "summary": f"CORS preflight ({summary})",
+        "tags": ["cors"],
+        "security": OPEN,
+        "responses": {
+            "204": {"description": "Access-Control-Allow-Origin is present only for an allowed Origin."},
+            "413": _ref("responses", "PayloadTooLarge"),
+        },
+    }
+
+
+def _operation(summary: str, tag: str, security: list, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "security": security, "responses": responses}
+    op.update(extra)
+    return op
+
+
+_SESSION_PARAM = [_ref("parameters", "sessionId")]
+_LINK_PARAMS = {"sessionId": "$response.body#/sessionId"}
+
+
+def _paths() -> dict[str, Any]:
+    create_ok = {"200": _json(_schema("CreateSessionResponse"), "The session and the URLs to watch it.")}
+    create_responses = _responses("400", "401", "413", "429", "503", ok=create_ok)
+    create_ok["200"]["links"] = {
+        "GetSession": {"operationId": "getSession", "parameters": _LINK_PARAMS},
+        "DeleteSession": {"operationId": "deleteSession", "parameters": _LINK_PARAMS},
+        "DestroySession": {"operationId": "destroySession", "parameters": _LINK_PARAMS},
+    }
+    destroyed = {"200": _json(_schema("SessionDestroyedResponse"), "Destroyed; its viewers were closed.")}
+    return {
+        "/session/create": {
+            "post": _operation(
+                "Create a streaming session", "sessions", API_SECURITY, create_responses,
+                operationId="createSession",
+                description="429: rate of creation per client address (with Retry-After) or "
+                            "limits.max_sessions_per_user; 503: limits.max_sessions.",
+                requestBody={"required": True,
+                             "content": {"application/json": {"schema": _schema("CreateSessionRequest")}}},
+            ),
+            "options": _preflight("POST"),
+        },
+        "/session/{sessionId}": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation("Session details", "sessions", API_SECURITY,
+                              _responses("400", "401", "404", "413", ok={
+                                  "200": _json(_schema("SessionResponse"), "The session.")}),
+                              operationId="getSession"),
+            "delete": _operation("Destroy a session (REST style)", "sessions", API_SECURITY,
+                                 _responses("400", "401", "404", "413", ok=copy.deepcopy(destroyed)),
+                                 operationId="deleteSession"),
+            "options": _preflight("GET, DELETE"),
+        },
+        "/session/{sessionId}/destroy": {
+            "parameters": _SESSION_PARAM,
+            "post": _operation("Destroy a session (the original's path)", "sessions", API_SECURITY,
+                               _responses("400", "401", "404", "413", ok=copy.deepcopy(destroyed)),
+                               operationId="destroySession"),
+            "options": _preflight("POST"),
+        },
+        "/sessions": {
+            "get": _operation("All sessions", "sessions", API_SECURITY,
+                              _responses("401", "413", ok={
+                                  "200": _json(_schema("SessionListResponse"), "Every session.")}),
+                              operationId="listSessions"),
+            "options": _preflight("GET"),
+        },
+        "/upstreams": {
+            "get": _operation("Configured upstreams and their state", "operations", API_SECURITY,
+                              _responses("401", "413", ok={
+                                  "200": _json(_schema("UpstreamListResponse"), "Every upstream.")}),
+                              operationId="listUpstreams"),
+            "options": _preflight("GET"),
+        },
+        "/health": {
+            "get": _operation("Service health (no credential ever)", "operations", OPEN,
+                              _responses("413", ok={"200": _json(_schema("Health"), "Healthy or degraded.")}),
+                              operationId="health"),
+            "options": _preflight("GET"),
+        },
+        "/metrics": {
+            "get": _operation(
+                "Prometheus metrics", "operations", METRICS_SECURITY,
+                _responses("401", "404", "413", ok={"200": {
+                    "description": "Prometheus text format, or OpenMetrics when Accept asks for it.",
+                    "content": {
+                        "text/plain": {"schema": {"type": "string"}},
+                        "application/openmetrics-text": {"schema": {"type": "string"}},
+                    },
+                }}),
+                operationId="metrics",
+                description="404 on the main port when server.metrics_port serves /metrics on its own port.",
+            ),
+            "options": _preflight("GET"),
+        },
+        "/openapi.json": {
+            "get": _operation("This document", "operations", OPEN,
+                              _responses("413", ok={"200": _json({"type": "object", "required": ["openapi", "paths"]},
+                                                                 "The OpenAPI document.")}),
+                              operationId="openapi"),
+            "options": _preflight("GET"),
+        },
+        "/stream/{sessionId}/snapshot.jpg": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "The latest frame as one JPEG", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "413", "503", ok={"200": {
+                    "description": "The newest frame (the offline picture while the upstream is down).",
+                    "headers": {
+                        "X-Frame-Seq": {"required": True, "schema": {"type": "integer", "minimum": 0}},
+                        "X-Timestamp": {"required": True, "schema": {"type": "number"}},
+                    },
+                    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                }}),
+                operationId="snapshot",
+                parameters=[_ref("parameters", "token")],
+                description="503 until the upstream delivered its first frame.",
+            ),
+            "options": _preflight("GET"),
+        },
+        "/stream/{sessionId}/mjpeg": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "MJPEG stream for an <img>", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "413", "503", ok={"200": {
+                    "description": "An endless multipart/x-mixed-replace body, one image/jpeg part per frame "
+                                   "(boundary `vsproxyframe`). Ends when the session is destroyed.",
+                    "content": {"multipart/x-mixed-replace": {"schema": {"type": "string", "format": "binary"}}},
+                }}),
+                operationId="mjpeg",
+                parameters=[_ref("parameters", "token"), _ref("parameters", "fps")],
+                description="503: limits.max_viewers_per_session reached.",
+            ),
+            "options": _preflight("GET"),
+        },
+        "/stream/{sessionId}": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "WebSocket stream (upgrade)", "streams", VIEWER_SECURITY,
+                {
+                    "101": {"description": "Upgraded. See x-websocket for the messages."},
+                    "400": {"description": "A bad query parameter (JSON Error), or not a WebSocket handshake "
+                                           "(Tornado's plain-text answer).",
+                            "content": {"application/json": {"schema": _schema("Error")},
+                                        "text/html": {"schema": {"type": "string"}}}},
+                    "401": _ref("responses", "Unauthorized"),
+                    "403": {"description": "Invalid viewer token (JSON Error), or an Origin not in "
+                                           "cors.allowed_origins (plain text).",
+                            "content": {"application/json": {"schema": _schema("Error")},
+                                        "text/html": {"schema": {"type": "string"}}}},
+                    "404": _ref("responses", "NotFound"),
+                    "426": {"description": "Unsupported Sec-WebSocket-Version."},
+                },
+                operationId="streamWebSocket",
+                parameters=[_ref("parameters", "token"), _ref("parameters", "format"), _ref("parameters", "fps")],
+                description=(
+                    "A WebSocket: after the upgrade the server sends WsStatusMessage {type: status} once, then a "
+                    "WsFrameMessage per frame (or one binary JPEG message with ?format=binary), and status/error "
+                    "messages when the upstream drops or returns. Text the upstream sends is relayed unchanged. "
+                    "What the viewer sends is relayed upstream, up to streaming.max_viewer_message_bytes (else "
+                    "an error message). Close codes: 1001 session destroyed or server shutdown; 1008 viewer "
+                    "message rate exceeded (after an error message); 1009 message larger than the server's "
+                    "frame limit; 1013 limits.max_viewers_per_session reached."
+                ),
+                **{"x-websocket": {
+                    "serverMessages": [_schema("WsStatusMessage"), _schema("WsFrameMessage"),
+                                       {"type": "string", "format": "binary",
+                                        "description": "a JPEG (?format=binary)"}],
+                    "closeCodes": {"1001": "session destroyed or server shutting down",
+                                   "1008": "viewer message rate limit exceeded",
+                                   "1009": "message too big",
+                                   "1013": "session has the maximum number of viewers"},
+                }},
+            ),
+        },
+        "/stream/{sessionId}/embed": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "Embeddable player page (for an iframe)", "pages", VIEWER_SECURITY,
+                {
+                    "200": _html("The player; CSP frame-ancestors from security.frame_ancestors."),
+                    "400": _html("The session ID is not valid UTF-8."),
+                    "401": {**_html("Viewer token required."), "headers": _WWW_AUTHENTICATE},
+                    "403": _html("Viewer token invalid or expired."),
+                    "404": _html("Session not found."),
+                },
+                operationId="embed",
+                parameters=[
+                    _ref("parameters", "token"),
+                    {"name": "control", "in": "query", "required": False,
+                     "description": "1, true or yes: send keyboard and pointer input to the simulator.",
+                     "schema": {"type": "string"}},
+                    {"name": "mode", "in": "query", "required": False, "schema": {"type": "string",
+                                                                                  "enum": ["ws", "mjpeg"]}},
+                    {"name": "fps", "in": "query", "required": False, "schema": {"type": "string"},
+                     "description": "Passed on to the stream (which checks it)."},
+                ],
+            ),
+        },
+        "/": {
+            "get": _operation("Landing page", "pages", OPEN, {"200": _html("What this server is; a demo button.")},
+                              operationId="index"),
+        },
+    }
+
+
+@lru_cache(maxsize=1)
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "vsproxy",
+            "version": __version__,
+            "description": __doc__.split("\n\n", 1)[1].strip(),
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "tags": [{"name": n} for n in ("sessions", "streams", "operations", "pages", "cors")],
+        "paths": _paths(),
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": RESPONSES,
+            "parameters": PARAMETERS,
+            "securitySchemes": SECURITY_SCHEMES,
+        },
+    }
+
+
+def openapi_document(server_url: str | None = None) -> dict[str, Any]:
+    """The document (a fresh copy), with `servers` set to `server_url` when given."""
+    doc = copy.deepcopy(_document())
+    if server_url:
+        doc["servers"] = [{"url": server_url.rstrip("/")}]
+    return doc
