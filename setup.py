@@ -16,8 +16,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["vsproxy", "vsproxy.*"]),
-    package_data={"vsproxy.web": ["*.html"]},
+    # The operator dashboard's static files live in the top-level dashboard/ folder; installed,
+    # they become the data-only package `vsproxy_dashboard` (vsproxy/handlers/dashboard.py finds
+    # the checkout's folder first, then this package).
+    packages=[*find_packages(include=["vsproxy", "vsproxy.*"]), "vsproxy_dashboard"],
+    package_dir={"vsproxy_dashboard": "dashboard"},
+    package_data={"vsproxy.web": ["*.html"], "vsproxy_dashboard": ["*.html", "*.js", "*.css", "*.md"]},
     install_requires=[
         "tornado>=6.4,<7",
         "PyYAML>=6.0",
@@ -34,6 +38,7 @@ setup(
             "setuptools<82",  # pytest-tornado imports pkg_resources, gone in setuptools 82
             "playwright>=1.45",  # drives Debian's chromium; never `playwright install`
             "hypothesis>=6.100",
+            "numpy",  # vsproxy.publish accepts numpy RGB arrays (optional at run time)
             "ruff>=0.6",
         ],
     },

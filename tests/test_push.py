@@ -211,7 +211,7 @@ async def test_publisher_frames_reach_a_binary_viewer_byte_identical_and_in_orde
 
 @pytest.mark.gen_test(timeout=40)
 async def test_publish_rgb_accepts_arrays_and_pil_images(api, ws_connect, ingest_url, publishers, hub):
-    numpy = pytest.importorskip("numpy")
+    import numpy  # a test dependency (setup.py "test" extra): the array path must be exercised
     viewer = await open_viewer(api, ws_connect)
     pub = publishers(ingest_url, max_pending=4)
     await wait_until(lambda: pub.connected and hub.connected, "the publisher to attach")

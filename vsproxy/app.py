@@ -15,10 +15,11 @@ from tornado.ioloop import PeriodicCallback
 
 from .auth import Access, RateLimiter
 from .config import Config
-from .handlers import api, ingest, ops, pages, stream
+from .handlers import api, dashboard, ingest, ops, pages, stream
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
 from .metrics import Metrics
+from .monitor import Monitor
 from .sessions import SessionManager
 from .sources import create_source
 
@@ -53,6 +54,7 @@ class Proxy:
         limits = config.limits
         self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
         self.metrics = Metrics(self)
+        self.monitor = Monitor(self)  # the operator dashboard's state
         self._timers: list[PeriodicCallback] = []
         self._server: tornado.httpserver.HTTPServer | None = None
         self._servers: list[tornado.httpserver.HTTPServer] = []
@@ -62,7 +64,7 @@ class Proxy:
     def make_app(self) -> tornado.web.Application:
         handlers: list[Any] = []
         # Each handler module ends with its `routes` list.
-        for module in (api, ops, stream, ingest, pages):
+        for module in (api, ops, stream, ingest, pages, dashboard):
             if module is ops and self.config.server.metrics_port:
                 handlers += ops.health_routes  # /metrics is served on its own port instead
                 continue
@@ -83,8 +85,9 @@ class Proxy:
         self.metrics.observe_request(handler)
         status = handler.get_status()
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-        if handler.request.path in ("/health", "/metrics") and status == 200:
-            level = logging.DEBUG  # probes and scrapes every few seconds would drown the log
+        path = handler.request.path
+        if status == 200 and (path in ("/health", "/metrics") or path.startswith("/dashboard/api/")):
+            level = logging.DEBUG  # probes, scrapes and dashboard refreshes would drown the log
         access_log.log(level, "%d %s %s %.1fms", status, handler.request.method,
                        handler.request.path, 1000 * handler.request.request_time())
 
@@ -121,6 +124,7 @@ class Proxy:
         ]
         for timer in self._timers:
             timer.start()
+        self.monitor.start()
 
     def _tick_hubs(self) -> None:
         now = time.monotonic()
@@ -155,6 +159,7 @@ class Proxy:
             server.stop()
         for timer in self._timers:
             timer.stop()
+        self.monitor.stop()
         self.sessions.close_all()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
         if self._server is not None:

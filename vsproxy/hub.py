@@ -135,12 +135,13 @@ class RateMeter:
         self._prune(now)
         if not self._events:
             return 0.0, 0.0
-        span = max(now - self._events[0][0], 1e-3)
-        if len(self._events) > 1:
-            # n events span n-1 intervals; measuring to `now` would understate a steady stream.
-            span = max(self._events[-1][0] - self._events[0][0], 1e-3) * len(self._events) / (len(self._events) - 1)
-        nbytes = sum(n for _, n in self._events)
-        return len(self._events) / span, nbytes / span
+        # n events span n-1 intervals, measured up to now: a steady stream reads true, and one
+        # that stopped decays towards 0 instead of repeating its old rate for a whole window.
+        count = len(self._events)
+        span = max(now - self._events[0][0], 1e-3) if count > 1 else self.window
+        intervals = max(count - 1, 1)
+        nbytes = sum(n for _, n in self._events) * intervals / count
+        return intervals / span, nbytes / span
 
 
 class LatencyBuckets:
@@ -210,6 +211,7 @@ class Viewer:
         self.last_drain = self.connected_at  # last time the socket took a whole frame
         self.last_sent_arrival = -1e9
         self.frames_sent = 0
+        self.bytes_sent = 0
         self.frames_dropped = 0
         self._busy = False  # Tornado's buffer holds bytes; a drain callback is due
         self._pending: Frame | None = None
@@ -265,6 +267,7 @@ class Viewer:
     def _send(self, frame: Frame, data: bytes) -> None:
         self.last_sent_arrival = frame.arrived
         self.frames_sent += 1
+        self.bytes_sent += len(data)
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(data)
         # One plain non-blocking send of the shared bytes: the common case costs no Future and no
@@ -468,7 +471,8 @@ class FrameHub:
                     viewer.offer(frame, data)
 
     def _offline_frame(self) -> Frame:
-        text = "upstream offline \u2014 reconnecting" if self.connects else "connecting to upstream\u2026"
+        # Plain ASCII: Pillow's built-in font has no em dash or ellipsis.
+        text = "upstream offline - reconnecting" if self.connects else "connecting to upstream..."
         jpeg = self._offline_frames.get(text)
         if jpeg is None:
             if self.latest is not None:

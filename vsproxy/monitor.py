@@ -50,6 +50,8 @@ class _HubTrack:
 
     def __init__(self, hub: FrameHub) -> None:
         self.frames_in = hub.rate_in.total_events
+        self.bytes_in = hub.rate_in.total_bytes
+        self.bytes_in_rate = 0.0
         self.sent = {t: hub.stats[t].frames_sent for t in TRANSPORTS}
         self.sent_bytes = {t: hub.stats[t].bytes_sent for t in TRANSPORTS}
         self.bytes_per_frame = dict.fromkeys(TRANSPORTS, 0.0)  # average wire size, for sessions
@@ -180,6 +182,8 @@ class Monitor:
         frames_in = hub.rate_in.total_events
         track.fps_in.append(round((frames_in - track.frames_in) / elapsed, 1))
         track.frames_in = frames_in
+        track.bytes_in_rate = (hub.rate_in.total_bytes - track.bytes_in) / elapsed
+        track.bytes_in = hub.rate_in.total_bytes
         frames_out = bytes_out = 0
         for transport in TRANSPORTS:
             stats = hub.stats[transport]
@@ -231,7 +235,7 @@ class Monitor:
             "viewersByTransport": viewers,
             "upstreams": len(hubs),
             "upstreamsUp": sum(1 for h in hubs if h.connected),
-            "upstreamsDown": sum(1 for h in hubs if h.running and not h.connected),
+            "upstreamsDown": sum(1 for h in hubs if h.down),
             "fpsIn": round(sum(u["fpsIn"] for u in upstreams), 1),
             "bytesPerSecondIn": round(sum(u["bytesPerSecondIn"] for u in upstreams)),
             "fpsOut": round(sum(t.fps_out for t in self._hubs.values()), 1),
@@ -244,13 +248,22 @@ class Monitor:
     def state_json(self) -> str:
         return json.dumps(self.state(), ensure_ascii=False, separators=(",", ":"))
 
+    def _rates_in(self, hub: FrameHub) -> tuple[float, float]:
+        """Frames and bytes per second over the last sampled second. (RateMeter's window keeps
+        showing the old rate for seconds after an upstream stops; this drops to 0 at once.)"""
+        track = self._hubs.get(hub.name)
+        if track is None or not track.fps_in:
+            return hub.rate_in.rates()  # not sampled yet
+        return track.fps_in[-1], track.bytes_in_rate
+
     def _upstream_json(self, hub: FrameHub) -> dict:
-        fps, bps = hub.rate_in.rates()
+        fps, bps = self._rates_in(hub)
         track = self._hubs.get(hub.name)
         return {
             "name": hub.name,
             "kind": hub.source.kind,
             "state": hub.state,
+            "down": hub.down,
             "lastError": hub.last_error,
             "connects": hub.connects,
             "failures": hub.failures,
@@ -260,7 +273,7 @@ class Monitor:
             "sessions": len(hub.sessions),
             "viewers": {t: len(v) for t, v in hub.viewers.items()},
             "fpsHistory": list(track.fps_in) if track else [],
-            "thumbnailUrl": thumbnail_url(hub.name),
+            "thumbnailUrl": thumbnail_url(hub),
         }
 
     def _session_json(self, session: Session, now: float) -> dict:
@@ -273,13 +286,17 @@ class Monitor:
             by_transport[viewer.transport] = by_transport.get(viewer.transport, 0) + 1
             if track is not None:  # drops since the last sample, so the count never lags
                 dropped += viewer.frames_dropped - track.seen.get(viewer, (0, 0))[1]
-        fps_in, _ = hub.rate_in.rates()
+        fps_in, _ = self._rates_in(hub)
+        # With viewer tokens on, the page's embed link and stream URLs need one. Only handed to
+        # authenticated operators: an open dashboard must not give out the capability to watch.
+        token = self.proxy.access.issue_viewer_token(session.id) if self.proxy.config.auth.operators else None
         return {
             "id": session.id,
             "userId": session.user_id,
             "robotName": session.robot_name,
             "upstream": hub.name,
             "upstreamState": hub.state,
+            "upstreamDown": hub.down,
             "viewers": by_transport,
             "viewersTotal": sum(by_transport.values()),
             "fpsIn": round(fps_in, 1),
@@ -289,7 +306,8 @@ class Monitor:
             "createdAt": iso_utc(session.created_at),
             "ageSeconds": round(now - session.created_at, 1),
             "lastActivity": iso_utc(session.last_activity(now)),
-            "thumbnailUrl": thumbnail_url(hub.name),
+            "thumbnailUrl": thumbnail_url(hub),
+            "viewerToken": token,
             # The same number of samples in both, the newest last; `in` is the hub's, shared by
             # every session on it, cut to this session's lifetime.
             "fpsHistory": {
@@ -327,5 +345,9 @@ class Monitor:
         return jpeg
 
 
-def thumbnail_url(upstream: str) -> str:
-    return f"/dashboard/api/thumbnail/{quote(upstream, safe='')}.jpg"
+def thumbnail_url(hub: FrameHub) -> str | None:
+    """Where the upstream's thumbnail is; None before its first frame (the page then shows a
+    placeholder instead of asking for a 503 every second)."""
+    if hub.latest is None:
+        return None
+    return f"/dashboard/api/thumbnail/{quote(hub.name, safe='')}.jpg"
