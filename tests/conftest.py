@@ -9,11 +9,11 @@ upstream at the simulator.
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 import pytest
 import tornado.websocket
+from helpers import free_port
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from vsproxy.app import Proxy
@@ -27,10 +27,6 @@ TEST_DEFAULTS: dict[str, Any] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def merge(base: dict, extra: dict) -> dict:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-import socket
 import struct
 from dataclasses import dataclass
 
 import tornado.web
+from helpers import free_port
 from PIL import Image
 from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream, StreamClosedError
@@ -72,10 +72,6 @@ DIALECTS: dict[str, Dialect] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _base_jpegs() -> list[bytes]:

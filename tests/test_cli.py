@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import tornado.websocket
+from helpers import free_port
 from tornado.httpclient import HTTPRequest
 
 from vsproxy import __version__
@@ -24,10 +25,6 @@ START_TIMEOUT = 10  # seconds until the server must answer /health
 EXIT_TIMEOUT = 5  # seconds after a signal until the process must have exited
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_free_ports() -> tuple[int, int]:

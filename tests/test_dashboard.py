@@ -11,11 +11,10 @@ import base64
 import io
 import json
 import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from browser import artifact, chromium
+from helpers import wait_until
 from PIL import Image
 from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
@@ -27,11 +26,6 @@ SIM_FPS = 30  # the `sim` fixture's rate
 FPS_RANGE = (15, 40)  # "near the upstream rate" on a loaded CI machine
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def watch(ws_connect, path: str) -> asyncio.Task:
@@ -178,7 +172,7 @@ async def test_event_stream_pushes_the_state_every_second_only_while_connected(s
             assert set(state["totals"]) == TOTAL_KEYS
     finally:
         stream.close()
-    await wait_until(lambda: not monitor.listeners and not monitor.pushing, 5, "the push timer to stop")
+    await wait_until(lambda: not monitor.listeners and not monitor.pushing, "the push timer to stop", timeout=5)
 
 
 @pytest.mark.gen_test(timeout=30)

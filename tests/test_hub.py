@@ -11,6 +11,7 @@ import socket
 import struct
 
 import pytest
+from helpers import wait_until
 from mjpeg_reader import MjpegReader
 from tornado.iostream import IOStream
 
@@ -141,12 +142,6 @@ async def read_exactly(sock: socket.socket, size: int, timeout: float = 10) -> b
     return bytes(out)
 
 
-async def wait_until(condition, timeout: float = 10, what: str = "condition"):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def write_buffer_bytes(stream: IOStream) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mjpeg_camera import DIALECTS, MjpegCamera
@@ -316,12 +317,6 @@ def proxy_config(request, proxy_config):
     return dataclasses.replace(proxy_config, upstreams=upstreams, default_upstream=default)
 
 
-async def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def upstream_status(api, name: str = "cam") -> dict:

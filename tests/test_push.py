@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tornado.websocket
+from helpers import wait_until
 from PIL import Image
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
@@ -88,12 +88,6 @@ async def close_publisher(pub: Publisher) -> None:
     await asyncio.get_running_loop().run_in_executor(None, pub.close)
 
 
-async def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class ViewerLog:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import TEST_DEFAULTS, free_port, merge
+from helpers import wait_until
 from PIL import Image
 from rtsp_server import RtspServerUnavailable, RtspTestServer, check_dependencies
 
@@ -105,12 +106,6 @@ def rtsp_threads():
 # -- helpers --------------------------------------------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def upstream_status(api) -> dict:

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import tornado.websocket
+from helpers import free_port, wait_until
 from mjpeg_reader import MjpegProtocolError, MjpegReader, Part, boundary_from_content_type
 from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -42,18 +43,8 @@ WAIT = 10.0  # generous bound for anything that should take well under a second
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-async def wait_until(condition: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def recv(conn: tornado.websocket.WebSocketClientConnection, timeout: float = WAIT) -> str | bytes | None:
