@@ -73,7 +73,9 @@ class TestPattern:
         image.paste(self._sprite, (x, max(0, y)))
         draw = ImageDraw.Draw(image)
         clock = time.strftime("%H:%M:%S", time.gmtime(wall_time)) + f".{int(wall_time * 1000) % 1000:03d} UTC"
-        draw.text((self.width // 40, self.height // 30), clock, font=self._text_font, fill=(0, 0, 0))
+        # Top right: players put their status overlay top left.
+        draw.text((self.width - self.width // 40, self.height // 30), clock, font=self._text_font,
+                  fill=(0, 0, 0), anchor="ra")
         draw.text((self.width // 40, int(self.height * 0.89)), f"frame {frame_number}",
                   font=self._small_font, fill=(255, 255, 0))
         return encode_jpeg(image, self.quality)

@@ -38,6 +38,7 @@ class PageHandler(ProxyMixin, tornado.web.RequestHandler):
             f"style-src 'nonce-{nonce}'",
             "img-src 'self' blob: data:",
             f"connect-src 'self' ws://{host} wss://{host}",
+            "frame-src 'self'",  # the landing page shows the embed player in an iframe
             "base-uri 'none'",
             "form-action 'none'",
             f"frame-ancestors {self.frame_ancestors}",
