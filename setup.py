@@ -39,6 +39,10 @@ setup(
             "playwright>=1.45",  # drives Debian's chromium; never `playwright install`
             "hypothesis>=6.100",
             "numpy",  # vsproxy.publish accepts numpy RGB arrays (optional at run time)
+            "schemathesis>=4,<5",  # fuzzes the live server from its OpenAPI document
+            "openapi-spec-validator>=0.7",
+            "jsonschema>=4.18",  # real responses checked against the OpenAPI schemas
+            "trustme>=1.1",  # a throwaway CA and certificates for the TLS tests
             "ruff>=0.6",
         ],
     },

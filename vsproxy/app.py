@@ -66,7 +66,7 @@ class Proxy:
         # Each handler module ends with its `routes` list.
         for module in (api, ops, stream, ingest, pages, dashboard):
             if module is ops and self.config.server.metrics_port:
-                handlers += ops.health_routes  # /metrics is served on its own port instead
+                handlers += ops.health_routes + ops.openapi_routes  # /metrics gets its own port
                 continue
             handlers += module.routes
         return tornado.web.Application(
@@ -109,7 +109,8 @@ class Proxy:
     def client_address(self, request: HTTPServerRequest) -> str:
         """The client's IP, for per-address limits (X-Forwarded-For only behind a trusted proxy)."""
         if self.config.server.trust_proxy_headers:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            # The last entry is the one our own proxy added; earlier ones are the client's word.
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
             if forwarded:
                 return forwarded
         return request.remote_ip or "unknown"
@@ -162,9 +163,9 @@ class Proxy:
         self.monitor.stop()
         self.sessions.close_all()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
-        if self._server is not None:
+        if self._servers:
             try:
-                await asyncio.wait_for(self._server.close_all_connections(),
+                await asyncio.wait_for(asyncio.gather(*(s.close_all_connections() for s in self._servers)),
                                        self.config.server.shutdown_timeout_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("some connections did not close within the shutdown timeout")

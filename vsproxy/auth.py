@@ -20,15 +20,19 @@ if TYPE_CHECKING:
     from .config import AuthConfig
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def token_matches(candidate: str | None, accepted: Iterable[str]) -> bool:
-    """Is `candidate` one of `accepted`? Constant time in the candidate's content."""
+    """Is `candidate` one of `accepted`? Constant time: digests are compared, so neither the
+    content nor the length of a token shows in the timing."""
     if not candidate:
         return False
-    given = candidate.encode("utf-8", "surrogatepass")
+    given = _digest(candidate)
     found = False
     for token in accepted:
-        # No early exit: every configured token is compared, whatever matches.
-        found |= hmac.compare_digest(given, token.encode("utf-8", "surrogatepass"))
+        found |= hmac.compare_digest(given, _digest(token))  # no early exit
     return found
 
 
@@ -101,7 +105,7 @@ class ViewerTokens:
         if not token:
             raise InvalidToken("missing")
         expiry_text, sep, signature = token.partition(".")
-        if not sep or not expiry_text.isdigit() or len(expiry_text) > 12:
+        if not sep or not (expiry_text.isascii() and expiry_text.isdigit()) or len(expiry_text) > 12:
             raise InvalidToken("malformed")
         expected = self._signature(session_id, int(expiry_text))
         if not hmac.compare_digest(signature.encode(), expected.encode()):

@@ -317,7 +317,12 @@ def _expected(ftype: type, meta: Mapping) -> str:
 
 
 # Values of these keys are never echoed in errors: they may hold credentials.
-_SECRET_KEYS = re.compile(r"secret|token|password|operators|headers")
+_SECRET_KEYS = re.compile(r"secret|token|password|operators|headers|viewer_tokens|^auth$")
+
+
+def _redact_url(url: str) -> str:
+    """A URL without its user:password@ part."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
 
 
 def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
@@ -362,7 +367,8 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix or "config", f"expected a mapping, got {data!r}")
+        shown = f"a value of type {type(data).__name__}" if _SECRET_KEYS.search(prefix) else repr(data)
+        raise ConfigError(prefix or "config", f"expected a mapping, got {shown}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -398,7 +404,8 @@ def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
         settings = _build(cls, {k: v for k, v in entry.items() if k != "kind"}, key)
         schemes = _URL_SCHEMES.get(cls)
         if schemes and not settings.url.startswith(schemes):
-            raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {settings.url!r}")
+            got = _redact_url(settings.url)
+            raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
         if cls is PushUpstream and len(settings.token) < 8:
             raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")
         upstreams[name] = settings

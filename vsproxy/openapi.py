@@ -9,8 +9,9 @@ OpenAPI cannot describe WebSockets or endless multipart streams; `GET /stream/{s
 `GET /stream/{sessionId}/mjpeg` document their handshake/refusal statuses, and the WebSocket's
 messages are in `x-websocket` and the `Ws*` schemas.
 
-Any method a path does not list answers 405 with an `Error` body (`components.responses.
-MethodNotAllowed`; OpenAPI has no place to attach it to a method a path lacks).
+Any method a REST path does not list answers 405 with an `Error` body (`components.responses.
+MethodNotAllowed`; OpenAPI has no place to attach it to a method a path lacks); the HTML pages
+answer it with a page.
 """
 
 from __future__ import annotations
@@ -397,7 +398,10 @@ def _paths() -> dict[str, Any]:
                     "400": _html("The session ID is not valid UTF-8."),
                     "401": {**_html("Viewer token required."), "headers": _WWW_AUTHENTICATE},
                     "403": _html("Viewer token invalid or expired."),
-                    "404": _html("Session not found."),
+                    "404": {"description": "Session not found (an HTML page); an empty ID is no embed path at all "
+                                           "(the JSON Error of unknown paths).",
+                            "content": {"text/html": {"schema": {"type": "string"}},
+                                        "application/json": {"schema": _schema("Error")}}},
                 },
                 operationId="embed",
                 parameters=[

@@ -73,6 +73,10 @@ def _check_name(field: str, value: object) -> str:
         raise InvalidSessionRequest(f"'{field}' must be a non-empty string")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidSessionRequest(f"'{field}' must be at most {MAX_NAME_LENGTH} characters")
+    try:
+        value.encode("utf-8")  # a lone surrogate would break every later JSON listing
+    except UnicodeEncodeError:
+        raise InvalidSessionRequest(f"'{field}' must be valid Unicode text") from None
     return value
 
 

@@ -7,6 +7,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
+from tornado.log import app_log
 
 from ..errors import ClientError
 
@@ -42,6 +43,21 @@ class ProxyMixin:
     @property
     def config(self) -> Config:
         return self.proxy.config
+
+    def _request_summary(self) -> str:
+        # Tornado's summary (used in its warnings and error logs) is the full URI, and a query
+        # string may carry a token: log method, path and client only.
+        request = self.request  # type: ignore[attr-defined]
+        return f"{request.method} {request.path} ({request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, ClientError):
+            return  # a client's mistake, answered with its status; not a server error
+        if isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)  # type: ignore[misc]  # one line, our summary
+            return
+        # Tornado would add repr(request), query string and all; this keeps the traceback only.
+        app_log.error("Uncaught exception %s", self._request_summary(), exc_info=(typ, value, tb))
 
     def require(self, scope: str | None) -> None:
         """Raise AccessDenied unless the request carries the credential `scope` needs."""
@@ -123,11 +139,6 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps(payload, ensure_ascii=False))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, ClientError):
-            return  # a client's mistake, answered below; not a server error worth a traceback
-        super().log_exception(typ, value, tb)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = None

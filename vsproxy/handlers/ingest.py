@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 import tornado.websocket
 
+from ..auth import bearer_token
 from ..hub import status_message
 from ..sources.push import FrameRejected, PushSource
 from .base import JsonHandler, ProxyMixin, origin_allowed
@@ -54,23 +55,13 @@ def presented_token(handler: tornado.web.RequestHandler) -> str | None:
 
     An Authorization header that is not a Bearer one counts as a wrong token (never falls back).
     """
-    auth = handler.request.headers.get("Authorization")
-    if auth is not None:
-        scheme, _, value = auth.strip().partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else ""
+    header = handler.request.headers.get("Authorization")
+    if header is not None:
+        return bearer_token(header) or ""
     return handler.get_query_argument(TOKEN_QUERY_ARGUMENT, None)
 
 
-class PathOnlySummary:
-    """Tornado logs `method uri (ip)` with exceptions; the query may hold a token, so: the path."""
-
-    request: Any
-
-    def _request_summary(self) -> str:
-        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
-
-
-class IngestSocketHandler(PathOnlySummary, ProxyMixin, tornado.websocket.WebSocketHandler):
+class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
     """WS /ingest/{upstream}: the one WebSocket publisher of a push upstream."""
 
     hub: FrameHub
@@ -168,7 +159,7 @@ class IngestSocketHandler(PathOnlySummary, ProxyMixin, tornado.websocket.WebSock
         return None  # JPEG does not compress
 
 
-class IngestFrameHandler(PathOnlySummary, JsonHandler):
+class IngestFrameHandler(JsonHandler):
     """POST /ingest/{upstream}/frame: publish one JPEG (the request body); answers {"success", "seq"}.
 
     The body limit is the upstream's `max_frame_bytes`, not `limits.max_body_bytes` (which is

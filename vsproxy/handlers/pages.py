@@ -67,6 +67,8 @@ class EmbedHandler(PageHandler):
             self.require_viewer(session_id)
         except ClientError as exc:
             text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)
+            for name, value in exc.headers.items():
+                self.set_header(name, value)  # e.g. WWW-Authenticate with a 401
             self.error_page(exc.status, text)
             return
         session.touch()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from http import HTTPStatus
 from typing import Any
 
 import tornado.web
@@ -50,7 +51,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             self.session = self.proxy.sessions.get(session_id)
             self.require_viewer(session_id)
         except ClientError as exc:
-            return self._refuse(exc.status, str(exc))
+            return self._refuse(exc.status, str(exc), exc.headers)
         fmt = self.get_query_argument("format", "json")
         if fmt not in ("json", "binary"):
             return self._refuse(400, "'format' must be 'json' or 'binary'")
@@ -61,10 +62,18 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         self.transport = WS_BINARY if fmt == "binary" else WS_JSON
         await super().get(session_id, *args, **kwargs)
 
-    def _refuse(self, status: int, error: str) -> None:
+    def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
         self.set_status(status)
+        for name, value in (headers or {}).items():
+            self.set_header(name, value)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps({"success": False, "error": error}))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Errors before the upgrade (a bad path, a wrong method) answer JSON like the REST API.
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else None
+        self._refuse(status_code, reason or HTTPStatus(status_code).phrase)
 
     def open(self, session_id: str) -> None:
         try:
