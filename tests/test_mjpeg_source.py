@@ -520,7 +520,7 @@ async def test_settings_that_cannot_work_fail_every_attempt_without_connecting(c
             await source.run(None)  # type: ignore[arg-type]
     assert camera.requests == []
     source = MjpegSource("cam", MjpegUpstream(url="https://user:pw@cam.example:8443/live/feed?token=x"), reconnect)
-    assert source.safe_url == "https://cam.example:8443/live/feed"
+    assert source.safe_url == "https://***@cam.example:8443/live/feed"
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import AccessDenied
 
@@ -71,6 +72,19 @@ def operator_allowed(credentials: tuple[str, str] | None, operators: dict[str, s
         ok |= hmac.compare_digest(user.encode(), name.encode()) & hmac.compare_digest(
             password.encode("utf-8", "surrogatepass"), secret.encode("utf-8", "surrogatepass"))
     return ok
+
+
+def redact_url(url: str, *, keep_query: bool = True) -> str:
+    """The URL as logs and error messages may show it: user:password@ becomes ***@, and the
+    query (which may carry a token) is dropped unless `keep_query`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query if keep_query else "", ""))
 
 
 class InvalidToken(Exception):

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .auth import redact_url
+
 
 class ConfigError(Exception):
     """A configuration value is missing, unknown, mistyped or out of range."""
@@ -320,10 +322,6 @@ def _expected(ftype: type, meta: Mapping) -> str:
 _SECRET_KEYS = re.compile(r"secret|token|password|operators|headers|viewer_tokens|^auth$")
 
 
-def _redact_url(url: str) -> str:
-    """A URL without its user:password@ part."""
-    return re.sub(r"(?<=://)[^/@]*@", "***@", url)
-
 
 def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
     def bad() -> ConfigError:
@@ -404,7 +402,7 @@ def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
         settings = _build(cls, {k: v for k, v in entry.items() if k != "kind"}, key)
         schemes = _URL_SCHEMES.get(cls)
         if schemes and not settings.url.startswith(schemes):
-            got = _redact_url(settings.url)
+            got = redact_url(settings.url)
             raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
         if cls is PushUpstream and len(settings.token) < 8:
             raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")

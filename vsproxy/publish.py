@@ -49,6 +49,8 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
+from .auth import redact_url
+
 __all__ = ["AsyncPublisher", "Publisher", "encode_rgb"]
 
 log = logging.getLogger("vsproxy.publish")
@@ -59,17 +61,9 @@ def ingest_ws_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
-        raise ValueError(f"expected a ws://, wss://, http:// or https:// URL, got {safe_url(url)!r}")
+        shown = redact_url(url, keep_query=False)
+        raise ValueError(f"expected a ws://, wss://, http:// or https:// URL, got {shown!r}")
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
-
-
-def safe_url(url: str) -> str:
-    """The URL without its query and credentials, for log lines (a query may carry a token)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def to_rgb_image(image: Any) -> Any:
@@ -310,7 +304,8 @@ class AsyncPublisher:
             wait = delay * random.uniform(0.5, 1.0)
             level = logging.DEBUG if reason == self._last_logged_error else logging.WARNING
             self._last_logged_error = reason
-            log.log(level, "publisher: %s (%s); retrying in %.2f s", reason, safe_url(self.url), wait)
+            shown = redact_url(self.url, keep_query=False)
+            log.log(level, "publisher: %s (%s); retrying in %.2f s", reason, shown, wait)
             await self._sleep(wait)
             delay = min(delay * 2, self.max_backoff)
 
@@ -330,7 +325,7 @@ class AsyncPublisher:
         self.last_error = None
         self._last_logged_error = None
         self.connected_event.set()
-        log.info("publisher connected to %s", safe_url(self.url))
+        log.info("publisher connected to %s", redact_url(self.url, keep_query=False))
         wake = self._wake
         assert wake is not None
         loop = asyncio.get_running_loop()

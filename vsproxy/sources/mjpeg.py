@@ -23,6 +23,7 @@ from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from tornado.tcpclient import TCPClient
 
 from .. import __version__
+from ..auth import redact_url
 from ..mjpeg import MultipartParser, boundary_from_content_type
 from . import FrameTimeout, Source
 
@@ -54,12 +55,11 @@ class MjpegSource(Source):
         url = urlsplit(settings.url)
         self._secure = url.scheme == "https"
         self._host = url.hostname or ""
-        # Only scheme, host and path are ever logged: userinfo and query strings carry secrets.
-        self.safe_url = f"{url.scheme}://{_host_header(self._host, None)}{url.path or '/'}"
+        # Userinfo and query strings carry secrets: never logged.
+        self.safe_url = redact_url(settings.url, keep_query=False)
         try:
             port = url.port
             self._port = port or (443 if self._secure else 80)
-            self.safe_url = f"{url.scheme}://{_host_header(self._host, port)}{url.path or '/'}"
             target = (url.path or "/") + (f"?{url.query}" if url.query else "")
             self._request = _request_head(target, self._host, port, url.username, url.password, settings.headers)
         except ValueError as exc:

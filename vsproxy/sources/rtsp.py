@@ -24,13 +24,14 @@ import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import av
 import av.error
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
+from ..auth import redact_url
 from . import Source
 
 if TYPE_CHECKING:
@@ -55,17 +56,6 @@ class FrameTimeout(Exception):
 
 class RtspError(Exception):
     """Opening or reading the stream failed (the message never contains URL credentials)."""
-
-
-def redact_url(url: str) -> str:
-    """The URL with any user:password@ replaced by ***@, for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def _secrets(url: str) -> list[str]:
