@@ -103,7 +103,13 @@ async def start_server(args, camera: FakeCamera, tmp: str, direct: bool) -> tupl
                *shlex.split(args.direct_args)]
         env = server_env()
     else:
-        cmd = [sys.executable, "-m", "vsproxy", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        # The benchmark's load is one session with hundreds of viewers: raise the per-session limit
+        # (default 50) for this run; everything else stays at its default.
+        config_path = os.path.join(tmp, f"bench-{port}.yaml")
+        with open(config_path, "w") as f:
+            f.write("limits:\n  max_viewers_per_session: 5000\n")
+        cmd = [sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port", str(port),
+               "--log-level", "warning"]
         env = server_env({"ISAAC_SIM_IP": "127.0.0.1", "ISAAC_SIM_WS_PORT": str(camera.port)})
     proc = spawn(cmd, cwd=tmp, env=env, log_path=log_path, core=PROXY_CORE)
     try:
