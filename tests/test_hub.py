@@ -26,9 +26,10 @@ from vsproxy.hub import (
     RateMeter,
     TransportStats,
     Viewer,
+    _picture_size,
     ws_frame,
 )
-from vsproxy.render import TestPattern
+from vsproxy.render import TestPattern, jpeg_size
 from vsproxy.sources import Source
 
 JPEG = TestPattern(64, 48, "hub unit test").render(7, 0.0)
@@ -253,3 +254,62 @@ async def test_hub_sends_each_viewer_its_format_and_drops_only_stalled_viewers()
         for stream, client in pairs.values():
             stream.close()
             client.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_frame_held_for_the_kernel_is_never_sent_after_a_newer_one():
+    """Frame 1 waits because the kernel still holds the previous frame; by frame 2 it drained,
+    so 2 goes out and 1 is dropped: a viewer must never see the picture jump back in time."""
+    stream, client = socket_pair()
+    viewer = Viewer(stream, WS_BINARY, TransportStats(), close=lambda reason: None)
+    backlog = [True]  # the kernel is busy at the first offer only
+    viewer._kernel_backlog = lambda: backlog.pop(0) if backlog else False  # type: ignore[method-assign]
+    try:
+        frames = [Frame(b"\xff\xd8" + bytes([n]) * 10 + b"\xff\xd9", n) for n in (1, 2)]
+        for frame in frames:
+            viewer.offer(frame, frame.encoded(WS_BINARY))
+        viewer.flush_pending()  # what the hub's tick would do
+        expected = frames[1].encoded(WS_BINARY)
+        assert await read_exactly(client, len(expected)) == expected
+        await asyncio.sleep(0.1)
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(1)  # nothing after it: frame 1 was dropped, not sent late
+        assert viewer.frames_dropped == 1 and viewer.pending is None
+    finally:
+        stream.close()
+        client.close()
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((0, 0), None), ((1280, 0), None), ((8, 8), None),
+    ((1280, 720), (1280, 720)), ((65535, 65535), (1080, 1080)), ((3840, 1080), (1920, 540)),
+])
+def test_status_picture_size_comes_from_sane_headers_only(size, expected):
+    assert _picture_size(size) == expected
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_an_absurd_frame_header_cannot_break_the_offline_picture():
+    """Any upstream can send a JPEG whose header claims 0x0: the offline picture still renders."""
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    zero_size = JPEG.replace(b"\x00\x30\x00\x40", b"\x00\x00\x00\x00", 1)  # SOF height 48, width 64 -> 0x0
+    assert zero_size != JPEG and jpeg_size(zero_size) == (0, 0)
+    hub.publish(zero_size)
+    frame = hub._offline_frame()
+    assert jpeg_size(frame.jpeg) == (1280, 720)  # the default size, not a crash
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_session_attaching_as_the_linger_expires_keeps_the_upstream():
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(linger_seconds=60), reconnect=ReconnectConfig())
+    first, second = object(), object()
+    hub.attach(first)  # type: ignore[arg-type]
+    hub.detach(first)  # type: ignore[arg-type]
+    hub._linger_handle.cancel()
+    hub._linger_expired()  # the linger timer fires and schedules the stop...
+    hub.attach(second)  # type: ignore[arg-type]  # ...and a new session arrives before it runs
+    await asyncio.sleep(0.2)
+    assert hub.running and hub.state != "idle"
+    await hub.stop()
+    assert hub.state == "idle" and not hub.running

@@ -184,7 +184,7 @@ def test_fit_within_keeps_the_aspect_and_never_scales_up():
 
 @pytest.mark.parametrize(("url", "expected"), [
     ("rtsp://127.0.0.1:8554/stream", "rtsp://127.0.0.1:8554/stream"),
-    ("rtsp://admin:hunter22@cam.local:554/live?x=1", "rtsp://***@cam.local:554/live?x=1"),
+    ("rtsp://admin:hunter22@cam.local:554/live?x=1", "rtsp://***@cam.local:554/live"),  # a query may hold a token
     ("rtsps://user@cam.local/stream", "rtsps://***@cam.local/stream"),
     ("rtsp://us%40er:p%3Ass@10.0.0.2/s", "rtsp://***@10.0.0.2/s"),
 ])

@@ -1161,3 +1161,17 @@ async def test_junk_on_the_ingest_socket_closes_only_that_publisher(api, http_po
     assert response.status == 101
     stream.close()
     assert proxy.sessions.get(watcher)
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.config({"auth": {"api_tokens": ["frontend-backend-token-1234"]}})
+async def test_dashboard_is_no_back_door_when_only_api_tokens_are_set(api):
+    """Without operators but with API tokens, the dashboard (which lists and destroys sessions)
+    needs the API token: it must not expose what /sessions protects."""
+    for method, path in (("GET", "/dashboard/api/state"), ("DELETE", "/dashboard/api/sessions/stream_1_x")):
+        code, body, response = await api.call(method, path)
+        assert code == 401, (path, code, body)
+        assert "Bearer" in response.headers.get("WWW-Authenticate", "")
+    code, _, _ = await api.call("GET", "/dashboard/api/state",
+                                headers={"Authorization": "Bearer frontend-backend-token-1234"})
+    assert code == 200

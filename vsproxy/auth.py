@@ -67,14 +67,14 @@ def operator_allowed(credentials: tuple[str, str] | None, operators: dict[str, s
     if credentials is None:
         return False
     user, password = credentials
+    given_user, given_password = _digest(user), _digest(password)
     ok = False
-    for name, secret in operators.items():
-        ok |= hmac.compare_digest(user.encode(), name.encode()) & hmac.compare_digest(
-            password.encode("utf-8", "surrogatepass"), secret.encode("utf-8", "surrogatepass"))
+    for name, secret in operators.items():  # digests: lengths do not show in the timing either
+        ok |= hmac.compare_digest(given_user, _digest(name)) & hmac.compare_digest(given_password, _digest(secret))
     return ok
 
 
-def redact_url(url: str, *, keep_query: bool = True) -> str:
+def redact_url(url: str, *, keep_query: bool = False) -> str:
     """The URL as logs and error messages may show it: user:password@ becomes ***@, and the
     query (which may carry a token) is dropped unless `keep_query`."""
     try:
@@ -195,6 +195,10 @@ class Access:
             if not operator_allowed(basic_credentials(authorization), cfg.operators):
                 raise AccessDenied("Operator credentials required",
                                    challenge='Basic realm="vsproxy operators", charset="UTF-8"')
+        elif scope == "operator" and cfg.api_tokens:
+            # No operators configured, but the API is protected: the dashboard (which lists and
+            # destroys sessions) must not be the open back door to it.
+            self._bearer(authorization, cfg.api_tokens, "API token (or configure auth.operators)")
 
     @staticmethod
     def _bearer(authorization: str | None, accepted: list[str], what: str) -> None:

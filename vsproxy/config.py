@@ -390,7 +390,7 @@ def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix, f"expected a mapping of name -> {{kind: ...}}, got {data!r}")
+        raise ConfigError(prefix, f"expected a mapping of name -> {{kind: ...}}, got a {type(data).__name__}")
     upstreams = {}
     for name, entry in data.items():
         key = f"{prefix}.{name}"

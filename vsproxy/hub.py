@@ -235,6 +235,10 @@ class Viewer:
         if self._busy or self.stream.writing() or self._kernel_backlog():
             self._hold(frame)
             return
+        if self._pending is not None:  # an older frame waited for the kernel: this one replaces it
+            self._pending = None
+            self.frames_dropped += 1
+            self.stats.frames_dropped += 1
         self._send(frame, data)
 
     def _hold(self, frame: Frame) -> None:
@@ -340,8 +344,9 @@ class FrameHub:
         self.failures = 0
         self._task: asyncio.Task | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
+        self._stopping: asyncio.Future | None = None
         self._offline_timer: PeriodicCallback | None = None
-        self._offline_frames: dict[str, bytes] = {}
+        self._offline_frames: dict[tuple[str, tuple[int, int]], bytes] = {}
         self._frame_size = (1280, 720)
 
     # -- state -------------------------------------------------------------------------------
@@ -377,7 +382,16 @@ class FrameHub:
         if not self.sessions and self._task is not None and self._linger_handle is None:
             linger = self.streaming.linger_seconds
             loop = asyncio.get_running_loop()
-            self._linger_handle = loop.call_later(linger, lambda: asyncio.ensure_future(self.stop()))
+            self._linger_handle = loop.call_later(linger, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._linger_handle = None
+        self._stopping = asyncio.ensure_future(self._stop_if_unused())
+
+    async def _stop_if_unused(self) -> None:
+        # A session may have attached between the timer firing and this task running.
+        if not self.sessions:
+            await self.stop()
 
     def _start(self) -> None:
         self.state = "connecting"
@@ -405,8 +419,10 @@ class FrameHub:
             if not task.cancelled() and task.exception() is not None:
                 log.warning("upstream task ended with %s", describe_error(task.exception()),
                             extra={"upstream": self.name})
-            log.info("upstream closed (no sessions left)", extra={"upstream": self.name})
-        self.state = "idle"
+        if self._task is None:  # unless a session attached while we waited, and restarted it
+            if task is not None:
+                log.info("upstream closed (no sessions left)", extra={"upstream": self.name})
+            self.state = "idle"
 
     async def _supervise(self) -> None:
         rc = self.reconnect
@@ -426,10 +442,13 @@ class FrameHub:
             if self.state == "connected":
                 delay = rc.initial_delay_seconds
                 attempt = 1
-            self._lost(reason)
             # Full jitter keeps many proxies from hammering a restarted simulator in lockstep.
             wait = delay * random.uniform(0.5, 1.0)
-            self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s (attempt {attempt})")
+            try:
+                self._lost(reason)
+                self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s (attempt {attempt})")
+            except Exception:  # reporting a loss must never end the reconnect loop
+                log.exception("could not report the lost upstream", extra={"upstream": self.name})
             await asyncio.sleep(wait)
             delay = min(delay * 2, rc.max_delay_seconds)
 
@@ -473,11 +492,14 @@ class FrameHub:
     def _offline_frame(self) -> Frame:
         # Plain ASCII: Pillow's built-in font has no em dash or ellipsis.
         text = "upstream offline - reconnecting" if self.connects else "connecting to upstream..."
-        jpeg = self._offline_frames.get(text)
+        if self.latest is not None:
+            self._frame_size = _picture_size(render.jpeg_size(self.latest.jpeg)) or self._frame_size
+        key = (text, self._frame_size)
+        jpeg = self._offline_frames.get(key)
         if jpeg is None:
-            if self.latest is not None:
-                self._frame_size = render.jpeg_size(self.latest.jpeg) or self._frame_size
-            jpeg = self._offline_frames[text] = render.status_frame(*self._frame_size, self.name, text)
+            if len(self._offline_frames) > 8:
+                self._offline_frames.clear()
+            jpeg = self._offline_frames[key] = render.status_frame(*self._frame_size, self.name, text)
         return Frame(jpeg, self.seq, offline=True)
 
     def _send_offline_frame(self) -> None:
@@ -569,6 +591,15 @@ class FrameHub:
             "sessions": len(self.sessions),
             "viewers": {t: len(v) for t, v in self.viewers.items()},
         }
+
+
+def _picture_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The size to draw a status picture at, from an upstream frame's header (any upstream can
+    send any header: nothing absurd, at most 1920x1080, aspect kept)."""
+    if size is None or size[0] < 16 or size[1] < 16:
+        return None
+    scale = min(1.0, 1920 / size[0], 1080 / size[1])
+    return max(16, int(size[0] * scale)), max(16, int(size[1] * scale))
 
 
 def status_message(kind: str, message: str) -> str:

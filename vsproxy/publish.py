@@ -61,7 +61,7 @@ def ingest_ws_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
-        shown = redact_url(url, keep_query=False)
+        shown = redact_url(url)
         raise ValueError(f"expected a ws://, wss://, http:// or https:// URL, got {shown!r}")
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
 
@@ -304,7 +304,7 @@ class AsyncPublisher:
             wait = delay * random.uniform(0.5, 1.0)
             level = logging.DEBUG if reason == self._last_logged_error else logging.WARNING
             self._last_logged_error = reason
-            shown = redact_url(self.url, keep_query=False)
+            shown = redact_url(self.url)
             log.log(level, "publisher: %s (%s); retrying in %.2f s", reason, shown, wait)
             await self._sleep(wait)
             delay = min(delay * 2, self.max_backoff)
@@ -325,7 +325,7 @@ class AsyncPublisher:
         self.last_error = None
         self._last_logged_error = None
         self.connected_event.set()
-        log.info("publisher connected to %s", redact_url(self.url, keep_query=False))
+        log.info("publisher connected to %s", redact_url(self.url))
         wake = self._wake
         assert wake is not None
         loop = asyncio.get_running_loop()

@@ -6,7 +6,6 @@ Plain classes, no HTTP: handlers translate the exceptions below into status code
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 from collections import Counter
@@ -22,9 +21,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsproxy.sessions")
 
 MAX_NAME_LENGTH = 128
-# `stream_<epoch-ms>_<random>` as in the original service, with 128 random bits: the ID is the
-# capability to watch the stream, so it must not be guessable.
-SESSION_ID_RE = re.compile(r"^stream_\d{13,}_[0-9a-f]{32}$")
 
 
 class SessionError(ClientError):
@@ -58,6 +54,8 @@ class ViewerLimitReached(SessionError):
 
 
 def new_session_id(now: float | None = None) -> str:
+    """`stream_<epoch-ms>_<random>` as in the original service, with 128 random bits: the ID is
+    the capability to watch the stream, so it must not be guessable."""
     millis = int((time.time() if now is None else now) * 1000)
     return f"stream_{millis}_{secrets.token_hex(16)}"
 
@@ -233,6 +231,10 @@ class SessionManager:
             raise ViewerLimitReached(f"Maximum number of viewers per session ({limit}) reached")
 
     def add_viewer(self, session: Session, viewer: Viewer) -> None:
+        """Attach a viewer; SessionNotFound if the session was destroyed meanwhile."""
+        if self._sessions.get(session.id) is not session:
+            raise SessionNotFound(session.id)
+        self.check_viewer_room(session)
         session.viewers.add(viewer)
         session.hub.add_viewer(viewer)
         log.info("client connected (%s)", viewer.transport, extra={"session": session.id})

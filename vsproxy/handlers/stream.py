@@ -83,6 +83,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             return
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
+        self.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
         self.write_message(CONNECTED_MESSAGE)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
         self.viewer = Viewer(
@@ -97,6 +98,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         self.session.touch()
         if not self.message_bucket.take():
             self._send_text(status_message("error", "Too many messages; closing"))
+            self._detach_viewer()
             self.close(1008, "message rate limit exceeded")
             return
         limit = self.config.streaming.max_viewer_message_bytes
@@ -110,8 +112,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             self._send_text(status_message("error", "Upstream not connected; message not delivered"))
 
     def on_close(self) -> None:
-        if self.viewer is not None:
-            self.proxy.sessions.remove_viewer(self.session, self.viewer)
+        self._detach_viewer()
 
     def _send_text(self, text: str) -> None:
         try:
@@ -120,8 +121,14 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             pass
 
     def _close_viewer(self, reason: str) -> None:
-        # 1001 "going away" for shutdown/destroy; browsers show the reason in the close event.
+        # Off the hub first: no frame may follow our Close frame (RFC 6455 5.5.1), even while
+        # Tornado waits for the client's reply. 1001 "going away" for shutdown/destroy.
+        self._detach_viewer()
         self.close(1001, reason[:120])
+
+    def _detach_viewer(self) -> None:
+        if self.viewer is not None:
+            self.proxy.sessions.remove_viewer(self.session, self.viewer)
 
     def get_compression_options(self) -> None:
         # Off on purpose: frames are pre-built once for every viewer, and JPEG does not compress.
@@ -163,7 +170,13 @@ class MjpegHandler(JsonHandler):
             await stream.write(("\r\n".join(head) + f"\r\n\r\n--{MJPEG_BOUNDARY}\r\n").encode("latin-1"))
         except StreamClosedError:
             return
-        self.proxy.sessions.add_viewer(session, viewer)
+        try:
+            # The session may have been destroyed, or filled up, while the headers went out.
+            self.proxy.sessions.add_viewer(session, viewer)
+        except ClientError:
+            stream.close()
+            return
+        stream.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
         asyncio.ensure_future(_discard_input(stream))  # notices a client that goes away at once
         try:
             await closed

@@ -52,7 +52,8 @@ class IsaacSource(Source):
             hub.set_connected()
             await self._read_loop(conn, hub, rc.frame_timeout_seconds)
         finally:
-            self._conn = None
+            if self._conn is conn:  # a newer run may already have connected (stop/start overlap)
+                self._conn = None
             conn.close()
 
     async def _read_loop(self, conn: WebSocketClientConnection, hub: FrameHub, frame_timeout: float) -> None:

@@ -56,7 +56,7 @@ class MjpegSource(Source):
         self._secure = url.scheme == "https"
         self._host = url.hostname or ""
         # Userinfo and query strings carry secrets: never logged.
-        self.safe_url = redact_url(settings.url, keep_query=False)
+        self.safe_url = redact_url(settings.url)
         try:
             port = url.port
             self._port = port or (443 if self._secure else 80)
@@ -74,9 +74,9 @@ class MjpegSource(Source):
         try:
             await stream.write(self._request)
             try:
-                code, reason, headers = await asyncio.wait_for(_read_response_head(stream),
-                                                               rc.connect_timeout_seconds)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(rc.connect_timeout_seconds):  # not wait_for: see isaac.py
+                    code, reason, headers = await _read_response_head(stream)
+            except TimeoutError:
                 raise UpstreamHTTPError(f"no response within {rc.connect_timeout_seconds:g} s") from None
             parser = self._check_response(code, reason, headers)
             hub.set_connected()

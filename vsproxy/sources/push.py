@@ -188,8 +188,9 @@ class PushSource(Source):
                 if remaining <= 0:
                     raise PublisherGone(self._gone_reason())
                 try:
-                    await asyncio.wait_for(changed.wait(), remaining)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(remaining):  # not wait_for: see isaac.py
+                        await changed.wait()
+                except TimeoutError:
                     pass
         except asyncio.CancelledError:
             self._set_active(False)  # the hub stopped: no sessions left

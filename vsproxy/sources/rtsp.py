@@ -32,7 +32,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
-from . import Source
+from . import FrameTimeout, Source
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig, RtspUpstream
@@ -50,10 +50,6 @@ STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread 
 PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
 
 
-class FrameTimeout(Exception):
-    """The upstream is connected but has sent no picture for too long."""
-
-
 class RtspError(Exception):
     """Opening or reading the stream failed (the message never contains URL credentials)."""
 
@@ -64,10 +60,11 @@ def _secrets(url: str) -> list[str]:
         parts = urlsplit(url)
     except ValueError:
         return [url]
+    found = [url] + ([parts.query, unquote(parts.query)] if len(parts.query) >= 3 else [])
     if "@" not in parts.netloc:
-        return []
+        return sorted({s for s in found if s}, key=len, reverse=True)
     userinfo = parts.netloc.rpartition("@")[0]
-    found = [url, userinfo, unquote(userinfo)]
+    found += [userinfo, unquote(userinfo)]
     user, _, password = userinfo.partition(":")
     found += [p for p in (password, unquote(password)) if len(p) >= 3]
     return sorted({s for s in found if s}, key=len, reverse=True)
