@@ -313,3 +313,32 @@ async def test_a_session_attaching_as_the_linger_expires_keeps_the_upstream():
     assert hub.running and hub.state != "idle"
     await hub.stop()
     assert hub.state == "idle" and not hub.running
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_relay_to_an_upstream_that_stops_reading_is_refused_not_queued():
+    """Viewer input to a peer that takes nothing: refused once 1 MiB waits, accepted again later."""
+    from vsproxy.sources import RelayBudget
+
+    pending: list[asyncio.Future] = []
+
+    async def write_message(message, binary=False):  # the peer's socket takes nothing until released
+        waiter = asyncio.get_running_loop().create_future()
+        pending.append(waiter)
+        await waiter
+
+    relay = RelayBudget()
+    message = "x" * 65536
+    accepted = 0
+    while relay.send(write_message, message):
+        accepted += 1
+        assert accepted < 100, "the relay never refused"
+    assert accepted == RelayBudget.LIMIT // len(message) + 1
+    await wait_until(lambda: len(pending) == accepted, "the writes to start")
+    for waiter in pending:
+        waiter.set_result(None)  # the peer reads again
+    await wait_until(lambda: relay.outstanding == 0, "the relayed bytes to be taken")
+    assert relay.send(write_message, message)
+    await wait_until(lambda: len(pending) == accepted + 1, "the last write to start")
+    pending[-1].set_result(None)
+    await wait_until(lambda: relay.outstanding == 0, "the last write to be taken")

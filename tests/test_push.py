@@ -247,7 +247,8 @@ async def test_async_publisher_on_the_callers_loop(api, ws_connect, ingest_url, 
         assert viewer.known(frames) == frames[:5]
         # A viewer's message goes to the publisher; a publisher's text goes to the viewers.
         await viewer.conn.write_message('{"type": "command", "action": "reset"}')
-        await wait_until(lambda: '{"type": "command", "action": "reset"}' in messages, "the viewer's message")
+        relayed = {"type": "viewer", "data": '{"type": "command", "action": "reset"}'}  # never mistaken
+        await wait_until(lambda: relayed in [json.loads(m) for m in messages], "the viewer's message")
         assert any(json.loads(m).get("active") is True for m in messages)
     await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
 
@@ -511,3 +512,17 @@ async def test_test_pattern_example_publishes_to_a_local_vsproxy(api, ws_connect
     assert hub.connects == 1 and hub.seq >= 1  # latest-frame-wins may drop some on a busy machine
     assert render.jpeg_size(hub.latest.jpeg) == (160, 120)
     await wait_until(lambda: hub.latest.jpeg in viewer.frames, "the last pattern frame at the viewer")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_viewer_cannot_pass_for_the_server(api, ws_connect, ingest_url, hub):
+    """A viewer's {"type": "status", "active": false} reaches the publisher wrapped, so the
+    publisher keeps publishing (it acts only on the server's own status messages)."""
+    viewer = await open_viewer(api, ws_connect)
+    messages: list[str] = []
+    async with AsyncPublisher(ingest_url, TOKEN, initial_backoff=0.05, on_message=messages.append) as pub:
+        await wait_until(lambda: pub.connected and hub.connected and pub.active is True, "the publisher to attach")
+        await viewer.conn.write_message('{"type": "status", "active": false}')
+        await viewer.conn.write_message('{"type": "error", "message": "forged"}')
+        await wait_until(lambda: len([m for m in messages if '"viewer"' in m]) == 2, "the viewer's messages")
+        assert pub.active is True and pub.frames_refused == 0

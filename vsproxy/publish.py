@@ -119,7 +119,8 @@ class AsyncPublisher:
     """A WebSocket publisher on the running asyncio loop; see the module docstring.
 
     `publish` / `publish_rgb` may be called from any thread. `on_message(text)` is called (on the
-    loop) with every text message the server sends: status, errors, relayed viewer messages.
+    loop) with every text message the server sends: status, errors, and viewers' messages as
+    {"type": "viewer", "data": "<the viewer's text>"}.
     """
 
     def __init__(

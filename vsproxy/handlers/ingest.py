@@ -12,7 +12,7 @@ WebSocket publishers send binary JPEG messages; a frame that is not a JPEG is dr
 closes the connection with 1009 before it is read. Text messages are telemetry, relayed to the
 upstream's WebSocket viewers unchanged. The server sends the publisher
 `{"type": "status", "active": bool, ...}` when viewers start or stop wanting frames, and relays
-viewers' messages to it.
+viewers' messages to it (text wrapped as {"type": "viewer", "data": ...}: see PushSource.send).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import tornado.websocket
 
 from ..auth import bearer_token
 from ..hub import status_message
+from ..sources import RelayBudget
 from ..sources.push import FrameRejected, PushSource
 from .base import JsonHandler, ProxyMixin, origin_allowed
 
@@ -103,6 +104,7 @@ class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         self.finish(json.dumps({"success": False, "error": error}))
 
     def open(self, upstream: str, *args: Any, **kwargs: Any) -> None:
+        self._relay = RelayBudget()  # viewers' messages this publisher has not read yet
         # No await between the 409 check in get() and here, so two publishers cannot both pass;
         # this is only a safety net.
         if not self.source.attach(self.hub, self):
@@ -145,11 +147,7 @@ class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
     # -- PublisherLink, used by PushSource ---------------------------------------------------
 
     def send_to_publisher(self, message: str | bytes) -> bool:
-        try:
-            self.write_message(message, binary=isinstance(message, bytes))
-        except tornado.websocket.WebSocketClosedError:
-            return False
-        return True
+        return self._relay.send(self.write_message, message)
 
     def disconnect(self, code: int, reason: str) -> None:
         log.info("publisher disconnected by the server: %s", reason, extra={"upstream": self.hub.name})

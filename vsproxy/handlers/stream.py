@@ -109,7 +109,8 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             self._send_text(status_message("error", error))
             return
         if not self.session.hub.send_upstream(message):
-            self._send_text(status_message("error", "Upstream not connected; message not delivered"))
+            self._send_text(status_message(
+                "error", "Message not delivered: the upstream is not connected or not keeping up"))
 
     def on_close(self) -> None:
         self._detach_viewer()

@@ -3,11 +3,44 @@ or raises when the connection is lost; the hub's supervisor owns reconnecting wi
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from tornado.websocket import WebSocketClosedError
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..hub import FrameHub
+
+
+class RelayBudget:
+    """Viewer messages relayed to an upstream connection that its socket has not taken yet, in
+    bytes, capped: a peer that stops reading makes relaying fail ("not delivered") instead of
+    growing memory without bound."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+
+    def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes) -> bool:
+        if self.outstanding > self.LIMIT:
+            return False
+        size = len(message)
+        try:
+            future = asyncio.ensure_future(write_message(message, binary=isinstance(message, bytes)))
+        except WebSocketClosedError:
+            return False
+        self.outstanding += size
+
+        def written(done: asyncio.Future) -> None:
+            self.outstanding -= size
+            if not done.cancelled():
+                done.exception()  # retrieved: a closed connection is the reader's business
+
+        future.add_done_callback(written)
+        return True
 
 
 class FrameTimeout(Exception):

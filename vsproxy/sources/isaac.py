@@ -13,9 +13,9 @@ import time
 from typing import TYPE_CHECKING
 
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from . import FrameTimeout, Source
+from . import FrameTimeout, RelayBudget, Source
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig
@@ -31,6 +31,7 @@ class IsaacSource(Source):
         self.reconnect = reconnect
         self.headers = dict(headers or {})
         self._conn: WebSocketClientConnection | None = None
+        self._relay = RelayBudget()
 
     async def run(self, hub: FrameHub) -> None:
         rc = self.reconnect
@@ -83,13 +84,7 @@ class IsaacSource(Source):
 
     def send(self, message: str | bytes) -> bool:
         conn = self._conn
-        if conn is None:
-            return False
-        try:
-            conn.write_message(message, binary=isinstance(message, bytes))
-        except WebSocketClosedError:
-            return False
-        return True
+        return conn is not None and self._relay.send(conn.write_message, message)
 
 
 def _frame_from_text(message: str) -> bytes | None:

@@ -146,9 +146,17 @@ class PushSource(Source):
         return True
 
     def send(self, message: str | bytes) -> bool:
-        """A viewer's message goes to the attached WebSocket publisher, if any."""
+        """A viewer's message goes to the attached WebSocket publisher, if any.
+
+        Text arrives wrapped as {"type": "viewer", "data": <text>}: the publisher acts on the
+        server's own "status" and "error" messages, and a viewer must never pass for the server.
+        """
         link = self.publisher
-        return link is not None and link.send_to_publisher(message)
+        if link is None:
+            return False
+        if isinstance(message, str):
+            message = json.dumps({"type": "viewer", "data": message}, ensure_ascii=False)
+        return link.send_to_publisher(message)
 
     def _present(self) -> bool:
         return self.publisher is not None or time.monotonic() < self._post_until
