@@ -16,10 +16,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import helpers
 import pytest
 from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
@@ -31,6 +32,10 @@ from vsproxy.mjpeg import MAX_HEADER_BYTES, MjpegError, MultipartParser, boundar
 from vsproxy.sources.mjpeg import MjpegSource
 
 WAIT = 15.0  # generous bound for anything that should take well under a second
+# This module's upstream and its own (longer) waits, on the shared helpers.
+upstream_status = partial(helpers.upstream_status, name="cam")
+wait_upstream = partial(helpers.wait_upstream, timeout=WAIT, name="cam")
+recv = partial(helpers.recv, timeout=WAIT)
 CAMERA_HOST = "camera"  # placeholder host in test configs, replaced by the camera's address
 
 
@@ -319,27 +324,10 @@ def proxy_config(request, proxy_config):
 
 
 
-async def upstream_status(api, name: str = "cam") -> dict:
-    code, body, _ = await api.call("GET", "/upstreams")
-    assert code == 200, body
-    return next(u for u in body["upstreams"] if u["name"] == name)
 
 
-async def wait_upstream(api, what: str, check: Callable[[dict], bool], timeout: float = WAIT) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await upstream_status(api)
-        if check(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; upstream is {status}")
-        await asyncio.sleep(0.05)
 
 
-async def recv(conn, timeout: float = WAIT) -> str | bytes:
-    message = await asyncio.wait_for(conn.read_message(), timeout)
-    assert message is not None, "the viewer's connection closed"
-    return message
 
 
 async def camera_frames(conn, camera: MjpegCamera, count: int, after: int = 0,
@@ -349,7 +337,7 @@ async def camera_frames(conn, camera: MjpegCamera, count: int, after: int = 0,
     seqs: list[int] = []
     deadline = time.monotonic() + WAIT
     while len(seqs) < count:
-        message = await recv(conn, max(0.01, deadline - time.monotonic()))
+        message = await recv(conn, timeout=max(0.01, deadline - time.monotonic()))
         if isinstance(message, str):
             if texts is not None:
                 texts.append(json.loads(message))
@@ -414,7 +402,7 @@ async def test_viewers_survive_a_camera_restart_on_the_same_port(camera, api, ws
     texts: list[dict] = []
     deadline = time.monotonic() + WAIT
     while not any(t["type"] == "error" for t in texts):  # told, and still connected
-        message = await recv(conn, max(0.01, deadline - time.monotonic()))
+        message = await recv(conn, timeout=max(0.01, deadline - time.monotonic()))
         if isinstance(message, str):
             texts.append(json.loads(message))
     assert all(t["type"] in ("status", "error") and t["message"] for t in texts), texts

@@ -15,9 +15,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import helpers
 import pytest
 from conftest import TEST_DEFAULTS, free_port, merge
 from helpers import wait_until
@@ -30,6 +31,10 @@ from vsproxy.config import config_from_dict
 UPSTREAM = "sim-rtsp"
 STREAM_SIZE = (640, 360)  # the test server's pictures
 WAIT = 30.0  # RTSP setup, probing and the first keyframe take about a second; CI machines are slow
+# This module's upstream and its own (longer) waits, on the shared helpers.
+upstream_status = partial(helpers.upstream_status, name=UPSTREAM)
+wait_upstream = partial(helpers.wait_upstream, timeout=WAIT, name=UPSTREAM)
+recv = partial(helpers.recv, timeout=WAIT)
 RECONNECT_WAIT = 60.0
 
 
@@ -108,28 +113,10 @@ def rtsp_threads():
 
 
 
-async def upstream_status(api) -> dict:
-    code, body, _ = await api.call("GET", "/upstreams")
-    assert code == 200, body
-    (status,) = [u for u in body["upstreams"] if u["name"] == UPSTREAM]
-    return status
 
 
-async def wait_upstream(api, what: str, check: Callable[[dict], bool], timeout: float = WAIT) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await upstream_status(api)
-        if check(status):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; upstream: {status}")
-        await asyncio.sleep(0.1)
 
 
-async def recv(conn, timeout: float = WAIT) -> str | bytes:
-    message = await asyncio.wait_for(conn.read_message(), timeout)
-    assert message is not None, "the viewer's WebSocket closed"
-    return message
 
 
 async def binary_viewer(api, ws_connect) -> tuple[str, Any]:
@@ -149,7 +136,7 @@ async def read_jpegs(conn, count: int, timeout: float = WAIT, distinct: bool = F
     deadline = time.monotonic() + timeout
     while len(frames) < count:
         try:
-            message = await recv(conn, max(0.01, deadline - time.monotonic()))
+            message = await recv(conn, timeout=max(0.01, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise AssertionError(f"{len(frames)} of {count} frames within {timeout:g} s; texts: {texts}") from None
         if isinstance(message, str):
