@@ -40,7 +40,8 @@
     const seconds = (Date.parse(nowIso) - Date.parse(iso)) / 1000;
     return seconds < 2 ? "now" : duration(seconds) + " ago";
   }
-  const TRANSPORT_NAMES = { ws_json: "ws", ws_binary: "ws bin", mjpeg: "mjpeg" };
+  // Display names of the transports, sent by the server with every state (outputs/wire.py).
+  let TRANSPORT_NAMES = {};
   function transports(cell, viewers) {
     cell.replaceChildren();
     for (const [transport, count] of Object.entries(viewers)) {
@@ -360,6 +361,7 @@
 
   function render(state) {
     lastState = state;
+    TRANSPORT_NAMES = state.transportLabels || TRANSPORT_NAMES;
     renderTotals(state.totals);
     renderSessions(state);
     renderUpstreams(state);

@@ -20,7 +20,7 @@ from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
 
 from vsproxy import __version__
-from vsproxy.hub import TRANSPORTS
+from vsproxy.outputs import TRANSPORTS
 
 SIM_FPS = 30  # the `sim` fixture's rate
 FPS_RANGE = (15, 40)  # "near the upstream rate" on a loaded CI machine
@@ -111,7 +111,7 @@ async def test_state_has_totals_sessions_and_upstreams(sim, proxy, api, ws_conne
         await asyncio.sleep(0.2)
     viewer.cancel()
 
-    assert set(body) == {"generatedAt", "totals", "sessions", "upstreams"}
+    assert set(body) == {"generatedAt", "transportLabels", "totals", "sessions", "upstreams"}
     totals = body["totals"]
     assert set(totals) == TOTAL_KEYS
     assert totals["sessions"] == 2 and totals["viewers"] == 1 and totals["version"] == __version__

@@ -16,19 +16,8 @@ from mjpeg_reader import MjpegReader
 from tornado.iostream import IOStream
 
 from vsproxy.config import ReconnectConfig, StreamingConfig
-from vsproxy.hub import (
-    MJPEG,
-    MJPEG_BOUNDARY,
-    WS_BINARY,
-    WS_JSON,
-    Frame,
-    FrameHub,
-    RateMeter,
-    TransportStats,
-    Viewer,
-    _picture_size,
-    ws_frame,
-)
+from vsproxy.hub import Frame, FrameHub, RateMeter, _picture_size
+from vsproxy.outputs import MJPEG, MJPEG_BOUNDARY, WS_BINARY, WS_JSON, TransportStats, Viewer, ws_frame
 from vsproxy.render import TestPattern, jpeg_size
 from vsproxy.sources import Source
 
@@ -208,6 +197,9 @@ async def test_viewer_fps_cap_skips_frames_that_come_too_soon():
 class IdleSource(Source):
     kind = "test"
 
+    def __init__(self) -> None:
+        super().__init__("unit", None, ReconnectConfig())
+
 
 @pytest.mark.gen_test(timeout=20)
 async def test_hub_sends_each_viewer_its_format_and_drops_only_stalled_viewers():
@@ -318,7 +310,7 @@ async def test_a_session_attaching_as_the_linger_expires_keeps_the_upstream():
 @pytest.mark.gen_test(timeout=10)
 async def test_relay_to_an_upstream_that_stops_reading_is_refused_not_queued():
     """Viewer input to a peer that takes nothing: refused once 1 MiB waits, accepted again later."""
-    from vsproxy.sources import RelayBudget
+    from vsproxy.sources.base import RelayBudget
 
     pending: list[asyncio.Future] = []
 

@@ -26,7 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
-from vsproxy.hub import TRANSPORTS
+from vsproxy.outputs import TRANSPORTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

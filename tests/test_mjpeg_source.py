@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mjpeg_camera import DIALECTS, MjpegCamera
 
-from vsproxy.config import MjpegUpstream, ReconnectConfig
-from vsproxy.mjpeg import MAX_HEADER_BYTES, MjpegError, MultipartParser, boundary_from_content_type
-from vsproxy.sources.mjpeg import MjpegSource
+from vsproxy.config import ReconnectConfig
+from vsproxy.sources.mjpeg import MjpegSource, MjpegUpstream
+from vsproxy.sources.multipart import MAX_HEADER_BYTES, MjpegError, MultipartParser, boundary_from_content_type
 
 WAIT = 15.0  # generous bound for anything that should take well under a second
 # This module's upstream and its own (longer) waits, on the shared helpers.

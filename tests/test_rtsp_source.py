@@ -355,8 +355,8 @@ class RecordingHub:
 
 @pytest.mark.gen_test(timeout=120)
 async def test_a_blocked_event_loop_costs_dropped_frames_never_a_queue(rtsp_server, rtsp_threads):
-    from vsproxy.config import ReconnectConfig, RtspUpstream
-    from vsproxy.sources.rtsp import RtspSource
+    from vsproxy.config import ReconnectConfig
+    from vsproxy.sources.rtsp import RtspSource, RtspUpstream
 
     source = RtspSource("direct", RtspUpstream(url=rtsp_server.url), ReconnectConfig())
     hub = RecordingHub()

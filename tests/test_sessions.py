@@ -10,8 +10,9 @@ import socket
 import pytest
 from tornado.iostream import IOStream
 
-from vsproxy.config import DemoConfig, ReconnectConfig, StreamingConfig
-from vsproxy.hub import WS_JSON, FrameHub, Viewer
+from vsproxy.config import ReconnectConfig, StreamingConfig
+from vsproxy.hub import FrameHub
+from vsproxy.outputs import WS_JSON, Viewer
 from vsproxy.sessions import (
     InvalidSessionRequest,
     SessionLimitReached,
@@ -20,7 +21,7 @@ from vsproxy.sessions import (
     iso_utc,
     new_session_id,
 )
-from vsproxy.sources.demo import DemoSource
+from vsproxy.sources.demo import DemoConfig, DemoSource
 
 SESSION_ID_RE = re.compile(r"^stream_\d{13}_[0-9a-f]{32}$")
 IDLE_TIMEOUT = 300.0
@@ -43,7 +44,7 @@ class FakeClock:
 @pytest.fixture
 def hub(io_loop):
     """A real frame hub on a tiny, slow demo source; stopped at teardown."""
-    frame_hub = FrameHub("demo", DemoSource("demo", DemoConfig(width=16, height=16, fps=2)),
+    frame_hub = FrameHub("demo", DemoSource("demo", DemoConfig(width=16, height=16, fps=2), ReconnectConfig()),
                          streaming=StreamingConfig(linger_seconds=0), reconnect=ReconnectConfig())
     yield frame_hub
     io_loop.run_sync(frame_hub.stop)

@@ -32,7 +32,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from vsproxy import render
-from vsproxy.hub import WS_BINARY
+from vsproxy.outputs import WS_BINARY
 from vsproxy.simulate import SimulatedIsaacSim
 
 CONNECTED = {"type": "status", "message": "\u2705 Connected to video stream proxy"}

@@ -10,7 +10,6 @@ from typing import Any
 
 import tornado.httpserver
 import tornado.web
-from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import PeriodicCallback
 
 from .auth import Access, RateLimiter
@@ -18,7 +17,7 @@ from .config import Config
 from .handlers import api, dashboard, ingest, ops, pages, stream
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
-from .metrics import Metrics
+from .metrics import Metrics, ProxyCollector
 from .monitor import Monitor
 from .sessions import SessionManager
 from .sources import create_source
@@ -37,7 +36,7 @@ class Proxy:
         # public IP in the original README is an example, never a default.
         upstreams, default = config.upstream_configs()
         self.hubs: dict[str, FrameHub] = {
-            name: FrameHub(name, create_source(name, settings, config),
+            name: FrameHub(name, create_source(name, settings, config.reconnect),
                            streaming=config.streaming, reconnect=config.reconnect)
             for name, settings in upstreams.items()
         }
@@ -53,8 +52,9 @@ class Proxy:
         self.access = Access(config.auth)
         limits = config.limits
         self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
-        self.metrics = Metrics(self)
-        self.monitor = Monitor(self)  # the operator dashboard's state
+        self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions))
+        self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
+                               started_at=self.started_at)
         self._timers: list[PeriodicCallback] = []
         self._server: tornado.httpserver.HTTPServer | None = None
         self._servers: list[tornado.httpserver.HTTPServer] = []
@@ -71,7 +71,7 @@ class Proxy:
             handlers += module.routes
         return tornado.web.Application(
             handlers,
-            proxy=self,
+            **self.handler_settings(),
             default_handler_class=NotFoundHandler,
             log_function=self._log_request,
             # Tornado's own message cap only guards against abuse; our configured, friendlier
@@ -80,6 +80,18 @@ class Proxy:
             websocket_ping_interval=20,
             websocket_ping_timeout=20,  # Tornado caps it at the interval
         )
+
+    def handler_settings(self) -> dict[str, Any]:
+        """What handlers may reach, each through a typed accessor of handlers.base.HandlerMixin."""
+        return {
+            "vsproxy_config": self.config,
+            "vsproxy_sessions": self.sessions,
+            "vsproxy_hubs": self.hubs,
+            "vsproxy_access": self.access,
+            "vsproxy_monitor": self.monitor,
+            "vsproxy_metrics": self.metrics,
+            "vsproxy_session_create_limiter": self.session_create_limiter,
+        }
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
         self.metrics.observe_request(handler)
@@ -90,30 +102,6 @@ class Proxy:
             level = logging.DEBUG  # probes, scrapes and dashboard refreshes would drown the log
         access_log.log(level, "%d %s %s %.1fms", status, handler.request.method,
                        handler.request.path, 1000 * handler.request.request_time())
-
-    def public_base_url(self, request: HTTPServerRequest) -> str:
-        """http(s)://host[:port] as clients reach this server, for the URLs the API returns."""
-        cfg = self.config.server
-        if cfg.public_url:
-            return cfg.public_url.rstrip("/")
-        scheme, host = request.protocol, request.host
-        if cfg.trust_proxy_headers:
-            forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
-            forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-            if forwarded_proto in ("http", "https"):
-                scheme = forwarded_proto
-            if forwarded_host:
-                host = forwarded_host
-        return f"{scheme}://{host}"
-
-    def client_address(self, request: HTTPServerRequest) -> str:
-        """The client's IP, for per-address limits (X-Forwarded-For only behind a trusted proxy)."""
-        if self.config.server.trust_proxy_headers:
-            # The last entry is the one our own proxy added; earlier ones are the client's word.
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
-            if forwarded:
-                return forwarded
-        return request.remote_ip or "unknown"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -148,7 +136,8 @@ class Proxy:
         self._server = self.make_app().listen(port, address=address, ssl_options=context)
         self._servers = [self._server]
         if self.config.server.metrics_port:
-            metrics_app = tornado.web.Application(ops.metrics_routes, proxy=self, log_function=self._log_request)
+            metrics_app = tornado.web.Application(ops.metrics_routes, **self.handler_settings(),
+                                                  log_function=self._log_request)
             self._servers.append(metrics_app.listen(self.config.server.metrics_port, address=address,
                                                     ssl_options=context))
         self.start_background_tasks()

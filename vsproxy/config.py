@@ -8,6 +8,7 @@ key it is about and what was expected, so `vsproxy` can print one line and exit 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import typing
@@ -18,188 +19,161 @@ from typing import Any
 
 import yaml
 
+from . import sources
 from .auth import redact_url
-
-
-class ConfigError(Exception):
-    """A configuration value is missing, unknown, mistyped or out of range."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
-
-
-def _bounds(minimum: float | None = None, maximum: float | None = None, choices: tuple = ()) -> dict:
-    return {"min": minimum, "max": maximum, "choices": choices}
+from .schema import ConfigError, number_text, setting
+from .sources.demo import DemoConfig
+from .sources.isaac import IsaacUpstream
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = field(default=8889, metadata=_bounds(1, 65535))
-    # Base URL the API uses for wsUrl/httpStreamUrl, e.g. "https://video.example.com".
-    # Empty: built from the request's scheme and Host header.
-    public_url: str = ""
-    # Honour X-Forwarded-Proto / X-Forwarded-Host (only behind a reverse proxy you control).
-    trust_proxy_headers: bool = False
-    # Seconds a graceful shutdown waits for viewers to be told before the process exits.
-    shutdown_timeout_seconds: float = field(default=3.0, metadata=_bounds(0, 60))
-    # Serve /metrics on this port instead of the main one (0: on the main port).
-    metrics_port: int = field(default=0, metadata=_bounds(0, 65535))
+    """Where and how vsproxy listens."""
+
+    host: str = setting("0.0.0.0", doc="address to listen on (flag --host, env VIDEO_PROXY_HOST)")
+    port: int = setting(8889, min=1, max=65535, doc="port to listen on (flag --port, env VIDEO_PROXY_PORT)")
+    public_url: str = setting("", doc="base URL of wsUrl/httpStreamUrl, e.g. `https://video.example.com`; "
+                                      "empty: from the request's scheme and Host")
+    trust_proxy_headers: bool = setting(False, doc="honour X-Forwarded-Proto/-Host/-For (only behind a "
+                                                   "reverse proxy you control)")
+    shutdown_timeout_seconds: float = setting(3.0, min=0, max=60, doc="how long a graceful shutdown waits "
+                                                                      "for open connections to close")
+    metrics_port: int = setting(0, min=0, max=65535, doc="serve /metrics on this port instead; 0: on the "
+                                                         "main port")
 
 
 @dataclass(frozen=True)
 class IsaacSimConfig:
-    # Address of the Isaac Sim host. Empty: no Isaac Sim; sessions stream the built-in demo source.
-    ip: str = ""
-    port: int = field(default=8211, metadata=_bounds(1, 65535))
-    ws_port: int = field(default=8211, metadata=_bounds(1, 65535))
-    ws_path: str = "/"
-    secure: bool = False  # wss:// instead of ws://
-    headers: dict = field(default_factory=dict)  # extra handshake headers (str -> str)
+    """The implicit `isaac` upstream of the original service."""
 
-
-@dataclass(frozen=True)
-class DemoConfig:
-    width: int = field(default=1280, metadata=_bounds(16, 7680))
-    height: int = field(default=720, metadata=_bounds(16, 4320))
-    fps: float = field(default=30.0, metadata=_bounds(0.1, 120))
-    quality: int = field(default=80, metadata=_bounds(1, 100))
+    ip: str = setting("", doc="Isaac Sim host (env ISAAC_SIM_IP); empty: sessions stream the built-in "
+                              "demo source")
+    port: int = setting(8211, min=1, max=65535, doc="Isaac Sim HTTP port, reported by /health (env "
+                                                    "ISAAC_SIM_PORT)")
+    ws_port: int = setting(8211, min=1, max=65535, doc="port of the upstream `ws://{ip}:{ws_port}{ws_path}` "
+                                                       "(env ISAAC_SIM_WS_PORT)")
+    ws_path: str = setting("/", doc="path of that WebSocket (env ISAAC_SIM_WS_PATH)")
+    secure: bool = setting(False, doc="connect with `wss://` instead of `ws://`")
+    headers: dict = setting(factory=dict, doc="extra handshake headers, e.g. Authorization (never logged)")
 
 
 @dataclass(frozen=True)
 class SessionsConfig:
-    idle_timeout_seconds: float = field(default=300.0, metadata=_bounds(1, 86400 * 7))
-    cleanup_interval_seconds: float = field(default=30.0, metadata=_bounds(0.05, 3600))
+    """Session lifetime."""
+
+    idle_timeout_seconds: float = setting(300.0, min=1, max=86400 * 7, doc="sessions without viewers idle "
+                                                                           "this long are destroyed")
+    cleanup_interval_seconds: float = setting(30.0, min=0.05, max=3600, doc="how often to look for them")
 
 
 @dataclass(frozen=True)
 class StreamingConfig:
-    # Upstream connection stays open this long after its last session is destroyed.
-    linger_seconds: float = field(default=30.0, metadata=_bounds(0, 3600))
-    # A viewer that has not drained a single frame for this long is disconnected.
-    stall_timeout_seconds: float = field(default=30.0, metadata=_bounds(0.1, 3600))
-    # While the upstream is down, MJPEG and binary WebSocket viewers get an "offline" frame this often.
-    offline_frame_interval_seconds: float = field(default=1.0, metadata=_bounds(0.1, 60))
-    # Largest viewer -> upstream message relayed; bigger ones get an error message.
-    max_viewer_message_bytes: int = field(default=65536, metadata=_bounds(16, 16 * 1024 * 1024))
+    """Fan-out to viewers."""
+
+    linger_seconds: float = setting(30.0, min=0, max=3600, doc="an upstream stays connected this long "
+                                                               "after its last session")
+    stall_timeout_seconds: float = setting(30.0, min=0.1, max=3600, doc="a viewer that takes no frame "
+                                                                        "this long is disconnected")
+    offline_frame_interval_seconds: float = setting(1.0, min=0.1, max=60, doc="how often MJPEG and binary "
+                                                    "WebSocket viewers get the offline picture while the "
+                                                    "upstream is down")
+    max_viewer_message_bytes: int = setting(65536, min=16, max=16 * 1024 * 1024, doc="largest viewer "
+                                            "message relayed upstream; larger ones get an error")
 
 
 @dataclass(frozen=True)
 class ReconnectConfig:
-    initial_delay_seconds: float = field(default=0.5, metadata=_bounds(0.01, 60))
-    max_delay_seconds: float = field(default=10.0, metadata=_bounds(0.01, 3600))
-    connect_timeout_seconds: float = field(default=5.0, metadata=_bounds(0.1, 120))
-    ping_interval_seconds: float = field(default=10.0, metadata=_bounds(0, 3600))
-    # An upstream that delivers no frame for this long counts as lost and is reconnected.
-    frame_timeout_seconds: float = field(default=10.0, metadata=_bounds(0.1, 3600))
-    max_message_bytes: int = field(default=16 * 1024 * 1024, metadata=_bounds(1024, 256 * 1024 * 1024))
+    """Upstream connections: exponential backoff with jitter, timeouts."""
+
+    initial_delay_seconds: float = setting(0.5, min=0.01, max=60, doc="first retry delay, doubled per "
+                                                                      "failure")
+    max_delay_seconds: float = setting(10.0, min=0.01, max=3600, doc="largest retry delay")
+    connect_timeout_seconds: float = setting(5.0, min=0.1, max=120, doc="connecting an upstream gives up "
+                                                                        "after this long")
+    ping_interval_seconds: float = setting(10.0, min=0, max=3600, doc="WebSocket pings to the upstream "
+                                                                      "(0: none)")
+    frame_timeout_seconds: float = setting(10.0, min=0.1, max=3600, doc="an upstream that sends no frame "
+                                                                        "this long counts as lost")
+    max_message_bytes: int = setting(16 * 1024 * 1024, min=1024, max=256 * 1024 * 1024, doc="largest "
+                                     "upstream WebSocket message accepted")
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_sessions: int = field(default=100, metadata=_bounds(1, 1_000_000))
-    max_sessions_per_user: int = field(default=20, metadata=_bounds(1, 1_000_000))
-    max_viewers_per_session: int = field(default=50, metadata=_bounds(1, 100_000))
-    max_body_bytes: int = field(default=65536, metadata=_bounds(64, 64 * 1024 * 1024))
-    # POST /session/create per client address: a token bucket (per second, and burst).
-    session_create_rate: float = field(default=2.0, metadata=_bounds(0.01, 10_000))
-    session_create_burst: int = field(default=20, metadata=_bounds(1, 100_000))
-    # Viewer -> upstream messages per viewer: a token bucket; beyond it an error, then close 1008.
-    viewer_message_rate: float = field(default=100.0, metadata=_bounds(0.1, 100_000))
-    viewer_message_burst: int = field(default=200, metadata=_bounds(1, 1_000_000))
+    """Limits on what clients may make the proxy do."""
+
+    max_sessions: int = setting(100, min=1, max=1_000_000, doc="sessions in all; 503 beyond")
+    max_sessions_per_user: int = setting(20, min=1, max=1_000_000, doc="sessions per userId; 429 beyond")
+    max_viewers_per_session: int = setting(50, min=1, max=100_000, doc="viewers per session; 503 or "
+                                                                       "WebSocket close 1013 beyond")
+    max_body_bytes: int = setting(65536, min=64, max=64 * 1024 * 1024, doc="largest JSON request body; "
+                                                                           "413 beyond")
+    session_create_rate: float = setting(2.0, min=0.01, max=10_000, doc="POST /session/create per client "
+                                                                        "address per second; 429 with "
+                                                                        "Retry-After beyond")
+    session_create_burst: int = setting(20, min=1, max=100_000, doc="burst of those")
+    viewer_message_rate: float = setting(100.0, min=0.1, max=100_000, doc="viewer messages per viewer per "
+                                                                          "second; an error, then close "
+                                                                          "1008 beyond")
+    viewer_message_burst: int = setting(200, min=1, max=1_000_000, doc="burst of those")
 
 
 @dataclass(frozen=True)
 class CorsConfig:
-    # Origins allowed to call the REST API and open WebSockets; "*" allows any (development only).
-    allowed_origins: list = field(default_factory=lambda: ["http://localhost:3000"])
+    """Browser origins."""
+
+    allowed_origins: list = setting(factory=lambda: ["http://localhost:3000"], doc="origins allowed to "
+                                    "call the REST API and open WebSockets; `\"*\"` for any (development "
+                                    "only)")
 
 
 @dataclass(frozen=True)
 class ViewerTokensConfig:
-    enabled: bool = False
-    secret: str = ""  # HMAC key, at least 32 characters when enabled
-    ttl_seconds: float = field(default=3600.0, metadata=_bounds(10, 30 * 86400))
+    """Signed, expiring viewer tokens."""
+
+    enabled: bool = setting(False, doc="POST /session/create returns a `viewerToken`; stream and embed "
+                                       "URLs need it")
+    secret: str = setting("", doc="HMAC key, 32+ random characters when enabled")
+    ttl_seconds: float = setting(3600.0, min=10, max=30 * 86400, doc="how long a viewer token is valid")
 
 
 @dataclass(frozen=True)
 class AuthConfig:
-    # Bearer tokens for session management (/session/*, /sessions, /upstreams). Empty: open.
-    api_tokens: list = field(default_factory=list)
+    """Credentials (see Security)."""
+
+    api_tokens: list = setting(factory=list, doc="Bearer tokens (16+ characters) for /session/*, "
+                                                 "/sessions, /upstreams; empty: open")
     viewer_tokens: ViewerTokensConfig = field(default_factory=ViewerTokensConfig)
-    # username -> password for HTTP Basic on /dashboard and its API. Empty: open.
-    operators: dict = field(default_factory=dict)
-    # Bearer token for /metrics. Empty: open (or use server.metrics_port to keep it off the main port).
-    metrics_token: str = ""
+    operators: dict = setting(factory=dict, doc="user -> password (8+ characters), HTTP Basic for "
+                                                "/dashboard; empty: open")
+    metrics_token: str = setting("", doc="Bearer token (16+ characters) for /metrics; empty: open")
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    cert_file: str = ""  # PEM certificate (chain); with key_file, serve HTTPS and WSS
-    key_file: str = ""
+    """HTTPS and WSS served by vsproxy itself."""
+
+    cert_file: str = setting("", doc="PEM certificate (chain); with key_file, serve HTTPS and WSS")
+    key_file: str = setting("", doc="PEM private key")
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
-    # Who may frame the embed page (CSP frame-ancestors): the frontend that shows it.
-    frame_ancestors: list = field(default_factory=lambda: ["'self'", "http://localhost:3000"])
+    """Browser security headers."""
+
+    frame_ancestors: list = setting(factory=lambda: ["'self'", "http://localhost:3000"], doc="who may "
+                                    "frame the embed page (CSP frame-ancestors): your frontend's origin")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = field(default="info", metadata=_bounds(choices=("debug", "info", "warning", "error")))
-    format: str = field(default="text", metadata=_bounds(choices=("text", "json")))
+    """Logs."""
+
+    level: str = setting("info", choices=("debug", "info", "warning", "error"), doc="flag --log-level")
+    format: str = setting("text", choices=("text", "json"), doc="`json`: one JSON object per line (flag "
+                                                               "--log-format)")
 
 
-# -- named upstreams: `upstreams: {name: {kind: ..., ...}}`; `demo` settings are DemoConfig's ------
-
-@dataclass(frozen=True)
-class IsaacUpstream:
-    """An Isaac Sim WebSocket stream (binary JPEG messages, or {"type": "frame", "data": base64})."""
-
-    url: str = ""  # ws:// or wss://
-    headers: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MjpegUpstream:
-    """An HTTP(S) multipart/x-mixed-replace camera (ROS web_video_server, IP cameras)."""
-
-    url: str = ""  # http:// or https://
-    headers: dict = field(default_factory=dict)
-    max_part_bytes: int = field(default=8 * 1024 * 1024, metadata=_bounds(1024, 256 * 1024 * 1024))
-
-
-@dataclass(frozen=True)
-class RtspUpstream:
-    """An RTSP H.264/MJPEG stream (Isaac Sim's isaacsim.streaming.rtsp), re-encoded to JPEG."""
-
-    url: str = ""  # rtsp:// or rtsps://
-    transport: str = field(default="tcp", metadata=_bounds(choices=("tcp", "udp")))
-    quality: int = field(default=80, metadata=_bounds(1, 100))
-    max_width: int = field(default=1920, metadata=_bounds(16, 7680))
-    max_height: int = field(default=1080, metadata=_bounds(16, 4320))
-
-
-@dataclass(frozen=True)
-class PushUpstream:
-    """Frames published to vsproxy (WS /ingest/{name} or POST /ingest/{name}/frame) with a token."""
-
-    token: str = ""
-    max_frame_bytes: int = field(default=8 * 1024 * 1024, metadata=_bounds(1024, 256 * 1024 * 1024))
-
-
-UPSTREAM_KINDS: dict[str, type] = {
-    "demo": DemoConfig,
-    "isaac": IsaacUpstream,
-    "mjpeg": MjpegUpstream,
-    "rtsp": RtspUpstream,
-    "push": PushUpstream,
-}
-_URL_SCHEMES = {IsaacUpstream: ("ws://", "wss://"), MjpegUpstream: ("http://", "https://"),
-                RtspUpstream: ("rtsp://", "rtsps://")}
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -217,11 +191,11 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Named upstreams (name -> one of UPSTREAM_KINDS' settings), which robot uses which, and the
-    # upstream of sessions that name neither. Empty: "isaac" if isaac_sim.ip is set, else "demo".
-    upstreams: dict = field(default_factory=dict)
-    robots: dict = field(default_factory=dict)
-    default_upstream: str = ""
+    upstreams: dict = setting(factory=dict, values="name -> `{kind: ..., ...}`",
+                              doc="named upstreams (the keys of each kind are listed below)")
+    robots: dict = setting(factory=dict, doc="robotName -> upstream name")
+    default_upstream: str = setting("", doc="upstream of sessions that name none; empty: `isaac` if "
+                                            "isaac_sim.ip is set, else `demo`")
 
     def upstream_configs(self) -> tuple[dict[str, Any], str]:
         """Every upstream by name (the implicit "demo" and "isaac" ones included) and the default."""
@@ -314,7 +288,7 @@ def _expected(ftype: type, meta: Mapping) -> str:
     text = names.get(ftype, ftype.__name__)
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
-        text += f" from {lo:g} to {hi:g}"
+        text += f" from {number_text(lo)} to {number_text(hi)}"
     return text
 
 
@@ -396,16 +370,15 @@ def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
         key = f"{prefix}.{name}"
         if not isinstance(name, str) or not UPSTREAM_NAME_RE.match(name):
             raise ConfigError(key, "upstream names are 1-64 letters, digits, '.', '_' or '-'")
-        if not isinstance(entry, dict) or entry.get("kind") not in UPSTREAM_KINDS:
-            raise ConfigError(f"{key}.kind", "expected one of " + ", ".join(UPSTREAM_KINDS))
-        cls = UPSTREAM_KINDS[entry["kind"]]
-        settings = _build(cls, {k: v for k, v in entry.items() if k != "kind"}, key)
-        schemes = _URL_SCHEMES.get(cls)
+        if not isinstance(entry, dict) or entry.get("kind") not in sources.KINDS:
+            raise ConfigError(f"{key}.kind", "expected one of " + ", ".join(sources.KINDS))
+        source = sources.source_class(entry["kind"])
+        settings = _build(source.settings_class, {k: v for k, v in entry.items() if k != "kind"}, key)
+        schemes = source.url_schemes
         if schemes and not settings.url.startswith(schemes):
             got = redact_url(settings.url)
             raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
-        if cls is PushUpstream and len(settings.token) < 8:
-            raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")
+        source.check_settings(settings, key)
         upstreams[name] = settings
     return upstreams
 
@@ -509,3 +482,59 @@ def config_from_dict(tree: Mapping[str, Any]) -> Config:
     config = _build(Config, dict(tree), "")
     _cross_checks(config)
     return config
+
+
+# -- the configuration reference (README), generated from the schema ---------------------------
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str):
+        return f"`{value}`" if value else "empty"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if isinstance(value, (list, dict)):
+        return f"`{json.dumps(value)}`" if value else "none"
+    return f"`{value}`"
+
+
+def _values_text(ftype: type, meta: Mapping) -> str:
+    if meta.get("values"):
+        return meta["values"]
+    if meta.get("choices"):
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{number_text(lo)} to {number_text(hi)}"
+    return {int: "integer", float: "number", str: "string", bool: "boolean", list: "list of strings",
+            dict: "mapping of strings"}.get(ftype, ftype.__name__)
+
+
+def _reference_rows(cls: Any, prefix: str, note: str = "") -> list[str]:
+    rows = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        ftype = hints[f.name]
+        if dataclasses.is_dataclass(ftype):
+            rows += _reference_rows(ftype, f"{prefix}{f.name}.")
+            continue
+        doc = f.metadata.get("doc")
+        if not doc:
+            raise ValueError(f"{prefix}{f.name} has no doc (declare it with schema.setting)")
+        rows.append(f"| `{prefix}{f.name}` | {_default_text(getattr(defaults, f.name))} | "
+                    f"{_values_text(ftype, f.metadata)} | {note}{doc} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The README's configuration table: every key of the schema, each source kind's included."""
+    rows = ["| Key | Default | Values | Meaning |", "|---|---|---|---|"]
+    rows += _reference_rows(Config, "")
+    for kind in sources.KINDS:
+        rows += _reference_rows(sources.source_class(kind).settings_class, "upstreams.<name>.", f"(`{kind}`) ")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m vsproxy.config > the README's table
+    print(reference_markdown(), end="")

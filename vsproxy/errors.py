@@ -3,6 +3,8 @@ and the message as JSON, so no layer below the handlers knows about HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+
 
 class ClientError(Exception):
     status = 400
@@ -25,3 +27,12 @@ class RateLimited(ClientError):
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying what went wrong, for `lastError`, logs and the dashboard (no traceback)."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timed out"
+    return f"{name}: {text}" if text else name

@@ -1,32 +1,27 @@
 """The frame hub: one per upstream; keeps the latest frame and fans it out to every viewer.
 
-Hot path (per frame): build each wire representation once (`Frame.encoded`), then hand the same
-bytes to every viewer of that representation (`Viewer.offer`). A viewer whose socket is still busy
-keeps only the newest frame waiting (latest-frame-wins), so a slow viewer costs at most two frame
-references, never a queue, and never slows the others.
+Hot path (per frame): build each wire representation once (`Frame.encoded`, the encoders live in
+`vsproxy/outputs/wire.py`), then hand the same bytes to every viewer of that representation
+(`Viewer.offer`, `vsproxy/outputs/viewer.py`). Sources see the hub only through the narrow
+`HubLink` contract of `vsproxy/sources/base.py`.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
-import binascii
-import bisect
-import fcntl
-import json
 import logging
 import random
-import ssl
-import struct
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import IOStream, StreamClosedError
 
 from . import render
+from .errors import describe_error
+from .outputs import wire
+from .outputs.viewer import TransportStats, Viewer
+from .outputs.wire import MJPEG, TRANSPORTS, WS_BINARY, WS_JSON, WS_TRANSPORTS, status_message
 
 if TYPE_CHECKING:
     from .config import ReconnectConfig, StreamingConfig
@@ -34,57 +29,6 @@ if TYPE_CHECKING:
     from .sources import Source
 
 log = logging.getLogger("vsproxy.hub")
-
-# Viewer transports; also the `transport` label of the metrics.
-WS_JSON = "ws_json"
-WS_BINARY = "ws_binary"
-MJPEG = "mjpeg"
-TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)
-
-MJPEG_BOUNDARY = "vsproxyframe"
-
-
-def ws_frame(opcode: int, payload: bytes) -> bytes:
-    """A complete, unmasked server-to-client WebSocket frame (RFC 6455 §5.2).
-
-    Server frames carry no mask, so one frame's bytes are identical for every viewer of the same
-    format and are built once per video frame (permessage-deflate stays off for that reason).
-    """
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x80 | opcode, n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    return header + payload
-
-
-def _encode_ws_json(frame: Frame) -> bytes:
-    # The original service's message, {"type":"frame","data":"<base64 JPEG>"}, encoded once per frame.
-    b64 = binascii.b2a_base64(frame.jpeg, newline=False)
-    return ws_frame(0x1, b'{"type":"frame","data":"' + b64 + b'"}')
-
-
-def _encode_ws_binary(frame: Frame) -> bytes:
-    return ws_frame(0x2, frame.jpeg)
-
-
-def _encode_mjpeg(frame: Frame) -> bytes:
-    # Each part ends with the next boundary: Chrome shows a part only once the next boundary
-    # arrives, so sending it right away avoids showing every frame one frame late.
-    head = (
-        f"Content-Type: image/jpeg\r\nContent-Length: {len(frame.jpeg)}\r\n"
-        f"X-Frame-Seq: {frame.seq}\r\nX-Timestamp: {frame.timestamp:.6f}\r\n\r\n"
-    ).encode("ascii")
-    return b"".join((head, frame.jpeg, b"\r\n--" + MJPEG_BOUNDARY.encode("ascii") + b"\r\n"))
-
-
-_ENCODERS: dict[str, Callable[[Frame], bytes]] = {
-    WS_JSON: _encode_ws_json,
-    WS_BINARY: _encode_ws_binary,
-    MJPEG: _encode_mjpeg,
-}
 
 
 class Frame:
@@ -103,7 +47,7 @@ class Frame:
     def encoded(self, transport: str) -> bytes:
         data = self._encoded.get(transport)
         if data is None:
-            data = self._encoded[transport] = _ENCODERS[transport](self)
+            data = self._encoded[transport] = wire.encode(transport, self)
         return data
 
 
@@ -142,175 +86,6 @@ class RateMeter:
         intervals = max(count - 1, 1)
         nbytes = sum(n for _, n in self._events) * intervals / count
         return intervals / span, nbytes / span
-
-
-class LatencyBuckets:
-    """A histogram cheap enough for every write: one bisect and two additions.
-
-    prometheus-client's Histogram.observe takes a lock and costs several times more; the metrics
-    collector exports these counts as a histogram at scrape time instead.
-    """
-
-    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)  # the last one is +Inf
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
-        self.total += seconds
-
-
-class TransportStats:
-    """Counters of one transport, summed over all viewers that ever used it."""
-
-    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped", "latency")
-
-    def __init__(self) -> None:
-        self.frames_sent = 0
-        self.bytes_sent = 0
-        self.frames_dropped = 0
-        self.latency = LatencyBuckets()  # frame arrival -> written to the viewer's socket
-
-
-# Bytes in a socket's send queue not yet sent (Linux). Lets a viewer wait for the kernel too:
-# Linux grows a socket's send buffer to megabytes, so without this a slow viewer's frames queue
-# in the kernel, first in first out, and arrive seconds late.
-SIOCOUTQNSD = 0x894B
-
-
-class Viewer:
-    """One connected viewer socket: gets the newest frame whenever its socket can take one.
-
-    A frame is written only when nothing of the previous one is left, neither in Tornado's buffer
-    nor unsent in the kernel; otherwise it waits in a single slot, replaced by newer frames
-    (latest-frame-wins). `close` is how the owning handler disconnects the viewer (WebSocket close
-    or end of the MJPEG response); `send_text` delivers status/error/relayed text (None for MJPEG).
-    """
-
-    def __init__(
-        self,
-        stream: IOStream,
-        transport: str,
-        stats: TransportStats,
-        *,
-        close: Callable[[str], None],
-        send_text: Callable[[str], None] | None = None,
-        max_fps: float | None = None,
-    ) -> None:
-        self.stream = stream
-        self.transport = transport
-        self.stats = stats
-        self.close = close
-        self.send_text = send_text
-        self.min_interval = 0.95 / max_fps if max_fps else 0.0
-        self.connected_at = time.monotonic()
-        self.last_drain = self.connected_at  # last time the socket took a whole frame
-        self.last_sent_arrival = -1e9
-        self.frames_sent = 0
-        self.bytes_sent = 0
-        self.frames_dropped = 0
-        self._busy = False  # Tornado's buffer holds bytes; a drain callback is due
-        self._pending: Frame | None = None
-        self._inflight_arrived: float | None = None  # arrival time of a frame still being written
-        self._sock = stream.socket
-        self._fd = self._sock.fileno()
-        self._outq = array.array("i", [0])
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    @property
-    def pending(self) -> Frame | None:
-        return self._pending
-
-    def offer(self, frame: Frame, data: bytes) -> None:
-        """Hand the viewer a frame (`data` is that frame in this viewer's wire format)."""
-        if frame.arrived - self.last_sent_arrival < self.min_interval:
-            return  # this viewer asked for fewer frames per second
-        if self._busy or self.stream.writing() or self._kernel_backlog():
-            self._hold(frame)
-            return
-        if self._pending is not None:  # an older frame waited for the kernel: this one replaces it
-            self._pending = None
-            self.frames_dropped += 1
-            self.stats.frames_dropped += 1
-        self._send(frame, data)
-
-    def _hold(self, frame: Frame) -> None:
-        if self._pending is not None:
-            self.frames_dropped += 1
-            self.stats.frames_dropped += 1
-        self._pending = frame
-        if not self._busy and self.stream.writing():
-            # Tornado itself is writing (a status message, a ping): retry when that drains.
-            self._wait_for_drain(self.stream.write(b""))
-
-    def flush_pending(self) -> None:
-        """Send the waiting frame if the socket has room now (on drain, and on the hub's tick)."""
-        frame = self._pending
-        if frame is None or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
-            return
-        self._pending = None
-        self._send(frame, frame.encoded(self.transport))
-
-    def _kernel_backlog(self) -> bool:
-        if self._fd < 0:
-            return False
-        try:
-            fcntl.ioctl(self._fd, SIOCOUTQNSD, self._outq, True)
-        except OSError:
-            self._fd = -1  # not Linux, or not a TCP socket: rely on Tornado's buffer alone
-            return False
-        return self._outq[0] > 0
-
-    def _send(self, frame: Frame, data: bytes) -> None:
-        self.last_sent_arrival = frame.arrived
-        self.frames_sent += 1
-        self.bytes_sent += len(data)
-        self.stats.frames_sent += 1
-        self.stats.bytes_sent += len(data)
-        # One plain non-blocking send of the shared bytes: the common case costs no Future and no
-        # copy. Only what the kernel did not take goes through IOStream, as a view (no copy).
-        try:
-            sent = self._sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):
-            sent = 0
-        except OSError:
-            self.stream.close()
-            return
-        if sent == len(data):
-            now = self.last_drain = time.monotonic()
-            self.stats.latency.observe(now - frame.arrived)
-            return
-        try:
-            future = self.stream.write(memoryview(data)[sent:])
-        except StreamClosedError:
-            return
-        self._inflight_arrived = frame.arrived
-        self._wait_for_drain(future)
-
-    def _wait_for_drain(self, future: asyncio.Future) -> None:
-        self._busy = True
-        future.add_done_callback(self._drained)
-
-    def _drained(self, future: asyncio.Future) -> None:
-        self._busy = False
-        if future.cancelled() or future.exception() is not None:
-            return  # the stream closed; the handler's close callback tidies up
-        if self._inflight_arrived is not None:
-            now = self.last_drain = time.monotonic()
-            self.stats.latency.observe(now - self._inflight_arrived)
-            self._inflight_arrived = None
-        self.flush_pending()
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds this viewer has had a frame waiting that its socket would not take."""
-        return now - self.last_drain if (self._busy or self._pending is not None) else 0.0
 
 
 class FrameHub:
@@ -474,13 +249,14 @@ class FrameHub:
 
     # -- frames ------------------------------------------------------------------------------
 
-    def publish(self, jpeg: bytes) -> None:
+    def publish(self, jpeg: bytes) -> int:
         """A frame from the upstream: keep it as the latest and offer it to every viewer."""
         self.seq += 1
         frame = Frame(jpeg, self.seq)
         self.latest = frame
         self.rate_in.add(len(jpeg), frame.arrived)
         self._fan_out(frame, self.viewers)
+        return self.seq
 
     def _fan_out(self, frame: Frame, viewers_by_transport: dict[str, list[Viewer]]) -> None:
         for transport, viewers in viewers_by_transport.items():
@@ -542,7 +318,7 @@ class FrameHub:
 
     def relay_text(self, text: str) -> None:
         """Send a text message (status, or relayed from the upstream) to every WebSocket viewer."""
-        for transport in (WS_JSON, WS_BINARY):
+        for transport in WS_TRANSPORTS:
             for viewer in tuple(self.viewers[transport]):
                 viewer.send_text(text)  # type: ignore[misc]
 
@@ -600,15 +376,3 @@ def _picture_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
         return None
     scale = min(1.0, 1920 / size[0], 1080 / size[1])
     return max(16, int(size[0] * scale)), max(16, int(size[1] * scale))
-
-
-def status_message(kind: str, message: str) -> str:
-    return json.dumps({"type": kind, "message": message}, ensure_ascii=False)
-
-
-def describe_error(exc: BaseException) -> str:
-    text = str(exc).strip()
-    name = type(exc).__name__
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    return f"{name}: {text}" if text else name

@@ -17,30 +17,32 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from .hub import TRANSPORTS, LatencyBuckets
+from .outputs import TRANSPORTS, LatencyBuckets
 
 if TYPE_CHECKING:
     import tornado.web
 
-    from .app import Proxy
+    from .hub import FrameHub
+    from .sessions import SessionManager
 
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class ProxyCollector(Collector):
-    """Reads sessions, viewers, upstream state and frame counters from the live Proxy."""
+    """Reads sessions, viewers, upstream state and frame counters from the live objects."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, sessions: SessionManager, hubs: dict[str, FrameHub], max_sessions: int) -> None:
+        self.sessions = sessions
+        self.hubs = hubs
+        self.max_sessions = max_sessions
 
     def collect(self) -> Iterable:
-        proxy = self.proxy
-        sessions = proxy.sessions
-        hubs = list(proxy.hubs.values())
+        sessions = self.sessions
+        hubs = list(self.hubs.values())
 
         yield GaugeMetricFamily("vsproxy_sessions", "Sessions that exist now.", value=len(sessions))
         yield GaugeMetricFamily("vsproxy_sessions_max", "Configured maximum number of sessions.",
-                                value=proxy.config.limits.max_sessions)
+                                value=self.max_sessions)
         yield CounterMetricFamily("vsproxy_sessions_created", "Sessions created.", value=sessions.created_total)
         destroyed = CounterMetricFamily("vsproxy_sessions_destroyed",
                                         "Sessions destroyed, by reason (api, idle, shutdown).", labels=["reason"])
@@ -100,12 +102,12 @@ class ProxyCollector(Collector):
 class Metrics:
     """The registry and the metrics recorded outside the streaming path (HTTP requests)."""
 
-    def __init__(self, proxy: Proxy, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, collector: Collector, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.registry.register(ProxyCollector(proxy))
+        self.registry.register(collector)
         self.http_requests = Counter(
             "vsproxy_http_requests", "HTTP requests, by handler, method and status code.",
             ["handler", "method", "code"], registry=self.registry)

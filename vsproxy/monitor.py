@@ -20,13 +20,15 @@ from PIL import Image
 from tornado.ioloop import PeriodicCallback
 
 from . import __version__
-from .hub import TRANSPORTS
+from .outputs.wire import TRANSPORT_LABELS, TRANSPORTS
 from .sessions import iso_utc
 
 if TYPE_CHECKING:
-    from .app import Proxy
-    from .hub import FrameHub, Viewer
-    from .sessions import Session
+    from .auth import Access
+    from .config import Config
+    from .hub import FrameHub
+    from .outputs import Viewer
+    from .sessions import Session, SessionManager
 
 log = logging.getLogger("vsproxy.monitor")
 
@@ -98,11 +100,16 @@ def make_thumbnail(jpeg: bytes, width: int = THUMBNAIL_WIDTH, quality: int = 70)
 class Monitor:
     """Builds the dashboard state, keeps rate histories, makes thumbnails, pushes to listeners."""
 
-    def __init__(self, proxy: Proxy, clock: Callable[[], float] = time.monotonic) -> None:
-        self.proxy = proxy
+    def __init__(self, config: Config, hubs: dict[str, FrameHub], sessions: SessionManager, access: Access, *,
+                 started_at: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.hubs = hubs
+        self.sessions = sessions
+        self.access = access
+        self.started_at = started_at
         self.clock = clock
         self.listeners: set[Listener] = set()
-        self._hubs = {name: _HubTrack(hub) for name, hub in proxy.hubs.items()}
+        self._hubs = {name: _HubTrack(hub) for name, hub in hubs.items()}
         self._sessions: dict[str, _SessionTrack] = {}
         self._thumbnails: dict[str, _Thumbnail] = {}
         self._last_sample = clock()
@@ -166,13 +173,13 @@ class Monitor:
         now = self.clock()
         elapsed = max(now - self._last_sample, 1e-3)
         self._last_sample = now
-        for name, hub in self.proxy.hubs.items():
+        for name, hub in self.hubs.items():
             track = self._hubs.get(name)
             if track is None:
                 track = self._hubs[name] = _HubTrack(hub)
             self._sample_hub(hub, track, elapsed)
         alive: dict[str, _SessionTrack] = {}
-        for session in self.proxy.sessions.all():
+        for session in self.sessions.all():
             track = self._sessions.get(session.id) or _SessionTrack()
             self._sample_session(session, track, elapsed)
             alive[session.id] = track
@@ -222,15 +229,14 @@ class Monitor:
 
     def state(self) -> dict:
         """Everything the dashboard shows (see dashboard/README.md for the shape)."""
-        proxy = self.proxy
         now = time.time()
-        hubs = list(proxy.hubs.values())
+        hubs = list(self.hubs.values())
         upstreams = [self._upstream_json(hub) for hub in hubs]
-        sessions = [self._session_json(s, now) for s in proxy.sessions.all()]
+        sessions = [self._session_json(s, now) for s in self.sessions.all()]
         viewers = {t: sum(len(h.viewers[t]) for h in hubs) for t in TRANSPORTS}
         totals = {
             "sessions": len(sessions),
-            "maxSessions": proxy.config.limits.max_sessions,
+            "maxSessions": self.config.limits.max_sessions,
             "viewers": sum(viewers.values()),
             "viewersByTransport": viewers,
             "upstreams": len(hubs),
@@ -240,10 +246,11 @@ class Monitor:
             "bytesPerSecondIn": round(sum(u["bytesPerSecondIn"] for u in upstreams)),
             "fpsOut": round(sum(t.fps_out for t in self._hubs.values()), 1),
             "bytesPerSecondOut": round(sum(t.bytes_out for t in self._hubs.values())),
-            "uptimeSeconds": round(now - proxy.started_at, 1),
+            "uptimeSeconds": round(now - self.started_at, 1),
             "version": __version__,
         }
-        return {"generatedAt": iso_utc(now), "totals": totals, "sessions": sessions, "upstreams": upstreams}
+        return {"generatedAt": iso_utc(now), "transportLabels": TRANSPORT_LABELS, "totals": totals,
+                "sessions": sessions, "upstreams": upstreams}
 
     def state_json(self) -> str:
         return json.dumps(self.state(), ensure_ascii=False, separators=(",", ":"))
@@ -289,7 +296,7 @@ class Monitor:
         fps_in, _ = self._rates_in(hub)
         # With viewer tokens on, the page's embed link and stream URLs need one. Only handed to
         # authenticated operators: an open dashboard must not give out the capability to watch.
-        token = self.proxy.access.issue_viewer_token(session.id) if self.proxy.config.auth.operators else None
+        token = self.access.issue_viewer_token(session.id) if self.config.auth.operators else None
         return {
             "id": session.id,
             "userId": session.user_id,
@@ -324,7 +331,7 @@ class Monitor:
 
         Raises KeyError for an unknown upstream.
         """
-        hub = self.proxy.hubs[upstream]
+        hub = self.hubs[upstream]
         now = self.clock()
         cached = self._thumbnails.get(upstream)
         if cached is not None and now - cached.made < THUMBNAIL_MAX_AGE_SECONDS:

@@ -21,6 +21,8 @@ from functools import lru_cache
 from typing import Any
 
 from . import __version__
+from .outputs import WS_FORMATS
+from .sources import KINDS
 
 SESSION_ID_PATTERN = r"^stream_[0-9]{13,}_[0-9a-f]{32}$"
 VIEWER_TOKEN_PATTERN = r"^[0-9]{1,12}\.[A-Za-z0-9_-]{43}$"
@@ -117,7 +119,7 @@ SCHEMAS: dict[str, Any] = {
     }),
     "UpstreamStatus": _object({
         "name": {"type": "string"},
-        "kind": {"type": "string", "enum": ["demo", "isaac", "mjpeg", "rtsp", "push"]},
+        "kind": {"type": "string", "enum": list(KINDS)},
         "state": {"type": "string", "enum": ["idle", "connecting", "connected", "retrying"]},
         "lastError": {"type": ["string", "null"]},
         "fpsIn": {"type": "number", "minimum": 0},
@@ -188,7 +190,7 @@ PARAMETERS: dict[str, Any] = {
             "schema": {"type": "number", "minimum": 0.1, "maximum": 120}},
     "format": {"name": "format", "in": "query", "required": False,
                "description": "json: {\"type\": \"frame\", \"data\": base64}; binary: one binary message per JPEG.",
-               "schema": {"type": "string", "enum": ["json", "binary"], "default": "json"}},
+               "schema": {"type": "string", "enum": list(WS_FORMATS), "default": "json"}},
 }
 
 SECURITY_SCHEMES: dict[str, Any] = {

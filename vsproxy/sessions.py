@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from .errors import ClientError
 
 if TYPE_CHECKING:
-    from .hub import FrameHub, Viewer
+    from .hub import FrameHub
+    from .outputs import Viewer
 
 log = logging.getLogger("vsproxy.sessions")
 

@@ -13,12 +13,12 @@ class SessionCreateHandler(JsonHandler):
     auth_scope = "api"
 
     def post(self) -> None:
-        wait = self.proxy.session_create_limiter.check(self.proxy.client_address(self.request))
+        wait = self.session_create_limiter.check(self.client_address())
         if wait:
             raise RateLimited("Too many sessions created from this address; retry later", wait)
         body = self.json_body()
-        session = self.proxy.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
-        token = self.proxy.access.issue_viewer_token(session.id)
+        session = self.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
+        token = self.access.issue_viewer_token(session.id)
         reply = {
             "success": True,
             "sessionId": session.id,
@@ -34,13 +34,12 @@ class SessionHandler(JsonHandler):
     auth_scope = "api"
 
     def get(self, session_id: str) -> None:
-        session = self.proxy.sessions.get(session_id)
+        session = self.sessions.get(session_id)
         session.touch()
         self.send_json({"success": True, "session": session.to_json()})
 
     def delete(self, session_id: str) -> None:
-        self.proxy.sessions.destroy(session_id)
-        self.send_json({"success": True, "message": "Session destroyed"})
+        self.destroy_session(session_id)
 
 
 class SessionDestroyHandler(JsonHandler):
@@ -48,8 +47,7 @@ class SessionDestroyHandler(JsonHandler):
     auth_scope = "api"
 
     def post(self, session_id: str) -> None:
-        self.proxy.sessions.destroy(session_id)
-        self.send_json({"success": True, "message": "Session destroyed"})
+        self.destroy_session(session_id)
 
 
 class SessionsHandler(JsonHandler):
@@ -58,7 +56,7 @@ class SessionsHandler(JsonHandler):
 
     def get(self) -> None:
         now = time.time()
-        sessions = [s.to_json(now) for s in self.proxy.sessions.all()]
+        sessions = [s.to_json(now) for s in self.sessions.all()]
         self.send_json({"success": True, "count": len(sessions), "sessions": sessions})
 
 
@@ -67,8 +65,8 @@ class UpstreamsHandler(JsonHandler):
     auth_scope = "api"
 
     def get(self) -> None:
-        upstreams = [hub.status() for hub in self.proxy.hubs.values()]
-        self.send_json({"success": True, "default": self.proxy.sessions.default_upstream, "upstreams": upstreams})
+        upstreams = [hub.status() for hub in self.hubs.values()]
+        self.send_json({"success": True, "default": self.sessions.default_upstream, "upstreams": upstreams})
 
 
 _SESSION = r"(?P<session_id>[^/]+)"

@@ -1,4 +1,9 @@
-"""Shared handler plumbing: JSON errors, CORS, bounded request bodies, the URLs clients get back."""
+"""Shared handler plumbing: typed access to the app's collaborators, JSON errors, CORS, the
+WebSocket policy, bounded request bodies and the URLs clients get back.
+
+Handlers reach what they use through the narrow, typed properties of `HandlerMixin` (read from
+the Tornado application settings, the jupyter_server way), never through module globals.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,20 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
+from tornado.httputil import HTTPServerRequest
 from tornado.log import app_log
 
 from ..errors import ClientError
 
 if TYPE_CHECKING:
-    from ..app import Proxy
+    from ..auth import Access, RateLimiter
     from ..config import Config
+    from ..hub import FrameHub
+    from ..metrics import Metrics
+    from ..monitor import Monitor
+    from ..sessions import SessionManager
+
+JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 
 
 def origin_allowed(origin: str | None, allowed: list[str], host: str | None = None) -> bool:
@@ -30,24 +42,87 @@ def origin_allowed(origin: str | None, allowed: list[str], host: str | None = No
     return False
 
 
-class ProxyMixin:
-    """The Proxy object reaches handlers through the application settings, never module globals
-    (a property, because Tornado calls set_default_headers before initialize)."""
+def public_base_url(config: Config, request: HTTPServerRequest) -> str:
+    """http(s)://host[:port] as clients reach this server, for the URLs the API returns."""
+    cfg = config.server
+    if cfg.public_url:
+        return cfg.public_url.rstrip("/")
+    scheme, host = request.protocol, request.host
+    if cfg.trust_proxy_headers:
+        forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
+        forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if forwarded_proto in ("http", "https"):
+            scheme = forwarded_proto
+        if forwarded_host:
+            host = forwarded_host
+    return f"{scheme}://{host}"
+
+
+def client_address(config: Config, request: HTTPServerRequest) -> str:
+    """The client's IP, for per-address limits (X-Forwarded-For only behind a trusted proxy)."""
+    if config.server.trust_proxy_headers:
+        # The last entry is the one our own proxy added; earlier ones are the client's word.
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if forwarded:
+            return forwarded
+    return request.remote_ip or "unknown"
+
+
+def write_json_error(handler: tornado.web.RequestHandler, status: int, error: str,
+                     headers: dict[str, str] | None = None) -> None:
+    """The one JSON error body: {"success": false, "error": "..."} with `status` (and `headers`)."""
+    handler.set_status(status)
+    for name, value in (headers or {}).items():
+        handler.set_header(name, value)
+    handler.set_header("Content-Type", JSON_CONTENT_TYPE)
+    handler.finish(json.dumps({"success": False, "error": error}))
+
+
+class HandlerMixin:
+    """Typed accessors for the app's collaborators (properties, because Tornado calls
+    set_default_headers before initialize), credential checks and log hygiene."""
 
     settings: dict
-
-    @property
-    def proxy(self) -> Proxy:
-        return self.settings["proxy"]
+    request: HTTPServerRequest
 
     @property
     def config(self) -> Config:
-        return self.proxy.config
+        return self.settings["vsproxy_config"]
+
+    @property
+    def sessions(self) -> SessionManager:
+        return self.settings["vsproxy_sessions"]
+
+    @property
+    def hubs(self) -> dict[str, FrameHub]:
+        return self.settings["vsproxy_hubs"]
+
+    @property
+    def access(self) -> Access:
+        return self.settings["vsproxy_access"]
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.settings["vsproxy_monitor"]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.settings["vsproxy_metrics"]
+
+    @property
+    def session_create_limiter(self) -> RateLimiter:
+        return self.settings["vsproxy_session_create_limiter"]
+
+    def public_base_url(self) -> str:
+        return public_base_url(self.config, self.request)
+
+    def client_address(self) -> str:
+        return client_address(self.config, self.request)
 
     def _request_summary(self) -> str:
         # Tornado's summary (used in its warnings and error logs) is the full URI, and a query
         # string may carry a token: log method, path and client only.
-        request = self.request  # type: ignore[attr-defined]
+        request = self.request
         return f"{request.method} {request.path} ({request.remote_ip})"
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
@@ -61,30 +136,62 @@ class ProxyMixin:
 
     def require(self, scope: str | None) -> None:
         """Raise AccessDenied unless the request carries the credential `scope` needs."""
-        self.proxy.access.require(scope, self.request.headers.get("Authorization"))  # type: ignore[attr-defined]
+        self.access.require(scope, self.request.headers.get("Authorization"))
 
     def require_viewer(self, session_id: str) -> None:
         """With viewer tokens on, raise AccessDenied unless the request has this session's token."""
-        request = self.request  # type: ignore[attr-defined]
+        request = self.request
         token = request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
-        self.proxy.access.require_viewer(session_id, token, request.headers.get("Authorization"))
+        self.access.require_viewer(session_id, token, request.headers.get("Authorization"))
+
+    def origin_allowed(self) -> bool:
+        """Is this request's Origin allowed (configured, or this server's own pages)?"""
+        origin = self.request.headers.get("Origin")
+        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+
+
+class WebSocketMixin(HandlerMixin):
+    """The WebSocket policy of every socket endpoint: origins checked like CORS, compression off
+    (frames are pre-built once for every viewer, and JPEG does not compress), and refusals
+    answered before the upgrade with a JSON body so a client sees why."""
+
+    def check_origin(self, origin: str) -> bool:
+        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+
+    def get_compression_options(self) -> None:
+        return None
+
+    def refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        """Answer the upgrade request with an HTTP error instead of switching protocols."""
+        write_json_error(self, status, error, headers)  # type: ignore[arg-type]
+
+    def refuse_client_error(self, exc: ClientError) -> None:
+        self.refuse(exc.status, str(exc), exc.headers)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Errors before the upgrade (a bad path, a wrong method) answer JSON like the REST API.
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else None
+        self.refuse(status_code, reason or HTTPStatus(status_code).phrase)
 
 
 @tornado.web.stream_request_body
-class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
+class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
     """Base for the REST API: CORS for configured origins, JSON bodies, JSON errors.
 
-    The body is streamed so an oversized one is refused with 413 before it is read into memory.
+    The body is streamed so an oversized one is refused with 413 before it is read into memory;
+    `body_limit` says how large it may be (a subclass may allow more, as frame ingest does).
     """
 
     cors_methods = "GET, POST, DELETE, OPTIONS"
     # The credential this handler needs (see auth.Access.require): None, "api", "operator", "metrics".
     auth_scope: str | None = None
+    _body: bytearray
+    _body_too_large = False
 
     def set_default_headers(self) -> None:
-        origin = self.request.headers.get("Origin")
-        if origin_allowed(origin, self.config.cors.allowed_origins, self.request.host):
-            self.set_header("Access-Control-Allow-Origin", origin)
+        if self.origin_allowed():
+            self.set_header("Access-Control-Allow-Origin", self.request.headers["Origin"])
         self.set_header("Vary", "Origin")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
@@ -92,41 +199,60 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
     def prepare(self) -> None:
         if self.request.method != "OPTIONS":  # browsers send no credentials on a preflight
             self.require(self.auth_scope)
+        self.start_body()
+
+    # -- bounded request bodies ---------------------------------------------------------------
+
+    def body_limit(self) -> int:
+        """The largest request body accepted, in bytes."""
+        return self.config.limits.max_body_bytes
+
+    def body_too_large_message(self) -> str:
+        return f"Request body larger than {self.body_limit()} bytes"
+
+    def start_body(self) -> None:
+        """Refuse a declared Content-Length over the limit (413) before reading; accept the body."""
         self._body = bytearray()
         self._body_too_large = False
-        limit = self.config.limits.max_body_bytes
         length = self.request.headers.get("Content-Length")
         if length is not None:
             try:
-                too_large = int(length) > limit
+                too_large = int(length) > self.body_limit()
             except ValueError:
                 raise tornado.web.HTTPError(400, reason="Invalid Content-Length") from None
             if too_large:
-                raise tornado.web.HTTPError(413)
+                raise tornado.web.HTTPError(413, reason=self.body_too_large_message())
 
     def data_received(self, chunk: bytes) -> None:
         # Chunked bodies have no Content-Length: count as they arrive, keep nothing past the limit.
         if self._body_too_large:
             return
-        if len(self._body) + len(chunk) > self.config.limits.max_body_bytes:
+        if len(self._body) + len(chunk) > self.body_limit():
             self._body_too_large = True
             self._body.clear()
             return
         self._body.extend(chunk)
 
+    def body(self) -> bytes:
+        """The whole request body; 413 if it was larger than the limit."""
+        if self._body_too_large:
+            raise tornado.web.HTTPError(413, reason=self.body_too_large_message())
+        return bytes(self._body)
+
     def json_body(self) -> dict:
         """The request body as a JSON object; 400/413 with a clear message otherwise."""
-        if self._body_too_large:
-            raise tornado.web.HTTPError(413)
-        if not self._body:
+        body = self.body()
+        if not body:
             raise tornado.web.HTTPError(400, reason="Request body must be a JSON object")
         try:
-            body = json.loads(self._body)
+            parsed = json.loads(body)
         except ValueError:
             raise tornado.web.HTTPError(400, reason="Request body is not valid JSON") from None
-        if not isinstance(body, dict):
+        if not isinstance(parsed, dict):
             raise tornado.web.HTTPError(400, reason="Request body must be a JSON object")
-        return body
+        return parsed
+
+    # -- answers ------------------------------------------------------------------------------
 
     def options(self, *args: Any, **kwargs: Any) -> None:
         # CORS preflight. Without an allowed Origin the browser finds no Allow-Origin and refuses.
@@ -137,33 +263,37 @@ class JsonHandler(ProxyMixin, tornado.web.RequestHandler):
 
     def send_json(self, payload: Any, status: int = 200) -> None:
         self.set_status(status)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.finish(json.dumps(payload, ensure_ascii=False))
+
+    def destroy_session(self, session_id: str) -> None:
+        """The one destroy path of every endpoint that ends a session."""
+        self.sessions.destroy(session_id)
+        self.send_json({"success": True, "message": "Session destroyed"})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = None
+        headers: dict[str, str] = {}
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ClientError):
             # Domain errors (unknown session, limits, credentials) map to their status here, once.
             status_code = exc.status
-            self.set_status(status_code)
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
+            headers = exc.headers
             error = str(exc)
         elif isinstance(exc, tornado.web.HTTPError) and exc.reason:
             error = exc.reason
         if error is None:
-            error = {
-                404: "Not found",
-                405: f"Method {self.request.method} not allowed",
-                413: f"Request body larger than {self.config.limits.max_body_bytes} bytes",
-            }.get(status_code) or HTTPStatus(status_code).phrase
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": False, "error": error}))
+            if status_code == 413:
+                error = self.body_too_large_message()
+            elif status_code == 405:
+                error = f"Method {self.request.method} not allowed"
+            else:
+                error = "Not found" if status_code == 404 else HTTPStatus(status_code).phrase
+        write_json_error(self, status_code, error, headers)
 
     def urls_for(self, session_id: str, viewer_token: str | None = None) -> dict[str, str]:
         """wsUrl / httpStreamUrl as the client should use them (carrying the viewer token, if any)."""
-        base = self.proxy.public_base_url(self.request)
+        base = self.public_base_url()
         ws_base = "ws" + base[len("http"):]
         query = f"?token={viewer_token}" if viewer_token else ""
         return {

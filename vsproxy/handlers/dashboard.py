@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 from pathlib import Path
 
 import tornado.web
 
 from ..errors import AccessDenied
-from .base import JsonHandler, ProxyMixin
+from .base import HandlerMixin, JsonHandler, write_json_error
 
 # What the page is made of; anything else in the folder (README.md) is not served.
 SERVED_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico", ".txt"})
@@ -34,7 +33,7 @@ def dashboard_dir() -> Path:
     return repo / "dashboard"  # not installed: every file answers 404
 
 
-class DashboardFileHandler(ProxyMixin, tornado.web.StaticFileHandler):
+class DashboardFileHandler(HandlerMixin, tornado.web.StaticFileHandler):
     """GET /dashboard and /dashboard/<file>: StaticFileHandler keeps every path inside its root
     (403 for `..` and absolute paths, including percent-encoded ones)."""
 
@@ -42,11 +41,7 @@ class DashboardFileHandler(ProxyMixin, tornado.web.StaticFileHandler):
         try:
             self.require("operator")
         except AccessDenied as exc:  # the Basic challenge makes the browser ask for a password
-            self.set_status(exc.status)
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-            self.set_header("Content-Type", "application/json; charset=UTF-8")
-            self.finish(json.dumps({"success": False, "error": str(exc)}))
+            write_json_error(self, exc.status, str(exc), exc.headers)
 
     def parse_url_path(self, url_path: str) -> str:
         return url_path or "index.html"
@@ -75,7 +70,7 @@ class DashboardStateHandler(JsonHandler):
     auth_scope = "operator"
 
     def get(self) -> None:
-        self.send_json(self.proxy.monitor.state())
+        self.send_json(self.monitor.state())
 
 
 class DashboardEventsHandler(JsonHandler):
@@ -89,7 +84,7 @@ class DashboardEventsHandler(JsonHandler):
     auth_scope = "operator"
 
     async def get(self) -> None:
-        monitor = self.proxy.monitor
+        monitor = self.monitor
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")  # a buffering reverse proxy would hold events
         self._ended = asyncio.get_running_loop().create_future()
@@ -126,7 +121,7 @@ class DashboardThumbnailHandler(JsonHandler):
 
     def get(self, upstream: str) -> None:
         try:
-            jpeg = self.proxy.monitor.thumbnail(upstream)
+            jpeg = self.monitor.thumbnail(upstream)
         except KeyError:
             raise tornado.web.HTTPError(404, reason="No such upstream") from None
         if jpeg is None:
@@ -144,8 +139,7 @@ class DashboardSessionHandler(JsonHandler):
     auth_scope = "operator"
 
     def delete(self, session_id: str) -> None:
-        self.proxy.sessions.destroy(session_id)
-        self.send_json({"success": True, "message": "Session destroyed"})
+        self.destroy_session(session_id)
 
 
 _DIR = {"path": str(dashboard_dir())}

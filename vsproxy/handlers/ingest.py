@@ -17,7 +17,6 @@ viewers' messages to it (text wrapped as {"type": "viewer", "data": ...}: see Pu
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -25,22 +24,22 @@ import tornado.web
 import tornado.websocket
 
 from ..auth import bearer_token
-from ..hub import status_message
-from ..sources import RelayBudget
+from ..outputs import status_message
+from ..sources.base import RelayBudget
 from ..sources.push import FrameRejected, PushSource
-from .base import JsonHandler, ProxyMixin, origin_allowed
+from .base import JsonHandler, WebSocketMixin
 
 if TYPE_CHECKING:
-    from ..app import Proxy
     from ..hub import FrameHub
 
 log = logging.getLogger("vsproxy.ingest")
 
 TOKEN_QUERY_ARGUMENT = "token"
+BEARER_CHALLENGE = 'Bearer realm="vsproxy ingest"'
 
 
-def find_push_upstream(proxy: Proxy, name: str) -> tuple[FrameHub, PushSource] | None:
-    hub = proxy.hubs.get(name)
+def find_push_upstream(hubs: dict[str, FrameHub], name: str) -> tuple[FrameHub, PushSource] | None:
+    hub = hubs.get(name)
     if hub is None or not isinstance(hub.source, PushSource):
         return None
     return hub, hub.source
@@ -62,16 +61,13 @@ def presented_token(handler: tornado.web.RequestHandler) -> str | None:
     return handler.get_query_argument(TOKEN_QUERY_ARGUMENT, None)
 
 
-class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
+class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
     """WS /ingest/{upstream}: the one WebSocket publisher of a push upstream."""
 
     hub: FrameHub
     source: PushSource
     attached = False
     _warned_bad_frame = False
-
-    def check_origin(self, origin: str) -> bool:
-        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
 
     @property
     def max_message_size(self) -> int:
@@ -80,28 +76,21 @@ class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         return max(self.source.max_frame_bytes, self.config.streaming.max_viewer_message_bytes)
 
     async def get(self, upstream: str, *args: Any, **kwargs: Any) -> None:
-        # Refuse before the upgrade, with a JSON body, so a publisher sees why.
-        found = find_push_upstream(self.proxy, upstream)
+        found = find_push_upstream(self.hubs, upstream)
         if found is None:
-            return self._refuse(404, not_found_message(upstream))
+            return self.refuse(404, not_found_message(upstream))
         hub, source = found
         if not source.token_ok(presented_token(self)):
             log.warning("publisher refused from %s: missing or wrong token", self.request.remote_ip,
                         extra={"upstream": hub.name})
-            self.set_header("WWW-Authenticate", 'Bearer realm="vsproxy ingest"')
-            return self._refuse(401, "Missing or wrong publish token")
+            return self.refuse(401, "Missing or wrong publish token", {"WWW-Authenticate": BEARER_CHALLENGE})
         if source.publisher is not None:
             log.warning("publisher refused from %s: another publisher is connected", self.request.remote_ip,
                         extra={"upstream": hub.name})
-            return self._refuse(409, f"Another publisher is already connected to upstream '{hub.name}' "
+            return self.refuse(409, f"Another publisher is already connected to upstream '{hub.name}' "
                                      "(one at a time)")
         self.hub, self.source = hub, source
         await super().get(upstream, *args, **kwargs)
-
-    def _refuse(self, status: int, error: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": False, "error": error}))
 
     def open(self, upstream: str, *args: Any, **kwargs: Any) -> None:
         self._relay = RelayBudget()  # viewers' messages this publisher has not read yet
@@ -153,9 +142,6 @@ class IngestSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
         log.info("publisher disconnected by the server: %s", reason, extra={"upstream": self.hub.name})
         self.close(code, reason[:120])
 
-    def get_compression_options(self) -> None:
-        return None  # JPEG does not compress
-
 
 class IngestFrameHandler(JsonHandler):
     """POST /ingest/{upstream}/frame: publish one JPEG (the request body); answers {"success", "seq"}.
@@ -168,7 +154,6 @@ class IngestFrameHandler(JsonHandler):
     cors_methods = "POST, OPTIONS"
     hub: FrameHub
     source: PushSource
-    _limit = 0
 
     def prepare(self) -> None:
         self._body = bytearray()
@@ -176,7 +161,7 @@ class IngestFrameHandler(JsonHandler):
         if self.request.method == "OPTIONS":
             return
         upstream = self.path_kwargs.get("upstream", "")
-        found = find_push_upstream(self.proxy, upstream)
+        found = find_push_upstream(self.hubs, upstream)
         if found is None:
             raise tornado.web.HTTPError(404, reason=not_found_message(upstream))
         self.hub, self.source = found
@@ -184,41 +169,25 @@ class IngestFrameHandler(JsonHandler):
             log.warning("frame refused from %s: missing or wrong token", self.request.remote_ip,
                         extra={"upstream": self.hub.name})
             raise tornado.web.HTTPError(401, reason="Missing or wrong publish token")
-        self._limit = self.source.max_frame_bytes
-        length = self.request.headers.get("Content-Length")
-        if length is not None:
-            try:
-                too_large = int(length) > self._limit
-            except ValueError:
-                raise tornado.web.HTTPError(400, reason="Invalid Content-Length") from None
-            if too_large:
-                raise tornado.web.HTTPError(413, reason=self._too_large())
-        self._body_too_large = False
+        self.start_body()
 
-    def data_received(self, chunk: bytes) -> None:
-        if self._body_too_large:
-            return
-        if len(self._body) + len(chunk) > self._limit:
-            self._body_too_large = True
-            self._body.clear()
-            return
-        self._body.extend(chunk)
+    def body_limit(self) -> int:
+        return self.source.max_frame_bytes
+
+    def body_too_large_message(self) -> str:
+        return f"Frame larger than the limit of {self.body_limit()} bytes"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 401:  # send_error cleared the headers set before raising
-            self.set_header("WWW-Authenticate", 'Bearer realm="vsproxy ingest"')
+            self.set_header("WWW-Authenticate", BEARER_CHALLENGE)
         super().write_error(status_code, **kwargs)
 
-    def _too_large(self) -> str:
-        return f"Frame larger than the limit of {self._limit} bytes"
-
     def post(self, upstream: str) -> None:
-        if self._body_too_large:
-            raise tornado.web.HTTPError(413, reason=self._too_large())
-        if not self._body:
+        frame = self.body()
+        if not frame:
             raise tornado.web.HTTPError(400, reason="Request body must be one JPEG frame (Content-Type: image/jpeg)")
         try:
-            seq = self.source.publish(self.hub, bytes(self._body), posted=True)
+            seq = self.source.publish(self.hub, frame, posted=True)
         except FrameRejected as exc:
             raise tornado.web.HTTPError(exc.status, reason=str(exc)) from None
         finally:

@@ -18,7 +18,7 @@ class HealthHandler(JsonHandler):
 
     def get(self) -> None:
         sim = self.config.isaac_sim
-        hubs = self.proxy.hubs.values()
+        hubs = self.hubs.values()
         # Still 200 when degraded: the proxy itself is fine; load balancers should keep it.
         failing = sorted(hub.name for hub in hubs if hub.sessions and hub.down)
         self.send_json({
@@ -27,7 +27,7 @@ class HealthHandler(JsonHandler):
             "version": __version__,
             "isaac_sim_ip": sim.ip,  # "" without a simulator: the original always sent a string
             "isaac_sim_port": str(sim.port),
-            "active_sessions": len(self.proxy.sessions),
+            "active_sessions": len(self.sessions),
             "timestamp": iso_utc(time.time()),
             "failing_upstreams": failing,
             "upstreams": [hub.status() for hub in hubs],
@@ -42,7 +42,7 @@ class MetricsHandler(JsonHandler):
     def get(self) -> None:
         encoder, content_type = choose_encoder(self.request.headers.get("Accept", ""))
         self.set_header("Content-Type", content_type)
-        self.finish(encoder(self.proxy.metrics.registry))
+        self.finish(encoder(self.metrics.registry))
 
 
 class OpenApiHandler(JsonHandler):
@@ -52,7 +52,7 @@ class OpenApiHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
 
     def get(self) -> None:
-        self.send_json(openapi_document(self.proxy.public_base_url(self.request)))
+        self.send_json(openapi_document(self.public_base_url()))
 
 
 health_routes = [(r"/health", HealthHandler)]

@@ -11,7 +11,7 @@ from importlib import resources
 import tornado.web
 
 from ..errors import ClientError
-from .base import ProxyMixin
+from .base import HandlerMixin
 
 
 @lru_cache(maxsize=8)
@@ -19,7 +19,7 @@ def _page(name: str) -> str:
     return resources.files("vsproxy.web").joinpath(name).read_text(encoding="utf-8")
 
 
-class PageHandler(ProxyMixin, tornado.web.RequestHandler):
+class PageHandler(HandlerMixin, tornado.web.RequestHandler):
     """An HTML page with inline script and style, allowed by a per-response nonce (CSP)."""
 
     frame_ancestors = "'none'"
@@ -63,7 +63,7 @@ class EmbedHandler(PageHandler):
 
     def get(self, session_id: str) -> None:
         try:
-            session = self.proxy.sessions.get(session_id)
+            session = self.sessions.get(session_id)
             self.require_viewer(session_id)
         except ClientError as exc:
             text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)

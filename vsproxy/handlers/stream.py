@@ -6,8 +6,6 @@ Handlers only parse, check and attach a `hub.Viewer`; the hub decides what each 
 from __future__ import annotations
 
 import asyncio
-import json
-from http import HTTPStatus
 from typing import Any
 
 import tornado.web
@@ -16,11 +14,9 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from ..auth import TokenBucket
 from ..errors import ClientError
-from ..hub import MJPEG, MJPEG_BOUNDARY, WS_BINARY, WS_JSON, Viewer, status_message
+from ..outputs import CONNECTED_MESSAGE, MJPEG, WS_FORMATS, Viewer, mjpeg_response_head, status_message
 from ..sessions import Session
-from .base import JsonHandler, ProxyMixin, origin_allowed
-
-CONNECTED_MESSAGE = status_message("status", "\u2705 Connected to video stream proxy")
+from .base import JsonHandler, WebSocketMixin
 
 
 def parse_fps(raw: str | None) -> float | None:
@@ -36,48 +32,31 @@ def parse_fps(raw: str | None) -> float | None:
     return fps
 
 
-class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
+class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
     """WS /stream/{sessionId}[?format=binary][&fps=N]: frames out, viewer input relayed upstream."""
 
     session: Session
     viewer: Viewer | None = None
 
-    def check_origin(self, origin: str) -> bool:
-        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
-
     async def get(self, session_id: str, *args: Any, **kwargs: Any) -> None:
-        # Refuse before the upgrade, with a JSON body, so a client sees why.
         try:
-            self.session = self.proxy.sessions.get(session_id)
+            self.session = self.sessions.get(session_id)
             self.require_viewer(session_id)
         except ClientError as exc:
-            return self._refuse(exc.status, str(exc), exc.headers)
+            return self.refuse_client_error(exc)
         fmt = self.get_query_argument("format", "json")
-        if fmt not in ("json", "binary"):
-            return self._refuse(400, "'format' must be 'json' or 'binary'")
+        if fmt not in WS_FORMATS:
+            return self.refuse(400, "'format' must be " + " or ".join(f"'{f}'" for f in WS_FORMATS))
         try:
             self.max_fps = parse_fps(self.get_query_argument("fps", None))
         except tornado.web.HTTPError as exc:
-            return self._refuse(400, exc.reason or "bad fps")
-        self.transport = WS_BINARY if fmt == "binary" else WS_JSON
+            return self.refuse(400, exc.reason or "bad fps")
+        self.transport = WS_FORMATS[fmt]
         await super().get(session_id, *args, **kwargs)
-
-    def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
-        self.set_status(status)
-        for name, value in (headers or {}).items():
-            self.set_header(name, value)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"success": False, "error": error}))
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # Errors before the upgrade (a bad path, a wrong method) answer JSON like the REST API.
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else None
-        self._refuse(status_code, reason or HTTPStatus(status_code).phrase)
 
     def open(self, session_id: str) -> None:
         try:
-            self.proxy.sessions.check_viewer_room(self.session)
+            self.sessions.check_viewer_room(self.session)
         except ClientError as exc:
             self.close(1013, str(exc)[:120])  # "try again later"
             return
@@ -90,7 +69,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
             stream, self.transport, self.session.hub.stats[self.transport],
             close=self._close_viewer, send_text=self._send_text, max_fps=self.max_fps,
         )
-        self.proxy.sessions.add_viewer(self.session, self.viewer)
+        self.sessions.add_viewer(self.session, self.viewer)
 
     def on_message(self, message: str | bytes) -> None:
         if self.viewer is None:
@@ -129,11 +108,7 @@ class StreamSocketHandler(ProxyMixin, tornado.websocket.WebSocketHandler):
 
     def _detach_viewer(self) -> None:
         if self.viewer is not None:
-            self.proxy.sessions.remove_viewer(self.session, self.viewer)
-
-    def get_compression_options(self) -> None:
-        # Off on purpose: frames are pre-built once for every viewer, and JPEG does not compress.
-        return None
+            self.sessions.remove_viewer(self.session, self.viewer)
 
 
 class MjpegHandler(JsonHandler):
@@ -144,22 +119,12 @@ class MjpegHandler(JsonHandler):
     """
 
     async def get(self, session_id: str) -> None:
-        session = self.proxy.sessions.get(session_id)
+        session = self.sessions.get(session_id)
         self.require_viewer(session_id)
         max_fps = parse_fps(self.get_query_argument("fps", None))
-        self.proxy.sessions.check_viewer_room(session)
-        head = [
-            "HTTP/1.1 200 OK",
-            f"Content-Type: multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
-            "Cache-Control: no-cache, no-store, must-revalidate, max-age=0",
-            "Pragma: no-cache",
-            "Expires: 0",
-            "Connection: close",
-            "X-Content-Type-Options: nosniff",
-        ]
-        origin = self.request.headers.get("Origin")
-        if origin_allowed(origin, self.config.cors.allowed_origins, self.request.host):
-            head += [f"Access-Control-Allow-Origin: {origin}", "Vary: Origin"]
+        self.sessions.check_viewer_room(session)
+        cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \
+            if self.origin_allowed() else []
         # As WebSocketHandler._detach_stream does: take the raw stream and mark the request
         # finished, so Tornado writes nothing more for it.
         self._finished = True
@@ -168,12 +133,12 @@ class MjpegHandler(JsonHandler):
         stream.set_close_callback(lambda: closed.done() or closed.set_result(None))
         viewer = Viewer(stream, MJPEG, session.hub.stats[MJPEG], close=lambda reason: stream.close(), max_fps=max_fps)
         try:
-            await stream.write(("\r\n".join(head) + f"\r\n\r\n--{MJPEG_BOUNDARY}\r\n").encode("latin-1"))
+            await stream.write(mjpeg_response_head(cors))
         except StreamClosedError:
             return
         try:
             # The session may have been destroyed, or filled up, while the headers went out.
-            self.proxy.sessions.add_viewer(session, viewer)
+            self.sessions.add_viewer(session, viewer)
         except ClientError:
             stream.close()
             return
@@ -182,7 +147,7 @@ class MjpegHandler(JsonHandler):
         try:
             await closed
         finally:
-            self.proxy.sessions.remove_viewer(session, viewer)
+            self.sessions.remove_viewer(session, viewer)
             self.application.log_request(self)  # access log and request metrics, as for any request
 
 
@@ -198,7 +163,7 @@ class SnapshotHandler(JsonHandler):
     """GET /stream/{sessionId}/snapshot.jpg: the latest frame as one JPEG."""
 
     def get(self, session_id: str) -> None:
-        session = self.proxy.sessions.get(session_id)
+        session = self.sessions.get(session_id)
         self.require_viewer(session_id)
         session.touch()
         frame = session.hub.snapshot()

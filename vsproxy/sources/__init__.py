@@ -1,91 +1,48 @@
-"""Upstream sources: one module per kind. A source connects, feeds frames to its hub, and returns
-or raises when the connection is lost; the hub's supervisor owns reconnecting with backoff."""
+"""Upstream sources: one module per kind, listed once in `KINDS`.
+
+A source connects, feeds frames to its hub (through `base.HubLink`), and returns or raises when
+the connection is lost; the hub's supervisor owns reconnecting with backoff. Configuration
+(`upstreams.<name>.kind`), `create_source` and the OpenAPI document all read `KINDS`: adding a
+kind is one module (a `Source` subclass named in its `SOURCE`, with its `settings_class`) plus
+one line here.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from tornado.websocket import WebSocketClosedError
+from .base import FrameTimeout, HubLink, RelayBudget, Source
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..hub import FrameHub
+    from ..config import ReconnectConfig
+
+# kind -> the module that implements it. A module is imported only when its kind is used, so
+# PyAV (rtsp) loads only where an rtsp upstream is configured.
+KINDS: dict[str, str] = {
+    "demo": "vsproxy.sources.demo",
+    "isaac": "vsproxy.sources.isaac",
+    "mjpeg": "vsproxy.sources.mjpeg",
+    "rtsp": "vsproxy.sources.rtsp",
+    "push": "vsproxy.sources.push",
+}
+
+__all__ = ["KINDS", "FrameTimeout", "HubLink", "RelayBudget", "Source", "create_source", "kind_of", "source_class"]
 
 
-class RelayBudget:
-    """Viewer messages relayed to an upstream connection that its socket has not taken yet, in
-    bytes, capped: a peer that stops reading makes relaying fail ("not delivered") instead of
-    growing memory without bound."""
-
-    LIMIT = 1 << 20
-
-    def __init__(self) -> None:
-        self.outstanding = 0
-
-    def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes) -> bool:
-        if self.outstanding > self.LIMIT:
-            return False
-        size = len(message)
-        try:
-            future = asyncio.ensure_future(write_message(message, binary=isinstance(message, bytes)))
-        except WebSocketClosedError:
-            return False
-        self.outstanding += size
-
-        def written(done: asyncio.Future) -> None:
-            self.outstanding -= size
-            if not done.cancelled():
-                done.exception()  # retrieved: a closed connection is the reader's business
-
-        future.add_done_callback(written)
-        return True
+def source_class(kind: str) -> type[Source]:
+    """The Source class of `kind` (one of KINDS)."""
+    return importlib.import_module(KINDS[kind]).SOURCE
 
 
-class FrameTimeout(Exception):
-    """The upstream is connected but has sent no frame for too long: it counts as lost."""
+def kind_of(settings: Any) -> str:
+    """The kind whose settings class `settings` is an instance of."""
+    for kind in KINDS:
+        if isinstance(settings, source_class(kind).settings_class):
+            return kind
+    raise ValueError(f"{type(settings).__name__} is not the settings of any upstream kind")
 
 
-class Source:
-    """The contract every upstream kind implements."""
-
-    kind: ClassVar[str] = "source"
-
-    async def run(self, hub: FrameHub) -> None:
-        """Connect, call `hub.set_connected()`, feed `hub.publish(jpeg)` / `hub.relay_text(text)`.
-
-        Return or raise when the stream ends; never retry here (the hub does).
-        """
-        raise NotImplementedError
-
-    def send(self, message: str | bytes) -> bool:
-        """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
-        return False
-
-
-def create_source(name: str, settings: Any, config: Config) -> Source:
-    """The one place an upstream's settings (one of config.UPSTREAM_KINDS) become a Source."""
-    from .. import config as cfg
-
-    if isinstance(settings, cfg.DemoConfig):
-        from .demo import DemoSource
-
-        return DemoSource(name, settings)
-    if isinstance(settings, cfg.IsaacUpstream):
-        from .isaac import IsaacSource
-
-        return IsaacSource(name, settings.url, config.reconnect, settings.headers)
-    if isinstance(settings, cfg.MjpegUpstream):
-        from .mjpeg import MjpegSource
-
-        return MjpegSource(name, settings, config.reconnect)
-    if isinstance(settings, cfg.RtspUpstream):
-        from .rtsp import RtspSource  # imports PyAV: only where an rtsp upstream is configured
-
-        return RtspSource(name, settings, config.reconnect)
-    if isinstance(settings, cfg.PushUpstream):
-        from .push import PushSource
-
-        return PushSource(name, settings)
-    raise ValueError(f"upstream {name!r}: kind {type(settings).__name__} is not supported")
+def create_source(name: str, settings: Any, reconnect: ReconnectConfig) -> Source:
+    """The one place an upstream's settings become a Source."""
+    return source_class(kind_of(settings))(name, settings, reconnect)

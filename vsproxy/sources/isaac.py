@@ -10,30 +10,41 @@ import asyncio
 import binascii
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from . import FrameTimeout, RelayBudget, Source
+from ..schema import setting
+from .base import FrameTimeout, HubLink, RelayBudget, Source
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig
-    from ..hub import FrameHub
+
+
+@dataclass(frozen=True)
+class IsaacUpstream:
+    """An Isaac Sim WebSocket stream (binary JPEG messages, or {"type": "frame", "data": base64})."""
+
+    url: str = setting("", doc="`ws://` or `wss://` URL of the stream")
+    headers: dict = setting(factory=dict, doc="extra handshake headers (never logged)")
 
 
 class IsaacSource(Source):
     kind = "isaac"
+    settings_class = IsaacUpstream
+    url_schemes = ("ws://", "wss://")
+    accepts_input = True
 
-    def __init__(self, name: str, url: str, reconnect: ReconnectConfig, headers: dict | None = None) -> None:
-        self.name = name
-        self.url = url
-        self.reconnect = reconnect
-        self.headers = dict(headers or {})
+    def __init__(self, name: str, settings: IsaacUpstream, reconnect: ReconnectConfig) -> None:
+        super().__init__(name, settings, reconnect)
+        self.url = settings.url
+        self.headers = dict(settings.headers)
         self._conn: WebSocketClientConnection | None = None
         self._relay = RelayBudget()
 
-    async def run(self, hub: FrameHub) -> None:
+    async def run(self, hub: HubLink) -> None:
         rc = self.reconnect
         request = HTTPRequest(
             self.url,
@@ -57,7 +68,7 @@ class IsaacSource(Source):
                 self._conn = None
             conn.close()
 
-    async def _read_loop(self, conn: WebSocketClientConnection, hub: FrameHub, frame_timeout: float) -> None:
+    async def _read_loop(self, conn: WebSocketClientConnection, hub: HubLink, frame_timeout: float) -> None:
         last_frame = time.monotonic()
         while True:
             remaining = frame_timeout - (time.monotonic() - last_frame)
@@ -101,3 +112,6 @@ def _frame_from_text(message: str) -> bytes | None:
         return binascii.a2b_base64(parsed["data"])
     except (binascii.Error, ValueError):
         return None
+
+
+SOURCE = IsaacSource

@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
@@ -24,12 +25,12 @@ from tornado.tcpclient import TCPClient
 
 from .. import __version__
 from ..auth import redact_url
-from ..mjpeg import MultipartParser, boundary_from_content_type
-from . import FrameTimeout, Source
+from ..schema import setting
+from .base import FrameTimeout, HubLink, Source
+from .multipart import MultipartParser, boundary_from_content_type
 
 if TYPE_CHECKING:
-    from ..config import MjpegUpstream, ReconnectConfig
-    from ..hub import FrameHub
+    from ..config import ReconnectConfig
 
 log = logging.getLogger("vsproxy.sources.mjpeg")
 
@@ -42,13 +43,23 @@ class UpstreamHTTPError(Exception):
     """The camera answered, but not with a multipart stream (status, Content-Type, framing)."""
 
 
+@dataclass(frozen=True)
+class MjpegUpstream:
+    """An HTTP(S) multipart/x-mixed-replace camera (ROS web_video_server, IP cameras)."""
+
+    url: str = setting("", doc="`http://` or `https://` URL of the multipart stream")
+    headers: dict = setting(factory=dict, doc="extra request headers (never logged)")
+    max_part_bytes: int = setting(8 * 1024 * 1024, min=1024, max=256 * 1024 * 1024, doc="largest JPEG part "
+                                  "accepted")
+
+
 class MjpegSource(Source):
     kind = "mjpeg"
+    settings_class = MjpegUpstream
+    url_schemes = ("http://", "https://")
 
     def __init__(self, name: str, settings: MjpegUpstream, reconnect: ReconnectConfig) -> None:
-        self.name = name
-        self.settings = settings
-        self.reconnect = reconnect
+        super().__init__(name, settings, reconnect)
         self.parts_skipped = 0  # parts that were not JPEG (all runs)
         self._request = b""
         self._config_error: str | None = None  # makes every attempt fail, with this lastError
@@ -65,7 +76,7 @@ class MjpegSource(Source):
         except ValueError as exc:
             self._config_error = str(exc)
 
-    async def run(self, hub: FrameHub) -> None:
+    async def run(self, hub: HubLink) -> None:
         if self._config_error is not None:
             raise ValueError(self._config_error)
         rc = self.reconnect
@@ -233,3 +244,6 @@ async def _read_body(stream: IOStream, headers: httputil.HTTPHeaders) -> AsyncIt
         return
     while True:
         yield await stream.read_bytes(READ_CHUNK_BYTES, partial=True)
+
+
+SOURCE = MjpegSource

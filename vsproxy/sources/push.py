@@ -33,15 +33,16 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .. import render
 from ..auth import token_matches
-from . import Source
+from ..schema import ConfigError, setting
+from .base import HubLink, Source
 
 if TYPE_CHECKING:
-    from ..config import PushUpstream
-    from ..hub import FrameHub
+    from ..config import ReconnectConfig
 
 log = logging.getLogger("vsproxy.push")
 
@@ -66,16 +67,31 @@ class PublisherLink(Protocol):
     def disconnect(self, code: int, reason: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class PushUpstream:
+    """Frames published to vsproxy (WS /ingest/{name} or POST /ingest/{name}/frame) with a token."""
+
+    token: str = setting("", doc="publish token (8+ characters) publishers present as Bearer or ?token=")
+    max_frame_bytes: int = setting(8 * 1024 * 1024, min=1024, max=256 * 1024 * 1024, doc="largest frame "
+                                   "accepted; 413 or close 1009 beyond")
+
+
 class PushSource(Source):
     kind = "push"
+    settings_class = PushUpstream
+    accepts_input = True
 
     # A POSTed frame keeps the upstream "connected" this long (a POST-only publisher has no
     # connection whose end would say it stopped).
     post_hold_seconds: float = 10.0
 
-    def __init__(self, name: str, settings: PushUpstream) -> None:
-        self.name = name
-        self.settings = settings
+    @classmethod
+    def check_settings(cls, settings: PushUpstream, key: str) -> None:
+        if len(settings.token) < 8:
+            raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")
+
+    def __init__(self, name: str, settings: PushUpstream, reconnect: ReconnectConfig) -> None:
+        super().__init__(name, settings, reconnect)
         self.max_frame_bytes = settings.max_frame_bytes
         self.publisher: PublisherLink | None = None
         self.publishers_total = 0  # WebSocket publishers ever attached
@@ -106,7 +122,7 @@ class PushSource(Source):
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, hub: FrameHub, data: bytes, *, posted: bool = False) -> int:
+    def publish(self, hub: HubLink, data: bytes, *, posted: bool = False) -> int:
         """Check and publish one frame; returns its sequence number. Raises FrameRejected."""
         try:
             self.check_frame(data)
@@ -117,10 +133,9 @@ class PushSource(Source):
             self._post_until = time.monotonic() + self.post_hold_seconds
             self._last_posted = self.publisher is None
             self._publisher_present(hub)
-        hub.publish(bytes(data))
-        return hub.seq
+        return hub.publish(bytes(data))
 
-    def attach(self, hub: FrameHub, link: PublisherLink) -> bool:
+    def attach(self, hub: HubLink, link: PublisherLink) -> bool:
         """A WebSocket publisher connected; False if another one is already attached."""
         if self.publisher is not None:
             return False
@@ -161,7 +176,7 @@ class PushSource(Source):
     def _present(self) -> bool:
         return self.publisher is not None or time.monotonic() < self._post_until
 
-    def _publisher_present(self, hub: FrameHub) -> None:
+    def _publisher_present(self, hub: HubLink) -> None:
         # Connected at once while the hub wants frames, even if run() is in the supervisor's
         # backoff sleep (see the module docstring); run() itself covers the other cases.
         if hub.running and not hub.connected:
@@ -174,7 +189,7 @@ class PushSource(Source):
 
     # -- the Source contract -----------------------------------------------------------------
 
-    async def run(self, hub: FrameHub) -> None:
+    async def run(self, hub: HubLink) -> None:
         if self._changed is None:
             self._changed = asyncio.Event()
         changed = self._changed
@@ -219,3 +234,5 @@ class PushSource(Source):
         text = "viewers are waiting for frames" if self._active else "no session is using this upstream"
         return json.dumps({"type": "status", "active": self._active, "message": text})
 
+
+SOURCE = PushSource

@@ -23,6 +23,7 @@ import io
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -32,11 +33,11 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
-from . import FrameTimeout, Source
+from ..schema import setting
+from .base import FrameTimeout, HubLink, Source
 
 if TYPE_CHECKING:
-    from ..config import ReconnectConfig, RtspUpstream
-    from ..hub import FrameHub
+    from ..config import ReconnectConfig
 
 log = logging.getLogger("vsproxy.rtsp")
 
@@ -78,13 +79,24 @@ def fit_within(width: int, height: int, max_width: int, max_height: int) -> tupl
     return max(1, min(max_width, round(width * scale))), max(1, min(max_height, round(height * scale)))
 
 
+@dataclass(frozen=True)
+class RtspUpstream:
+    """An RTSP H.264/MJPEG stream (Isaac Sim's isaacsim.streaming.rtsp), re-encoded to JPEG."""
+
+    url: str = setting("", doc="`rtsp://` or `rtsps://` URL of the stream")
+    transport: str = setting("tcp", choices=("tcp", "udp"), doc="RTP over the RTSP connection, or UDP")
+    quality: int = setting(80, min=1, max=100, doc="JPEG quality of the re-encoded frames")
+    max_width: int = setting(1920, min=16, max=7680, doc="larger pictures are scaled down to fit")
+    max_height: int = setting(1080, min=16, max=4320, doc="larger pictures are scaled down to fit")
+
+
 class RtspSource(Source):
     kind = "rtsp"
+    settings_class = RtspUpstream
+    url_schemes = ("rtsp://", "rtsps://")
 
     def __init__(self, name: str, settings: RtspUpstream, reconnect: ReconnectConfig) -> None:
-        self.name = name
-        self.settings = settings
-        self.reconnect = reconnect
+        super().__init__(name, settings, reconnect)
         self.safe_url = redact_url(settings.url)
         self._reader: _Reader | None = None
 
@@ -97,7 +109,7 @@ class RtspSource(Source):
         reader = self._reader
         return dict(reader.counters) if reader is not None else {}
 
-    async def run(self, hub: FrameHub) -> None:
+    async def run(self, hub: HubLink) -> None:
         loop = asyncio.get_running_loop()
         reader = self._reader = _Reader(self, hub, loop)
         reader.start()
@@ -120,7 +132,7 @@ class RtspSource(Source):
 class _Reader:
     """One RTSP connection: a worker thread that reads, decodes and encodes; a loop-side handoff."""
 
-    def __init__(self, source: RtspSource, hub: FrameHub, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, source: RtspSource, hub: HubLink, loop: asyncio.AbstractEventLoop) -> None:
         self.source = source
         self.settings = source.settings
         self.reconnect = source.reconnect
@@ -293,3 +305,6 @@ class _Reader:
         out = io.BytesIO()
         image.save(out, "JPEG", quality=settings.quality, subsampling=2)
         return out.getvalue()
+
+
+SOURCE = RtspSource

@@ -1,0 +1,54 @@
+"""One source per fact: the README's configuration reference and the shipped config.yaml are
+checked against the schema's own field metadata, so a key cannot be documented in one place
+and not another."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import yaml
+
+from vsproxy import sources
+from vsproxy.config import config_from_dict, reference_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_configuration_reference_is_generated_from_the_schema():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"<!-- config-reference:[^>]*-->\n(.*?)<!-- end of config-reference -->", readme, re.S)
+    assert match, "README.md lacks the generated configuration reference"
+    assert match.group(1) == reference_markdown(), "README is stale: regenerate with `python -m vsproxy.config`"
+
+
+def test_reference_lists_every_key_of_every_upstream_kind():
+    reference = reference_markdown()
+    for kind in sources.KINDS:
+        for f in dataclasses.fields(sources.source_class(kind).settings_class):
+            assert f"| `upstreams.<name>.{f.name}` |" in reference and f"(`{kind}`)" in reference
+
+
+def test_config_yaml_shows_every_upstream_kind_with_all_its_keys():
+    """The commented example under `upstreams` parses, validates, and shows every key of every kind."""
+    text = (ROOT / "config.yaml").read_text(encoding="utf-8")
+    block = re.search(r"^#   upstreams:\n((?:#     .*\n)+)", text, re.M)
+    assert block, "config.yaml lacks the commented upstreams example"
+    example = yaml.safe_load("".join(line[5:] + "\n" for line in block.group(1).splitlines()))
+    by_kind = {entry["kind"]: entry for entry in example.values()}
+    assert set(by_kind) == set(sources.KINDS)
+    for kind, entry in by_kind.items():
+        keys = {f.name for f in dataclasses.fields(sources.source_class(kind).settings_class)}
+        assert set(entry) - {"kind"} == keys, f"config.yaml's {kind} example: {sorted(keys ^ (set(entry) - {'kind'}))}"
+    config_from_dict({"upstreams": example})  # and it is a valid configuration
+
+
+def test_openapi_enums_come_from_the_registries():
+    from vsproxy.openapi import openapi_document
+    from vsproxy.outputs import WS_FORMATS
+
+    doc = openapi_document("http://127.0.0.1:8889")
+    text = repr(doc)
+    assert repr(list(sources.KINDS)) in text
+    assert repr(list(WS_FORMATS)) in text

@@ -1,0 +1,102 @@
+"""Wire formats: what each transport sends, byte for byte.
+
+Every encoder turns one frame into the complete bytes a viewer of its transport receives
+(WebSocket frame header included), so `Frame.encoded` builds them once per frame and the same
+bytes go to every viewer of that transport.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..hub import Frame
+
+# Viewer transports; also the `transport` label of the metrics and the dashboard's names.
+WS_JSON = "ws_json"
+WS_BINARY = "ws_binary"
+MJPEG = "mjpeg"
+TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)
+# Short display names (the dashboard's viewer columns).
+TRANSPORT_LABELS = {WS_JSON: "ws", WS_BINARY: "ws bin", MJPEG: "mjpeg"}
+# Transports that carry text messages (status, errors, relayed upstream text) besides frames.
+WS_TRANSPORTS = (WS_JSON, WS_BINARY)
+# `?format=` of WS /stream/{sessionId} -> transport.
+WS_FORMATS = {"json": WS_JSON, "binary": WS_BINARY}
+
+MJPEG_BOUNDARY = "vsproxyframe"
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A complete, unmasked server-to-client WebSocket frame (RFC 6455 §5.2).
+
+    Server frames carry no mask, so one frame's bytes are identical for every viewer of the same
+    format and are built once per video frame (permessage-deflate stays off for that reason).
+    """
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return header + payload
+
+
+def _encode_ws_json(frame: Frame) -> bytes:
+    # The original service's message, {"type":"frame","data":"<base64 JPEG>"}, encoded once per frame.
+    b64 = binascii.b2a_base64(frame.jpeg, newline=False)
+    return ws_frame(0x1, b'{"type":"frame","data":"' + b64 + b'"}')
+
+
+def _encode_ws_binary(frame: Frame) -> bytes:
+    return ws_frame(0x2, frame.jpeg)
+
+
+def _encode_mjpeg(frame: Frame) -> bytes:
+    # Each part ends with the next boundary: Chrome shows a part only once the next boundary
+    # arrives, so sending it right away avoids showing every frame one frame late.
+    head = (
+        f"Content-Type: image/jpeg\r\nContent-Length: {len(frame.jpeg)}\r\n"
+        f"X-Frame-Seq: {frame.seq}\r\nX-Timestamp: {frame.timestamp:.6f}\r\n\r\n"
+    ).encode("ascii")
+    return b"".join((head, frame.jpeg, b"\r\n--" + MJPEG_BOUNDARY.encode("ascii") + b"\r\n"))
+
+
+ENCODERS: dict[str, Callable[[Frame], bytes]] = {
+    WS_JSON: _encode_ws_json,
+    WS_BINARY: _encode_ws_binary,
+    MJPEG: _encode_mjpeg,
+}
+
+
+def encode(transport: str, frame: Frame) -> bytes:
+    """`frame` as a viewer of `transport` receives it (use `Frame.encoded`, which caches it)."""
+    return ENCODERS[transport](frame)
+
+
+def mjpeg_response_head(extra_headers: list[str]) -> bytes:
+    """The HTTP response head of an MJPEG stream and its first boundary, as written on the socket."""
+    head = [
+        "HTTP/1.1 200 OK",
+        f"Content-Type: multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+        "Cache-Control: no-cache, no-store, must-revalidate, max-age=0",
+        "Pragma: no-cache",
+        "Expires: 0",
+        "Connection: close",
+        "X-Content-Type-Options: nosniff",
+        *extra_headers,
+    ]
+    return ("\r\n".join(head) + f"\r\n\r\n--{MJPEG_BOUNDARY}\r\n").encode("latin-1")
+
+
+def status_message(kind: str, message: str) -> str:
+    """A {"type": "status"|"error", "message": ...} text message for WebSocket viewers."""
+    return json.dumps({"type": kind, "message": message}, ensure_ascii=False)
+
+
+CONNECTED_MESSAGE = status_message("status", "\u2705 Connected to video stream proxy")

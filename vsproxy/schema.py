@@ -1,0 +1,39 @@
+"""The vocabulary of the configuration schema, shared by `config.py` and each source module's
+settings class (so a source kind declares its own keys without importing the whole config).
+
+Every key is declared once, with `setting()`: its default, its bounds and a one-line `doc`. The
+loader checks values against the bounds, and the README's configuration reference is generated
+from the docs (`python -m vsproxy.config`; a test keeps the README equal to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown, mistyped or out of range."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def setting(default: Any = dataclasses.MISSING, *, doc: str, min: float | None = None,  # noqa: A002
+            max: float | None = None, choices: tuple = (),  # noqa: A002
+            factory: Callable[[], Any] | None = None, values: str | None = None) -> Any:
+    """A dataclass field for one configuration key: `port: int = setting(8889, min=1, max=65535,
+    doc="...")`; mutable defaults (lists, mappings) come from `factory`; `values` describes the
+    accepted values in the reference where the type says too little."""
+    metadata = {"min": min, "max": max, "choices": choices, "doc": doc, "values": values}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def number_text(value: float) -> str:
+    """A bound as people write it: 65535, 16777216, 0.05 (never 1.67772e+07)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -1,0 +1,109 @@
+"""The contract between a source and its hub, and what every source kind shares.
+
+A source connects to one upstream, feeds frames to its hub through `HubLink` (the only part of
+the hub a source may use), and returns or raises when the connection is lost; the hub's
+supervisor owns reconnecting with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from tornado.websocket import WebSocketClosedError
+
+if TYPE_CHECKING:
+    from ..config import ReconnectConfig
+
+
+class HubLink(Protocol):
+    """What a source may call on its hub."""
+
+    name: str
+
+    @property
+    def running(self) -> bool:
+        """Sessions want this upstream: the supervisor is running the source."""
+
+    @property
+    def connected(self) -> bool:
+        """The source reported its connection up (and it has not been lost since)."""
+
+    def set_connected(self) -> None:
+        """Report the connection up (once per connection)."""
+
+    def publish(self, jpeg: bytes) -> int:
+        """Publish one JPEG frame to every viewer; returns its sequence number."""
+
+    def relay_text(self, text: str) -> None:
+        """Send a text message (telemetry from the upstream) to every WebSocket viewer."""
+
+    def viewer_count(self) -> int:
+        """How many viewers are attached right now (is anyone watching?)."""
+
+
+class RelayBudget:
+    """Viewer messages relayed to an upstream connection that its socket has not taken yet, in
+    bytes, capped: a peer that stops reading makes relaying fail ("not delivered") instead of
+    growing memory without bound."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+
+    def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes) -> bool:
+        if self.outstanding > self.LIMIT:
+            return False
+        size = len(message)
+        try:
+            future = asyncio.ensure_future(write_message(message, binary=isinstance(message, bytes)))
+        except WebSocketClosedError:
+            return False
+        self.outstanding += size
+
+        def written(done: asyncio.Future) -> None:
+            self.outstanding -= size
+            if not done.cancelled():
+                done.exception()  # retrieved: a closed connection is the reader's business
+
+        future.add_done_callback(written)
+        return True
+
+
+class FrameTimeout(Exception):
+    """The upstream is connected but has sent no frame for too long: it counts as lost."""
+
+
+class Source:
+    """The contract every upstream kind implements.
+
+    Every kind is built the same way, `SourceClass(name, settings, reconnect)`: `settings` is an
+    instance of the kind's `settings` dataclass (its keys under `upstreams.<name>`).
+    """
+
+    kind: ClassVar[str] = "source"
+    settings_class: ClassVar[type]  # the dataclass of this kind's configuration keys
+    url_schemes: ClassVar[tuple[str, ...]] = ()  # the `url` key must start with one of these
+    accepts_input: ClassVar[bool] = False  # can viewers' messages be relayed to this upstream?
+
+    def __init__(self, name: str, settings: Any, reconnect: ReconnectConfig) -> None:
+        self.name = name
+        self.settings = settings
+        self.reconnect = reconnect
+
+    @classmethod
+    def check_settings(cls, settings: Any, key: str) -> None:
+        """Raise schema.ConfigError (naming `key`.<field>) for settings that cannot work."""
+
+    async def run(self, hub: HubLink) -> None:
+        """Connect, call `hub.set_connected()`, feed `hub.publish(jpeg)` / `hub.relay_text(text)`.
+
+        Return or raise when the stream ends; never retry here (the hub does).
+        """
+        raise NotImplementedError
+
+    def send(self, message: str | bytes) -> bool:
+        """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
+        return False
