@@ -2,18 +2,21 @@
 upstream, and small clients for the REST API and WebSockets.
 
 Per-test configuration: `@pytest.mark.config({"streaming": {"linger_seconds": 0.2}})` merges into
-the test config (the YAML's shape). Requesting the `sim` fixture points the proxy's Isaac Sim
-upstream at the simulator.
+the test config (the YAML's shape). Requesting the `sim`, `big_sim` or `dead_upstream` fixture points
+the proxy's Isaac Sim upstream at it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import tornado.websocket
-from helpers import free_port
+from helpers import OPEN_WEBSOCKETS, MjpegClient, free_port
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
 from vsproxy.app import Proxy
@@ -25,8 +28,6 @@ TEST_DEFAULTS: dict[str, Any] = {
     "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5, "connect_timeout_seconds": 2},
     "demo": {"width": 320, "height": 240, "fps": 30},
 }
-
-
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -47,11 +48,30 @@ def sim(io_loop):
 
 
 @pytest.fixture
+def big_sim(io_loop):
+    """A simulated Isaac Sim with 1280x720 frames (~37 KB), so a stalled viewer's buffers fill fast."""
+    simulator = SimulatedIsaacSim(width=1280, height=720, fps=30)
+    simulator.port = free_port()
+    simulator.listen(simulator.port)
+    yield simulator
+    io_loop.run_sync(simulator.stop)
+
+
+@pytest.fixture
+def dead_upstream():
+    """A port that refuses connections (bound, never listening): an Isaac Sim that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield SimpleNamespace(port=sock.getsockname()[1])
+
+
+@pytest.fixture
 def proxy_config(request) -> Config:
     tree = merge({}, TEST_DEFAULTS)
-    if "sim" in request.fixturenames:
-        simulator = request.getfixturevalue("sim")
-        tree = merge(tree, {"isaac_sim": {"ip": "127.0.0.1", "ws_port": simulator.port}})
+    for name in ("sim", "big_sim", "dead_upstream"):
+        if name in request.fixturenames:
+            upstream = request.getfixturevalue(name)
+            tree = merge(tree, {"isaac_sim": {"ip": "127.0.0.1", "ws_port": upstream.port}})
     for marker in reversed(list(request.node.iter_markers("config"))):
         tree = merge(tree, marker.args[0])
     return config_from_dict(tree)
@@ -123,3 +143,44 @@ def ws_connect(http_server, http_port):
     yield connect
     for conn in conns:
         conn.close()
+
+
+@pytest.fixture
+def mjpeg_open(io_loop, http_server, http_port):
+    """`client = await mjpeg_open("/stream/<id>/mjpeg")`: a reading MjpegClient; closed at teardown."""
+    clients: list[MjpegClient] = []
+
+    async def open_(path: str) -> MjpegClient:
+        client = await MjpegClient.open(http_port, path)
+        clients.append(client)
+        return client
+
+    yield open_
+
+    async def close_all() -> None:
+        for client in clients:
+            await client.aclose()
+
+    io_loop.run_sync(close_all)
+
+
+@pytest.fixture
+def tasks(io_loop):
+    """Background tasks of a test, cancelled at teardown."""
+    started: list[asyncio.Task] = []
+    yield started
+
+    async def cancel_all() -> None:
+        for task in started:
+            task.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+
+    io_loop.run_sync(cancel_all)
+
+
+@pytest.fixture(autouse=True)
+def close_websockets():
+    """Close the WebSocket clients helpers.ws_open made during the test."""
+    yield
+    while OPEN_WEBSOCKETS:
+        OPEN_WEBSOCKETS.pop().close()

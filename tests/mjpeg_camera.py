@@ -72,8 +72,6 @@ DIALECTS: dict[str, Dialect] = {
 }
 
 
-
-
 def _base_jpegs() -> list[bytes]:
     """A few distinct small JPEGs (noise, so they are tens of KB: parts span several reads)."""
     rng = random.Random(1234)

@@ -8,24 +8,14 @@ import re
 
 import pytest
 import tornado.websocket
+from helpers import CREATE, EVIL, FRONTEND, assert_json_error
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from vsproxy import __version__
 
 SESSION_ID_RE = re.compile(r"^stream_\d{13}_[0-9a-f]{32}$")
 ISO_UTC_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-FRONTEND = "http://localhost:3000"  # the default allowed origin
-EVIL = "http://evil.example"
-CREATE_BODY = {"userId": "user123", "robotName": "demo-robot"}
-
-
-def assert_json_error(status: int, body: object, expected_status: int) -> None:
-    """Every API error is {"success": false, "error": "<message>"} with the right status."""
-    assert status == expected_status, body
-    assert isinstance(body, dict), body
-    assert body.get("success") is False
-    assert isinstance(body.get("error"), str) and body["error"].strip(), body
-    assert set(body) == {"success", "error"}
+CREATE_BODY = CREATE
 
 
 # -- POST /session/create ----------------------------------------------------------------------

@@ -15,6 +15,8 @@ import tornado.web
 from browser import artifact, chromium
 from helpers import wait_until
 
+pytestmark = pytest.mark.browser  # every test drives headless Chromium
+
 FRONTEND_PORT = 3000  # the origin the default config allows: http://localhost:3000
 
 # A stand-in for the Next.js frontend of the original README, using its integration snippets.

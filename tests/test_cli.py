@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import tornado.websocket
-from helpers import free_port
+from helpers import free_port, read_until_closed
 from tornado.httpclient import HTTPRequest
 
 from vsproxy import __version__
 
+pytestmark = pytest.mark.slow  # every test starts `python -m vsproxy` in a subprocess
+
 START_TIMEOUT = 10  # seconds until the server must answer /health
 EXIT_TIMEOUT = 5  # seconds after a signal until the process must have exited
-
-
 
 
 def two_free_ports() -> tuple[int, int]:
@@ -192,11 +192,6 @@ async def open_websocket(port: int, session_id: str) -> tornado.websocket.WebSoc
     return conn
 
 
-async def read_until_closed(conn: tornado.websocket.WebSocketClientConnection) -> None:
-    while await conn.read_message() is not None:
-        pass
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.gen_test(timeout=30)
 async def test_graceful_shutdown_closes_viewers_and_exits_0(tmp_path, sig):
@@ -211,7 +206,7 @@ async def test_graceful_shutdown_closes_viewers_and_exits_0(tmp_path, sig):
         sock = open_mjpeg(port, session_id)
         conn = await open_websocket(port, session_id)
         server.process.send_signal(sig)
-        await asyncio.wait_for(read_until_closed(conn), EXIT_TIMEOUT)
+        await asyncio.wait_for(read_until_closed(conn, timeout=None), EXIT_TIMEOUT)
         assert conn.close_code == 1001
         assert "shutting down" in (conn.close_reason or "")
         assert server.process.wait(timeout=EXIT_TIMEOUT) == 0, server.stderr()

@@ -7,14 +7,13 @@ Screenshots go to test-artifacts/ (dashboard.png, dashboard-phone.png, dashboard
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import time
 
 import pytest
 from browser import artifact, chromium
-from helpers import wait_until
+from helpers import basic, read_until_closed, spawn, wait_until
 from PIL import Image
 from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
@@ -26,18 +25,12 @@ SIM_FPS = 30  # the `sim` fixture's rate
 FPS_RANGE = (15, 40)  # "near the upstream rate" on a loaded CI machine
 
 
-
-
 async def watch(ws_connect, path: str) -> asyncio.Task:
     """A WebSocket viewer that reads every message, as a player does (a viewer that reads
     nothing stalls once the socket buffers fill, and rightly gets no more frames)."""
     conn = await ws_connect(path)
 
-    async def drain() -> None:
-        while await conn.read_message() is not None:
-            pass
-
-    return asyncio.ensure_future(drain())
+    return spawn(read_until_closed(conn, timeout=None))
 
 
 async def raw_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -148,6 +141,7 @@ async def test_state_has_totals_sessions_and_upstreams(sim, proxy, api, ws_conne
     assert upstreams["demo"]["thumbnailUrl"] is None  # no frame yet: the page shows a placeholder
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=30)
 async def test_event_stream_pushes_the_state_every_second_only_while_connected(sim, proxy, api, http_port):
     session = (await api.create_session())["sessionId"]
@@ -242,6 +236,8 @@ def row(session_id: str) -> str:
     return f'tr.session[data-session-id="{session_id}"]'
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=90)
 async def test_dashboard_page_live_in_chromium(sim, proxy, api, ws_connect, base_url):
     alice = (await api.create_session("alice", "arm-1"))["sessionId"]
@@ -381,10 +377,7 @@ AUTH = {"auth": {"operators": dict([OPERATOR]), "api_tokens": [API_TOKEN],
 BEARER = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
+@pytest.mark.browser
 @pytest.mark.config(AUTH)
 @pytest.mark.gen_test(timeout=60)
 async def test_dashboard_needs_the_operator_login_and_destroys_without_an_api_token(sim, api, base_url):

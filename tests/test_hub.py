@@ -11,7 +11,7 @@ import socket
 import struct
 
 import pytest
-from helpers import wait_until
+from helpers import wait_until, write_buffer_bytes
 from mjpeg_reader import MjpegReader
 from tornado.iostream import IOStream
 
@@ -130,13 +130,6 @@ async def read_exactly(sock: socket.socket, size: int, timeout: float = 10) -> b
 
     await asyncio.wait_for(read(), timeout)
     return bytes(out)
-
-
-
-
-def write_buffer_bytes(stream: IOStream) -> int:
-    """Bytes the IOStream holds that the kernel has not taken yet (a private attribute, on purpose)."""
-    return len(stream._write_buffer)
 
 
 def big_frame(seq: int, size: int = 1_000_000) -> Frame:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, wait_until
+from helpers import free_port, read_until_closed, spawn, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -38,10 +38,6 @@ STANDARD_PREFIXES = ("vsproxy_", "process_", "python_")  # ours, and prometheus_
 def need(binary: str) -> str:
     assert Path(binary).exists(), f"{binary} not found: apt-get install --no-install-recommends prometheus"
     return binary
-
-
-
-
 
 
 async def promtool(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
@@ -72,7 +68,7 @@ class Busy:
         ws_json = await ws_connect(f"/stream/{self.sessions[0]}")
         ws_binary = await ws_connect(f"/stream/{self.sessions[1]}?format=binary")
         for conn in (ws_json, ws_binary):
-            self.tasks.append(asyncio.ensure_future(self._drain_ws(conn)))
+            self.tasks.append(spawn(read_until_closed(conn, timeout=None)))
         stream = await TCPClient().connect("127.0.0.1", http_port)
         self.streams.append(stream)
         await stream.write(f"GET /stream/{self.sessions[2]}/mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
@@ -84,11 +80,6 @@ class Busy:
         await wait_until(lambda: all(sum(h.stats[t].frames_sent for h in hubs) >= 5 for t in TRANSPORTS),
                          what="frames sent on every transport")
         return self
-
-    @staticmethod
-    async def _drain_ws(conn) -> None:
-        while await conn.read_message() is not None:
-            pass
 
     @staticmethod
     async def _drain_stream(stream: IOStream) -> None:
@@ -118,6 +109,7 @@ async def scrape(base_url: str, accept: str | None = None) -> tuple[str, str]:
 # -- the exposition --------------------------------------------------------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.gen_test(timeout=30)
 async def test_busy_scrape_is_promtool_clean_and_follows_naming_rules(sim, proxy, api, ws_connect, http_port,
                                                                       base_url):
@@ -185,6 +177,7 @@ def grafana_exprs() -> list[str]:
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
+@pytest.mark.external
 @pytest.mark.gen_test(timeout=30)
 async def test_deploy_prometheus_config_and_rules_pass_promtool():
     rc, out = await promtool("check", "rules", str(DEPLOY / "alerts.yml"))
@@ -290,6 +283,7 @@ tests:
 """
 
 
+@pytest.mark.external
 @pytest.mark.gen_test(timeout=30)
 async def test_alert_rules_fire_when_they_should_and_only_then(tmp_path):
     tests = tmp_path / "alerts_test.yml"
@@ -387,6 +381,8 @@ async def poll(prom, what: str, check: Callable[[], Any], timeout: float = 25) -
         await asyncio.sleep(0.25)
 
 
+@pytest.mark.external
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=45)
 async def test_real_prometheus_scrapes_rising_frame_counter(sim, proxy, api, ws_connect, http_port, prometheus):
     busy = await Busy().start(proxy, api, ws_connect, http_port)

@@ -322,14 +322,6 @@ def proxy_config(request, proxy_config):
     return dataclasses.replace(proxy_config, upstreams=upstreams, default_upstream=default)
 
 
-
-
-
-
-
-
-
-
 async def camera_frames(conn, camera: MjpegCamera, count: int, after: int = 0,
                         texts: list[dict] | None = None) -> list[int]:
     """Sequence numbers of the next `count` camera frames (numbered above `after`) on a binary

@@ -14,20 +14,21 @@ from typing import Any
 import pytest
 import tornado.web
 import tornado.websocket
+from helpers import (
+    API_TOKEN,
+    METRICS_TOKEN,
+    QUICK,
+    VIEWER_SECRET,
+    Mjpeg,
+    free_port,
+    raw_request,
+    retry_while,
+    ws_handshake,
+)
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from test_security import (
-    API_TOKEN,
-    METRICS_TOKEN,
-    VIEWER_SECRET,
-    WAIT,
-    Mjpeg,
-    free_port,
-    raw_request,
-    ws_handshake,
-)
 from tornado.httpclient import AsyncHTTPClient
 
 from vsproxy import __version__
@@ -155,7 +156,7 @@ class Caller:
             data = b""
         response = await self.client.fetch(self.base_url + (path or template), method=method, body=data,
                                            headers=headers, raise_error=False, allow_nonstandard_methods=True,
-                                           request_timeout=WAIT)
+                                           request_timeout=QUICK)
         assert response.code != 599, response.error
         self.last_status, self.last_headers = response.code, response.headers
         if expect is not None:
@@ -289,12 +290,8 @@ COVERED_ELSEWHERE = {
 
 
 async def first_frame(call, template: str, path: str) -> Any:
-    deadline = time.monotonic() + WAIT
-    while True:
-        response = await AsyncHTTPClient().fetch(call.base_url + path, raise_error=False)
-        if response.code != 503 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    response = await retry_while(lambda: AsyncHTTPClient().fetch(call.base_url + path, raise_error=False),
+                                 lambda r: r.code == 503)  # 503 until the first frame
     call.contract.check("GET", template, response.code, response.headers, response.body)
     return response
 
@@ -533,6 +530,7 @@ def run_fuzz(doc: dict, base_url: str) -> tuple[list[str], int, float]:
     return failures, sent, time.monotonic() - started
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=150)
 @pytest.mark.config(FUZZ_CONFIG)
 async def test_fuzz_every_operation_against_the_document(api, base_url, proxy):

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import tornado.websocket
-from helpers import wait_until
+from helpers import CONNECTED, next_message, wait_until
 from PIL import Image
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
@@ -38,7 +38,6 @@ PUSH_CONFIG = {
 }
 pytestmark = pytest.mark.config(PUSH_CONFIG)
 WAIT = 10.0
-CONNECTED_TEXT = {"type": "status", "message": "\u2705 Connected to video stream proxy"}
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
@@ -88,8 +87,6 @@ async def close_publisher(pub: Publisher) -> None:
     await asyncio.get_running_loop().run_in_executor(None, pub.close)
 
 
-
-
 class ViewerLog:
     """A binary WebSocket viewer whose messages are collected in the background."""
 
@@ -123,8 +120,8 @@ class ViewerLog:
 async def open_viewer(api, ws_connect) -> ViewerLog:
     session = await api.create_session()
     conn = await ws_connect(f"/stream/{session['sessionId']}?format=binary")
-    first = await asyncio.wait_for(conn.read_message(), WAIT)
-    assert json.loads(first) == CONNECTED_TEXT
+    first = await next_message(conn, WAIT)
+    assert json.loads(first) == CONNECTED
     return ViewerLog(conn)
 
 
@@ -360,12 +357,12 @@ async def test_second_websocket_publisher_is_refused_with_409(ws_connect, hub, a
 async def test_non_jpeg_frames_are_refused_and_not_published(api, ws_connect, hub, frames):
     viewer = await open_viewer(api, ws_connect)
     conn = await raw_publisher(ws_connect)
-    status = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+    status = json.loads(await next_message(conn, WAIT))
     assert status["type"] == "status" and status["active"] is True
     await wait_until(lambda: hub.connected, "the publisher to attach")
     for junk in (b"not a jpeg at all", b"\xff\xd8 truncated, no EOI", b"\x89PNG\r\n\x1a\n....\xff\xd9"):
         conn.write_message(junk, binary=True)
-        reply = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+        reply = json.loads(await next_message(conn, WAIT))
         assert reply["type"] == "error" and "not a JPEG" in reply["message"] and "dropped" in reply["message"]
     assert hub.seq == 0 and hub.latest is None
     conn.write_message(frames[0], binary=True)  # the connection is still good
@@ -400,7 +397,7 @@ async def test_oversize_frames_are_refused(api, ws_connect, hub, http_port):
     conn = await raw_publisher(ws_connect)
     await wait_until(lambda: hub.source.publisher is not None, "the publisher to attach")
     conn.write_message(big, binary=True)
-    while await asyncio.wait_for(conn.read_message(), WAIT) is not None:
+    while await next_message(conn, WAIT) is not None:
         pass  # the status message, then the close
     assert conn.close_code == 1009
     assert hub.seq == 1
@@ -451,7 +448,7 @@ async def test_publisher_text_is_relayed_to_viewers(api, ws_connect, hub, proxy)
                      "the telemetry at the viewer")
     conn.write_message("x" * (proxy.config.streaming.max_viewer_message_bytes + 1))
     while True:
-        reply = json.loads(await asyncio.wait_for(conn.read_message(), WAIT))
+        reply = json.loads(await next_message(conn, WAIT))
         if reply["type"] == "error":
             break
     assert "too large" in reply["message"]
@@ -495,6 +492,7 @@ async def test_tokens_never_appear_in_logs(api, ws_connect, ingest_url, publishe
 # -- the runnable example -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_test_pattern_example_publishes_to_a_local_vsproxy(api, ws_connect, hub, http_port):
     viewer = await open_viewer(api, ws_connect)

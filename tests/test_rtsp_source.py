@@ -20,8 +20,8 @@ from typing import Any
 
 import helpers
 import pytest
-from conftest import TEST_DEFAULTS, free_port, merge
-from helpers import wait_until
+from conftest import TEST_DEFAULTS, merge
+from helpers import free_port, wait_until
 from PIL import Image
 from rtsp_server import RtspServerUnavailable, RtspTestServer, check_dependencies
 
@@ -35,6 +35,7 @@ WAIT = 30.0  # RTSP setup, probing and the first keyframe take about a second; C
 upstream_status = partial(helpers.upstream_status, name=UPSTREAM)
 wait_upstream = partial(helpers.wait_upstream, timeout=WAIT, name=UPSTREAM)
 recv = partial(helpers.recv, timeout=WAIT)
+read_jpegs = partial(helpers.read_frames, timeout=WAIT)  # binary viewers: JPEGs, and the texts on the way
 RECONNECT_WAIT = 60.0
 
 
@@ -111,14 +112,6 @@ def rtsp_threads():
 # -- helpers --------------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 async def binary_viewer(api, ws_connect) -> tuple[str, Any]:
     """A new session on the rtsp upstream, once connected, and its binary WS viewer (past the hello)."""
     session_id = (await api.create_session())["sessionId"]
@@ -127,23 +120,6 @@ async def binary_viewer(api, ws_connect) -> tuple[str, Any]:
     hello = await recv(conn)
     assert isinstance(hello, str) and json.loads(hello)["type"] == "status", hello
     return session_id, conn
-
-
-async def read_jpegs(conn, count: int, timeout: float = WAIT, distinct: bool = False) -> tuple[list[bytes], list[dict]]:
-    """The next `count` binary frames (`distinct`: different ones), and the text messages on the way."""
-    frames: list[bytes] = []
-    texts: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while len(frames) < count:
-        try:
-            message = await recv(conn, timeout=max(0.01, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise AssertionError(f"{len(frames)} of {count} frames within {timeout:g} s; texts: {texts}") from None
-        if isinstance(message, str):
-            texts.append(json.loads(message))
-        elif not distinct or message not in frames:
-            frames.append(message)
-    return frames, texts
 
 
 def assert_valid_jpeg(data: bytes, max_size: tuple[int, int]) -> tuple[int, int]:
@@ -182,6 +158,7 @@ def test_redact_url_hides_credentials(url, expected):
 # -- streaming ------------------------------------------------------------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.config({"upstreams": {UPSTREAM: {"max_width": 320, "max_height": 240, "quality": 70}}})
 @pytest.mark.gen_test(timeout=120)
 async def test_h264_frames_reach_a_binary_viewer_as_jpegs_within_the_size_limit(
@@ -195,6 +172,7 @@ async def test_h264_frames_reach_a_binary_viewer_as_jpegs_within_the_size_limit(
     assert [t.name for t in rtsp_threads()] == [f"vsproxy-rtsp-{UPSTREAM}"]
 
 
+@pytest.mark.external
 @pytest.mark.gen_test(timeout=120)
 async def test_upstreams_reports_connected_and_the_incoming_frame_rate(rtsp_server, api, ws_connect):
     _, conn = await binary_viewer(api, ws_connect)
@@ -208,6 +186,7 @@ async def test_upstreams_reports_connected_and_the_incoming_frame_rate(rtsp_serv
     assert status["bytesPerSecondIn"] > 0 and status["framesIn"] >= 5
 
 
+@pytest.mark.external
 @pytest.mark.parametrize("rtsp_server", [{"codec": "mjpeg"}], indirect=True)
 @pytest.mark.gen_test(timeout=120)
 async def test_mjpeg_over_rtsp_is_decoded_and_reencoded(rtsp_server, api, ws_connect):
@@ -217,6 +196,7 @@ async def test_mjpeg_over_rtsp_is_decoded_and_reencoded(rtsp_server, api, ws_con
         assert assert_valid_jpeg(jpeg, (1920, 1080)) == STREAM_SIZE
 
 
+@pytest.mark.external
 @pytest.mark.config({"upstreams": {UPSTREAM: {"transport": "udp"}}})
 @pytest.mark.gen_test(timeout=120)
 async def test_udp_transport_streams_too(rtsp_server, api, ws_connect):
@@ -229,6 +209,7 @@ async def test_udp_transport_streams_too(rtsp_server, api, ws_connect):
 # -- losing the server ----------------------------------------------------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.config({"streaming": {"offline_frame_interval_seconds": 0.5}})
 @pytest.mark.gen_test(timeout=240)
 async def test_server_killed_then_restarted_on_the_same_port_resumes_on_the_same_viewer(
@@ -270,6 +251,8 @@ async def test_server_killed_then_restarted_on_the_same_port_resumes_on_the_same
     assert len(rtsp_threads()) == 1
 
 
+@pytest.mark.external
+@pytest.mark.slow
 @pytest.mark.config({"reconnect": {"frame_timeout_seconds": 2, "connect_timeout_seconds": 2}})
 @pytest.mark.gen_test(timeout=240)
 async def test_a_stalled_server_times_out_and_the_stream_recovers_when_it_resumes(
@@ -320,6 +303,7 @@ async def test_connecting_to_a_dead_server_retries_and_never_shows_the_password(
 # -- the worker thread runs only while the upstream has sessions ----------------------------------
 
 
+@pytest.mark.external
 @pytest.mark.config({"streaming": {"linger_seconds": 0.2}})
 @pytest.mark.gen_test(timeout=120)
 async def test_decoding_thread_stops_when_the_last_session_is_gone(rtsp_server, api, ws_connect, rtsp_threads):
@@ -353,6 +337,8 @@ class RecordingHub:
         self.frames.append(jpeg)
 
 
+@pytest.mark.external
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=120)
 async def test_a_blocked_event_loop_costs_dropped_frames_never_a_queue(rtsp_server, rtsp_threads):
     from vsproxy.config import ReconnectConfig
@@ -383,6 +369,8 @@ async def test_a_blocked_event_loop_costs_dropped_frames_never_a_queue(rtsp_serv
     assert source.stats == {}
 
 
+@pytest.mark.external
+@pytest.mark.slow
 @pytest.mark.config({"streaming": {"linger_seconds": 0.2},
                      "reconnect": {"frame_timeout_seconds": 3, "connect_timeout_seconds": 3}})
 @pytest.mark.gen_test(timeout=120)

@@ -270,6 +270,7 @@ async def test_session_with_viewer_is_never_reaped(manager, clock, viewers):
 FAST_REAPING = pytest.mark.config({"sessions": {"idle_timeout_seconds": 1, "cleanup_interval_seconds": 0.2}})
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=15)
 @FAST_REAPING
 async def test_idle_session_is_reaped(api):
@@ -281,6 +282,7 @@ async def test_idle_session_is_reaped(api):
     assert health["active_sessions"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=15)
 @FAST_REAPING
 async def test_watched_session_is_not_reaped(api, ws_connect):
@@ -293,6 +295,7 @@ async def test_watched_session_is_not_reaped(api, ws_connect):
     assert body["session"]["connections"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=15)
 @FAST_REAPING
 async def test_polled_session_is_not_reaped(api):

@@ -3,31 +3,30 @@ the test by a throwaway CA (trustme) that only the test's clients trust."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
 import ssl
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 import trustme
 import yaml
-from PIL import Image
-from test_security import (
+from helpers import (
     CREATE,
+    QUICK,
     VIEWER_SECRET,
-    WAIT,
     Mjpeg,
     free_port,
     raw_request,
     read_frames,
     recv,
+    retry_while,
     ws_open,
 )
+from PIL import Image
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.iostream import StreamClosedError
 
@@ -76,7 +75,7 @@ def tls_server(io_loop, cert_files, request):
 
 
 async def fetch(url: str, context: ssl.SSLContext, **kwargs):
-    request = HTTPRequest(url, ssl_options=context, connect_timeout=WAIT, request_timeout=WAIT, **kwargs)
+    request = HTTPRequest(url, ssl_options=context, connect_timeout=QUICK, request_timeout=QUICK, **kwargs)
     return await AsyncHTTPClient().fetch(request, raise_error=False)
 
 
@@ -84,7 +83,7 @@ async def refused(url: str, context: ssl.SSLContext | None = None) -> bool:
     """True if no HTTP answer comes back (TLS handshake or connection failure)."""
     try:
         response = await fetch(url, context) if context else await AsyncHTTPClient().fetch(
-            url, raise_error=False, request_timeout=WAIT)
+            url, raise_error=False, request_timeout=QUICK)
     except (ssl.SSLError, OSError, StreamClosedError):
         return True
     return response.code == 599
@@ -157,11 +156,11 @@ async def test_wss_viewer_receives_frames(tls_server, client_ssl):
     conn = await ws_open(port, f"/stream/{session_id}", scheme="wss", ssl_options=client_ssl)
     first = json.loads(await recv(conn))
     assert first["type"] == "status"
-    frames = await read_frames(conn, 3)
+    frames, _ = await read_frames(conn, 3)
     assert Image.open(io.BytesIO(frames[0])).size == (320, 240)
     conn.close()
     binary = await ws_open(port, f"/stream/{session_id}?format=binary", scheme="wss", ssl_options=client_ssl)
-    frames = await read_frames(binary, 3)
+    frames, _ = await read_frames(binary, 3)
     assert all(isinstance(f, bytes) and f[:2] == b"\xff\xd8" for f in frames)
     # Viewer input is relayed over WSS too (the demo has no upstream to take it: an error says so).
     binary.write_message(json.dumps({"type": "ping"}))
@@ -187,12 +186,7 @@ async def test_snapshot_over_https(tls_server, client_ssl):
     _, port = tls_server
     session_id = (await create_session(port, client_ssl))["sessionId"]
     url = f"https://127.0.0.1:{port}/stream/{session_id}/snapshot.jpg"
-    deadline = time.monotonic() + WAIT
-    while True:
-        response = await fetch(url, client_ssl)
-        if response.code != 503 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    response = await retry_while(lambda: fetch(url, client_ssl), lambda r: r.code == 503)  # 503 until a frame
     assert response.code == 200
     assert response.headers["Content-Type"] == "image/jpeg"
     assert Image.open(io.BytesIO(response.body)).size == (320, 240)
@@ -225,6 +219,7 @@ def run_vsproxy(tmp_path, tree: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_missing_cert_file_is_a_config_error_naming_the_key(tmp_path, cert_files):
     _, key_file = cert_files
     result = run_vsproxy(tmp_path, {"tls": {"cert_file": str(tmp_path / "nope.pem"), "key_file": key_file}})
@@ -233,6 +228,7 @@ def test_missing_cert_file_is_a_config_error_naming_the_key(tmp_path, cert_files
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_missing_key_file_is_a_config_error_naming_the_key(tmp_path, cert_files):
     cert_file, _ = cert_files
     result = run_vsproxy(tmp_path, {"tls": {"cert_file": cert_file, "key_file": str(tmp_path / "nope.key")}})
@@ -240,6 +236,7 @@ def test_missing_key_file_is_a_config_error_naming_the_key(tmp_path, cert_files)
     assert "tls.key_file" in result.stderr
 
 
+@pytest.mark.slow
 def test_cert_without_key_is_a_config_error(tmp_path, cert_files):
     cert_file, _ = cert_files
     result = run_vsproxy(tmp_path, {"tls": {"cert_file": cert_file}})
@@ -247,6 +244,7 @@ def test_cert_without_key_is_a_config_error(tmp_path, cert_files):
     assert "tls" in result.stderr and "key_file" in result.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_certificate_exits_2_naming_the_key(tmp_path, cert_files):
     """A file that exists but is not a PEM certificate: refused at start-up, not at the first client."""
     _, key_file = cert_files
@@ -258,6 +256,7 @@ def test_unreadable_certificate_exits_2_naming_the_key(tmp_path, cert_files):
     assert "tls.cert_file" in result.stderr
 
 
+@pytest.mark.slow
 def test_mismatched_key_exits_2(tmp_path, ca, cert_files):
     cert_file, _ = cert_files
     other = ca.issue_cert("127.0.0.1")

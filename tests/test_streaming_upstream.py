@@ -1,0 +1,265 @@
+"""Streaming and the upstream connection: one connection shared by every session (closed after the
+linger), messages both ways between viewers and the simulated Isaac Sim, and viewers surviving an
+upstream restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+from helpers import (
+    SIM_SIZE,
+    as_frame,
+    assert_sent_in_order,
+    connected_session,
+    read_frames,
+    read_until,
+    session_json,
+    text_type,
+    wait_session,
+    wait_until,
+)
+
+from vsproxy import render
+from vsproxy.simulate import SimulatedIsaacSim
+
+WAIT = 10.0  # generous bound for anything that should take well under a second
+
+
+async def upstream_state(api, name: str = "isaac") -> str:
+    code, body, _ = await api.call("GET", "/health")
+    assert code == 200, body
+    return next(u["state"] for u in body["upstreams"] if u["name"] == name)
+
+
+# -- 3. one upstream connection for all sessions -----------------------------------------------------
+
+
+@pytest.mark.config({"streaming": {"linger_seconds": 0.3}})
+@pytest.mark.gen_test(timeout=30)
+async def test_sessions_share_one_upstream_connection_closed_after_linger(sim, api, ws_connect):
+    first = await connected_session(api)
+    second = (await api.create_session("user456", "other-robot"))["sessionId"]
+    conns = [await ws_connect(f"/stream/{sid}?format=binary") for sid in (first, second)]
+    for conn in conns:
+        frames, _ = await read_frames(conn, 5)
+        assert_sent_in_order(frames, sim)
+    assert sim.peak_clients == 1
+    assert sim.connections_total == 1
+
+    code, _, _ = await api.call("DELETE", f"/session/{first}")
+    assert code == 200
+    code, _, _ = await api.call("POST", f"/session/{second}/destroy")
+    assert code == 200
+    await wait_until(lambda: not sim.clients, what="the upstream connection to close after the linger")
+    assert sim.connections_total == 1
+
+
+@pytest.mark.slow
+@pytest.mark.config({"streaming": {"linger_seconds": 2.0}})
+@pytest.mark.gen_test(timeout=30)
+async def test_session_created_during_linger_reuses_the_upstream_connection(sim, api, ws_connect):
+    first = await connected_session(api)
+    conn = await ws_connect(f"/stream/{first}?format=binary")
+    await read_frames(conn, 3)
+
+    code, _, _ = await api.call("DELETE", f"/session/{first}")
+    assert code == 200
+    destroyed_at = time.monotonic()
+    second = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{second}?format=binary")
+
+    # Keep watching past the end of the first session's linger: frames keep coming, all real ones.
+    frames: list[bytes] = []
+    while time.monotonic() < destroyed_at + 3.0:
+        batch, _ = await read_frames(conn, 1)
+        frames += batch
+    assert_sent_in_order(frames, sim)
+    assert sim.connections_total == 1, "the upstream was reconnected"
+    assert len(sim.clients) == 1
+    assert (await session_json(api, second))["isIsaacSimConnected"] is True
+
+
+@pytest.mark.config({"streaming": {"linger_seconds": 0}})
+@pytest.mark.gen_test(timeout=60)
+async def test_upstream_closes_when_the_last_session_ends_while_frames_pour_in(sim, api, ws_connect):
+    """Stopping the upstream must work however busy its reader is (here: a burst of queued frames)."""
+    for cycle in range(1, 4):
+        session_id = await connected_session(api)
+        conn = await ws_connect(f"/stream/{session_id}?format=binary")
+        await read_frames(conn, 2)
+        jpeg = sim.frames[-1]
+        for client in list(sim.clients):
+            for _ in range(2000):
+                client.write_message(jpeg, binary=True)
+        code, _, _ = await api.call("DELETE", f"/session/{session_id}")
+        assert code == 200
+        await wait_until(lambda: not sim.clients, what=f"the upstream connection to close (cycle {cycle})")
+        deadline = time.monotonic() + WAIT
+        while (state := await upstream_state(api)) != "idle":
+            assert time.monotonic() < deadline, f"upstream state stayed {state!r} (cycle {cycle})"
+            await asyncio.sleep(0.05)
+    assert sim.connections_total == 3
+
+
+# -- 4. messages both ways -------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_viewer_messages_reach_the_upstream_unchanged(sim, api, ws_connect):
+    session_id = await connected_session(api)
+    json_viewer = await ws_connect(f"/stream/{session_id}")
+    binary_viewer = await ws_connect(f"/stream/{session_id}?format=binary")
+    await read_frames(json_viewer, 1)
+    await read_frames(binary_viewer, 1)
+
+    text = '{"type":"control","command":"move","speed":0.5,"note":"caf\u00e9 \u2705"}'
+    blob = bytes(range(256)) * 3
+    await json_viewer.write_message(text)
+    await json_viewer.write_message(blob, binary=True)
+    await binary_viewer.write_message("from the binary viewer")
+    await wait_until(lambda: len(sim.received) >= 3, what="3 messages at the upstream")
+    received = list(sim.received)
+    assert text in received and isinstance(received[received.index(text)], str)
+    assert blob in received and isinstance(received[received.index(blob)], bytes)
+    assert "from the binary viewer" in received
+    assert len(received) == 3
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_upstream_text_reaches_websocket_viewers_unchanged(sim, api, ws_connect):
+    session_id = await connected_session(api)
+    viewers = [await ws_connect(f"/stream/{session_id}{query}") for query in ("", "?format=binary")]
+    for conn in viewers:
+        await read_frames(conn, 1)
+
+    telemetry = '{"type":"telemetry","x":1}'
+    sim.broadcast_text(telemetry)
+    for conn in viewers:
+        seen = await read_until(conn, lambda m: isinstance(m, str) and m == telemetry)
+        assert seen[-1] == telemetry
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_upstream_frame_sent_as_json_text_is_treated_as_a_frame(sim, api, ws_connect):
+    session_id = await connected_session(api)
+    json_viewer = await ws_connect(f"/stream/{session_id}")
+    binary_viewer = await ws_connect(f"/stream/{session_id}?format=binary")
+    for conn in (json_viewer, binary_viewer):
+        await read_frames(conn, 1)
+
+    jpeg = render.status_frame(*SIM_SIZE, "test", "a frame sent as JSON text")
+    assert jpeg not in sim.frames
+    sim.broadcast_text(json.dumps({"type": "frame", "data": base64.b64encode(jpeg).decode()}))
+
+    seen = await read_until(binary_viewer, lambda m: m == jpeg)
+    assert not [m for m in seen if text_type(m) == "frame"], "the frame was relayed as text"
+    await read_until(json_viewer, lambda m: as_frame(m)[0] == jpeg)
+    code, _, response = await api.call("GET", f"/stream/{session_id}/snapshot.jpg")
+    assert code == 200 and response.body in [*sim.frames, jpeg]
+
+
+@pytest.mark.config({"streaming": {"max_viewer_message_bytes": 1024}})
+@pytest.mark.gen_test(timeout=30)
+async def test_oversized_viewer_message_is_refused_and_connection_stays_open(sim, api, ws_connect):
+    session_id = await connected_session(api)
+    conn = await ws_connect(f"/stream/{session_id}")
+    await read_frames(conn, 1)
+
+    too_big_text = "x" * 1025
+    too_big_blob = b"\x01" * 5000
+    for message in (too_big_text, too_big_blob):
+        await conn.write_message(message, binary=isinstance(message, bytes))
+        seen = await read_until(conn, lambda m: text_type(m) == "error")
+        error = json.loads(seen[-1])
+        assert set(error) == {"type", "message"} and error["message"]
+
+    at_limit = "y" * 1024
+    await conn.write_message(at_limit)
+    await wait_until(lambda: at_limit in sim.received, what="the at-limit message at the upstream")
+    assert too_big_text not in sim.received
+    assert too_big_blob not in sim.received
+    assert len(sim.received) == 1
+    frames, _ = await read_frames(conn, 3)  # still open, still streaming
+    assert_sent_in_order(frames, sim)
+
+
+@pytest.mark.config({"streaming": {"max_viewer_message_bytes": 1024}})
+@pytest.mark.gen_test(timeout=30)
+async def test_viewer_message_limit_counts_utf8_bytes(sim, api, ws_connect):
+    session_id = await connected_session(api)
+    conn = await ws_connect(f"/stream/{session_id}")
+    await read_frames(conn, 1)
+
+    accented = "\u00e9" * 600  # 600 characters, 1200 bytes of UTF-8: over the 1024-byte limit
+    await conn.write_message(accented)
+    await read_until(conn, lambda m: text_type(m) == "error")
+    await conn.write_message("small")
+    await wait_until(lambda: "small" in sim.received, what="the small message at the upstream")
+    assert accented not in sim.received
+
+
+# -- 5. upstream loss and recovery ---------------------------------------------------------------
+
+
+@pytest.mark.config({"streaming": {"offline_frame_interval_seconds": 0.2}})
+@pytest.mark.gen_test(timeout=60)
+async def test_viewers_survive_upstream_restart_on_the_same_port(sim, api, ws_connect, mjpeg_open):
+    session_id = await connected_session(api)
+    json_viewer = await ws_connect(f"/stream/{session_id}")
+    binary_viewer = await ws_connect(f"/stream/{session_id}?format=binary")
+    mjpeg = await mjpeg_open(f"/stream/{session_id}/mjpeg")
+    for conn in (json_viewer, binary_viewer):
+        frames, _ = await read_frames(conn, 3)
+        assert_sent_in_order(frames, sim)
+    assert (await mjpeg.next_part()).body in sim.frames
+
+    port = sim.port
+    await sim.stop()
+
+    # JSON viewers are told, and stay connected.
+    seen = await read_until(json_viewer, lambda m: text_type(m) == "error")
+    error = json.loads(seen[-1])
+    assert error["message"]
+    await read_until(json_viewer, lambda m: text_type(m) == "status")
+    session = await wait_session(api, session_id, "isIsaacSimConnected to go false",
+                                 lambda s: not s["isIsaacSimConnected"])
+    assert session["connections"] == 3
+
+    # Image viewers get "offline" pictures, at least two of them (one every 0.2 s).
+    offline: list[bytes] = []
+    while len(offline) < 2:
+        frames, _ = await read_frames(binary_viewer, 1)
+        offline += [f for f in frames if f not in sim.frames]
+    offline_parts: list[bytes] = []
+    while len(offline_parts) < 2:
+        body = (await mjpeg.next_part()).body
+        if body not in sim.frames:
+            offline_parts.append(body)
+    for jpeg in offline + offline_parts:
+        assert render.is_jpeg(jpeg)
+        assert render.jpeg_size(jpeg) == SIM_SIZE, "the offline picture keeps the stream's size"
+    code, _, response = await api.call("GET", f"/stream/{session_id}/snapshot.jpg")
+    assert code == 200 and render.is_jpeg(response.body) and response.body not in sim.frames
+
+    # The simulator comes back on the same port: frames resume on the same connections.
+    restarted = SimulatedIsaacSim(width=SIM_SIZE[0], height=SIM_SIZE[1], fps=30, keep_frames=600)
+    restarted.listen(port)
+    try:
+        await read_until(json_viewer, lambda m: as_frame(m)[0] in restarted.frames)
+        await read_until(binary_viewer, lambda m: isinstance(m, bytes) and m in restarted.frames)
+        deadline = time.monotonic() + WAIT
+        while (await mjpeg.next_part(max(0.01, deadline - time.monotonic()))).body not in restarted.frames:
+            pass
+        frames, _ = await read_frames(binary_viewer, 5)
+        assert_sent_in_order(frames, restarted)
+        session = await wait_session(api, session_id, "isIsaacSimConnected to go true again",
+                                     lambda s: s["isIsaacSimConnected"])
+        assert session["connections"] == 3
+        assert restarted.connections_total == 1
+    finally:
+        await restarted.stop()
