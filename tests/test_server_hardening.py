@@ -11,16 +11,19 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import time
 import urllib.request
 
 import pytest
+import trustme
 from helpers import free_port
 from test_cli import Server, assert_one_line_config_error, clean_env, run_vsproxy
 from tornado.httpclient import AsyncHTTPClient
 from tornado.websocket import websocket_connect
 
 from vsproxy.app import Proxy
+from vsproxy.config import config_from_dict
 
 SHORT = {"server": {"header_timeout_seconds": 0.5, "idle_timeout_seconds": 1.5, "body_timeout_seconds": 0.5}}
 
@@ -196,6 +199,26 @@ async def test_head_limits_are_configurable(served):
     writer.write(b"GET /health?" + b"a" * 400 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (await read_response(reader))[0] == 200
     writer.close()
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_oversized_head_gets_431_over_tls_too(io_loop, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "both.pem"))
+    both = str(tmp_path / "both.pem")
+    proxy = Proxy(config_from_dict({"tls": {"cert_file": both, "key_file": both}}))
+    port = free_port()
+    proxy.listen(port, address="127.0.0.1")
+    client_ssl = ssl.create_default_context()
+    ca.configure_trust(client_ssl)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert (await read_response(reader))[0] == 431
+        writer.close()
+    finally:
+        await proxy.shutdown()
 
 
 # -- the connection cap --------------------------------------------------------------------------

@@ -136,14 +136,14 @@ class Proxy:
         Both ports share one `limits.max_connections` count (see vsproxy/server.py)."""
         context = self.ssl_context()
         connections = ConnectionCount(self.config.limits.max_connections)
-        self._server = ProxyServer(self.make_app(), config=self.config, connections=connections,
+        self._server = ProxyServer(self.make_app(), server_config=self.config.server, connections=connections,
                                    ssl_options=context)
         self._servers = [self._server]
         self._server.listen(port, address=address)
         if self.config.server.metrics_port:
             metrics_app = tornado.web.Application(ops.metrics_routes, **self.handler_settings(),
                                                   log_function=self._log_request)
-            metrics_server = ProxyServer(metrics_app, config=self.config, connections=connections,
+            metrics_server = ProxyServer(metrics_app, server_config=self.config.server, connections=connections,
                                          ssl_options=context)
             self._servers.append(metrics_server)
             metrics_server.listen(self.config.server.metrics_port, address=address)

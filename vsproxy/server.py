@@ -46,7 +46,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
 from tornado.netutil import ssl_wrap_socket
 
-from .config import Config
+from .config import ServerConfig
 
 log = logging.getLogger("vsproxy.server")
 
@@ -257,12 +257,12 @@ def _peer(connection: HTTP1Connection) -> str:
 
 
 class ProxyServer(tornado.httpserver.HTTPServer):
-    """vsproxy's HTTP server (see the module docstring): `ProxyServer(app, config=...,
-    connections=ConnectionCount(...), ssl_options=...)`, then `listen(port, address)`."""
+    """vsproxy's HTTP server (see the module docstring): `ProxyServer(app, server_config=config.server,
+    connections=ConnectionCount(limit), ssl_options=...)`, then `listen(port, address)`."""
 
-    def initialize(self, request_callback: Any, *, config: Config, connections: ConnectionCount,  # type: ignore[override]
-                   ssl_options: ssl.SSLContext | None = None) -> None:
-        self.server_config = config.server
+    def initialize(self, request_callback: Any, *, server_config: ServerConfig,  # type: ignore[override]
+                   connections: ConnectionCount, ssl_options: ssl.SSLContext | None = None) -> None:
+        self.server_config = server_config
         self.connections = connections
         self.accept_warning = _ThrottledWarning()
         self.limit_warning = _ThrottledWarning()
