@@ -31,9 +31,9 @@ def load(tmp_path: Path, yaml_text: str | None = None, *, env: dict | None = Non
 
 
 def test_builtin_defaults():
-    """Without any configuration the proxy listens on 0.0.0.0:8889 and streams the demo source."""
+    """Without any configuration the proxy listens on 127.0.0.1:8889 and streams the demo source."""
     config = Config()
-    assert (config.server.host, config.server.port) == ("0.0.0.0", 8889)
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8889)
     assert config.sessions.idle_timeout_seconds == 300
     assert config.cors.allowed_origins == ["http://localhost:3000"]
     assert config.isaac_sim.ip == ""
@@ -80,7 +80,7 @@ def test_yaml_overrides_defaults(tmp_path):
     """)
     assert config.server.port == 9001
     assert config.sessions.idle_timeout_seconds == 60
-    assert config.server.host == "0.0.0.0"  # untouched keys keep their defaults
+    assert config.server.host == "127.0.0.1"  # untouched keys keep their defaults
 
 
 def test_dotenv_overrides_yaml(tmp_path):
@@ -104,7 +104,7 @@ def test_cli_override_of_none_means_flag_not_given(tmp_path):
     """An absent flag (None) leaves the lower layers' value in place."""
     config = load(tmp_path, "server: {port: 9001}\n", overrides={"server.port": None, "server.host": None})
     assert config.server.port == 9001
-    assert config.server.host == "0.0.0.0"
+    assert config.server.host == "127.0.0.1"
 
 
 def test_dotenv_layer_keeps_yaml_values_it_does_not_set(tmp_path):

@@ -8,7 +8,6 @@ import ssl
 import time
 from typing import Any
 
-import tornado.httpserver
 import tornado.web
 from tornado.ioloop import PeriodicCallback
 
@@ -19,6 +18,7 @@ from .handlers.base import NotFoundHandler
 from .hub import FrameHub
 from .metrics import Metrics, ProxyCollector
 from .monitor import Monitor
+from .server import ConnectionCount, ProxyServer
 from .sessions import SessionManager
 from .sources import create_source
 
@@ -56,8 +56,8 @@ class Proxy:
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at)
         self._timers: list[PeriodicCallback] = []
-        self._server: tornado.httpserver.HTTPServer | None = None
-        self._servers: list[tornado.httpserver.HTTPServer] = []
+        self._server: ProxyServer | None = None
+        self._servers: list[ProxyServer] = []
 
     # -- the Tornado application ---------------------------------------------------------------
 
@@ -130,16 +130,23 @@ class Proxy:
         context.load_cert_chain(tls.cert_file, tls.key_file)
         return context
 
-    def listen(self, port: int, address: str = "") -> tornado.httpserver.HTTPServer:
-        """Serve on `port` (HTTPS/WSS when TLS is configured); /metrics also on server.metrics_port."""
+    def listen(self, port: int, address: str = "127.0.0.1") -> ProxyServer:
+        """Serve on `port` (HTTPS/WSS when TLS is configured); /metrics also on server.metrics_port.
+
+        Both ports share one `limits.max_connections` count (see vsproxy/server.py)."""
         context = self.ssl_context()
-        self._server = self.make_app().listen(port, address=address, ssl_options=context)
+        connections = ConnectionCount(self.config.limits.max_connections)
+        self._server = ProxyServer(self.make_app(), server_config=self.config.server, connections=connections,
+                                   ssl_options=context)
         self._servers = [self._server]
+        self._server.listen(port, address=address)
         if self.config.server.metrics_port:
             metrics_app = tornado.web.Application(ops.metrics_routes, **self.handler_settings(),
                                                   log_function=self._log_request)
-            self._servers.append(metrics_app.listen(self.config.server.metrics_port, address=address,
-                                                    ssl_options=context))
+            metrics_server = ProxyServer(metrics_app, server_config=self.config.server, connections=connections,
+                                         ssl_options=context)
+            self._servers.append(metrics_server)
+            metrics_server.listen(self.config.server.metrics_port, address=address)
         self.start_background_tasks()
         return self._server
 

@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vsproxy {__version__}")
     parser.add_argument("--config", metavar="PATH",
                         help="YAML config file (default: ./config.yaml if present, else built-in defaults)")
-    parser.add_argument("--host", help="address to listen on (server.host, default 0.0.0.0)")
+    parser.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1; 0.0.0.0 for "
+                                       "every interface)")
     parser.add_argument("--port", type=int, help="port to listen on (server.port, default 8889)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging.level (default info)")
     parser.add_argument("--log-format", choices=("text", "json"), help="logging.format (default text)")
@@ -72,22 +73,30 @@ async def _wait_for_signal() -> None:
 
 async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with the app
     from .app import Proxy
+    from .server import is_loopback, raise_open_file_limit, url_for
 
+    raise_open_file_limit(config.limits.max_connections)
     proxy = Proxy(config)
     host, port = config.server.host, config.server.port
     try:
-        proxy.listen(port, address=host)
+        server = proxy.listen(port, address=host)
     except ssl.SSLError as exc:
         log.error("cannot load tls.cert_file/tls.key_file: %s", exc.reason or exc)
         return 2
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
-    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    addresses = server.addresses()
     default = config.upstream_configs()[1]
     upstream = f"{default} (built-in demo source)" if default == "demo" else default
     scheme = "https" if config.tls.cert_file else "http"
-    log.info("vsproxy %s listening on %s://%s:%d/ (upstream: %s)", __version__, scheme, shown, port, upstream)
+    urls = ", ".join(url_for(scheme, bound_host, bound_port) for bound_host, bound_port in addresses)
+    log.info("vsproxy %s listening on %s (upstream: %s)", __version__, urls, upstream)
+    exposed = [bound_host for bound_host, _ in addresses if not is_loopback(bound_host)]
+    if exposed and not config.auth.api_tokens:
+        log.warning("listening on %s, beyond this machine, with auth.api_tokens empty: anyone who can reach "
+                    "it can create sessions and send input to the simulator (set auth.api_tokens, or "
+                    "--host 127.0.0.1)", ", ".join(exposed))
     await _wait_for_signal()
     log.info("shutting down")
     await proxy.shutdown()

@@ -30,7 +30,8 @@ from .sources.isaac import IsaacUpstream
 class ServerConfig:
     """Where and how vsproxy listens."""
 
-    host: str = setting("0.0.0.0", doc="address to listen on (flag --host, env VIDEO_PROXY_HOST)")
+    host: str = setting("127.0.0.1", doc="address to listen on (flag --host, env VIDEO_PROXY_HOST); "
+                                         "`0.0.0.0` or `::` for every interface (then set auth.api_tokens)")
     port: int = setting(8889, min=1, max=65535, doc="port to listen on (flag --port, env VIDEO_PROXY_PORT)")
     public_url: str = setting("", doc="base URL of wsUrl/httpStreamUrl, e.g. `https://video.example.com`; "
                                       "empty: from the request's scheme and Host")
@@ -40,6 +41,18 @@ class ServerConfig:
                                                                       "for open connections to close")
     metrics_port: int = setting(0, min=0, max=65535, doc="serve /metrics on this port instead; 0: on the "
                                                          "main port")
+    header_timeout_seconds: float = setting(20.0, min=0.1, max=60, doc="a new connection's first request line "
+                                            "and headers must arrive within this long; slower clients are "
+                                            "disconnected")
+    idle_timeout_seconds: float = setting(60.0, min=0.1, max=3600, doc="a keep-alive connection whose next "
+                                          "request has not fully arrived this long after the previous "
+                                          "response is closed")
+    body_timeout_seconds: float = setting(60.0, min=0.1, max=3600, doc="a request body must arrive within "
+                                          "this long; the connection is closed otherwise")
+    max_header_bytes: int = setting(65536, min=1024, max=1024 * 1024, doc="largest request line plus headers; "
+                                    "431 beyond (414 when the request line alone is too long)")
+    max_url_bytes: int = setting(8192, min=256, max=1024 * 1024, doc="longest request target (path and "
+                                 "query); 414 beyond")
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,8 @@ class ReconnectConfig:
 class LimitsConfig:
     """Limits on what clients may make the proxy do."""
 
+    max_connections: int = setting(4096, min=1, max=1_000_000, doc="open client connections, viewers "
+                                   "included; more are closed at once (keep it below the open-file limit)")
     max_sessions: int = setting(100, min=1, max=1_000_000, doc="sessions in all; 503 beyond")
     max_sessions_per_user: int = setting(20, min=1, max=1_000_000, doc="sessions per userId; 429 beyond")
     max_viewers_per_session: int = setting(50, min=1, max=100_000, doc="viewers per session; 503 or "
@@ -230,10 +245,26 @@ ENV_KEYS: dict[str, str] = {
 }
 
 
+def read_text(path: Path) -> str:
+    """A config or .env file's text; a ConfigError naming the path (and line) when it is not a
+    readable UTF-8 file, so the command line reports it in one line like any other config error."""
+    if not path.is_file():  # a directory, or a FIFO that would block start-up
+        raise ConfigError(str(path), "is a directory, not a file" if path.is_dir() else "is not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """Parse a .env file: KEY=VALUE lines, optional `export `, quotes, # comments."""
     values: dict[str, str] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(read_text(path).splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -442,10 +473,11 @@ def load_config(
             path = "config.yaml"
     if path is not None:
         file = Path(path)
-        if not file.is_file():
+        if not file.exists():
             raise ConfigError("--config", f"config file {str(file)!r} does not exist")
+        text = read_text(file)
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{file}:{mark.line + 1}" if mark else str(file)
