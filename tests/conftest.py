@@ -108,7 +108,11 @@ class Api:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
-        request = HTTPRequest(self.base_url + path, method=method, body=data, headers=headers or {},
+        headers = dict(headers or {})
+        if method == "POST" and not any(name.lower() == "content-type" for name in headers):
+            # The JSON API's POSTs need it (415 otherwise); Tornado's client would say form-urlencoded.
+            headers["Content-Type"] = "application/json"
+        request = HTTPRequest(self.base_url + path, method=method, body=data, headers=headers,
                               request_timeout=10, allow_nonstandard_methods=True)
         response = await self.client.fetch(request, raise_error=False)
         try:

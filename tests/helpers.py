@@ -292,11 +292,15 @@ async def read_response_head(stream: IOStream, timeout: float = QUICK) -> tuple[
 
 async def raw_request(port: int, path: str, method: str = "GET", headers: dict | None = None,
                       ssl_options: Any = None) -> tuple[RawResponse, IOStream]:
-    """Send one request byte for byte; return the response (body per Content-Length) and the stream."""
+    """Send one request byte for byte (Host 127.0.0.1:port unless `headers` has one); return the
+    response (body per Content-Length) and the stream."""
     stream = await asyncio.wait_for(
         TCPClient().connect("127.0.0.1", port, ssl_options=ssl_options), QUICK)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = headers or {}
+    lines = [f"{method} {path} HTTP/1.1"]
+    if not any(name.lower() == "host" for name in headers):
+        lines.append(f"Host: 127.0.0.1:{port}")
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     await stream.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
     status, head = await read_response_head(stream)
     body = b""

@@ -74,7 +74,7 @@ async def test_forwarded_headers_ignored_by_default(api, http_port):
 
 
 @pytest.mark.gen_test(timeout=10)
-@pytest.mark.config({"server": {"trust_proxy_headers": True}})
+@pytest.mark.config({"server": {"trust_proxy_headers": True, "allowed_hosts": ["video.example.com"]}})
 async def test_forwarded_headers_honoured_when_trusted(api):
     status, body, _ = await api.call("POST", "/session/create", CREATE_BODY, headers=FORWARDED)
     assert status == 200

@@ -97,7 +97,8 @@ async def test_max_body_413_for_declared_and_chunked_bodies_then_ok(api, base_ur
             await write(b" " * 500)
         await write(json.dumps(CREATE).encode())
 
-    request = HTTPRequest(base_url + "/session/create", method="POST", body_producer=produce, request_timeout=WAIT)
+    request = HTTPRequest(base_url + "/session/create", method="POST", body_producer=produce, request_timeout=WAIT,
+                          headers={"Content-Type": "application/json"})
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
     assert_json_error(response.code, json.loads(response.body), 413)
     # Even a GET with a body is bounded.

@@ -154,6 +154,9 @@ class Caller:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         if data is None and method in ("POST", "PUT", "PATCH"):
             data = b""
+        headers = dict(headers or {})
+        if method == "POST" and not any(name.lower() == "content-type" for name in headers):
+            headers["Content-Type"] = "application/json"  # else Tornado's client says form-urlencoded
         response = await self.client.fetch(self.base_url + (path or template), method=method, body=data,
                                            headers=headers, raise_error=False, allow_nonstandard_methods=True,
                                            request_timeout=QUICK)
@@ -323,6 +326,8 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call("POST", create, body=CREATE, headers={"Authorization": "Bearer wrong-token-0123456789"}, expect=401)
     await call("POST", create, raw=BIG, headers=BEARER, expect=413)
     await call("POST", create, raw=b"{not json", headers=BEARER, expect=400)
+    await call("POST", create, raw=json.dumps(CREATE).encode(), headers={**BEARER, "Content-Type": "text/plain"},
+               expect=415)
     await call("POST", create, body={"userId": "alice"}, headers=BEARER, expect=400)
     await call("POST", create, body={**CREATE, "upstream": "ws://evil.example/"}, headers=BEARER, expect=400)
     a1 = await call("POST", create, body=CREATE, headers=BEARER, expect=200)
@@ -409,6 +414,8 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call("POST", destroy, f"/session/{a2_id}/destroy", expect=401)
     await call("POST", destroy, f"/session/{a2_id}/destroy", raw=BIG, headers=BEARER, expect=413)
     await call("POST", destroy, f"/session/{BAD}/destroy", headers=BEARER, expect=400)
+    await call("POST", destroy, f"/session/{a2_id}/destroy", raw=b"x=1",
+               headers={**BEARER, "Content-Type": "application/x-www-form-urlencoded"}, expect=415)
     await call("POST", destroy, f"/session/{a2_id}/destroy", headers=BEARER, expect=200)
     await call("POST", destroy, f"/session/{a2_id}/destroy", headers=BEARER, expect=404)
 

@@ -91,7 +91,7 @@ async def refused(url: str, context: ssl.SSLContext | None = None) -> bool:
 
 async def create_session(port: int, context: ssl.SSLContext, **headers) -> dict:
     response = await fetch(f"https://127.0.0.1:{port}/session/create", context, method="POST",
-                           body=json.dumps(CREATE), headers=headers or None)
+                           body=json.dumps(CREATE), headers={"Content-Type": "application/json", **headers})
     assert response.code == 200, (response.code, response.body)
     return json.loads(response.body)
 

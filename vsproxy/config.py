@@ -8,6 +8,7 @@ key it is about and what was expected, so `vsproxy` can print one line and exit 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -37,6 +38,10 @@ class ServerConfig:
                                       "empty: from the request's scheme and Host")
     trust_proxy_headers: bool = setting(False, doc="honour X-Forwarded-Proto/-Host/-For (only behind a "
                                                    "reverse proxy you control)")
+    allowed_hosts: list = setting(factory=list, doc="more host names (no port) clients may reach vsproxy by, "
+                                  "besides `localhost`, `127.0.0.1`, `::1`, `host` unless a wildcard and "
+                                  "public_url's host; any other `Host` gets 421 (DNS rebinding), except on "
+                                  "/health and /metrics; `\"*\"`: any")
     shutdown_timeout_seconds: float = setting(3.0, min=0, max=60, doc="how long a graceful shutdown waits "
                                                                       "for open connections to close")
     metrics_port: int = setting(0, min=0, max=65535, doc="serve /metrics on this port instead; 0: on the "
@@ -85,8 +90,8 @@ class StreamingConfig:
 
     linger_seconds: float = setting(30.0, min=0, max=3600, doc="an upstream stays connected this long "
                                                                "after its last session")
-    stall_timeout_seconds: float = setting(30.0, min=0.1, max=3600, doc="a viewer that takes no frame "
-                                                                        "this long is disconnected")
+    stall_timeout_seconds: float = setting(30.0, min=0.1, max=3600, doc="a viewer (or dashboard event "
+                                           "stream) that takes nothing this long is disconnected")
     offline_frame_interval_seconds: float = setting(1.0, min=0.1, max=60, doc="how often MJPEG and binary "
                                                     "WebSocket viewers get the offline picture while the "
                                                     "upstream is down")
@@ -131,6 +136,8 @@ class LimitsConfig:
                                                                           "second; an error, then close "
                                                                           "1008 beyond")
     viewer_message_burst: int = setting(200, min=1, max=1_000_000, doc="burst of those")
+    max_dashboard_clients: int = setting(32, min=1, max=10_000, doc="open dashboard event streams "
+                                         "(`/dashboard/api/events`); 503 beyond")
 
 
 @dataclass(frozen=True)
@@ -449,9 +456,27 @@ def _cross_checks(config: Config) -> None:
     for robot, upstream in config.robots.items():
         if upstream not in names:
             raise ConfigError(f"robots.{robot}", f"{upstream!r} is not a configured upstream")
+    for host in config.server.allowed_hosts:
+        if not valid_allowed_host(host):
+            raise ConfigError("server.allowed_hosts",
+                              f'expected host names or addresses without scheme or port, or "*", got {host!r}')
     for origin in config.cors.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')
+
+
+def valid_allowed_host(host: str) -> bool:
+    """Is `host` a valid server.allowed_hosts entry: "*", a DNS name or an IP address (IPv6 with or
+    without brackets), never with a scheme, port or path?"""
+    if host == "*":
+        return True
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            return False
+        return True
+    return re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?", host) is not None
 
 
 def load_config(

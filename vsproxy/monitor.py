@@ -20,6 +20,7 @@ from PIL import Image
 from tornado.ioloop import PeriodicCallback
 
 from . import __version__
+from .errors import ClientError
 from .outputs.wire import TRANSPORT_LABELS, TRANSPORTS
 from .sessions import iso_utc
 
@@ -37,6 +38,12 @@ SAMPLE_INTERVAL_SECONDS = 1.0
 PUSH_INTERVAL_SECONDS = 1.0
 THUMBNAIL_WIDTH = 160
 THUMBNAIL_MAX_AGE_SECONDS = 1.0  # at most one thumbnail a second per upstream
+
+
+class DashboardLimitReached(ClientError):
+    """limits.max_dashboard_clients event streams are open already."""
+
+    status = 503
 
 
 class Listener(Protocol):
@@ -141,7 +148,11 @@ class Monitor:
 
     def subscribe(self, listener: Listener) -> None:
         """A dashboard connected: push to it every second (the push timer runs only while some
-        dashboard is connected)."""
+        dashboard is connected). DashboardLimitReached at limits.max_dashboard_clients."""
+        limit = self.config.limits.max_dashboard_clients
+        if listener not in self.listeners and len(self.listeners) >= limit:
+            raise DashboardLimitReached(f"Too many open dashboards ({limit}, limits.max_dashboard_clients); "
+                                        "retry later")
         self.listeners.add(listener)
         if self._pusher is None:
             self._pusher = PeriodicCallback(self.push, PUSH_INTERVAL_SECONDS * 1000)

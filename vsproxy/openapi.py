@@ -11,7 +11,8 @@ messages are in `x-websocket` and the `Ws*` schemas.
 
 Any method a REST path does not list answers 405 with an `Error` body (`components.responses.
 MethodNotAllowed`; OpenAPI has no place to attach it to a method a path lacks); the HTML pages
-answer it with a page.
+answer it with a page. Likewise every path but /health and /metrics answers 421 (`Misdirected`)
+to a request whose Host is not one of the server's names (server.allowed_hosts).
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ RESPONSES: dict[str, Any] = {
     "NotFound": _error("Unknown session (or path)."),
     "MethodNotAllowed": _error("The path does not support this method."),
     "PayloadTooLarge": _error("The request body is larger than limits.max_body_bytes."),
+    "UnsupportedMediaType": _error("A POST whose body is not declared `Content-Type: application/json`."),
+    "Misdirected": _error("The request's Host is not one of this server's names (server.allowed_hosts)."),
     "TooManyRequests": _error("Session creation from this address is too fast (limits.session_create_rate; "
                               "with Retry-After), or the user has limits.max_sessions_per_user sessions.",
                               _RETRY_AFTER),
@@ -207,7 +210,8 @@ SECURITY_SCHEMES: dict[str, Any] = {
 
 def _responses(*codes: str, ok: dict[str, Any]) -> dict[str, Any]:
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
-             "413": "PayloadTooLarge", "429": "TooManyRequests", "503": "ServiceUnavailable"}
+             "413": "PayloadTooLarge", "415": "UnsupportedMediaType", "429": "TooManyRequests",
+             "503": "ServiceUnavailable"}
     out = dict(ok)
     for code in codes:
         out[code] = _ref("responses", names[code])
@@ -239,7 +243,7 @@ _LINK_PARAMS = {"sessionId": "$response.body#/sessionId"}
 
 def _paths() -> dict[str, Any]:
     create_ok = {"200": _json(_schema("CreateSessionResponse"), "The session and the URLs to watch it.")}
-    create_responses = _responses("400", "401", "413", "429", "503", ok=create_ok)
+    create_responses = _responses("400", "401", "413", "415", "429", "503", ok=create_ok)
     create_ok["200"]["links"] = {
         "GetSession": {"operationId": "getSession", "parameters": _LINK_PARAMS},
         "DeleteSession": {"operationId": "deleteSession", "parameters": _LINK_PARAMS},
@@ -272,8 +276,11 @@ def _paths() -> dict[str, Any]:
         "/session/{sessionId}/destroy": {
             "parameters": _SESSION_PARAM,
             "post": _operation("Destroy a session (the original's path)", "sessions", API_SECURITY,
-                               _responses("400", "401", "404", "413", ok=copy.deepcopy(destroyed)),
-                               operationId="destroySession"),
+                               _responses("400", "401", "404", "413", "415", ok=copy.deepcopy(destroyed)),
+                               operationId="destroySession",
+                               description="Takes no body; a POST without one needs no Content-Type (as "
+                                           "the original frontend sends it). 415: a body not declared as "
+                                           "application/json."),
             "options": _preflight("POST"),
         },
         "/sessions": {

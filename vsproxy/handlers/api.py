@@ -45,6 +45,11 @@ class SessionHandler(JsonHandler):
 class SessionDestroyHandler(JsonHandler):
     cors_methods = "POST, OPTIONS"
     auth_scope = "api"
+    # The original frontend's destroy is a POST without a body, and such calls (fetch with only
+    # `method: "POST"`, jQuery's $.post, navigator.sendBeacon) send no Content-Type or a form one:
+    # they keep working. That is safe: the session ID in the path is the capability (128 random
+    # bits), which a page elsewhere cannot learn. A body, if any, must still be JSON.
+    post_takes_body = False
 
     def post(self, session_id: str) -> None:
         self.destroy_session(session_id)

@@ -1,5 +1,5 @@
-"""Shared handler plumbing: typed access to the app's collaborators, JSON errors, CORS, the
-WebSocket policy, bounded request bodies and the URLs clients get back.
+"""Shared handler plumbing: typed access to the app's collaborators, JSON errors, the Host check,
+CORS, the WebSocket policy, bounded JSON request bodies and the URLs clients get back.
 
 Handlers reach what they use through the narrow, typed properties of `HandlerMixin` (read from
 the Tornado application settings, the jupyter_server way), never through module globals.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import tornado.web
 from tornado.httputil import HTTPServerRequest
@@ -19,7 +20,7 @@ from ..errors import ClientError
 
 if TYPE_CHECKING:
     from ..auth import Access, RateLimiter
-    from ..config import Config
+    from ..config import Config, ServerConfig
     from ..hub import FrameHub
     from ..metrics import Metrics
     from ..monitor import Monitor
@@ -28,8 +29,54 @@ if TYPE_CHECKING:
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 
 
+# Addresses that mean "every interface": no host name to allow from them.
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
+# Always allowed: a rebinding attack's page carries its own domain name as Host, never these.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header (or a server.allowed_hosts entry), as compared: lower case,
+    port dropped, IPv6 brackets removed, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:  # name:port; more colons is a bare IPv6 address
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def allowed_hosts(server: ServerConfig) -> frozenset[str] | None:
+    """The host names requests may carry (None: any): the loopback names, the bound address
+    unless it is a wildcard, public_url's host and server.allowed_hosts."""
+    if "*" in server.allowed_hosts:
+        return None
+    names = [*LOOPBACK_HOSTS, *server.allowed_hosts]
+    if host_name(server.host) not in WILDCARD_ADDRESSES:
+        names.append(server.host)
+    if server.public_url:
+        names.append(urlsplit(server.public_url).hostname or "")
+    return frozenset(host_name(name) for name in names if name)
+
+
+def host_allowed(host: str, allowed: frozenset[str] | None) -> bool:
+    """Does a request's Host header name this server? (The DNS rebinding check: a page on a domain
+    rebound to this address sends that domain as Host.)"""
+    return allowed is None or host_name(host) in allowed
+
+
+def request_host(config: Config, request: HTTPServerRequest) -> str:
+    """The Host the client used: X-Forwarded-Host behind a trusted proxy, else the Host header."""
+    if config.server.trust_proxy_headers:
+        forwarded = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    return request.host
+
+
 def origin_allowed(origin: str | None, allowed: list[str], host: str | None = None) -> bool:
-    """Is a browser `Origin` one of the configured origins (or this server itself)?"""
+    """Is a browser `Origin` one of the configured origins, or this server itself (its Origin is
+    `host`; pass a host only once it passed the allowed-hosts check)?"""
     if not origin:
         return False
     if "*" in allowed or origin in allowed:
@@ -47,15 +94,30 @@ def public_base_url(config: Config, request: HTTPServerRequest) -> str:
     cfg = config.server
     if cfg.public_url:
         return cfg.public_url.rstrip("/")
-    scheme, host = request.protocol, request.host
+    scheme = request.protocol
     if cfg.trust_proxy_headers:
         forwarded_proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip()
-        forwarded_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
         if forwarded_proto in ("http", "https"):
             scheme = forwarded_proto
-        if forwarded_host:
-            host = forwarded_host
-    return f"{scheme}://{host}"
+    return f"{scheme}://{request_host(config, request)}"
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """`application/json`, with or without parameters (charset=...), in any case."""
+    return content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
+
+
+def post_content_type_error(content_type: str | None, has_body: bool, takes_body: bool) -> str | None:
+    """Why a POST to the JSON API gets 415, or None if it may proceed.
+
+    A POST must say `Content-Type: application/json`: that makes a browser ask first (a CORS
+    preflight, which only configured origins pass), so a page elsewhere cannot post with a form,
+    `text/plain` or a "simple" fetch. An endpoint that reads no body (destroy) also takes a POST
+    without a body whatever it declares: see SessionDestroyHandler.
+    """
+    if is_json_content_type(content_type) or (not takes_body and not has_body):
+        return None
+    return "Content-Type must be application/json"
 
 
 def client_address(config: Config, request: HTTPServerRequest) -> str:
@@ -78,12 +140,24 @@ def write_json_error(handler: tornado.web.RequestHandler, status: int, error: st
     handler.finish(json.dumps({"success": False, "error": error}))
 
 
+def client_message(exc: tornado.web.HTTPError) -> str | None:
+    """The message of a 4xx Tornado raised itself (e.g. "Invalid unicode in url: b'\\xff'" for a
+    path that is not UTF-8), which it keeps for its log only."""
+    if not 400 <= exc.status_code < 500 or not exc.log_message:
+        return None
+    return exc.log_message % exc.args if exc.args else exc.log_message
+
+
 class HandlerMixin:
     """Typed accessors for the app's collaborators (properties, because Tornado calls
-    set_default_headers before initialize), credential checks and log hygiene."""
+    set_default_headers before initialize), the Host check, credential checks, JSON errors and
+    log hygiene."""
 
     settings: dict
     request: HTTPServerRequest
+    # Probes and scrapers (load balancers, Kubernetes, Prometheus) reach /health and /metrics by
+    # whatever address they have, often a pod IP; those two answer any Host (they control nothing).
+    open_to_any_host = False
 
     @property
     def config(self) -> Config:
@@ -119,6 +193,39 @@ class HandlerMixin:
     def client_address(self) -> str:
         return client_address(self.config, self.request)
 
+    def prepare(self) -> None:
+        self.check_host()
+
+    def check_host(self) -> None:
+        """421 unless the request names this server as its Host (server.allowed_hosts): the first
+        check of every endpoint, so a page on a DNS-rebound domain can do nothing here."""
+        if self.open_to_any_host:
+            return
+        host = request_host(self.config, self.request)
+        if not host_allowed(host, allowed_hosts(self.config.server)):
+            raise tornado.web.HTTPError(
+                421, reason=f"Host {host_name(host)[:100]!r} is not one of this server's names (server.allowed_hosts)")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error as the one JSON body; domain errors (unknown session, limits, credentials)
+        map to their status here, once."""
+        error = None
+        headers: dict[str, str] = {}
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, ClientError):
+            status_code = exc.status
+            headers = exc.headers
+            error = str(exc)
+        elif isinstance(exc, tornado.web.HTTPError):
+            error = exc.reason or client_message(exc)
+        write_json_error(self, status_code, error or self.error_message(status_code), headers)  # type: ignore[arg-type]
+
+    def error_message(self, status_code: int) -> str:
+        """The message of an error raised without one."""
+        if status_code == 405:
+            return f"Method {self.request.method} not allowed"
+        return "Not found" if status_code == 404 else HTTPStatus(status_code).phrase
+
     def _request_summary(self) -> str:
         # Tornado's summary (used in its warnings and error logs) is the full URI, and a query
         # string may carry a token: log method, path and client only.
@@ -144,10 +251,13 @@ class HandlerMixin:
         token = request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
         self.access.require_viewer(session_id, token, request.headers.get("Authorization"))
 
-    def origin_allowed(self) -> bool:
+    def origin_allowed(self, origin: str | None = None) -> bool:
         """Is this request's Origin allowed (configured, or this server's own pages)?"""
-        origin = self.request.headers.get("Origin")
-        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+        if origin is None:
+            origin = self.request.headers.get("Origin")
+        host = request_host(self.config, self.request)
+        own = host if host_allowed(host, allowed_hosts(self.config.server)) else None
+        return origin_allowed(origin, self.config.cors.allowed_origins, own)
 
 
 class WebSocketMixin(HandlerMixin):
@@ -156,7 +266,7 @@ class WebSocketMixin(HandlerMixin):
     answered before the upgrade with a JSON body so a client sees why."""
 
     def check_origin(self, origin: str) -> bool:
-        return origin_allowed(origin, self.config.cors.allowed_origins, self.request.host)
+        return self.origin_allowed(origin)
 
     def get_compression_options(self) -> None:
         return None
@@ -167,12 +277,6 @@ class WebSocketMixin(HandlerMixin):
 
     def refuse_client_error(self, exc: ClientError) -> None:
         self.refuse(exc.status, str(exc), exc.headers)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # Errors before the upgrade (a bad path, a wrong method) answer JSON like the REST API.
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else None
-        self.refuse(status_code, reason or HTTPStatus(status_code).phrase)
 
 
 @tornado.web.stream_request_body
@@ -186,6 +290,8 @@ class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
     cors_methods = "GET, POST, DELETE, OPTIONS"
     # The credential this handler needs (see auth.Access.require): None, "api", "operator", "metrics".
     auth_scope: str | None = None
+    # Does a POST to this handler carry a JSON body? (See post_content_type_error.)
+    post_takes_body = True
     _body: bytearray
     _body_too_large = False
 
@@ -197,9 +303,20 @@ class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
 
     def prepare(self) -> None:
+        super().prepare()  # the Host check
         if self.request.method != "OPTIONS":  # browsers send no credentials on a preflight
             self.require(self.auth_scope)
+        if self.request.method == "POST" and type(self).post is not tornado.web.RequestHandler.post:
+            self.check_post_content_type()
         self.start_body()
+
+    def check_post_content_type(self) -> None:
+        """415 unless a POST declares its body as JSON (see post_content_type_error)."""
+        headers = self.request.headers
+        has_body = "Transfer-Encoding" in headers or headers.get("Content-Length", "0").strip() not in ("", "0")
+        error = post_content_type_error(headers.get("Content-Type"), has_body, self.post_takes_body)
+        if error:
+            raise tornado.web.HTTPError(415, reason=error)
 
     # -- bounded request bodies ---------------------------------------------------------------
 
@@ -246,7 +363,7 @@ class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
             raise tornado.web.HTTPError(400, reason="Request body must be a JSON object")
         try:
             parsed = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             raise tornado.web.HTTPError(400, reason="Request body is not valid JSON") from None
         if not isinstance(parsed, dict):
             raise tornado.web.HTTPError(400, reason="Request body must be a JSON object")
@@ -271,25 +388,10 @@ class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
         self.sessions.destroy(session_id)
         self.send_json({"success": True, "message": "Session destroyed"})
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        error = None
-        headers: dict[str, str] = {}
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ClientError):
-            # Domain errors (unknown session, limits, credentials) map to their status here, once.
-            status_code = exc.status
-            headers = exc.headers
-            error = str(exc)
-        elif isinstance(exc, tornado.web.HTTPError) and exc.reason:
-            error = exc.reason
-        if error is None:
-            if status_code == 413:
-                error = self.body_too_large_message()
-            elif status_code == 405:
-                error = f"Method {self.request.method} not allowed"
-            else:
-                error = "Not found" if status_code == 404 else HTTPStatus(status_code).phrase
-        write_json_error(self, status_code, error, headers)
+    def error_message(self, status_code: int) -> str:
+        if status_code == 413:
+            return self.body_too_large_message()
+        return super().error_message(status_code)
 
     def urls_for(self, session_id: str, viewer_token: str | None = None) -> dict[str, str]:
         """wsUrl / httpStreamUrl as the client should use them (carrying the viewer token, if any)."""

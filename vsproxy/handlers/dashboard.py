@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
+import time
 from pathlib import Path
 
 import tornado.web
 
-from ..errors import AccessDenied
-from .base import HandlerMixin, JsonHandler, write_json_error
+from ..outputs.viewer import unsent_bytes
+from .base import HandlerMixin, JsonHandler
+
+log = logging.getLogger("vsproxy.dashboard")
 
 # What the page is made of; anything else in the folder (README.md) is not served.
 SERVED_SUFFIXES = frozenset({".html", ".js", ".css", ".svg", ".png", ".ico", ".txt"})
@@ -35,15 +39,16 @@ def dashboard_dir() -> Path:
 
 class DashboardFileHandler(HandlerMixin, tornado.web.StaticFileHandler):
     """GET /dashboard and /dashboard/<file>: StaticFileHandler keeps every path inside its root
-    (403 for `..` and absolute paths, including percent-encoded ones)."""
+    (403 for `..` and absolute paths, including percent-encoded ones). Errors are JSON, a 401 with
+    the Basic challenge that makes the browser ask for a password."""
 
     def prepare(self) -> None:
-        try:
-            self.require("operator")
-        except AccessDenied as exc:  # the Basic challenge makes the browser ask for a password
-            write_json_error(self, exc.status, str(exc), exc.headers)
+        super().prepare()  # the Host check
+        self.require("operator")
 
     def parse_url_path(self, url_path: str) -> str:
+        if "\x00" in url_path:  # no file has one, and the OS calls below would raise ValueError
+            raise tornado.web.HTTPError(404)
         return url_path or "index.html"
 
     def validate_absolute_path(self, root: str, absolute_path: str) -> str | None:
@@ -76,21 +81,30 @@ class DashboardStateHandler(JsonHandler):
 class DashboardEventsHandler(JsonHandler):
     """GET /dashboard/api/events: Server-Sent Events, one `data: <state JSON>` a second.
 
-    A dashboard whose connection has not taken the previous event skips the next one instead of
-    queueing (the newest state is all it needs). EventSource reconnects by itself.
+    An event is written only when the previous one has left Tornado's buffer and the kernel's
+    send queue, so each dashboard holds at most one event in this process and the kernel, whatever
+    its socket does; a dashboard that is not ready skips events (the newest state is all it needs),
+    and one that has taken nothing for `streaming.stall_timeout_seconds` is disconnected.
+    At most `limits.max_dashboard_clients` streams are open (503 beyond). EventSource reconnects
+    by itself.
     """
 
     cors_methods = "GET, OPTIONS"
     auth_scope = "operator"
+    _ended: asyncio.Future | None = None  # None until get() runs: a refused request never gets one
+    _gone = False
+    _flushing: asyncio.Future | None = None
 
     async def get(self) -> None:
+        if self._gone:
+            return  # the client left before the handler ran
         monitor = self.monitor
+        monitor.subscribe(self)  # 503 (DashboardLimitReached) at the cap, before any byte is sent
+        self._ended = asyncio.get_running_loop().create_future()
+        self._kept_up_at = time.monotonic()  # last time the client had taken everything sent
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")  # a buffering reverse proxy would hold events
-        self._ended = asyncio.get_running_loop().create_future()
-        self._flushing: asyncio.Future | None = None
         self.send(b"retry: 2000\n" + monitor.event())  # the state at once, not in a second
-        monitor.subscribe(self)
         try:
             await self._ended
         finally:
@@ -99,17 +113,35 @@ class DashboardEventsHandler(JsonHandler):
             self.finish()
 
     def send(self, event: bytes) -> None:
-        if self._ended.done() or (self._flushing is not None and not self._flushing.done()):
+        if self._ended is None or self._ended.done():
             return
+        now = time.monotonic()
+        if self._backlogged():
+            stalled = now - self._kept_up_at
+            if stalled > self.config.streaming.stall_timeout_seconds:
+                log.info("dashboard event stream of %s closed: it took nothing for %.0f s",
+                         self.request.remote_ip, stalled)
+                self.request.connection.stream.close()  # type: ignore[attr-defined]  # -> on_connection_close
+            return
+        self._kept_up_at = now
         self.write(event)
         self._flushing = self.flush()
 
+    def _backlogged(self) -> bool:
+        """Is part of the previous event still waiting, in Tornado's buffer or the kernel's?"""
+        if self._flushing is not None and not self._flushing.done():
+            return True
+        sock = self.request.connection.stream.socket  # type: ignore[attr-defined]
+        return sock is not None and (unsent_bytes(sock.fileno()) or 0) > 0
+
     def close(self) -> None:
         """End the stream (server shutdown)."""
-        if not self._ended.done():
+        if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
 
     def on_connection_close(self) -> None:
+        # May come before get() ran, e.g. for a request refused in prepare().
+        self._gone = True
         self.close()
 
 

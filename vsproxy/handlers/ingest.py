@@ -158,6 +158,7 @@ class IngestFrameHandler(JsonHandler):
     def prepare(self) -> None:
         self._body = bytearray()
         self._body_too_large = True  # discard whatever arrives until every check has passed
+        self.check_host()
         if self.request.method == "OPTIONS":
             return
         upstream = self.path_kwargs.get("upstream", "")

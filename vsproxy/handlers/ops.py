@@ -15,6 +15,7 @@ from .base import JsonHandler
 
 class HealthHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
+    open_to_any_host = True  # probes use whatever address they have (see HandlerMixin)
 
     def get(self) -> None:
         sim = self.config.isaac_sim
@@ -38,6 +39,7 @@ class MetricsHandler(JsonHandler):
     """Prometheus text format, or OpenMetrics when the scraper's Accept header asks for it."""
 
     auth_scope = "metrics"
+    open_to_any_host = True  # scrapers use whatever address they have (see HandlerMixin)
 
     def get(self) -> None:
         encoder, content_type = choose_encoder(self.request.headers.get("Accept", ""))

@@ -7,11 +7,12 @@ import json
 import secrets
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 import tornado.web
 
 from ..errors import ClientError
-from .base import HandlerMixin
+from .base import HandlerMixin, client_message
 
 
 @lru_cache(maxsize=8)
@@ -45,6 +46,12 @@ class PageHandler(HandlerMixin, tornado.web.RequestHandler):
         ]))
         text = text.replace("<script>", f'<script nonce="{nonce}">').replace("<style>", f'<style nonce="{nonce}">')
         self.finish(text)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # A page's errors (a Host not allowed, a path that is not UTF-8, a wrong method) are pages too.
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = exc.reason or client_message(exc) if isinstance(exc, tornado.web.HTTPError) else None
+        self.error_page(status_code, reason or self.error_message(status_code))
 
     def error_page(self, status: int, message: str) -> None:
         self.render_page(

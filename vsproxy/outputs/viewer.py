@@ -61,6 +61,17 @@ class TransportStats:
 SIOCOUTQNSD = 0x894B
 
 
+def unsent_bytes(fd: int, buffer: array.array | None = None) -> int | None:
+    """Bytes in socket `fd`'s send queue not yet sent, or None where the kernel cannot say (not
+    Linux, not TCP). `buffer` (array('i', [0])) saves an allocation on hot paths."""
+    out = buffer if buffer is not None else array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, SIOCOUTQNSD, out, True)
+    except OSError:
+        return None
+    return out[0]
+
+
 class Viewer:
     """One connected viewer socket: gets the newest frame whenever its socket can take one.
 
@@ -140,12 +151,11 @@ class Viewer:
     def _kernel_backlog(self) -> bool:
         if self._fd < 0:
             return False
-        try:
-            fcntl.ioctl(self._fd, SIOCOUTQNSD, self._outq, True)
-        except OSError:
+        unsent = unsent_bytes(self._fd, self._outq)
+        if unsent is None:
             self._fd = -1  # not Linux, or not a TCP socket: rely on Tornado's buffer alone
             return False
-        return self._outq[0] > 0
+        return unsent > 0
 
     def _send(self, frame: Frame, data: bytes) -> None:
         self.last_sent_arrival = frame.arrived
