@@ -163,6 +163,41 @@ async def test_input_beyond_the_byte_rate_gets_an_error_then_close_1008(sim, api
     await frames(bystander, 3)
 
 
+@pytest.mark.config({"limits": {"viewer_message_rate": 1, "viewer_message_burst": 2}})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_flooder_that_ignores_the_close_is_hung_up_on_at_once(api, http_port, proxy):
+    """Tornado waits 5 s for the client's answer to a Close frame, reading all it sends meanwhile;
+    a refused flooder is not given that time."""
+    sid = (await api.create_session())["sessionId"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(f"GET /stream/{sid}?format=binary HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\n"
+                 "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    message = bytes((0x81, 0x80 | 5)) + b"\0\0\0\0" + b"input"  # masked with the zero key
+
+    async def flood() -> None:
+        while True:  # never answers the Close frame, never stops
+            writer.write(message)
+            await asyncio.sleep(0.01)
+
+    async def until_hung_up() -> None:
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+    flooding = asyncio.ensure_future(flood())
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(until_hung_up(), 10)
+    finally:
+        flooding.cancel()
+        writer.close()
+    assert time.monotonic() - started < 2.5
+    assert not proxy.sessions.get(sid).viewers
+
+
 def test_the_byte_burst_must_fit_the_largest_message():
     with pytest.raises(ConfigError, match="viewer_input_bytes_burst: must be at least streaming.max_viewer"):
         config_from_dict({"limits": {"viewer_input_bytes_burst": 1000},

@@ -131,7 +131,22 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
     def _refuse_input(self, message: str, close_reason: str) -> None:
         self._send_text(status_message("error", message))
         self._detach_viewer()
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
         self.close(1008, close_reason)
+        if stream is None or stream.closed():
+            return
+        # A flooding client need never answer our Close frame, and Tornado would read, unmask and
+        # decode whatever it sends for 5 s more: hang up as soon as the Close frame is written.
+        try:
+            flushed = stream.write(b"")
+        except StreamClosedError:
+            return
+
+        def hang_up(done: asyncio.Future) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: a stream closed meanwhile is what we want anyway
+            stream.close()
+        flushed.add_done_callback(hang_up)
 
     # -- viewer tokens: the connection lasts as long as its token -------------------------------
 
