@@ -2,7 +2,7 @@
 """vsproxy fan-out benchmark: one fake 30 fps camera -> vsproxy -> N viewers of one transport.
 
     python bench/fanout.py --transport mjpeg --viewers 400 [--duration 10] [--warmup 3] [--fps 30]
-                           [--probes 0] [--direct] [--slow-scenario] [--json out.json]
+                           [--probes 0] [--direct] [--slow-scenario] [--input-flood N] [--json out.json]
 
 `--transport` and `--viewers` take comma-separated lists (every combination is one run, each with
 a freshly started server). See bench/README.md for what is measured and how to read the table.
@@ -47,7 +47,7 @@ from common import (  # noqa: E402
     tcp_send_queues,
     wait_health,
 )
-from loadgen import TRANSPORTS, WS_JSON, Stats, Viewer  # noqa: E402
+from loadgen import TRANSPORTS, WS_JSON, Flooder, Stats, Viewer  # noqa: E402
 from upstream import FakeCamera, make_jpeg  # noqa: E402
 
 CONNECT_CONCURRENCY = 32
@@ -66,6 +66,8 @@ def judge(r: dict) -> str:
         checks = [("normal min fps", r["fps_min"], ">=", 29), ("RSS growth MB", r["rss_growth_mb"], "<=", 2),
                   ("trickle min fps", r["trickle_fps_min"], ">=", 0.8),
                   ("staleness", r["trickle_staleness_max"], "<=", 1)]
+    elif r.get("input_flood"):
+        checks = [("min fps under input flood", r["fps_min"], ">=", 29)]
     else:
         n, t = r["viewers"], r["transport"]
         if n >= 400:
@@ -159,6 +161,7 @@ async def run_one(args, camera: FakeCamera, transport: str, n_viewers: int, *, d
     pid = proc.pid
     viewers: list[Viewer] = []
     trickle_task = rss_task = None
+    flood_tasks: list[asyncio.Future] = []
     try:
         rss_idle = proc_rss_mb(pid)
         status, body = await http_request(port, "POST", "/session/create", {"userId": "bench", "robotName": "bench"})
@@ -205,8 +208,13 @@ async def run_one(args, camera: FakeCamera, transport: str, n_viewers: int, *, d
         if trickle:
             trickle_task = asyncio.ensure_future(trickle_loop())
 
+        flooders = [Flooder(i, "127.0.0.1", port, session_id, args.flood_size, args.flood_reconnect)
+                    for i in range(args.input_flood)]
+        flood_tasks = [asyncio.ensure_future(f.run()) for f in flooders]
+
         rss_connected = proc_rss_mb(pid)
         await asyncio.sleep(args.warmup)
+        flood0 = [(f.connections, f.messages, f.bytes) for f in flooders]
 
         # -- measurement window --
         rss_start = proc_rss_mb(pid)
@@ -232,6 +240,9 @@ async def run_one(args, camera: FakeCamera, transport: str, n_viewers: int, *, d
         sendq = tcp_send_queues(port)
         rss_task.cancel()
         window = w1 - w0
+        flood1 = [(f.connections, f.messages, f.bytes) for f in flooders]
+        for task in flood_tasks:
+            task.cancel()
 
         normal = [v for v in viewers if v.kind == "normal"]
         fps = sorted(v.frames / window for v in normal)
@@ -296,6 +307,17 @@ async def run_one(args, camera: FakeCamera, transport: str, n_viewers: int, *, d
             "steal_pct": sum(u["steal"] for u in usage.values()),
             "copy_payload": args.copy,
         }
+        if flooders:
+            r.update({
+                "input_flood": len(flooders),
+                "flood_message_bytes": args.flood_size,
+                "flood_reconnect_delay_s": args.flood_reconnect,
+                # Inside the window: connections made, messages and bytes written to the server's sockets.
+                "flood_connects_per_s": sum(b[0] - a[0] for a, b in zip(flood0, flood1, strict=True)) / window,
+                "flood_messages_per_s": sum(b[1] - a[1] for a, b in zip(flood0, flood1, strict=True)) / window,
+                "flood_mb_per_s": sum(b[2] - a[2] for a, b in zip(flood0, flood1, strict=True)) / window / 1e6,
+                "flood_refused_handshakes": sum(f.refused for f in flooders),
+            })
         if slow:
             tr = [v for v in viewers if v.kind == "trickle"]
             st = [v for v in viewers if v.kind == "stalled"]
@@ -317,7 +339,7 @@ async def run_one(args, camera: FakeCamera, transport: str, n_viewers: int, *, d
         r["verdict"] = judge(r)
         return r
     finally:
-        for task in (trickle_task, rss_task):
+        for task in (trickle_task, rss_task, *flood_tasks):
             if task is not None:
                 task.cancel()
         for v in viewers:
@@ -413,6 +435,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trickle-rcvbuf", type=int, default=4096,
                    help="SO_RCVBUF of trickle viewers (default 4096, so that staleness shows the server's buffering, "
                         "not the client kernel's; 0 = kernel default)")
+    p.add_argument("--input-flood", type=int, default=0, metavar="N",
+                   help="N more viewers of the same session flood the server with input while the others are "
+                        "measured (default 0)")
+    p.add_argument("--flood-size", type=int, default=1 << 20,
+                   help="bytes of each flood message (default 1048576, the issue's 1 MB text messages)")
+    p.add_argument("--flood-reconnect", type=float, default=1.0,
+                   help="seconds a flooder waits before reconnecting after the server closed it (default 1)")
     p.add_argument("--copy", action="store_true",
                    help="copy every payload byte to user space (as a real client) instead of recv(MSG_TRUNC)")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers of every run here")
@@ -435,6 +464,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be 0..120 s")
     if not 1 <= args.fps <= 120:
         p.error("--fps must be 1..120")
+    if not 0 <= args.input_flood <= 1000 or not 1 <= args.flood_size <= 1 << 26 or args.flood_reconnect < 0:
+        p.error("--input-flood must be 0..1000, --flood-size 1..64 MiB, --flood-reconnect >= 0")
+    if args.input_flood and args.slow_scenario:
+        p.error("--input-flood and --slow-scenario are separate scenarios")
     return args
 
 
@@ -508,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         if abs(r["upstream_fps"] - args.fps) > 0.5:
             notes.append(f"{r['transport']} x{r['viewers']}: the camera sent {r['upstream_fps']:.1f} fps, "
                          f"not {args.fps:g} ({r['camera_late_ticks']} late ticks): core {LOADGEN_CORE} was too busy")
+    for r in rows:
+        if r.get("input_flood"):
+            print(f"\ninput flood ({r['transport']} x{r['viewers']}): {r['input_flood']} flooders sending "
+                  f"{r['flood_message_bytes']}-byte text messages, reconnecting "
+                  f"{r['flood_reconnect_delay_s']:g} s after each close: {r['flood_connects_per_s']:.1f} "
+                  f"connections/s, {r['flood_messages_per_s']:.1f} messages/s and {r['flood_mb_per_s']:.1f} MB/s "
+                  f"written to the server's sockets ({r['flood_refused_handshakes']} handshakes refused)")
     if notes:
         print("\nnotes:\n- " + "\n- ".join(notes))
     if args.json:

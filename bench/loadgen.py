@@ -335,3 +335,101 @@ class Viewer:
                 pass
         elif op == 0x8:
             self.close(f"server sent close: {bytes(self.peek[2:]).decode('utf-8', 'replace')}")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # a reset connection is the expected end of a flood
+
+
+class Flooder:
+    """A viewer that floods the server with input (`--input-flood`): text messages of `size`
+    bytes, each written as soon as the socket takes the previous one. What the server sends is
+    discarded in the kernel (MSG_TRUNC) and never parsed. When the server closes the connection
+    (a message over its size limit: 1009; over its rates: 1008), the flooder reconnects after
+    `reconnect_delay` seconds, for as long as it runs.
+
+    Frames are masked with the all-zero key, so the masked payload is the payload itself and one
+    prebuilt frame serves every send (the server cannot tell; it unmasks all the same).
+    """
+
+    def __init__(self, idx: int, host: str, port: int, session_id: str, size: int, reconnect_delay: float) -> None:
+        self.idx = idx
+        self.host, self.port, self.session_id = host, port, session_id
+        self.reconnect_delay = reconnect_delay
+        if size < 126:
+            head = bytes((0x81, 0x80 | size))
+        elif size < 65536:
+            head = bytes((0x81, 0x80 | 126)) + size.to_bytes(2, "big")
+        else:
+            head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big")
+        self.frame = head + b"\0\0\0\0" + b"x" * size
+        self.size = size
+        self.connections = 0      # completed handshakes
+        self.refused = 0          # handshakes refused or failed
+        self.messages = 0         # messages written completely to the socket
+        self.bytes = 0            # bytes written to the socket
+        self.closed_by_server = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await self._handshake(loop, sock)
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                self.refused += 1
+                sock.close()
+                await asyncio.sleep(max(self.reconnect_delay, 0.05))
+                continue
+            self.connections += 1
+            gone = loop.create_future()
+            loop.add_reader(sock.fileno(), self._drain, sock, gone)
+            try:
+                while True:
+                    send = asyncio.ensure_future(loop.sock_sendall(sock, self.frame))
+                    send.add_done_callback(_retrieve)
+                    await asyncio.wait([send, gone], return_when=asyncio.FIRST_COMPLETED)
+                    if not send.done():  # the server closed the connection while we were writing
+                        send.cancel()
+                        break
+                    send.result()  # OSError if the connection is gone
+                    self.messages += 1
+                    self.bytes += len(self.frame)
+            except (OSError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not gone.done():
+                    raise
+            finally:
+                self.closed_by_server += 1
+                loop.remove_reader(sock.fileno())
+                sock.close()
+            await asyncio.sleep(self.reconnect_delay)
+
+    @staticmethod
+    def _drain(sock: socket.socket, gone: asyncio.Future) -> None:
+        try:
+            while sock.recv_into(_BUF, BUFSIZE, socket.MSG_TRUNC):
+                pass
+            outcome = "eof"
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            outcome = "error"
+        if not gone.done():
+            gone.set_result(outcome)
+
+    async def _handshake(self, loop, sock) -> None:
+        await asyncio.wait_for(loop.sock_connect(sock, (self.host, self.port)), 5)
+        req = (f"GET /stream/{self.session_id}?format=binary HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dnNwcm94eWJlbmNobWFyaw==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        await loop.sock_sendall(sock, req.encode("ascii"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            if not chunk or len(data) > 65536:
+                raise ConnectionError("closed during handshake")
+            data += chunk
+        if b" 101 " not in data[:data.find(b"\r\n")] + b" ":
+            raise ConnectionError(f"refused: {data[:60]!r}")

@@ -12,8 +12,7 @@ import socket
 import time
 
 import pytest
-from helpers import wait_until
-from test_security import CREATE, assert_json_error, ws_handshake
+from helpers import CREATE, assert_json_error, wait_until, ws_handshake
 from tornado.httputil import HTTPHeaders
 
 from vsproxy.config import ConfigError, ServerConfig, config_from_dict

@@ -289,6 +289,8 @@ COVERED_ELSEWHERE = {
     ("/metrics", "GET", "404"): "test_metrics_404_on_the_main_port_conforms (server.metrics_port)",
     ("/stream/{sessionId}/embed", "GET", "401"): "test_viewer_token_refusals_conform",
     ("/stream/{sessionId}", "GET", "401"): "test_viewer_token_refusals_conform",
+    ("/session/{sessionId}/token", "POST", "409"):
+        "test_viewer_input.py::test_token_endpoint_without_viewer_tokens_is_409 (viewer tokens off)",
 }
 
 
@@ -351,6 +353,13 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call("GET", session, f"/session/{UNKNOWN}", headers=BEARER, expect=404)
     await call("GET", session, f"/session/{BAD}", headers=BEARER, expect=400)
     await call("GET", session, f"/session/{sid}", raw=BIG, headers=BEARER, expect=413)
+    renew = "/session/{sessionId}/token"
+    await call("POST", renew, f"/session/{sid}/token", headers=BEARER, expect=200)
+    await call("POST", renew, f"/session/{sid}/token", body={"control": True}, headers=BEARER, expect=200)
+    await call("POST", renew, f"/session/{sid}/token", body={"control": "yes"}, headers=BEARER, expect=400)
+    await call("POST", renew, f"/session/{sid}/token", expect=401)
+    await call("POST", renew, f"/session/{UNKNOWN}/token", headers=BEARER, expect=404)
+    await call("POST", renew, f"/session/{sid}/token", raw=BIG, headers=BEARER, expect=413)
     for path in ("/sessions", "/upstreams"):
         await call("GET", path, headers=BEARER, expect=200)
         await call("GET", path, expect=401)

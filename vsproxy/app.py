@@ -74,9 +74,6 @@ class Proxy:
             **self.handler_settings(),
             default_handler_class=NotFoundHandler,
             log_function=self._log_request,
-            # Tornado's own message cap only guards against abuse; our configured, friendlier
-            # limit (an error message, connection kept) is checked in the handler below it.
-            websocket_max_message_size=max(4 * self.config.streaming.max_viewer_message_bytes, 1 << 20),
             websocket_ping_interval=20,
             websocket_ping_timeout=20,  # Tornado caps it at the interval
         )

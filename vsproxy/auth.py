@@ -12,10 +12,11 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import AccessDenied
+from .errors import AccessDenied, ClientError
 
 if TYPE_CHECKING:
     from .config import AuthConfig
@@ -95,41 +96,69 @@ class InvalidToken(Exception):
         self.expired = reason == "expired"
 
 
-class ViewerTokens:
-    """Signed, expiring capabilities to watch one session: `<expiry>.<HMAC-SHA256, base64url>`.
+class ViewerTokensOff(ClientError):
+    """A viewer token was asked for while auth.viewer_tokens is off (none is needed): 409."""
 
-    The signature covers the session ID and the expiry, so a token opens only its own session,
-    only until it expires, and cannot be made without the server's secret.
+    status = 409
+
+
+@dataclass(frozen=True)
+class ViewerGrant:
+    """What a viewer's credential allows: watching until `expires` (epoch seconds; None: no token
+    needed, so no end), and sending control input to the upstream if `control`."""
+
+    expires: float | None
+    control: bool
+
+
+OPEN_GRANT = ViewerGrant(expires=None, control=True)  # viewer tokens off: the session ID is enough
+CONTROL_CLAIM = "control"
+
+
+class ViewerTokens:
+    """Signed, expiring capabilities to watch one session: `<expiry>.<HMAC-SHA256, base64url>`, or
+    `<expiry>.control.<HMAC>` to also send control input.
+
+    The signature covers the session ID, the expiry and the control claim, so a token opens only
+    its own session, only until it expires, grants control only if issued for it, and cannot be
+    made without the server's secret. Watch tokens keep the original two-part format.
     """
 
     def __init__(self, secret: str, ttl_seconds: float) -> None:
         self._key = hashlib.sha256(secret.encode("utf-8")).digest()
         self.ttl = ttl_seconds
 
-    def _signature(self, session_id: str, expiry: int) -> str:
-        mac = hmac.new(self._key, f"{session_id}.{expiry}".encode(), hashlib.sha256).digest()
+    def _signature(self, session_id: str, expiry: int, control: bool) -> str:
+        payload = f"{session_id}.{expiry}" + (f".{CONTROL_CLAIM}" if control else "")
+        mac = hmac.new(self._key, payload.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
-    def issue(self, session_id: str, now: float | None = None) -> str:
+    def issue(self, session_id: str, now: float | None = None, *, control: bool = False) -> str:
         expiry = int((time.time() if now is None else now) + self.ttl)
-        return f"{expiry}.{self._signature(session_id, expiry)}"
+        claim = f"{CONTROL_CLAIM}." if control else ""
+        return f"{expiry}.{claim}{self._signature(session_id, expiry, control)}"
 
-    def verify(self, token: str | None, session_id: str, now: float | None = None) -> None:
-        """Raise InvalidToken unless `token` is valid for `session_id` right now."""
+    def verify(self, token: str | None, session_id: str, now: float | None = None) -> ViewerGrant:
+        """What `token` grants for `session_id` right now; raise InvalidToken unless it is valid."""
         if not token:
             raise InvalidToken("missing")
-        expiry_text, sep, signature = token.partition(".")
-        if not sep or not (expiry_text.isascii() and expiry_text.isdigit()) or len(expiry_text) > 12:
+        parts = token.split(".")
+        control = len(parts) == 3 and parts[1] == CONTROL_CLAIM
+        if not (len(parts) == 2 or control):
             raise InvalidToken("malformed")
-        expected = self._signature(session_id, int(expiry_text))
-        if not hmac.compare_digest(signature.encode(), expected.encode()):
+        expiry_text, signature = parts[0], parts[-1]
+        if not (expiry_text.isascii() and expiry_text.isdigit()) or len(expiry_text) > 12:
+            raise InvalidToken("malformed")
+        expected = self._signature(session_id, int(expiry_text), control)
+        if not hmac.compare_digest(signature.encode("utf-8", "surrogatepass"), expected.encode()):
             raise InvalidToken("invalid")
         if int(expiry_text) < (time.time() if now is None else now):
             raise InvalidToken("expired")
+        return ViewerGrant(expires=float(int(expiry_text)), control=control)
 
 
 class TokenBucket:
-    """`rate` tokens a second up to `burst`; `take()` spends one if there is one."""
+    """`rate` tokens a second up to `burst`; `take()` spends one (or `cost`) if there are enough."""
 
     __slots__ = ("rate", "burst", "tokens", "updated")
 
@@ -139,12 +168,13 @@ class TokenBucket:
         self.tokens = burst
         self.updated = time.monotonic() if now is None else now
 
-    def take(self, now: float | None = None) -> bool:
+    def take(self, now: float | None = None, cost: float = 1) -> bool:
+        """Spend `cost` tokens (a message, or its bytes) if there are that many."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         return False
 
@@ -208,15 +238,26 @@ class Access:
         if not token_matches(token, accepted):
             raise AccessDenied(f"Invalid {what}", status=401, challenge='Bearer realm="vsproxy", error="invalid_token"')
 
-    def issue_viewer_token(self, session_id: str) -> str | None:
-        return self.viewer_tokens.issue(session_id) if self.viewer_tokens else None
+    def issue_viewer_token(self, session_id: str, *, control: bool = False) -> str | None:
+        """A fresh token for `session_id` (one that also grants control input if `control`), or
+        None with viewer tokens off."""
+        return self.viewer_tokens.issue(session_id, control=control) if self.viewer_tokens else None
 
-    def require_viewer(self, session_id: str, token: str | None, authorization: str | None) -> None:
-        """With viewer tokens on, a stream needs its session's token (?token= or Bearer)."""
+    def renew_viewer_token(self, session_id: str, *, control: bool = False) -> tuple[str, float]:
+        """(a fresh token, its expiry in epoch seconds) for an existing session; ViewerTokensOff
+        with viewer tokens off."""
         if self.viewer_tokens is None:
-            return
+            raise ViewerTokensOff("Viewer tokens are off (auth.viewer_tokens.enabled): no token is needed")
+        token = self.viewer_tokens.issue(session_id, control=control)
+        return token, self.viewer_tokens.verify(token, session_id).expires or 0.0
+
+    def require_viewer(self, session_id: str, token: str | None, authorization: str | None) -> ViewerGrant:
+        """With viewer tokens on, a stream needs its session's token (?token= or Bearer); returns
+        what the credential grants (everything, with tokens off)."""
+        if self.viewer_tokens is None:
+            return OPEN_GRANT
         try:
-            self.viewer_tokens.verify(token or bearer_token(authorization), session_id)
+            return self.viewer_tokens.verify(token or bearer_token(authorization), session_id)
         except InvalidToken as exc:
             if str(exc) == "missing":
                 raise AccessDenied("Viewer token required", challenge='Bearer realm="vsproxy viewer"') from None

@@ -96,7 +96,8 @@ class StreamingConfig:
                                                     "WebSocket viewers get the offline picture while the "
                                                     "upstream is down")
     max_viewer_message_bytes: int = setting(65536, min=16, max=16 * 1024 * 1024, doc="largest viewer "
-                                            "message relayed upstream; larger ones get an error")
+                                            "message relayed upstream; a larger one closes the viewer's "
+                                            "WebSocket with 1009")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,10 @@ class LimitsConfig:
     viewer_message_burst: int = setting(200, min=1, max=1_000_000, doc="burst of those")
     max_dashboard_clients: int = setting(32, min=1, max=10_000, doc="open dashboard event streams "
                                          "(`/dashboard/api/events`); 503 beyond")
+    viewer_input_bytes_rate: int = setting(65536, min=16, max=1 << 30, doc="bytes of viewer messages per "
+                                           "viewer per second; an error, then close 1008 beyond")
+    viewer_input_bytes_burst: int = setting(262144, min=16, max=1 << 30, doc="burst of those; at least "
+                                            "streaming.max_viewer_message_bytes")
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,8 @@ class ViewerTokensConfig:
     enabled: bool = setting(False, doc="POST /session/create returns a `viewerToken`; stream and embed "
                                        "URLs need it")
     secret: str = setting("", doc="HMAC key, 32+ random characters when enabled")
-    ttl_seconds: float = setting(3600.0, min=10, max=30 * 86400, doc="how long a viewer token is valid")
+    ttl_seconds: float = setting(3600.0, min=10, max=30 * 86400, doc="how long a viewer token is valid; "
+                                                                  "its viewers are closed when it expires")
 
 
 @dataclass(frozen=True)
@@ -425,6 +431,9 @@ def _cross_checks(config: Config) -> None:
     rc = config.reconnect
     if rc.max_delay_seconds < rc.initial_delay_seconds:
         raise ConfigError("reconnect.max_delay_seconds", "must be at least reconnect.initial_delay_seconds")
+    if config.limits.viewer_input_bytes_burst < config.streaming.max_viewer_message_bytes:
+        # Otherwise a message the size limit allows could never pass the byte rate limit.
+        raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
     url = config.server.public_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")

@@ -322,9 +322,15 @@ class FrameHub:
             for viewer in tuple(self.viewers[transport]):
                 viewer.send_text(text)  # type: ignore[misc]
 
+    @property
+    def accepts_input(self) -> bool:
+        """Can viewers' messages reach this upstream at all (isaac, push), or never (demo, mjpeg, rtsp)?"""
+        return self.source.accepts_input
+
     def send_upstream(self, message: str | bytes) -> bool:
-        """Relay a viewer's message to the upstream; False if it is not connected."""
-        return self.connected and self.source.send(message)
+        """Relay a viewer's message to the upstream; False if it is not connected (or not keeping up,
+        or takes no input)."""
+        return self.accepts_input and self.connected and self.source.send(message)
 
     def tick(self, now: float) -> int:
         """Once a second: send frames still waiting for sockets that drained since, and

@@ -26,7 +26,7 @@ from .outputs import WS_FORMATS
 from .sources import KINDS
 
 SESSION_ID_PATTERN = r"^stream_[0-9]{13,}_[0-9a-f]{32}$"
-VIEWER_TOKEN_PATTERN = r"^[0-9]{1,12}\.[A-Za-z0-9_-]{43}$"
+VIEWER_TOKEN_PATTERN = r"^[0-9]{1,12}\.(control\.)?[A-Za-z0-9_-]{43}$"
 ISO_UTC_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$"
 NAME_MAX_LENGTH = 128  # sessions.MAX_NAME_LENGTH
 
@@ -85,7 +85,23 @@ SCHEMAS: dict[str, Any] = {
         "upstream": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[^/]*$",
                      "description": "Name of a configured upstream (never a URL); default: by robot, else the "
                                     "default upstream. An unknown name is 400."},
+        "control": {"type": "boolean", "default": False,
+                    "description": "With auth.viewer_tokens.enabled: the viewerToken (and the URLs carrying it) "
+                                   "may also send control input to the upstream; without, it grants watching "
+                                   "only. Without viewer tokens every viewer may send input."},
     }, ["userId", "robotName"], closed=False),
+    "ViewerTokenRequest": _object({
+        "control": {"type": "boolean", "default": False,
+                    "description": "A token that may also send control input (else watching only)."},
+    }, [], closed=False),
+    "ViewerTokenResponse": _object({
+        "success": _TRUE,
+        "viewerToken": {"type": "string", "pattern": VIEWER_TOKEN_PATTERN,
+                        "description": "Use it as ?token= on new connections, or send {\"type\": \"token\", "
+                                       "\"token\": ...} on an open WebSocket to renew it without reconnecting."},
+        "expiresAt": {"type": "string", "pattern": ISO_UTC_PATTERN,
+                      "description": "When it expires; viewers using it are closed then."},
+    }),
     "CreateSessionResponse": _object({
         "success": _TRUE,
         "sessionId": {"type": "string", "pattern": SESSION_ID_PATTERN},
@@ -152,6 +168,10 @@ SCHEMAS: dict[str, Any] = {
         "type": {"type": "string", "enum": ["status", "error"]},
         "message": {"type": "string"},
     }),
+    "WsTokenMessage": _object({
+        "type": {"type": "string", "const": "token"},
+        "token": {"type": "string", "description": "A fresh viewer token of this session."},
+    }),
     "WsFrameMessage": _object({
         "type": {"type": "string", "const": "frame"},
         "data": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/jpeg"},
@@ -179,6 +199,7 @@ RESPONSES: dict[str, Any] = {
                               "with Retry-After), or the user has limits.max_sessions_per_user sessions.",
                               _RETRY_AFTER),
     "ServiceUnavailable": _error("A capacity limit was reached, or there is no frame yet."),
+    "ViewerTokensOff": _error("Viewer tokens are off (auth.viewer_tokens.enabled is false): none is needed."),
 }
 
 PARAMETERS: dict[str, Any] = {
@@ -210,8 +231,8 @@ SECURITY_SCHEMES: dict[str, Any] = {
 
 def _responses(*codes: str, ok: dict[str, Any]) -> dict[str, Any]:
     names = {"400": "BadRequest", "401": "Unauthorized", "403": "Forbidden", "404": "NotFound",
-             "413": "PayloadTooLarge", "415": "UnsupportedMediaType", "429": "TooManyRequests",
-             "503": "ServiceUnavailable"}
+             "409": "ViewerTokensOff", "413": "PayloadTooLarge", "415": "UnsupportedMediaType",
+             "429": "TooManyRequests", "503": "ServiceUnavailable"}
     out = dict(ok)
     for code in codes:
         out[code] = _ref("responses", names[code])
@@ -281,6 +302,21 @@ def _paths() -> dict[str, Any]:
                                description="Takes no body; a POST without one needs no Content-Type (as "
                                            "the original frontend sends it). 415: a body not declared as "
                                            "application/json."),
+            "options": _preflight("POST"),
+        },
+        "/session/{sessionId}/token": {
+            "parameters": _SESSION_PARAM,
+            "post": _operation(
+                "A fresh viewer token for a session", "sessions", API_SECURITY,
+                _responses("400", "401", "404", "409", "413", ok={
+                    "200": _json(_schema("ViewerTokenResponse"), "A new token (older ones stay valid until "
+                                                                 "they expire).")}),
+                operationId="issueViewerToken",
+                description="For a frontend to hand viewers a fresh token before theirs expires "
+                            "(auth.viewer_tokens.ttl_seconds). 409 when viewer tokens are off.",
+                requestBody={"required": False,
+                             "content": {"application/json": {"schema": _schema("ViewerTokenRequest")}}},
+            ),
             "options": _preflight("POST"),
         },
         "/sessions": {
@@ -382,19 +418,28 @@ def _paths() -> dict[str, Any]:
                     "A WebSocket: after the upgrade the server sends WsStatusMessage {type: status} once, then a "
                     "WsFrameMessage per frame (or one binary JPEG message with ?format=binary), and status/error "
                     "messages when the upstream drops or returns. Text the upstream sends is relayed unchanged. "
-                    "What the viewer sends is relayed upstream, up to streaming.max_viewer_message_bytes (else "
-                    "an error message). Close codes: 1001 session destroyed or server shutdown; 1008 viewer "
-                    "message rate exceeded (after an error message); 1009 message larger than the server's "
-                    "frame limit; 1013 limits.max_viewers_per_session reached."
+                    "What the viewer sends is relayed upstream (isaac and push upstreams; other kinds answer "
+                    "once with a status message that they take no input), up to "
+                    "streaming.max_viewer_message_bytes per message (larger: close 1009) and the limits.viewer_"
+                    "message_* and limits.viewer_input_bytes_* rates (beyond: an error message, then close 1008). "
+                    "With viewer tokens on, only a control token may send input (else an error message), the "
+                    "connection is closed with 4001 when its token expires (after an error message), and the "
+                    "viewer may send {\"type\": \"token\", \"token\": ...} to renew it (answered with a status "
+                    "message, or an error message if refused: the old token then stays). Close codes: 1001 "
+                    "session destroyed or server shutdown; 1008 input rate exceeded; 1009 message too big; 1013 "
+                    "limits.max_viewers_per_session reached; 4001 viewer token expired."
                 ),
                 **{"x-websocket": {
                     "serverMessages": [_schema("WsStatusMessage"), _schema("WsFrameMessage"),
                                        {"type": "string", "format": "binary",
                                         "description": "a JPEG (?format=binary)"}],
                     "closeCodes": {"1001": "session destroyed or server shutting down",
-                                   "1008": "viewer message rate limit exceeded",
-                                   "1009": "message too big",
-                                   "1013": "session has the maximum number of viewers"},
+                                   "1008": "viewer message or input byte rate limit exceeded",
+                                   "1009": "message larger than streaming.max_viewer_message_bytes",
+                                   "1013": "session has the maximum number of viewers",
+                                   "4001": "viewer token expired"},
+                    "clientMessages": [_schema("WsTokenMessage"),
+                                       {"description": "anything else: input relayed to the upstream"}],
                 }},
             ),
         },
@@ -416,7 +461,8 @@ def _paths() -> dict[str, Any]:
                 parameters=[
                     _ref("parameters", "token"),
                     {"name": "control", "in": "query", "required": False,
-                     "description": "1, true or yes: send keyboard and pointer input to the simulator.",
+                     "description": "1, true or yes: send keyboard and pointer input to the simulator (with "
+                                    "viewer tokens on, the token must be a control token).",
                      "schema": {"type": "string"}},
                     {"name": "mode", "in": "query", "required": False, "schema": {"type": "string",
                                                                                   "enum": ["ws", "mjpeg"]}},

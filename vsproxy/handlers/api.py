@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..errors import RateLimited
+from ..sessions import InvalidSessionRequest, iso_utc
 from .base import JsonHandler
 
 
@@ -17,8 +18,9 @@ class SessionCreateHandler(JsonHandler):
         if wait:
             raise RateLimited("Too many sessions created from this address; retry later", wait)
         body = self.json_body()
+        control = control_flag(body)
         session = self.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
-        token = self.access.issue_viewer_token(session.id)
+        token = self.access.issue_viewer_token(session.id, control=control)
         reply = {
             "success": True,
             "sessionId": session.id,
@@ -28,6 +30,30 @@ class SessionCreateHandler(JsonHandler):
         if token:
             reply["viewerToken"] = token  # the stream and embed URLs need it as ?token=
         self.send_json(reply)
+
+
+def control_flag(body: dict) -> bool:
+    """The optional `"control": true|false` of a request body: ask for a token that may also
+    send control input (meaningful with viewer tokens on; without them every viewer may)."""
+    control = body.get("control", False)
+    if not isinstance(control, bool):
+        raise InvalidSessionRequest("'control' must be true or false")
+    return control
+
+
+class SessionTokenHandler(JsonHandler):
+    """POST /session/{id}/token [{"control": true}]: a fresh viewer token for an existing session,
+    for a frontend to hand to a viewer before its token expires (no reconnect needed)."""
+
+    cors_methods = "POST, OPTIONS"
+    auth_scope = "api"
+    post_takes_body = False  # the body is optional; one that is there must be JSON
+
+    def post(self, session_id: str) -> None:
+        control = control_flag(self.json_body() if self.body() else {})
+        session = self.sessions.get(session_id)
+        token, expires = self.access.renew_viewer_token(session.id, control=control)
+        self.send_json({"success": True, "viewerToken": token, "expiresAt": iso_utc(expires)})
 
 
 class SessionHandler(JsonHandler):
@@ -78,6 +104,7 @@ _SESSION = r"(?P<session_id>[^/]+)"
 routes = [
     (r"/session/create", SessionCreateHandler),
     (rf"/session/{_SESSION}/destroy", SessionDestroyHandler),
+    (rf"/session/{_SESSION}/token", SessionTokenHandler),
     (rf"/session/{_SESSION}", SessionHandler),
     (r"/sessions", SessionsHandler),
     (r"/upstreams", UpstreamsHandler),

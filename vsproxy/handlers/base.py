@@ -19,7 +19,7 @@ from tornado.log import app_log
 from ..errors import ClientError
 
 if TYPE_CHECKING:
-    from ..auth import Access, RateLimiter
+    from ..auth import Access, RateLimiter, ViewerGrant
     from ..config import Config, ServerConfig
     from ..hub import FrameHub
     from ..metrics import Metrics
@@ -245,11 +245,12 @@ class HandlerMixin:
         """Raise AccessDenied unless the request carries the credential `scope` needs."""
         self.access.require(scope, self.request.headers.get("Authorization"))
 
-    def require_viewer(self, session_id: str) -> None:
-        """With viewer tokens on, raise AccessDenied unless the request has this session's token."""
+    def require_viewer(self, session_id: str) -> ViewerGrant:
+        """With viewer tokens on, raise AccessDenied unless the request has this session's token;
+        returns what it grants (how long to watch, whether to control)."""
         request = self.request
         token = request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
-        self.access.require_viewer(session_id, token, request.headers.get("Authorization"))
+        return self.access.require_viewer(session_id, token, request.headers.get("Authorization"))
 
     def origin_allowed(self, origin: str | None = None) -> bool:
         """Is this request's Origin allowed (configured, or this server's own pages)?"""

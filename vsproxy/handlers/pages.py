@@ -61,7 +61,12 @@ class PageHandler(HandlerMixin, tornado.web.RequestHandler):
 
 
 class EmbedHandler(PageHandler):
-    """GET /stream/{sessionId}/embed[?control=1][&fps=N][&mode=ws|mjpeg]: a player for iframes."""
+    """GET /stream/{sessionId}/embed[?control=1][&fps=N][&mode=ws|mjpeg]: a player for iframes.
+
+    ?control=1 forwards keyboard and pointer input if the upstream takes input and (with viewer
+    tokens on) the token is a control token. A parent frame may post {"type": "vsproxy:token",
+    "token": ...} to hand the player a fresh token.
+    """
 
     @property
     def frame_ancestors(self) -> str:  # type: ignore[override]
@@ -71,7 +76,7 @@ class EmbedHandler(PageHandler):
     def get(self, session_id: str) -> None:
         try:
             session = self.sessions.get(session_id)
-            self.require_viewer(session_id)
+            grant = self.require_viewer(session_id)
         except ClientError as exc:
             text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)
             for name, value in exc.headers.items():
@@ -87,6 +92,9 @@ class EmbedHandler(PageHandler):
             "fps": self.get_query_argument("fps", None),
             "mode": self.get_query_argument("mode", "ws"),
             "token": self.get_query_argument("token", None),
+            # What ?control=1 can do here: the player says so quietly instead of sending in vain.
+            "mayControl": grant.control,
+            "acceptsInput": session.hub.accepts_input,
         }
         # json.dumps escapes nothing HTML-dangerous: no "<" may reach the script ("</script>", "<!--").
         blob = json.dumps(settings).replace("<", "\\u003c")

@@ -6,17 +6,26 @@ Handlers only parse, check and attach a `hub.Viewer`; the hub decides what each 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
 from typing import Any
 
 import tornado.web
 import tornado.websocket
 from tornado.iostream import IOStream, StreamClosedError
 
-from ..auth import TokenBucket
-from ..errors import ClientError
+from ..auth import TokenBucket, ViewerGrant
+from ..errors import AccessDenied, ClientError
 from ..outputs import CONNECTED_MESSAGE, MJPEG, WS_FORMATS, Viewer, mjpeg_response_head, status_message
-from ..sessions import Session
+from ..sessions import Session, iso_utc
 from .base import JsonHandler, WebSocketMixin
+
+log = logging.getLogger("vsproxy.stream")
+
+# The WebSocket close code when a viewer's token expires (application range 4000-4999: a client
+# can tell it from every protocol code and fetch a fresh token).
+TOKEN_EXPIRED_CLOSE_CODE = 4001
 
 
 def parse_fps(raw: str | None) -> float | None:
@@ -33,15 +42,30 @@ def parse_fps(raw: str | None) -> float | None:
 
 
 class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
-    """WS /stream/{sessionId}[?format=binary][&fps=N]: frames out, viewer input relayed upstream."""
+    """WS /stream/{sessionId}[?format=binary][&fps=N]: frames out, viewer input relayed upstream.
+
+    Viewer input is bounded three ways: each message by size (Tornado refuses a larger one with
+    close 1009 before reading it), and the messages and their bytes by a rate per viewer (an
+    error message, then close 1008). With viewer tokens on, the connection lasts only as long as
+    its token (renewable with a {"type": "token"} message), and only a control token may send
+    input upstream.
+    """
 
     session: Session
+    grant: ViewerGrant
     viewer: Viewer | None = None
+    _expiry_timer: asyncio.TimerHandle | None = None
+    _told_no_input = False
+
+    @property
+    def max_message_size(self) -> int:
+        # What is never relayed is never read: a frame header announcing more closes with 1009.
+        return self.config.streaming.max_viewer_message_bytes
 
     async def get(self, session_id: str, *args: Any, **kwargs: Any) -> None:
         try:
             self.session = self.sessions.get(session_id)
-            self.require_viewer(session_id)
+            self.grant = self.require_viewer(session_id)
         except ClientError as exc:
             return self.refuse_client_error(exc)
         fmt = self.get_query_argument("format", "json")
@@ -62,6 +86,7 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             return
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
+        self.byte_bucket = TokenBucket(limits.viewer_input_bytes_rate, limits.viewer_input_bytes_burst)
         self.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
         self.write_message(CONNECTED_MESSAGE)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
@@ -70,28 +95,111 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             close=self._close_viewer, send_text=self._send_text, max_fps=self.max_fps,
         )
         self.sessions.add_viewer(self.session, self.viewer)
+        self._schedule_expiry()
 
     def on_message(self, message: str | bytes) -> None:
         if self.viewer is None:
             return
         self.session.touch()
+        # Bytes, not characters: Tornado decoded the text from UTF-8 (isascii is O(1) in CPython).
+        size = len(message) if isinstance(message, bytes) or message.isascii() else len(message.encode())
         if not self.message_bucket.take():
-            self._send_text(status_message("error", "Too many messages; closing"))
-            self._detach_viewer()
-            self.close(1008, "message rate limit exceeded")
+            return self._refuse_input("Too many messages; closing", "message rate limit exceeded")
+        if not self.byte_bucket.take(cost=size):
+            rate = self.config.limits.viewer_input_bytes_rate
+            return self._refuse_input(f"Too much input (more than {rate} bytes/s); closing",
+                                      "input byte rate limit exceeded")
+        if self.grant.expires is not None and self._renew_token(message):
             return
-        limit = self.config.streaming.max_viewer_message_bytes
-        # The limit is in bytes: a text message of n characters is up to 4n bytes of UTF-8.
-        size = len(message.encode()) if isinstance(message, str) and 4 * len(message) > limit else len(message)
-        if size > limit:
-            error = f"Message too large ({size} bytes, limit {limit}); not relayed"
-            self._send_text(status_message("error", error))
+        hub = self.session.hub
+        if not hub.accepts_input:
+            if not self._told_no_input:  # once per connection: it will not change
+                self._told_no_input = True
+                self._send_text(status_message(
+                    "status", f"Upstream '{hub.name}' ({hub.source.kind}) does not accept input; "
+                              "messages are not relayed"))
             return
-        if not self.session.hub.send_upstream(message):
+        if not self.grant.control:
+            self._send_text(status_message(
+                "error", "This viewer may not send control input (its viewer token grants watching only); "
+                         "not relayed"))
+            return
+        if not hub.send_upstream(message):
             self._send_text(status_message(
                 "error", "Message not delivered: the upstream is not connected or not keeping up"))
 
+    def _refuse_input(self, message: str, close_reason: str) -> None:
+        self._send_text(status_message("error", message))
+        self._detach_viewer()
+        stream = self.ws_connection.stream if self.ws_connection is not None else None
+        self.close(1008, close_reason)
+        if stream is None or stream.closed():
+            return
+        # A flooding client need never answer our Close frame, and Tornado would read, unmask and
+        # decode whatever it sends for 5 s more: hang up as soon as the Close frame is written.
+        try:
+            flushed = stream.write(b"")
+        except StreamClosedError:
+            return
+
+        def hang_up(done: asyncio.Future) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: a stream closed meanwhile is what we want anyway
+            stream.close()
+        flushed.add_done_callback(hang_up)
+
+    # -- viewer tokens: the connection lasts as long as its token -------------------------------
+
+    def _renew_token(self, message: str | bytes) -> bool:
+        """A {"type": "token", "token": "..."} message replaces this viewer's token if it is valid
+        for this session (else the old one stays). True if `message` was one (never relayed)."""
+        if not isinstance(message, str) or len(message) > 4096 or '"token"' not in message:
+            return False
+        try:
+            parsed = json.loads(message)
+        except ValueError:
+            return False
+        if not isinstance(parsed, dict) or parsed.get("type") != "token":
+            return False
+        token = parsed.get("token")
+        try:
+            if not isinstance(token, str):
+                raise AccessDenied("Viewer token required")
+            grant = self.access.require_viewer(self.session.id, token, None)
+        except AccessDenied as exc:
+            until = iso_utc(self.grant.expires or 0)
+            self._send_text(status_message("error", f"{exc}; the current token stays valid until {until}"))
+            return True
+        self.grant = grant
+        self._schedule_expiry()
+        scope = "watching and control" if grant.control else "watching"
+        self._send_text(status_message(
+            "status", f"Viewer token renewed ({scope}); valid until {iso_utc(grant.expires or 0)}"))
+        return True
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.grant.expires is not None:
+            delay = max(0.0, self.grant.expires - time.time())
+            self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry_timer = None
+        if self.viewer is None:
+            return
+        log.info("viewer token expired, closing the viewer", extra={"session": self.session.id})
+        self._send_text(status_message("error", "Viewer token expired"))
+        self._detach_viewer()
+        self.close(TOKEN_EXPIRED_CLOSE_CODE, "viewer token expired")
+
+    # -- the rest -------------------------------------------------------------------------------
+
     def on_close(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         self._detach_viewer()
 
     def _send_text(self, text: str) -> None:
@@ -107,8 +215,11 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         self.close(1001, reason[:120])
 
     def _detach_viewer(self) -> None:
-        if self.viewer is not None:
-            self.sessions.remove_viewer(self.session, self.viewer)
+        # Once off the hub, nothing more is relayed either (Tornado still delivers messages that
+        # arrive before the client answers our Close frame).
+        viewer, self.viewer = self.viewer, None
+        if viewer is not None:
+            self.sessions.remove_viewer(self.session, viewer)
 
 
 class MjpegHandler(JsonHandler):
@@ -120,7 +231,7 @@ class MjpegHandler(JsonHandler):
 
     async def get(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
-        self.require_viewer(session_id)
+        grant = self.require_viewer(session_id)
         max_fps = parse_fps(self.get_query_argument("fps", None))
         self.sessions.check_viewer_room(session)
         cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \
@@ -144,11 +255,23 @@ class MjpegHandler(JsonHandler):
             return
         stream.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
         asyncio.ensure_future(_discard_input(stream))  # notices a client that goes away at once
+        expiry = None
+        if grant.expires is not None:  # the response ends when the viewer token expires
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, grant.expires - time.time()), _end_mjpeg, session, viewer, stream)
         try:
             await closed
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self.sessions.remove_viewer(session, viewer)
             self.application.log_request(self)  # access log and request metrics, as for any request
+
+
+def _end_mjpeg(session: Session, viewer: Viewer, stream: IOStream) -> None:
+    log.info("viewer token expired, closing the viewer", extra={"session": session.id})
+    session.hub.remove_viewer(viewer)  # no part may start after this one
+    stream.close()
 
 
 async def _discard_input(stream: IOStream) -> None:
