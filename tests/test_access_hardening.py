@@ -349,6 +349,7 @@ async def test_event_streams_are_capped(api, http_port, proxy):
         s.close()
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=40)
 @pytest.mark.config({"streaming": {"stall_timeout_seconds": 2.5}, "limits": {"max_dashboard_clients": 40}})
 async def test_event_streams_that_never_read_hold_one_event_then_are_dropped(api, http_port, proxy):

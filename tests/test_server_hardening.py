@@ -95,6 +95,7 @@ async def test_slow_headers_are_cut_off_at_the_header_timeout(served):
     writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.config({"server": {"header_timeout_seconds": 0.5, "idle_timeout_seconds": 2}})
 @pytest.mark.gen_test(timeout=15)
 async def test_idle_keepalive_connection_is_closed_after_the_idle_timeout(served):
@@ -127,6 +128,7 @@ async def test_slow_body_is_cut_off_at_the_body_timeout(served):
     writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.config(SHORT)
 @pytest.mark.gen_test(timeout=20)
 async def test_websocket_and_mjpeg_viewers_outlive_the_timeouts(served):
@@ -275,6 +277,7 @@ def health(port: int, timeout: float = 1) -> int:
         return response.status
 
 
+@pytest.mark.slow
 def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(tmp_path):
     """With the process at its fd limit, accepting pauses (low CPU, one log line, no traceback)
     and resumes by itself once connections close: /health answers again."""
@@ -314,6 +317,7 @@ def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning(tmp_path):
     assert "EMFILE" in accept_lines[0]
 
 
+@pytest.mark.slow
 def test_start_up_raises_the_soft_open_file_limit_to_the_hard_limit(tmp_path):
     port = free_port()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -361,6 +365,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_binds_loopback_by_default_and_says_so(tmp_path):
     port = free_port()
     server = Server(["--port", str(port)], tmp_path)
@@ -375,6 +380,7 @@ def test_binds_loopback_by_default_and_says_so(tmp_path):
     assert not any("WARNING" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_ipv6_address_is_shown_in_brackets(tmp_path):
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
@@ -421,6 +427,7 @@ def unreadable(path) -> str:
     (lambda d: (d / "conf.d").mkdir() or "conf.d", ["conf.d", "directory"]),
     (lambda d: unreadable(d / "c.yaml"), ["c.yaml", "cannot be read"]),
 ], ids=["not-utf8", "directory", "unreadable"])
+@pytest.mark.slow
 def test_config_file_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, make, expected):
     result = run_vsproxy(["--config", make(tmp_path)], tmp_path)
     assert_one_line_config_error(result, *expected)
@@ -430,6 +437,7 @@ def test_config_file_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, make, 
     (lambda d: (d / ".env").write_bytes(b"# ok\nISAAC_SIM_IP=\xff\n"), [".env:2", "UTF-8"]),
     (lambda d: unreadable(d / ".env"), [".env", "cannot be read"]),
 ], ids=["not-utf8", "unreadable"])
+@pytest.mark.slow
 def test_dotenv_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, make, expected):
     make(tmp_path)
     result = run_vsproxy([], tmp_path, env=clean_env())

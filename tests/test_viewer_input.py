@@ -205,6 +205,7 @@ def test_the_byte_burst_must_fit_the_largest_message():
 # -- 2. token lifetime ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.config(TOKENS)
 @pytest.mark.gen_test(timeout=30)
 async def test_a_websocket_viewer_is_closed_when_its_token_expires(api, ws_connect, proxy):
@@ -219,6 +220,7 @@ async def test_a_websocket_viewer_is_closed_when_its_token_expires(api, ws_conne
     await wait_until(lambda: not proxy.sessions.get(sid).viewers, "the viewer to be removed")
 
 
+@pytest.mark.slow
 @pytest.mark.config(TOKENS)
 @pytest.mark.gen_test(timeout=30)
 async def test_an_mjpeg_response_ends_when_its_token_expires(api, http_port, proxy):
@@ -234,6 +236,7 @@ async def test_an_mjpeg_response_ends_when_its_token_expires(api, http_port, pro
     await wait_until(lambda: not proxy.sessions.get(sid).viewers, "the viewer to be removed")
 
 
+@pytest.mark.slow
 @pytest.mark.config(TOKENS)
 @pytest.mark.gen_test(timeout=30)
 async def test_a_fresh_token_keeps_a_viewer_streaming_without_reconnecting(api, ws_connect, proxy):
@@ -252,6 +255,7 @@ async def test_a_fresh_token_keeps_a_viewer_streaming_without_reconnecting(api, 
     assert len(proxy.sessions.get(sid).viewers) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.config(TOKENS)
 @pytest.mark.gen_test(timeout=30)
 async def test_a_bad_fresh_token_is_refused_and_the_old_expiry_stays(api, ws_connect, proxy):
@@ -381,6 +385,7 @@ PLAYER = "({...window.vsproxyPlayer, state: document.body.dataset.state, " \
          "statusClass: document.getElementById('status').className})"
 
 
+@pytest.mark.browser
 @pytest.mark.gen_test(timeout=60)
 async def test_embed_control_on_an_upstream_without_input_says_so_quietly(api, base_url):
     sid = (await api.create_session())["sessionId"]  # demo
@@ -419,6 +424,8 @@ def parent_page(io_loop):
     server.stop()
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 @pytest.mark.config({**TOKENS, "security": {"frame_ancestors": ["'self'", PARENT]}})
 @pytest.mark.gen_test(timeout=60)
 async def test_embed_takes_fresh_tokens_from_its_parent_frame(sim, api, base_url, proxy, parent_page):
