@@ -320,7 +320,8 @@
       row.dataset.state = u.state;
       row.classList.toggle("down", Boolean(u.down));
       c.name.textContent = u.name;
-      c.kind.textContent = u.kind;
+      // A JPEG upstream's shared H.264 encoder runs while it has H.264 viewers.
+      c.kind.textContent = u.kind + (u.encoder ? " · H.264 encoder" : "");
       stateBadge(c.state.firstChild, u.state);
       c.error.textContent = u.lastError || "–";
       c.error.classList.toggle("none", !u.lastError);

@@ -74,7 +74,7 @@ SESSION_KEYS = {
 }
 UPSTREAM_KEYS = {
     "name", "kind", "state", "down", "lastError", "connects", "failures", "fpsIn", "bytesPerSecondIn",
-    "framesIn", "sessions", "viewers", "fpsHistory", "thumbnailUrl",
+    "framesIn", "sessions", "viewers", "encoder", "fpsHistory", "thumbnailUrl",
 }
 TOTAL_KEYS = {
     "sessions", "maxSessions", "viewers", "viewersByTransport", "upstreams", "upstreamsUp", "upstreamsDown",
@@ -108,7 +108,7 @@ async def test_state_has_totals_sessions_and_upstreams(sim, proxy, api, ws_conne
     totals = body["totals"]
     assert set(totals) == TOTAL_KEYS
     assert totals["sessions"] == 2 and totals["viewers"] == 1 and totals["version"] == __version__
-    assert totals["viewersByTransport"] == {"ws_json": 0, "ws_binary": 1, "mjpeg": 0}
+    assert totals["viewersByTransport"] == {**dict.fromkeys(TRANSPORTS, 0), "ws_binary": 1}
     assert totals["upstreamsUp"] == 1 and totals["upstreamsDown"] == 0
     assert FPS_RANGE[0] <= totals["fpsIn"] <= FPS_RANGE[1]
     assert totals["fpsOut"] > 0 and totals["bytesPerSecondOut"] > 0 and totals["bytesPerSecondIn"] > 0
@@ -118,7 +118,7 @@ async def test_state_has_totals_sessions_and_upstreams(sim, proxy, api, ws_conne
     assert set(a) == SESSION_KEYS and set(b) == SESSION_KEYS
     assert (a["userId"], a["robotName"], a["upstream"], a["upstreamState"]) == ("alice", "arm-1", "isaac", "connected")
     assert a["upstreamDown"] is False
-    assert a["viewers"] == {"ws_json": 0, "ws_binary": 1, "mjpeg": 0} and a["viewersTotal"] == 1
+    assert a["viewers"] == {**dict.fromkeys(TRANSPORTS, 0), "ws_binary": 1} and a["viewersTotal"] == 1
     assert b["viewers"] == dict.fromkeys(TRANSPORTS, 0) and b["fpsOut"] == 0 and b["bytesPerSecondOut"] == 0
     assert FPS_RANGE[0] <= a["fpsIn"] <= FPS_RANGE[1]
     # One viewer of 320x240 JPEGs: a few kB a frame.

@@ -52,10 +52,10 @@ async def promtool(*args: str, stdin: bytes | None = None) -> tuple[int, str]:
 
 
 class Busy:
-    """Three sessions on the simulator with a viewer of each transport, all reading frames."""
+    """Five sessions on the simulator with a viewer of each transport, all reading frames."""
 
-    USERS = ("metrics-alice-7f3a", "metrics-bob-91c2", "metrics-carol-0d44")
-    ROBOTS = ("arm-x17", "rover-q2", "drone-k9")
+    USERS = ("metrics-alice-7f3a", "metrics-bob-91c2", "metrics-carol-0d44", "metrics-dave-5e1b", "metrics-erin-66a0")
+    ROBOTS = ("arm-x17", "rover-q2", "drone-k9", "crane-p4", "boat-w8")
 
     def __init__(self) -> None:
         self.sessions: list[str] = []
@@ -67,12 +67,14 @@ class Busy:
             self.sessions.append((await api.create_session(user, robot))["sessionId"])
         ws_json = await ws_connect(f"/stream/{self.sessions[0]}")
         ws_binary = await ws_connect(f"/stream/{self.sessions[1]}?format=binary")
-        for conn in (ws_json, ws_binary):
+        ws_h264 = await ws_connect(f"/stream/{self.sessions[3]}?format=h264")
+        for conn in (ws_json, ws_binary, ws_h264):
             self.tasks.append(spawn(read_until_closed(conn, timeout=None)))
-        stream = await TCPClient().connect("127.0.0.1", http_port)
-        self.streams.append(stream)
-        await stream.write(f"GET /stream/{self.sessions[2]}/mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        self.tasks.append(asyncio.ensure_future(self._drain_stream(stream)))
+        for path in (f"/stream/{self.sessions[2]}/mjpeg", f"/stream/{self.sessions[4]}/stream.mp4"):
+            stream = await TCPClient().connect("127.0.0.1", http_port)
+            self.streams.append(stream)
+            await stream.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            self.tasks.append(asyncio.ensure_future(self._drain_stream(stream)))
         # Some HTTP traffic with more than one status code for the request metrics.
         await api.call("GET", "/sessions")
         await api.call("GET", "/session/stream_0000000000000_00000000000000000000000000000000")
@@ -140,7 +142,7 @@ async def test_busy_scrape_is_promtool_clean_and_follows_naming_rules(sim, proxy
     assert not any(v.startswith("stream_") for v in label_values)
 
     # The scrape reflects the busy server.
-    assert samples[("vsproxy_sessions", ())] == 3
+    assert samples[("vsproxy_sessions", ())] == len(Busy.USERS)
     for transport in TRANSPORTS:
         assert samples[("vsproxy_viewers", (("transport", transport),))] == 1, transport
         assert samples[("vsproxy_frames_sent_total", (("transport", transport),))] >= 5, transport

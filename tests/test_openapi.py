@@ -23,6 +23,7 @@ from helpers import (
     free_port,
     raw_request,
     retry_while,
+    wait_until,
     ws_handshake,
 )
 from jsonschema import Draft202012Validator
@@ -390,6 +391,20 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call.raw("GET", "/stream/{sessionId}", f"/stream/{sid}?token={token}", websocket=True,
                    expect=101)  # accepted, then closed with 1013 (see test_security)
     viewer.close()
+    await wait_until(lambda: not proxy.sessions.get(sid).viewers, "the MJPEG viewer to leave")
+
+    mp4 = "/stream/{sessionId}/stream.mp4"
+    await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4?token={token}&fps=5", expect=400)
+    await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4", expect=401)
+    await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4?token={b1['viewerToken']}", expect=403)
+    await call.raw("GET", mp4, f"/stream/{UNKNOWN}/stream.mp4", expect=404)
+    await call.raw("GET", mp4, f"/stream/{BAD}/stream.mp4", expect=400)
+    await call("GET", mp4, f"/stream/{sid}/stream.mp4?token={token}", raw=BIG, expect=413)
+    head, stream = await raw_request(call.port, f"/stream/{sid}/stream.mp4?token={token}")
+    contract.check("GET", mp4, head.status, head.headers, b"")
+    assert head.status == 200 and head.headers["Content-Type"] == "video/mp4"
+    await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4?token={token}", expect=503)  # max viewers
+    stream.close()
 
     ws = "/stream/{sessionId}"
     b1_id, b1_token = b1["sessionId"], b1["viewerToken"]

@@ -37,7 +37,7 @@ class Proxy:
         upstreams, default = config.upstream_configs()
         self.hubs: dict[str, FrameHub] = {
             name: FrameHub(name, create_source(name, settings, config.reconnect),
-                           streaming=config.streaming, reconnect=config.reconnect)
+                           streaming=config.streaming, reconnect=config.reconnect, h264=config.h264_for(name))
             for name, settings in upstreams.items()
         }
         self.sessions = SessionManager(

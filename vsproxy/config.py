@@ -22,6 +22,7 @@ import yaml
 
 from . import sources
 from .auth import redact_url
+from .codec.encoder import H264Config
 from .schema import ConfigError, number_text, setting
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
@@ -219,11 +220,18 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    h264: H264Config = field(default_factory=H264Config)
     upstreams: dict = setting(factory=dict, values="name -> `{kind: ..., ...}`",
                               doc="named upstreams (the keys of each kind are listed below)")
     robots: dict = setting(factory=dict, doc="robotName -> upstream name")
     default_upstream: str = setting("", doc="upstream of sessions that name none; empty: `isaac` if "
                                             "isaac_sim.ip is set, else `demo`")
+    # Filled from `upstreams.<name>.h264` (no key of its own): upstream name -> its encoder settings.
+    h264_upstreams: dict = field(default_factory=dict, metadata={"internal": True})
+
+    def h264_for(self, upstream: str) -> H264Config:
+        """The H.264 encoder settings of an upstream: `h264`, changed by its own `h264` keys."""
+        return self.h264_upstreams.get(upstream, self.h264)
 
     def upstream_configs(self) -> tuple[dict[str, Any], str]:
         """Every upstream by name (the implicit "demo" and "isaac" ones included) and the default."""
@@ -386,7 +394,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         shown = f"a value of type {type(data).__name__}" if _SECRET_KEYS.search(prefix) else repr(data)
         raise ConfigError(prefix or "config", f"expected a mapping, got {shown}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
@@ -396,7 +404,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         ftype = hints[name]
         if cls is Config and name == "upstreams":
-            kwargs[name] = _build_upstreams(data.get(name), key)
+            kwargs[name], kwargs["h264_upstreams"] = _build_upstreams(data.get(name), key, kwargs["h264"])
         elif dataclasses.is_dataclass(ftype):
             kwargs[name] = _build(ftype, data.get(name), key)
         elif name in data:
@@ -404,12 +412,13 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
+def _build_upstreams(data: Any, prefix: str, h264: H264Config) -> tuple[dict[str, Any], dict[str, H264Config]]:
+    """The upstreams' settings by name, and the H.264 settings of those that override `h264`."""
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(prefix, f"expected a mapping of name -> {{kind: ...}}, got a {type(data).__name__}")
-    upstreams = {}
+    upstreams, encoders = {}, {}
     for name, entry in data.items():
         key = f"{prefix}.{name}"
         if not isinstance(name, str) or not UPSTREAM_NAME_RE.match(name):
@@ -417,14 +426,18 @@ def _build_upstreams(data: Any, prefix: str) -> dict[str, Any]:
         if not isinstance(entry, dict) or entry.get("kind") not in sources.KINDS:
             raise ConfigError(f"{key}.kind", "expected one of " + ", ".join(sources.KINDS))
         source = sources.source_class(entry["kind"])
-        settings = _build(source.settings_class, {k: v for k, v in entry.items() if k != "kind"}, key)
+        if "h264" in entry:  # this upstream's H.264 encoder: the top-level h264 keys it changes
+            given = entry["h264"] if isinstance(entry["h264"], dict) else {}
+            built = _build(H264Config, entry["h264"], f"{key}.h264")
+            encoders[name] = dataclasses.replace(h264, **{k: getattr(built, k) for k in given})
+        settings = _build(source.settings_class, {k: v for k, v in entry.items() if k not in ("kind", "h264")}, key)
         schemes = source.url_schemes
         if schemes and not settings.url.startswith(schemes):
             got = redact_url(settings.url)
             raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
         source.check_settings(settings, key)
         upstreams[name] = settings
-    return upstreams
+    return upstreams, encoders
 
 
 def _cross_checks(config: Config) -> None:
@@ -582,6 +595,8 @@ def _reference_rows(cls: Any, prefix: str, note: str = "") -> list[str]:
     defaults = cls()
     for f in dataclasses.fields(cls):
         ftype = hints[f.name]
+        if f.metadata.get("internal"):
+            continue
         if dataclasses.is_dataclass(ftype):
             rows += _reference_rows(ftype, f"{prefix}{f.name}.")
             continue
@@ -599,6 +614,8 @@ def reference_markdown() -> str:
     rows += _reference_rows(Config, "")
     for kind in sources.KINDS:
         rows += _reference_rows(sources.source_class(kind).settings_class, "upstreams.<name>.", f"(`{kind}`) ")
+    rows.append("| `upstreams.<name>.h264` | none | any `h264` keys | (JPEG kinds) this upstream's own values "
+                "of the `h264` keys above |")
     return "\n".join(rows) + "\n"
 
 

@@ -18,10 +18,21 @@ from typing import TYPE_CHECKING
 from tornado.ioloop import PeriodicCallback
 
 from . import render
+from .codec.encoder import H264Config, H264Encoder
+from .codec.h264 import AccessUnit, H264Parser, StreamConfig
 from .errors import describe_error
 from .outputs import wire
 from .outputs.viewer import TransportStats, Viewer
-from .outputs.wire import MJPEG, TRANSPORTS, WS_BINARY, WS_JSON, WS_TRANSPORTS, status_message
+from .outputs.wire import (
+    H264_TRANSPORTS,
+    JPEG_TRANSPORTS,
+    MJPEG,
+    TRANSPORTS,
+    WS_BINARY,
+    WS_JSON,
+    WS_TRANSPORTS,
+    status_message,
+)
 
 if TYPE_CHECKING:
     from .config import ReconnectConfig, StreamingConfig
@@ -102,6 +113,7 @@ class FrameHub:
         *,
         streaming: StreamingConfig,
         reconnect: ReconnectConfig,
+        h264: H264Config | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -109,7 +121,16 @@ class FrameHub:
         self.reconnect = reconnect
         self.sessions: set[Session] = set()
         self.viewers: dict[str, list[Viewer]] = {t: [] for t in TRANSPORTS}
+        self._jpeg_viewers = {t: self.viewers[t] for t in JPEG_TRANSPORTS}
         self.stats: dict[str, TransportStats] = {t: TransportStats() for t in TRANSPORTS}
+        # H.264: access units from the source (passthrough) or from the one shared encoder of a
+        # JPEG upstream, which runs only while H.264 viewers are attached.
+        self.h264_settings = h264 or H264Config()
+        self.encoder: H264Encoder | None = None
+        self._h264 = H264Parser()
+        self.gop: list[AccessUnit] = []  # the access units since the last keyframe (fast start)
+        self._gop_bytes = 0
+        self._jpeg_wanted_until = 0.0  # a snapshot or thumbnail asked for JPEG until then
         self.latest: Frame | None = None
         self.seq = 0
         self.rate_in = RateMeter()
@@ -178,6 +199,7 @@ class FrameHub:
 
     async def stop(self) -> None:
         """Close the upstream connection (sessions may attach again later and restart it)."""
+        self._stop_encoder()
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
@@ -255,8 +277,82 @@ class FrameHub:
         frame = Frame(jpeg, self.seq)
         self.latest = frame
         self.rate_in.add(len(jpeg), frame.arrived)
-        self._fan_out(frame, self.viewers)
+        self._fan_out(frame, self._jpeg_viewers)
+        if self.encoder is not None:
+            self.encoder.submit(jpeg, int(frame.timestamp * 1_000_000))
         return self.seq
+
+    # -- H.264 -------------------------------------------------------------------------------
+
+    GOP_MAX_FRAMES = 600  # an upstream whose keyframes are this far apart gets no fast start
+    GOP_MAX_BYTES = 16 << 20
+
+    def publish_h264(self, data: bytes, pts_us: int) -> None:
+        """An H.264 access unit (Annex-B) from the source or the encoder: keep it in the GOP
+        cache and offer it to every H.264 viewer."""
+        au = self._h264.accept(data, pts_us)
+        if au is None:
+            return  # nothing decodable yet: no parameter sets or keyframe so far
+        if au.keyframe:
+            self.gop = [au]
+            self._gop_bytes = len(au.data)
+        elif self.gop:
+            self.gop.append(au)
+            self._gop_bytes += len(au.data)
+            if len(self.gop) > self.GOP_MAX_FRAMES or self._gop_bytes > self.GOP_MAX_BYTES:
+                self.gop, self._gop_bytes = [], 0
+        for transport in H264_TRANSPORTS:
+            viewers = self.viewers[transport]
+            if viewers:
+                encoded = au.encoded(transport)
+                for viewer in tuple(viewers):
+                    viewer.offer(au, encoded)
+
+    @property
+    def h264_config(self) -> StreamConfig | None:
+        """The current H.264 stream parameters, once an access unit has been seen."""
+        return self._h264.config
+
+    def h264_viewer_count(self) -> int:
+        return sum(len(self.viewers[t]) for t in H264_TRANSPORTS)
+
+    JPEG_WANTED_SECONDS = 10.0
+
+    @property
+    def jpeg_wanted(self) -> bool:
+        """Does anything need JPEG frames now: JPEG viewers, the encoder, a recent snapshot or
+        thumbnail? An H.264 source decodes to JPEG only while this is true."""
+        return (any(self._jpeg_viewers.values()) or (self.encoder is not None and self.encoder.running)
+                or time.monotonic() < self._jpeg_wanted_until)
+
+    def want_jpeg(self) -> None:
+        """A snapshot or thumbnail was asked for: keep JPEG frames coming for a while."""
+        self._jpeg_wanted_until = time.monotonic() + self.JPEG_WANTED_SECONDS
+
+    def source_format_changed(self) -> None:
+        """The source found out whether it delivers H.264 itself (an RTSP stream once opened):
+        run the encoder only where it does not and H.264 viewers are attached."""
+        if self.source.produces_h264:
+            self._stop_encoder()
+        elif self.h264_viewer_count():
+            self._start_encoder()
+
+    def _start_encoder(self) -> None:
+        if self.source.produces_h264:
+            return  # passed through as the upstream sends it
+        if self.encoder is None:
+            self.encoder = H264Encoder(self.name, self.h264_settings, self.publish_h264)
+        if not self.encoder.running:
+            self._h264 = H264Parser()  # a new encoder starts a new stream
+            self.gop, self._gop_bytes = [], 0
+            self.encoder.start()
+            if self.latest is not None and not self.latest.offline:
+                self.encoder.submit(self.latest.jpeg, int(time.time() * 1_000_000))
+
+    def _stop_encoder(self) -> None:
+        if self.encoder is not None and self.encoder.running:
+            self.encoder.stop()
+            self.gop, self._gop_bytes = [], 0
 
     def _fan_out(self, frame: Frame, viewers_by_transport: dict[str, list[Viewer]]) -> None:
         for transport, viewers in viewers_by_transport.items():
@@ -287,6 +383,7 @@ class FrameHub:
 
     def snapshot(self) -> Frame | None:
         """The newest real frame, or the offline picture if the upstream went down since."""
+        self.want_jpeg()
         if self.latest is None:
             return None
         if self.running and not self.connected:
@@ -297,6 +394,9 @@ class FrameHub:
 
     def add_viewer(self, viewer: Viewer) -> None:
         self.viewers[viewer.transport].append(viewer)
+        if viewer.transport in H264_TRANSPORTS:
+            self._add_h264_viewer(viewer)
+            return
         if not self.connected and self.running:
             viewer.send_text and viewer.send_text(status_message("status", self.describe_state()))
             if viewer.transport != WS_JSON:
@@ -306,11 +406,21 @@ class FrameHub:
             # Show the newest frame at once instead of a blank player until the next one.
             viewer.offer(self.latest, self.latest.encoded(viewer.transport))
 
+    def _add_h264_viewer(self, viewer: Viewer) -> None:
+        if not self.connected and self.running and viewer.send_text:
+            viewer.send_text(status_message("status", self.describe_state()))
+        self._start_encoder()
+        # Fast start: the GOP so far at once, so the first picture does not wait for a keyframe.
+        for au in self.gop:
+            viewer.offer(au, au.encoded(viewer.transport))  # type: ignore[arg-type]
+
     def remove_viewer(self, viewer: Viewer) -> None:
         try:
             self.viewers[viewer.transport].remove(viewer)
         except ValueError:
-            pass
+            return
+        if viewer.transport in H264_TRANSPORTS and not self.h264_viewer_count():
+            self._stop_encoder()
 
     def notify(self, kind: str, message: str) -> None:
         """Send a {"type": kind, "message": ...} text message to every WebSocket viewer."""

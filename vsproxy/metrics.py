@@ -77,6 +77,22 @@ class ProxyCollector(Collector):
             bytes_in.add_metric([hub.name], hub.rate_in.total_bytes)
         yield from (connected, running, connects, failures, frames_in, bytes_in)
 
+        # The shared H.264 encoder of JPEG upstreams (one per upstream, while H.264 viewers watch).
+        encoding = GaugeMetricFamily("vsproxy_encoder_running", "1 if the upstream's H.264 encoder runs, else 0.",
+                                     labels=["upstream"])
+        encoded = CounterMetricFamily("vsproxy_encoder_frames", "Frames encoded to H.264.", labels=["upstream"])
+        encode_seconds = CounterMetricFamily("vsproxy_encoder_busy_seconds",
+                                             "Time the H.264 encoder spent decoding JPEG and encoding.",
+                                             labels=["upstream"])
+        starts = CounterMetricFamily("vsproxy_encoder_starts", "H.264 encoder (re)starts.", labels=["upstream"])
+        for hub in hubs:
+            encoder = hub.encoder
+            encoding.add_metric([hub.name], 1 if encoder is not None and encoder.running else 0)
+            encoded.add_metric([hub.name], encoder.frames_encoded if encoder else 0)
+            encode_seconds.add_metric([hub.name], encoder.encode_seconds if encoder else 0.0)
+            starts.add_metric([hub.name], encoder.starts if encoder else 0)
+        yield from (encoding, encoded, encode_seconds, starts)
+
         frames_sent = CounterMetricFamily("vsproxy_frames_sent", "Frames written to viewers.", labels=["transport"])
         bytes_sent = CounterMetricFamily("vsproxy_sent_bytes", "Bytes of frames written to viewers (wire format).",
                                          labels=["transport"])

@@ -63,7 +63,6 @@ class _HubTrack:
         self.bytes_in_rate = 0.0
         self.sent = {t: hub.stats[t].frames_sent for t in TRANSPORTS}
         self.sent_bytes = {t: hub.stats[t].bytes_sent for t in TRANSPORTS}
-        self.bytes_per_frame = dict.fromkeys(TRANSPORTS, 0.0)  # average wire size, for sessions
         self.fps_out = 0.0
         self.bytes_out = 0.0
         self.fps_in: deque[float] = deque(maxlen=HISTORY_LENGTH)
@@ -73,7 +72,7 @@ class _SessionTrack:
     """One session's viewers' counters at the previous sample, and its rates and history."""
 
     def __init__(self) -> None:
-        self.seen: dict[Viewer, tuple[int, int]] = {}  # viewer -> (frames_sent, frames_dropped)
+        self.seen: dict[Viewer, tuple[int, int, int]] = {}  # viewer -> (frames, dropped, bytes) sent
         self.frames_dropped = 0  # summed over every viewer the session ever had
         self.fps_out = 0.0
         self.bytes_out = 0.0
@@ -207,8 +206,6 @@ class Monitor:
             stats = hub.stats[transport]
             frames = stats.frames_sent - track.sent[transport]
             nbytes = stats.bytes_sent - track.sent_bytes[transport]
-            if frames > 0:
-                track.bytes_per_frame[transport] = nbytes / frames
             track.sent[transport], track.sent_bytes[transport] = stats.frames_sent, stats.bytes_sent
             frames_out += frames
             bytes_out += nbytes
@@ -216,21 +213,16 @@ class Monitor:
         track.bytes_out = bytes_out / elapsed
 
     def _sample_session(self, session: Session, track: _SessionTrack, elapsed: float) -> None:
-        # Viewers count frames, not bytes: a session's bytes are its frames times the average wire
-        # size of a frame in that transport on its hub over the same interval (every viewer of a
-        # transport on one hub is sent the same bytes per frame).
-        hub_track = self._hubs.get(session.hub.name)
-        seen: dict[Viewer, tuple[int, int]] = {}
+        # Exact: what was written to each viewer's socket since the last sample.
+        seen: dict[Viewer, tuple[int, int, int]] = {}
         frames = 0
-        nbytes = 0.0
+        nbytes = 0
         for viewer in tuple(session.viewers):
-            sent_before, dropped_before = track.seen.get(viewer, (0, 0))
-            sent = viewer.frames_sent - sent_before
+            sent_before, dropped_before, bytes_before = track.seen.get(viewer, (0, 0, 0))
             track.frames_dropped += viewer.frames_dropped - dropped_before
-            seen[viewer] = (viewer.frames_sent, viewer.frames_dropped)
-            frames += sent
-            if hub_track is not None:
-                nbytes += sent * hub_track.bytes_per_frame.get(viewer.transport, 0.0)
+            seen[viewer] = (viewer.frames_sent, viewer.frames_dropped, viewer.bytes_sent)
+            frames += viewer.frames_sent - sent_before
+            nbytes += viewer.bytes_sent - bytes_before
         track.seen = seen
         track.fps_out = frames / elapsed
         track.bytes_out = nbytes / elapsed
@@ -290,6 +282,7 @@ class Monitor:
             "framesIn": hub.rate_in.total_events,
             "sessions": len(hub.sessions),
             "viewers": {t: len(v) for t, v in hub.viewers.items()},
+            "encoder": hub.encoder is not None and hub.encoder.running,  # its shared H.264 encoder
             "fpsHistory": list(track.fps_in) if track else [],
             "thumbnailUrl": thumbnail_url(hub),
         }
@@ -303,7 +296,7 @@ class Monitor:
         for viewer in tuple(session.viewers):
             by_transport[viewer.transport] = by_transport.get(viewer.transport, 0) + 1
             if track is not None:  # drops since the last sample, so the count never lags
-                dropped += viewer.frames_dropped - track.seen.get(viewer, (0, 0))[1]
+                dropped += viewer.frames_dropped - track.seen.get(viewer, (0, 0, 0))[1]
         fps_in, _ = self._rates_in(hub)
         # With viewer tokens on, the page's embed link and stream URLs need one. Only handed to
         # authenticated operators: an open dashboard must not give out the capability to watch.

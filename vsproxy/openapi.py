@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from . import __version__
-from .outputs import WS_FORMATS
+from .outputs import TRANSPORTS, WS_FORMATS
 from .sources import KINDS
 
 SESSION_ID_PATTERN = r"^stream_[0-9]{13,}_[0-9a-f]{32}$"
@@ -145,7 +145,7 @@ SCHEMAS: dict[str, Any] = {
         "connects": _COUNT,
         "failures": _COUNT,
         "sessions": _COUNT,
-        "viewers": _object({"ws_json": _COUNT, "ws_binary": _COUNT, "mjpeg": _COUNT}),
+        "viewers": _object(dict.fromkeys(TRANSPORTS, _COUNT)),
     }, closed=False),  # informational; a source kind may add keys
     "UpstreamListResponse": _object({
         "success": _TRUE,
@@ -391,6 +391,23 @@ def _paths() -> dict[str, Any]:
                 operationId="mjpeg",
                 parameters=[_ref("parameters", "token"), _ref("parameters", "fps")],
                 description="503: limits.max_viewers_per_session reached.",
+            ),
+            "options": _preflight("GET"),
+        },
+        "/stream/{sessionId}/stream.mp4": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "Fragmented MP4 (H.264) stream for a <video>", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "413", "503", ok={"200": {
+                    "description": "An endless fragmented MP4: the init segment, then one fragment (moof + "
+                                   "mdat) per frame, starting at a keyframe. Ends when the session is destroyed "
+                                   "or the stream's parameters change.",
+                    "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+                }}),
+                operationId="mp4",
+                parameters=[_ref("parameters", "token")],
+                description="400 with `fps` (frames of a GOP cannot be skipped); 503: "
+                            "limits.max_viewers_per_session reached.",
             ),
             "options": _preflight("GET"),
         },

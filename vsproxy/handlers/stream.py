@@ -18,6 +18,8 @@ from tornado.iostream import IOStream, StreamClosedError
 from ..auth import TokenBucket, ViewerGrant
 from ..errors import AccessDenied, ClientError
 from ..outputs import CONNECTED_MESSAGE, MJPEG, WS_FORMATS, Viewer, mjpeg_response_head, status_message
+from ..outputs.viewer import H264Viewer
+from ..outputs.wire import H264_TRANSPORTS, MP4, mp4_response_head
 from ..sessions import Session, iso_utc
 from .base import JsonHandler, WebSocketMixin
 
@@ -26,6 +28,8 @@ log = logging.getLogger("vsproxy.stream")
 # The WebSocket close code when a viewer's token expires (application range 4000-4999: a client
 # can tell it from every protocol code and fetch a fresh token).
 TOKEN_EXPIRED_CLOSE_CODE = 4001
+# Frames of a GOP depend on each other: an H.264 viewer cannot skip single frames.
+H264_FPS_ERROR = "'fps' cannot be used with H.264 (frames of a GOP cannot be skipped)"
 
 
 def parse_fps(raw: str | None) -> float | None:
@@ -76,6 +80,8 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         except tornado.web.HTTPError as exc:
             return self.refuse(400, exc.reason or "bad fps")
         self.transport = WS_FORMATS[fmt]
+        if self.max_fps and self.transport in H264_TRANSPORTS:
+            return self.refuse(400, H264_FPS_ERROR)
         await super().get(session_id, *args, **kwargs)
 
     def open(self, session_id: str) -> None:
@@ -90,10 +96,13 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         self.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
         self.write_message(CONNECTED_MESSAGE)
         stream = self.ws_connection.stream  # type: ignore[union-attr]
-        self.viewer = Viewer(
-            stream, self.transport, self.session.hub.stats[self.transport],
-            close=self._close_viewer, send_text=self._send_text, max_fps=self.max_fps,
-        )
+        stats = self.session.hub.stats[self.transport]
+        if self.transport in H264_TRANSPORTS:
+            self.viewer = H264Viewer(stream, self.transport, stats, close=self._close_viewer,
+                                     send_text=self._send_text)
+        else:
+            self.viewer = Viewer(stream, self.transport, stats, close=self._close_viewer,
+                                 send_text=self._send_text, max_fps=self.max_fps)
         self.sessions.add_viewer(self.session, self.viewer)
         self._schedule_expiry()
 
@@ -222,17 +231,24 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             self.sessions.remove_viewer(self.session, viewer)
 
 
-class MjpegHandler(JsonHandler):
-    """GET /stream/{sessionId}/mjpeg[?fps=N]: multipart/x-mixed-replace for a plain <img>.
+class DetachedStreamHandler(JsonHandler):
+    """An endless HTTP response of one transport (MJPEG, fragmented MP4).
 
     After the checks the connection is detached from Tornado's HTTP layer so every part is the
     same pre-built bytes for every viewer (no per-viewer chunk framing).
     """
 
+    transport = MJPEG
+
+    def response_head(self, extra_headers: list[str]) -> bytes:
+        raise NotImplementedError
+
+    def make_viewer(self, stream: IOStream, session: Session) -> Viewer:
+        raise NotImplementedError
+
     async def get(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
         grant = self.require_viewer(session_id)
-        max_fps = parse_fps(self.get_query_argument("fps", None))
         self.sessions.check_viewer_room(session)
         cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \
             if self.origin_allowed() else []
@@ -242,9 +258,9 @@ class MjpegHandler(JsonHandler):
         stream: IOStream = self.request.connection.detach()  # type: ignore[attr-defined]
         closed = asyncio.get_running_loop().create_future()
         stream.set_close_callback(lambda: closed.done() or closed.set_result(None))
-        viewer = Viewer(stream, MJPEG, session.hub.stats[MJPEG], close=lambda reason: stream.close(), max_fps=max_fps)
+        viewer = self.make_viewer(stream, session)
         try:
-            await stream.write(mjpeg_response_head(cors))
+            await stream.write(self.response_head(cors))
         except StreamClosedError:
             return
         try:
@@ -258,7 +274,7 @@ class MjpegHandler(JsonHandler):
         expiry = None
         if grant.expires is not None:  # the response ends when the viewer token expires
             expiry = asyncio.get_running_loop().call_later(
-                max(0.0, grant.expires - time.time()), _end_mjpeg, session, viewer, stream)
+                max(0.0, grant.expires - time.time()), _end_stream, session, viewer, stream)
         try:
             await closed
         finally:
@@ -268,10 +284,45 @@ class MjpegHandler(JsonHandler):
             self.application.log_request(self)  # access log and request metrics, as for any request
 
 
-def _end_mjpeg(session: Session, viewer: Viewer, stream: IOStream) -> None:
+def _end_stream(session: Session, viewer: Viewer, stream: IOStream) -> None:
     log.info("viewer token expired, closing the viewer", extra={"session": session.id})
     session.hub.remove_viewer(viewer)  # no part may start after this one
     stream.close()
+
+
+class MjpegHandler(DetachedStreamHandler):
+    """GET /stream/{sessionId}/mjpeg[?fps=N]: multipart/x-mixed-replace for a plain <img>."""
+
+    transport = MJPEG
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.max_fps = parse_fps(self.get_query_argument("fps", None))
+
+    def response_head(self, extra_headers: list[str]) -> bytes:
+        return mjpeg_response_head(extra_headers)
+
+    def make_viewer(self, stream: IOStream, session: Session) -> Viewer:
+        return Viewer(stream, MJPEG, session.hub.stats[MJPEG], close=lambda reason: stream.close(),
+                      max_fps=self.max_fps)
+
+
+class Mp4Handler(DetachedStreamHandler):
+    """GET /stream/{sessionId}/stream.mp4: fragmented MP4 (H.264) for `<video src>`, ffmpeg, VLC;
+    it starts at a keyframe, with one fragment per frame."""
+
+    transport = MP4
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.get_query_argument("fps", None):
+            raise tornado.web.HTTPError(400, reason=H264_FPS_ERROR)
+
+    def response_head(self, extra_headers: list[str]) -> bytes:
+        return mp4_response_head(extra_headers)
+
+    def make_viewer(self, stream: IOStream, session: Session) -> Viewer:
+        return H264Viewer(stream, MP4, session.hub.stats[MP4], close=lambda reason: stream.close())
 
 
 async def _discard_input(stream: IOStream) -> None:
@@ -301,6 +352,7 @@ class SnapshotHandler(JsonHandler):
 _SESSION = r"(?P<session_id>[^/]+)"
 routes = [
     (rf"/stream/{_SESSION}/mjpeg", MjpegHandler),
+    (rf"/stream/{_SESSION}/stream\.mp4", Mp4Handler),
     (rf"/stream/{_SESSION}/snapshot\.jpg", SnapshotHandler),
     (rf"/stream/{_SESSION}", StreamSocketHandler),
 ]

@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from . import fmp4
+from .wire import MP4, ws_frame
+
 if TYPE_CHECKING:
+    from ..codec.h264 import AccessUnit, StreamConfig
     from ..hub import Frame
 
 
@@ -159,9 +163,13 @@ class Viewer:
 
     def _send(self, frame: Frame, data: bytes) -> None:
         self.last_sent_arrival = frame.arrived
-        self.frames_sent += 1
+        self._write(data, frame.arrived)
+
+    def _write(self, data: bytes, arrived: float, frames: int = 1) -> None:
+        """Write `frames` frames (`data`, the last of them arrived at `arrived`) to the socket."""
+        self.frames_sent += frames
         self.bytes_sent += len(data)
-        self.stats.frames_sent += 1
+        self.stats.frames_sent += frames
         self.stats.bytes_sent += len(data)
         # One plain non-blocking send of the shared bytes: the common case costs no Future and no
         # copy. Only what the kernel did not take goes through IOStream, as a view (no copy).
@@ -174,13 +182,13 @@ class Viewer:
             return
         if sent == len(data):
             now = self.last_drain = time.monotonic()
-            self.stats.latency.observe(now - frame.arrived)
+            self.stats.latency.observe(now - arrived)
             return
         try:
             future = self.stream.write(memoryview(data)[sent:])
         except StreamClosedError:
             return
-        self._inflight_arrived = frame.arrived
+        self._inflight_arrived = arrived
         self._wait_for_drain(future)
 
     def _wait_for_drain(self, future: asyncio.Future) -> None:
@@ -200,3 +208,88 @@ class Viewer:
     def stalled_for(self, now: float) -> float:
         """Seconds this viewer has had a frame waiting that its socket would not take."""
         return now - self.last_drain if (self._busy or self._pending is not None) else 0.0
+
+
+class H264Viewer(Viewer):
+    """A viewer of an H.264 transport. The frames of a GOP depend on each other, so it cannot
+    keep only the newest one: while its socket is busy it queues the access units since the last
+    keyframe and sends them in one write when the socket drains; when a new keyframe arrives
+    while it still has a queue, it skips ahead to that keyframe (the skipped frames count as
+    dropped). So it never holds more than one GOP, and a throttled viewer is never more than one
+    keyframe interval plus one frame behind live. It starts at a keyframe: the hub hands it the
+    current GOP first (fast start), or it waits for the next keyframe.
+    """
+
+    MAX_QUEUE_FRAMES = 600  # a GOP longer than this (an upstream that never sends keyframes)...
+    MAX_QUEUE_BYTES = 16 << 20  # ...or larger than this: drop it and wait for the next keyframe
+
+    def __init__(self, stream: IOStream, transport: str, stats: TransportStats, *,
+                 close: Callable[[str], None], send_text: Callable[[str], None] | None = None) -> None:
+        super().__init__(stream, transport, stats, close=close, send_text=send_text)
+        self._queue: list[tuple[AccessUnit, bytes]] = []  # access units (with their bytes) to write
+        self._queued_bytes = 0
+        self.waiting_for_keyframe = True
+        self._config: StreamConfig | None = None  # the parameters this viewer's decoder was given
+        self._start_written = False  # the init segment / config message went out
+
+    def _stream_start(self, au: AccessUnit) -> bytes:
+        """What goes before the first access unit: the MP4 init segment, or the config message."""
+        if self.transport == MP4:
+            return fmp4.init_segment(au.config)
+        return b"" if au.config_changed else ws_frame(0x1, au.config.message().encode())
+
+    @property
+    def pending(self) -> AccessUnit | None:  # type: ignore[override]
+        return self._queue[-1][0] if self._queue else None
+
+    def stalled_for(self, now: float) -> float:
+        return now - self.last_drain if (self._busy or self._queue) else 0.0
+
+    def _drop(self, count: int) -> None:
+        self.frames_dropped += count
+        self.stats.frames_dropped += count
+
+    def offer(self, au: AccessUnit, data: bytes) -> None:  # type: ignore[override]
+        """Hand the viewer the next access unit (`data`: it in this viewer's wire format)."""
+        if self.waiting_for_keyframe:
+            if not au.keyframe:
+                self._drop(1)
+                return
+            self.waiting_for_keyframe = False
+            if not self._start_written and not self._queue:
+                data = self._stream_start(au) + data
+            self._config = au.config
+        elif au.config_changed and au.config != self._config:
+            if self.transport == MP4:  # an MP4 file cannot change its track mid-stream
+                self.close("the stream's parameters changed; reconnect")
+                return
+            self._config = au.config
+        if au.keyframe and self._queue:  # behind by a whole GOP: skip ahead to this keyframe
+            self._drop(len(self._queue))
+            self._queue.clear()
+            self._queued_bytes = 0
+            if not self._start_written:  # what was dropped began with it
+                data = self._stream_start(au) + data
+        if not self._queue and not (self._busy or self.stream.writing() or self._kernel_backlog()):
+            self._start_written = True
+            self._write(data, au.arrived)
+            return
+        self._queue.append((au, data))
+        self._queued_bytes += len(data)
+        if len(self._queue) > self.MAX_QUEUE_FRAMES or self._queued_bytes > self.MAX_QUEUE_BYTES:
+            self._drop(len(self._queue))
+            self._queue.clear()
+            self._queued_bytes = 0
+            self.waiting_for_keyframe = True
+            return
+        if not self._busy and self.stream.writing():
+            self._wait_for_drain(self.stream.write(b""))
+
+    def flush_pending(self) -> None:
+        queue = self._queue
+        if not queue or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
+            return
+        self._queue = []
+        self._queued_bytes = 0
+        self._start_written = True
+        self._write(b"".join(data for _, data in queue), queue[-1][0].arrived, len(queue))

@@ -11,22 +11,29 @@ import binascii
 import json
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from . import fmp4
 
 if TYPE_CHECKING:
+    from ..codec.h264 import AccessUnit
     from ..hub import Frame
 
 # Viewer transports; also the `transport` label of the metrics and the dashboard's names.
 WS_JSON = "ws_json"
 WS_BINARY = "ws_binary"
 MJPEG = "mjpeg"
-TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)
+WS_H264 = "ws_h264"
+MP4 = "mp4"
+JPEG_TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)  # each JPEG frame
+H264_TRANSPORTS = (WS_H264, MP4)  # each H.264 access unit
+TRANSPORTS = JPEG_TRANSPORTS + H264_TRANSPORTS
 # Short display names (the dashboard's viewer columns).
-TRANSPORT_LABELS = {WS_JSON: "ws", WS_BINARY: "ws bin", MJPEG: "mjpeg"}
+TRANSPORT_LABELS = {WS_JSON: "ws", WS_BINARY: "ws bin", MJPEG: "mjpeg", WS_H264: "h264", MP4: "mp4"}
 # Transports that carry text messages (status, errors, relayed upstream text) besides frames.
-WS_TRANSPORTS = (WS_JSON, WS_BINARY)
+WS_TRANSPORTS = (WS_JSON, WS_BINARY, WS_H264)
 # `?format=` of WS /stream/{sessionId} -> transport.
-WS_FORMATS = {"json": WS_JSON, "binary": WS_BINARY}
+WS_FORMATS = {"json": WS_JSON, "binary": WS_BINARY, "h264": WS_H264}
 
 MJPEG_BOUNDARY = "vsproxyframe"
 
@@ -67,16 +74,42 @@ def _encode_mjpeg(frame: Frame) -> bytes:
     return b"".join((head, frame.jpeg, b"\r\n--" + MJPEG_BOUNDARY.encode("ascii") + b"\r\n"))
 
 
-ENCODERS: dict[str, Callable[[Frame], bytes]] = {
+def _encode_ws_h264(au: AccessUnit) -> bytes:
+    # 1 byte of flags (bit 0: keyframe), 8 bytes of presentation time (microseconds since the
+    # Unix epoch, big-endian), then the access unit in Annex-B form. New stream parameters are
+    # announced by a config text message right before the first access unit that has them.
+    message = ws_frame(0x2, struct.pack("!BQ", 1 if au.keyframe else 0, max(0, au.pts_us)) + au.data)
+    if au.config_changed:
+        return ws_frame(0x1, au.config.message().encode()) + message
+    return message
+
+
+ENCODERS: dict[str, Callable[[Any], bytes]] = {
     WS_JSON: _encode_ws_json,
     WS_BINARY: _encode_ws_binary,
     MJPEG: _encode_mjpeg,
+    WS_H264: _encode_ws_h264,
+    MP4: fmp4.fragment,
 }
 
 
-def encode(transport: str, frame: Frame) -> bytes:
-    """`frame` as a viewer of `transport` receives it (use `Frame.encoded`, which caches it)."""
-    return ENCODERS[transport](frame)
+def encode(transport: str, item: Frame | AccessUnit) -> bytes:
+    """A JPEG frame or H.264 access unit as a viewer of `transport` receives it (use the item's
+    `encoded`, which builds it once for every viewer)."""
+    return ENCODERS[transport](item)
+
+
+def mp4_response_head(extra_headers: list[str]) -> bytes:
+    """The HTTP response head of a fragmented MP4 stream, as written on the socket."""
+    head = [
+        "HTTP/1.1 200 OK",
+        "Content-Type: video/mp4",
+        "Cache-Control: no-cache, no-store, must-revalidate, max-age=0",
+        "Connection: close",
+        "X-Content-Type-Options: nosniff",
+        *extra_headers,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
 
 def mjpeg_response_head(extra_headers: list[str]) -> bytes:

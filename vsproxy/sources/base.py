@@ -36,6 +36,16 @@ class HubLink(Protocol):
     def publish(self, jpeg: bytes) -> int:
         """Publish one JPEG frame to every viewer; returns its sequence number."""
 
+    def publish_h264(self, data: bytes, pts_us: int) -> None:
+        """Publish one H.264 access unit (Annex-B; `pts_us`: microseconds since the Unix epoch)."""
+
+    @property
+    def jpeg_wanted(self) -> bool:
+        """Does anything need JPEG frames now? (An H.264 source decodes only while it does.)"""
+
+    def source_format_changed(self) -> None:
+        """Tell the hub that `produces_h264` of the source changed (a stream's codec is known)."""
+
     def relay_text(self, text: str) -> None:
         """Send a text message (telemetry from the upstream) to every WebSocket viewer."""
 
@@ -87,6 +97,7 @@ class Source:
     settings_class: ClassVar[type]  # the dataclass of this kind's configuration keys
     url_schemes: ClassVar[tuple[str, ...]] = ()  # the `url` key must start with one of these
     accepts_input: ClassVar[bool] = False  # can viewers' messages be relayed to this upstream?
+    produces_h264: ClassVar[bool] = False  # publishes H.264 itself (else the hub encodes its JPEGs)
 
     def __init__(self, name: str, settings: Any, reconnect: ReconnectConfig) -> None:
         self.name = name

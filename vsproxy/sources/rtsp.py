@@ -94,6 +94,9 @@ class RtspSource(Source):
     kind = "rtsp"
     settings_class = RtspUpstream
     url_schemes = ("rtsp://", "rtsps://")
+    # H.264 streams are passed through; set per connection once the stream's codec is known
+    # (MJPEG over RTSP then goes through the hub's encoder like any JPEG upstream).
+    produces_h264 = True
 
     def __init__(self, name: str, settings: RtspUpstream, reconnect: ReconnectConfig) -> None:
         super().__init__(name, settings, reconnect)
@@ -139,7 +142,8 @@ class _Reader:
         self.hub = hub
         self.loop = loop
         self.finished: asyncio.Future = loop.create_future()
-        self.counters = {"decoded": 0, "encoded": 0, "skipped_busy": 0, "skipped_slow": 0, "bad_packets": 0}
+        self.counters = {"decoded": 0, "encoded": 0, "skipped_busy": 0, "skipped_slow": 0, "bad_packets": 0,
+                         "passed_through": 0}
         self._stop = threading.Event()
         self._handoff_pending = False  # a JPEG is on its way to the loop and not yet published
         self._connected = False
@@ -183,6 +187,19 @@ class _Reader:
             self._connected = True
             self.hub.set_connected()
         self.hub.publish(jpeg)
+
+    def _deliver_h264(self, data: bytes, pts_us: int) -> None:
+        if self._stop.is_set():
+            return
+        if not self._connected:
+            self._connected = True
+            self.hub.set_connected()
+        self.hub.publish_h264(data, pts_us)
+
+    def _set_format(self, h264: bool) -> None:
+        if self.source.produces_h264 != h264:
+            self.source.produces_h264 = h264
+            self.hub.source_format_changed()
 
     def _finish(self, error: BaseException | None) -> None:
         if self.finished.done():
@@ -244,14 +261,24 @@ class _Reader:
                 raise RtspError("the RTSP stream has no video track")
             stream = container.streams.video[0]
             stream.codec_context.thread_type = "SLICE"  # frame threading would delay every frame
-            log.info("rtsp stream open: %s %sx%s", stream.codec_context.name, stream.codec_context.width,
-                     stream.codec_context.height, extra={"upstream": self.source.name})
+            h264 = stream.codec_context.name == "h264"
+            log.info("rtsp stream open: %s %sx%s%s", stream.codec_context.name, stream.codec_context.width,
+                     stream.codec_context.height, " (passed through to H.264 viewers)" if h264 else "",
+                     extra={"upstream": self.source.name})
+            self._call_loop(self._set_format, h264)
+            # Parameter sets from the SDP (Annex-B extradata) go in front of the first access unit.
+            extradata = bytes(stream.codec_context.extradata or b"") if h264 else b""
+            if not extradata.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")):
+                extradata = b""
             with contextlib.closing(container.demux(stream)) as packets:
-                self._decode_loop(packets)
+                self._decode_loop(packets, passthrough=h264, extradata=extradata)
         finally:
             container.close()
 
-    def _decode_loop(self, packets: Any) -> None:
+    def _decode_loop(self, packets: Any, *, passthrough: bool = False, extradata: bytes = b"") -> None:
+        """Read packets until stopped. H.264 access units go to the hub as they are (passthrough);
+        pictures are decoded and re-encoded to JPEG only while the hub wants JPEG frames, from a
+        keyframe on (a decoder cannot start anywhere else)."""
         settings, frame_timeout = self.settings, self.reconnect.frame_timeout_seconds
         reformatter = VideoReformatter()
         counters = self.counters
@@ -259,15 +286,31 @@ class _Reader:
         # Encoding may use half of this thread's time, with bursts of up to ENCODE_BURST_SECONDS:
         # a stream that arrives unevenly loses no frames, one too big for the CPU loses some.
         budget = ENCODE_BURST_SECONDS
+        decoding = not passthrough
         for packet in packets:
             if self._stop.is_set():
                 return
+            now = time.monotonic()
+            if passthrough and packet.size:
+                data = bytes(packet)
+                if extradata:
+                    data, extradata = extradata + data, b""
+                last_picture = self._last_frame = now
+                counters["passed_through"] += 1
+                if not self._call_loop(self._deliver_h264, data, time.time_ns() // 1000):
+                    return
+                if not self.hub.jpeg_wanted:
+                    decoding = False
+                    continue
+                if not decoding:
+                    if not packet.is_keyframe:
+                        continue
+                    decoding = True
             try:
                 frames = packet.decode()
             except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
                 counters["bad_packets"] += 1
                 frames = []
-            now = time.monotonic()
             for frame in frames:
                 counters["decoded"] += 1
                 last_picture = self._last_frame = now

@@ -1,0 +1,389 @@
+"""H.264 delivery: the shared encoder of JPEG upstreams, the WebSocket `format=h264` contract,
+fragmented MP4, fast start from the GOP cache and skip-to-keyframe backpressure.
+
+Real codecs: PyAV's libx264 encodes in the proxy, PyAV's H.264 decoder (FFmpeg) decodes what a
+viewer receives, and the decoded pictures are compared with the source JPEGs (PSNR).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import struct
+import threading
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from helpers import next_message, raw_request, recv, wait_until
+from PIL import Image
+from tornado.iostream import IOStream
+
+from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
+from vsproxy.codec.h264 import NAL_IDR, NAL_PPS, NAL_SPS, AccessUnit, H264Parser, nal_type, parse_sps, split_nals
+from vsproxy.outputs import TransportStats
+from vsproxy.outputs.viewer import H264Viewer
+from vsproxy.outputs.wire import WS_H264
+from vsproxy.render import TestPattern
+
+FAST = {"h264": {"preset": "ultrafast", "keyframe_interval_seconds": 1.0}}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def luma(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"))
+
+
+def decode_annexb(units: list[bytes]) -> list[av.VideoFrame]:
+    decoder = av.CodecContext.create("h264", "r")
+    frames = []
+    for unit in units:
+        frames += decoder.decode(av.Packet(unit))
+    return frames
+
+
+def parse_message(message: bytes) -> tuple[bool, int, bytes]:
+    flags, pts = struct.unpack("!BQ", message[:9])
+    return bool(flags & 1), pts, message[9:]
+
+
+# -- the stream parser ----------------------------------------------------------------------------
+
+
+def test_parse_sps_gives_codec_string_and_cropped_size():
+    for width, height in ((1280, 720), (320, 240), (642, 362)):
+        encoder = av.CodecContext.create("libx264", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+        encoder.time_base = Fraction(1, 30)
+        encoder.options = {"preset": "ultrafast", "tune": "zerolatency"}
+        packets = encoder.encode(av.VideoFrame(width, height, "yuv420p"))
+        (sps,) = [n for n in split_nals(bytes(packets[0])) if nal_type(n) == NAL_SPS]
+        codec, w, h = parse_sps(sps)
+        assert (w, h) == (width, height)
+        assert codec.startswith("avc1.") and len(codec) == 11 and codec[5:7] == f"{sps[1]:02X}"
+    with pytest.raises(ValueError):
+        parse_sps(b"\x67\x64")
+
+
+def test_parser_puts_parameter_sets_in_front_of_keyframes_that_lack_them():
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "tune": "zerolatency", "bf": "0"}
+    first = bytes(encoder.encode(av.VideoFrame(64, 48, "yuv420p"))[0])
+    nals = split_nals(first)
+    idr_only = b"".join(b"\x00\x00\x00\x01" + n for n in nals if nal_type(n) == NAL_IDR)
+    parser = H264Parser()
+    assert parser.accept(idr_only, 1) is None  # nothing decodable before parameter sets
+    au = parser.accept(first, 2)
+    assert au is not None and au.keyframe and au.config_changed
+    again = parser.accept(idr_only, 3)
+    assert again is not None and again.keyframe and not again.config_changed
+    kinds = [nal_type(n) for n in split_nals(again.data)]
+    assert kinds[:2] == [NAL_SPS, NAL_PPS] and NAL_IDR in kinds
+    assert len(decode_annexb([again.data])) == 1  # a decoder can start at it
+
+
+# -- the encoder --------------------------------------------------------------------------------
+
+
+def test_encoded_size_fits_keeps_aspect_and_is_even():
+    assert encoded_size(1280, 720, 1920, 1080) == (1280, 720)
+    assert encoded_size(3840, 2160, 1920, 1080) == (1920, 1080)
+    assert encoded_size(1001, 501, 500, 500) == (500, 250)
+    assert encoded_size(17, 9, 1920, 1080) == (16, 8)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_encoder_output_decodes_at_psnr_32_db_with_time_based_keyframes():
+    """A moving 720p picture through the shared encoder's default settings: every access unit
+    decodes, every picture is within PSNR 32 dB of its source JPEG, keyframes come every second."""
+    pattern = TestPattern(1280, 720, "h264 quality", 80)
+    sources = [pattern.render(i, 1_700_000_000 + i / 30) for i in range(45)]
+    received: list[tuple[bytes, int]] = []
+    encoder = H264Encoder("quality", H264Config(keyframe_interval_seconds=1.0), lambda d, p: received.append((d, p)))
+    encoder.start()
+    try:
+        for i, jpeg in enumerate(sources):
+            encoder.submit(jpeg, 1_000_000 + i * 33_333)
+            await wait_until(lambda i=i: len(received) > i, "the frame to be encoded")
+            await asyncio.sleep(1 / 30)  # a real frame rate, for the time-based keyframes
+    finally:
+        encoder.stop()
+    assert encoder.frames_encoded == len(sources) and encoder.frames_skipped == 0
+    parser = H264Parser()
+    units = [parser.accept(data, pts) for data, pts in received]
+    assert all(u is not None for u in units)
+    keyframes = [i for i, u in enumerate(units) if u.keyframe]
+    assert keyframes[0] == 0 and 1 <= len(keyframes) - 1 <= 2, keyframes  # ~1.5 s of video
+    frames = decode_annexb([u.data for u in units])
+    assert len(frames) == len(sources)
+    scores = [psnr(np.asarray(f.to_image().convert("L")), luma(s)) for f, s in zip(frames, sources, strict=True)]
+    assert min(scores) >= 32, scores
+    distinct = {hash(f.to_ndarray().tobytes()) for f in frames}
+    assert len(distinct) > len(frames) // 2  # a moving picture, not one frame repeated
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_encoder_never_queues_a_slow_machine_gets_fewer_frames():
+    pattern = TestPattern(640, 360, "h264 burst", 80)
+    received = []
+    encoder = H264Encoder("burst", H264Config(), lambda d, p: received.append(p))
+    encoder.start()
+    try:
+        for i in range(200):  # far faster than it can encode
+            encoder.submit(pattern.render(i % 3, 0.0), 1_000 + i)
+        await wait_until(lambda: encoder.frames_encoded + encoder.frames_skipped >= 200 or
+                         (received and received[-1] == 1_000 + 199), "the last frame to be encoded")
+    finally:
+        encoder.stop()
+    assert received[-1] == 1_000 + 199  # the newest frame always makes it
+    assert encoder.frames_skipped > 100  # the rest were replaced in the slot, never queued
+    assert received == sorted(received)
+    await wait_until(lambda: not [t for t in threading.enumerate() if t.name == "vsproxy-h264-burst"],
+                     "the encoder thread to end")
+
+
+# -- the WebSocket format ------------------------------------------------------------------------
+
+
+@pytest.mark.config(FAST)
+@pytest.mark.gen_test(timeout=30)
+async def test_ws_h264_contract_config_then_keyframe_first_with_parameter_sets(api, ws_connect):
+    session_id = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    assert json.loads(await recv(conn))["type"] == "status"
+    config = None
+    units = []
+    while len(units) < 40:
+        message = await recv(conn)
+        if isinstance(message, str):
+            parsed = json.loads(message)
+            if parsed["type"] == "config":
+                assert not units, "the config message comes before the first access unit"
+                config = parsed
+            continue
+        units.append(parse_message(message))
+    assert config is not None and config["codec"].startswith("avc1.")
+    assert (config["width"], config["height"]) == (320, 240)  # the test config's demo size
+    assert units[0][0], "the first access unit is a keyframe"
+    for keyframe, _, data in units:
+        kinds = [nal_type(n) for n in split_nals(data)]
+        assert (NAL_IDR in kinds) == keyframe
+        if keyframe:
+            assert kinds.index(NAL_SPS) < kinds.index(NAL_IDR) and NAL_PPS in kinds
+    pts = [p for _, p, _ in units]
+    assert pts == sorted(pts) and abs(pts[-1] / 1e6 - time.time()) < 5  # microseconds since the epoch
+    frames = decode_annexb([d for _, _, d in units])
+    assert len(frames) == len(units) and (frames[0].width, frames[0].height) == (320, 240)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_h264_refuses_fps_and_unknown_formats(api, http_port):
+    session_id = (await api.create_session())["sessionId"]
+    for path in (f"/stream/{session_id}?format=h264&fps=10", f"/stream/{session_id}/stream.mp4?fps=10"):
+        head, stream = await raw_request(http_port, path, headers={
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="} if "mp4" not in path else None)
+        stream.close()
+        assert head.status == 400 and "GOP" in head.json()["error"], head.body
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast", "keyframe_interval_seconds": 4.0}})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_late_viewer_starts_at_once_from_the_gop_cache(api, ws_connect, proxy):
+    session_id = (await api.create_session())["sessionId"]
+    first = await ws_connect(f"/stream/{session_id}?format=h264")
+    keyframe_pts = None
+    seen = 0
+    while seen < 20:  # well into the 4 s GOP
+        message = await recv(first)
+        if isinstance(message, bytes):
+            keyframe, pts, _ = parse_message(message)
+            seen += 1
+            if keyframe:
+                keyframe_pts = pts
+    assert keyframe_pts is not None
+    hub = proxy.hubs["demo"]
+    assert hub.gop and hub.gop[0].keyframe and len(hub.gop) >= 20
+    started = time.monotonic()
+    late = await ws_connect(f"/stream/{session_id}?format=h264")
+    messages = []
+    while sum(isinstance(m, bytes) for m in messages) < 20:
+        messages.append(await recv(late))
+    waited = time.monotonic() - started
+    units = [parse_message(m) for m in messages if isinstance(m, bytes)]
+    assert units[0][0] and units[0][1] == keyframe_pts, "it starts with the cached keyframe"
+    assert any(json.loads(m)["type"] == "config" for m in messages if isinstance(m, str))
+    assert waited < 3.0, "20 frames arrived long before the next keyframe (4 s GOP)"
+    assert len(decode_annexb([d for _, _, d in units])) == len(units)
+
+
+# -- the encoder follows the H.264 viewers ----------------------------------------------------------
+
+
+def encoder_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("vsproxy-h264")]
+
+
+@pytest.mark.config(FAST)
+@pytest.mark.gen_test(timeout=30)
+async def test_encoder_runs_only_while_h264_viewers_are_attached(api, ws_connect, proxy, http_port):
+    session_id = (await api.create_session())["sessionId"]
+    hub = proxy.hubs["demo"]
+    jpeg_viewer = await ws_connect(f"/stream/{session_id}?format=binary")
+    for _ in range(5):
+        await recv(jpeg_viewer)
+    assert hub.encoder is None and not encoder_threads(), "JPEG viewers never start the encoder"
+
+    h264_viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    head, mp4 = await raw_request(http_port, f"/stream/{session_id}/stream.mp4")
+    assert head.status == 200
+    await wait_until(lambda: hub.encoder is not None and hub.encoder.frames_encoded > 5, "frames to be encoded")
+    assert encoder_threads() == ["vsproxy-h264-demo"]  # one per upstream, not one per viewer
+    h264_viewer.close()
+    await asyncio.sleep(0.3)
+    assert hub.encoder.running, "the MP4 viewer still needs it"
+    mp4.close()
+    await wait_until(lambda: not hub.encoder.running, "the encoder to stop with the last H.264 viewer")
+    await wait_until(lambda: not encoder_threads(), "the encoder thread to end")
+    assert await next_message(jpeg_viewer) is not None, "the JPEG viewer is unaffected"
+
+
+# -- fragmented MP4 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.config(FAST)
+@pytest.mark.gen_test(timeout=30)
+async def test_stream_mp4_plays_in_ffmpeg_starting_at_a_keyframe(api, http_port):
+    session_id = (await api.create_session())["sessionId"]
+    head, stream = await raw_request(http_port, f"/stream/{session_id}/stream.mp4")
+    assert head.status == 200 and head.headers["Content-Type"] == "video/mp4"
+    data = bytearray(head.body)
+    deadline = time.monotonic() + 15
+    while data.count(b"moof") < 45 and time.monotonic() < deadline:
+        data += await stream.read_bytes(65536, partial=True)
+    stream.close()
+    assert data[4:8] == b"ftyp"
+    with av.open(io.BytesIO(bytes(data)), format="mp4") as container:
+        video = container.streams.video[0]
+        assert (video.codec_context.width, video.codec_context.height) == (320, 240)
+        frames = list(container.decode(video))
+    assert len(frames) >= 30
+    assert frames[0].key_frame
+    times = [f.time for f in frames]
+    assert times == sorted(times) and times[-1] - times[0] > 0.5  # real timing, ~30 fps
+
+
+# -- backpressure: a throttled H.264 viewer skips to keyframes ---------------------------------------
+
+
+def socket_pair() -> tuple[IOStream, socket.socket]:
+    server, client = socket.socketpair()
+    for sock in (server, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.setblocking(False)
+    return IOStream(server), client
+
+
+def fake_gop_units(count: int, gop: int, size: int = 20_000) -> list[AccessUnit]:
+    """Access units with a keyframe every `gop` (payload bytes only: the viewer does not decode)."""
+    from vsproxy.codec.h264 import StreamConfig
+
+    config = StreamConfig("avc1.42E01E", 64, 48, b"\x67\x42\xe0\x1e", b"\x68\xce")
+    return [AccessUnit(b"\x00\x00\x00\x01" + bytes([0x65 if i % gop == 0 else 0x41]) + bytes(size),
+                       i % gop == 0, i * 33_333, config, i + 1) for i in range(count)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_throttled_h264_viewer_skips_to_keyframes_and_holds_at_most_one_gop():
+    server, client = socket_pair()
+    stats = TransportStats()
+    viewer = H264Viewer(server, WS_H264, stats, close=lambda reason: None)
+    units = fake_gop_units(120, gop=10)
+    max_queue = 0
+    for au in units:  # the client reads nothing meanwhile
+        viewer.offer(au, au.encoded(WS_H264))
+        max_queue = max(max_queue, len(viewer._queue))
+        await asyncio.sleep(0)
+    assert max_queue <= 10, "never more than one GOP held"
+    assert viewer.frames_dropped > 50 and stats.frames_dropped == viewer.frames_dropped
+    # What it holds now begins at the newest keyframe: it is at most one GOP behind live.
+    assert viewer.pending is not None
+    assert viewer._queue[0][0].keyframe and viewer._queue[0][0].seq > units[-1].seq - 10
+    # Reading again: everything still held arrives; wherever frames were skipped, the next one
+    # received is a keyframe (a decoder never sees a frame whose reference it lacks).
+    received = bytearray()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (viewer._queue or viewer.busy or viewer._kernel_backlog()):
+        try:
+            received += client.recv(1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+            viewer.flush_pending()
+    await asyncio.sleep(0.05)
+    try:
+        received += client.recv(1 << 20)
+    except BlockingIOError:
+        pass
+    got = [(k, pts // 33_333) for k, pts in ws_h264_messages(bytes(received))]
+    assert got and got[-1][1] == units[-1].seq - 1, "it caught up with live"
+    for (_, previous), (keyframe, index) in zip(got, got[1:], strict=False):
+        assert index > previous
+        if index != previous + 1:
+            assert keyframe, f"skipped from {previous} to {index}, which is not a keyframe"
+    server.close()
+    client.close()
+
+
+def ws_h264_messages(data: bytes) -> list[tuple[bool, int]]:
+    """(keyframe, pts) of each binary WebSocket message in a server's byte stream."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
+        elif length == 127:
+            length, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
+        if i + length > len(data):
+            break
+        if opcode == 2:
+            keyframe, pts, _ = parse_message(data[i:i + length])
+            out.append((keyframe, pts))
+        i += length
+    return out
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_fast_h264_viewer_gets_every_frame_in_order():
+    server, client = socket_pair()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    viewer = H264Viewer(server, WS_H264, TransportStats(), close=lambda reason: None)
+    units = fake_gop_units(30, gop=10, size=200)
+    received = bytearray()
+    for au in units:
+        viewer.offer(au, au.encoded(WS_H264))
+        await asyncio.sleep(0.005)
+        try:
+            received += client.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    await wait_until(lambda: not viewer._queue and not viewer.busy, "everything to be written")
+    try:
+        received += client.recv(1 << 20)
+    except BlockingIOError:
+        pass
+    assert viewer.frames_dropped == 0 and viewer.frames_sent == 30
+    assert bytes(received).count(b"\x82") >= 30  # one binary WebSocket frame per access unit
+    server.close()
+    client.close()

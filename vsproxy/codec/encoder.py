@@ -1,0 +1,211 @@
+"""One H.264 encoder per JPEG upstream, shared by every H.264 viewer of it.
+
+PyAV (FFmpeg's MJPEG decoder and libx264) runs in a worker thread, never on the event loop. The
+loop hands it JPEGs through a single slot (`submit` replaces a JPEG the thread has not taken
+yet), so a machine too slow for the stream encodes fewer frames instead of queueing or falling
+behind the live stream. Each access unit goes back to the loop with `call_soon_threadsafe`.
+
+Encoding: no B-frames, `tune=zerolatency`, a keyframe at least every `keyframe_interval_seconds`
+(time-based, since upstream frame rates vary) and whenever a viewer asks for one (at most one a
+second), constant quality (`crf`) unless `bitrate_kbps` is set. Pictures larger than
+`max_width` x `max_height` are scaled down, keeping their aspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from ..schema import setting
+
+log = logging.getLogger("vsproxy.encoder")
+
+THREAD_PREFIX = "vsproxy-h264"
+KEYFRAME_REQUEST_MIN_INTERVAL = 1.0  # seconds between keyframes forced on request
+FULL_RANGE, LIMITED_RANGE = 2, 1  # FFmpeg's AVCOL_RANGE_JPEG and AVCOL_RANGE_MPEG
+
+
+@dataclass(frozen=True)
+class H264Config:
+    """The shared encoder of JPEG upstreams (top-level `h264:`, per upstream `upstreams.<name>.h264`)."""
+
+    crf: int = setting(23, min=0, max=51, doc="constant quality when bitrate_kbps is 0 (lower: better, "
+                                              "more bytes)")
+    bitrate_kbps: int = setting(0, min=0, max=200_000, doc="target bitrate instead of constant quality; 0: "
+                                                           "use crf")
+    keyframe_interval_seconds: float = setting(1.0, min=0.1, max=60, doc="a keyframe at least this often "
+                                                                         "(viewers join and recover at keyframes)")
+    max_width: int = setting(1920, min=16, max=7680, doc="larger pictures are scaled down to fit")
+    max_height: int = setting(1080, min=16, max=4320, doc="larger pictures are scaled down to fit")
+    preset: str = setting("veryfast", choices=("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"),
+                          doc="libx264 speed/size trade-off")
+
+
+def encoded_size(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """The picture size to encode: scaled down to fit, aspect kept, both even (4:2:0)."""
+    scale = min(1.0, max_width / width, max_height / height)
+    w, h = max(2, round(width * scale)), max(2, round(height * scale))
+    return w - w % 2, h - h % 2
+
+
+class H264Encoder:
+    """Encodes the newest JPEG of one upstream to H.264 in a worker thread.
+
+    `on_access_unit(data, pts_us)` is called on the event loop for every access unit (Annex-B,
+    SPS/PPS in front of keyframes). `start`/`stop` follow the upstream's H.264 viewers.
+    """
+
+    def __init__(self, name: str, settings: H264Config,
+                 on_access_unit: Callable[[bytes, int], None]) -> None:
+        self.name = name
+        self.settings = settings
+        self.on_access_unit = on_access_unit
+        self.frames_encoded = 0
+        self.frames_skipped = 0  # JPEGs replaced in the slot before the thread took them
+        self.encode_seconds = 0.0
+        self.starts = 0
+        self.errors = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._slot: tuple[bytes, int] | None = None
+        self._keyframe_requested = False
+        self._thread: threading.Thread | None = None
+        self._generation = 0  # each start is a new generation; older threads see it and end
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._generation += 1
+            self._slot = None
+        self.starts += 1
+        self._thread = threading.Thread(target=self._run, args=(self._generation,),
+                                        name=f"{THREAD_PREFIX}-{self.name}", daemon=True)
+        self._thread.start()
+        log.info("H.264 encoder started", extra={"upstream": self.name})
+
+    def stop(self) -> None:
+        """Ask the thread to end after the frame it is encoding; never blocks the loop."""
+        if self._thread is None:
+            return
+        with self._lock:
+            self._generation += 1
+            self._slot = None
+            self._wake.notify_all()
+        self._thread = None
+        log.info("H.264 encoder stopped", extra={"upstream": self.name})
+
+    def submit(self, jpeg: bytes, pts_us: int) -> None:
+        """Hand the thread the newest JPEG (cheap: the loop only fills a slot)."""
+        with self._lock:
+            if self._slot is not None:
+                self.frames_skipped += 1
+            self._slot = (jpeg, pts_us)
+            self._wake.notify()
+
+    def request_keyframe(self) -> None:
+        """The next encoded frame is a keyframe (at most one a second from requests)."""
+        with self._lock:
+            self._keyframe_requested = True
+
+    # -- the worker thread ---------------------------------------------------------------------
+
+    def _run(self, generation: int) -> None:
+        import av  # PyAV: loaded with the first encoder
+        from av.video.frame import PictureType
+
+        settings = self.settings
+        decoder = av.CodecContext.create("mjpeg", "r")
+        encoder: Any = None
+        size: tuple[int, int] | None = None
+        last_keyframe = -1e9
+        last_requested_keyframe = -1e9
+        last_pts = -1
+        while True:
+            with self._lock:
+                while self._slot is None and self._generation == generation:
+                    self._wake.wait()
+                if self._generation != generation:
+                    return
+                jpeg, pts_us = self._slot  # type: ignore[misc]
+                self._slot = None
+                requested = self._keyframe_requested
+                self._keyframe_requested = False
+            started = time.perf_counter()
+            try:
+                pictures = decoder.decode(av.Packet(jpeg))
+            except av.error.FFmpegError:
+                self.errors += 1
+                continue  # a damaged JPEG: the next one will do
+            for picture in pictures:
+                wanted = encoded_size(picture.width, picture.height, settings.max_width, settings.max_height)
+                if encoder is None or wanted != size:
+                    encoder, size = self._open(av, wanted), wanted
+                    last_keyframe = -1e9
+                # JPEGs are full range; H.264 decoders assume limited range unless told otherwise.
+                frame = picture.reformat(width=size[0], height=size[1], format="yuv420p",
+                                         src_color_range=FULL_RANGE, dst_color_range=LIMITED_RANGE)
+                pts = max(pts_us, last_pts + 1)  # libx264 needs strictly increasing timestamps
+                last_pts = frame.pts = pts
+                now = time.monotonic()
+                keyframe = now - last_keyframe >= settings.keyframe_interval_seconds or (
+                    requested and now - last_requested_keyframe >= KEYFRAME_REQUEST_MIN_INTERVAL)
+                if keyframe:
+                    last_keyframe = now
+                    if requested:
+                        last_requested_keyframe = now
+                # A decoded JPEG says it is an I picture: left as it is, libx264 would make every
+                # frame a keyframe.
+                frame.pict_type = PictureType.I if keyframe else PictureType.NONE
+                for packet in encoder.encode(frame):
+                    self._deliver(generation, bytes(packet), packet.pts)
+            self.encode_seconds += time.perf_counter() - started
+
+    def _open(self, av: Any, size: tuple[int, int]) -> Any:
+        settings = self.settings
+        encoder = av.CodecContext.create("libx264", "w")
+        encoder.width, encoder.height = size
+        encoder.pix_fmt = "yuv420p"
+        encoder.time_base = Fraction(1, 1_000_000)
+        encoder.framerate = Fraction(30)  # a hint for the level; timestamps carry the real timing
+        encoder.gop_size = 100_000  # keyframes are forced by time, not counted
+        encoder.max_b_frames = 0
+        options = {"preset": settings.preset, "tune": "zerolatency", "sc_threshold": "0"}
+        if settings.bitrate_kbps:
+            encoder.bit_rate = settings.bitrate_kbps * 1000
+            options["maxrate"] = f"{settings.bitrate_kbps}k"
+            options["bufsize"] = f"{settings.bitrate_kbps}k"  # one second of VBV: steady, low latency
+        else:
+            options["crf"] = str(settings.crf)
+        encoder.options = options
+        encoder.open()
+        log.info("H.264 encoding %dx%d (%s, %s)", size[0], size[1], settings.preset,
+                 f"{settings.bitrate_kbps} kbit/s" if settings.bitrate_kbps else f"crf {settings.crf}",
+                 extra={"upstream": self.name})
+        return encoder
+
+    def _deliver(self, generation: int, data: bytes, pts_us: int) -> None:
+        self.frames_encoded += 1
+        loop = self._loop
+        if loop is None or self._generation != generation:
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_loop, generation, data, pts_us)
+        except RuntimeError:  # the loop closed (shutdown)
+            pass
+
+    def _on_loop(self, generation: int, data: bytes, pts_us: int) -> None:
+        if self._generation == generation:  # nothing from a stopped encoder reaches viewers
+            self.on_access_unit(data, pts_us)

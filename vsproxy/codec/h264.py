@@ -1,0 +1,245 @@
+"""H.264 elementary streams as vsproxy carries them: Annex-B access units, one per video frame.
+
+No decoding here: only what a proxy must read to pass H.264 through untouched: where the NAL
+units are, which access units are keyframes, the parameter sets (SPS/PPS) a keyframe needs in
+front of it, and what the SPS says (RFC 6381 codec string, picture size).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+START_CODE = b"\x00\x00\x00\x01"
+NAL_SLICE = 1
+NAL_IDR = 5
+NAL_SEI = 6
+NAL_SPS = 7
+NAL_PPS = 8
+NAL_AUD = 9
+
+# Profiles whose SPS carries chroma format, bit depths and scaling matrices (H.264 7.3.2.1.1).
+_HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
+
+
+def split_nals(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex-B byte string, without their start codes."""
+    nals = []
+    n = len(data)
+    i = data.find(b"\x00\x00\x01")
+    while i != -1:
+        start = i + 3
+        j = data.find(b"\x00\x00\x01", start)
+        end = n if j == -1 else j
+        # A 4-byte start code's leading zero belongs to the start code, not the previous NAL;
+        # trailing zeros before a start code are never part of a NAL unit.
+        nal = data[start:end].rstrip(b"\x00") if j != -1 else data[start:end]
+        if nal:
+            nals.append(nal)
+        i = j
+    return nals
+
+
+def nal_type(nal: bytes) -> int:
+    return nal[0] & 0x1F
+
+
+def join_nals(nals: list[bytes]) -> bytes:
+    """NAL units as one Annex-B byte string (4-byte start codes)."""
+    return b"".join(START_CODE + nal for nal in nals)
+
+
+class _Bits:
+    """An MSB-first bit reader over an RBSP (emulation-prevention bytes removed)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def u(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            byte = self.data[self.pos >> 3]  # IndexError on a truncated SPS: the caller's ValueError
+            value = (value << 1) | ((byte >> (7 - (self.pos & 7))) & 1)
+            self.pos += 1
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise ValueError("bad Exp-Golomb code")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        k = self.ue()
+        return (k + 1) // 2 if k & 1 else -(k // 2)
+
+
+def _rbsp(nal: bytes) -> bytes:
+    return nal.replace(b"\x00\x00\x03", b"\x00\x00")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What a decoder must be told before the first access unit (and again when it changes)."""
+
+    codec: str  # RFC 6381, e.g. "avc1.64001F"
+    width: int
+    height: int
+    sps: bytes
+    pps: bytes
+
+    def message(self) -> str:
+        """The `{"type": "config", ...}` text message of the WebSocket H.264 format."""
+        return json.dumps({"type": "config", "codec": self.codec, "width": self.width, "height": self.height})
+
+
+def parse_sps(sps: bytes) -> tuple[str, int, int]:
+    """(RFC 6381 codec string, width, height) of an SPS NAL unit; ValueError if it is not one."""
+    if len(sps) < 4 or nal_type(sps) != NAL_SPS:
+        raise ValueError("not an SPS NAL unit")
+    codec = f"avc1.{sps[1]:02X}{sps[2]:02X}{sps[3]:02X}"
+    try:
+        return (codec, *_sps_size(_rbsp(sps[1:])))
+    except IndexError:
+        raise ValueError("truncated SPS") from None
+
+
+def _sps_size(rbsp: bytes) -> tuple[int, int]:
+    bits = _Bits(rbsp)
+    profile_idc = bits.u(8)
+    bits.u(16)  # constraint flags, level_idc
+    bits.ue()  # seq_parameter_set_id
+    chroma_format_idc = 1
+    if profile_idc in _HIGH_PROFILES:
+        chroma_format_idc = bits.ue()
+        if chroma_format_idc == 3:
+            bits.u(1)  # separate_colour_plane_flag
+        bits.ue()  # bit_depth_luma_minus8
+        bits.ue()  # bit_depth_chroma_minus8
+        bits.u(1)  # qpprime_y_zero_transform_bypass_flag
+        if bits.u(1):  # seq_scaling_matrix_present_flag
+            for i in range(8 if chroma_format_idc != 3 else 12):
+                if bits.u(1):
+                    size, last, nxt = (16 if i < 6 else 64), 8, 8
+                    for _ in range(size):
+                        if nxt:
+                            nxt = (last + bits.se() + 256) % 256
+                        last = nxt or last
+    bits.ue()  # log2_max_frame_num_minus4
+    poc_type = bits.ue()
+    if poc_type == 0:
+        bits.ue()  # log2_max_pic_order_cnt_lsb_minus4
+    elif poc_type == 1:
+        bits.u(1)
+        bits.se()
+        bits.se()
+        for _ in range(bits.ue()):
+            bits.se()
+    bits.ue()  # max_num_ref_frames
+    bits.u(1)  # gaps_in_frame_num_value_allowed_flag
+    width_mbs = bits.ue() + 1
+    height_map_units = bits.ue() + 1
+    frame_mbs_only = bits.u(1)
+    if not frame_mbs_only:
+        bits.u(1)  # mb_adaptive_frame_field_flag
+    bits.u(1)  # direct_8x8_inference_flag
+    width = width_mbs * 16
+    height = (2 - frame_mbs_only) * height_map_units * 16
+    if bits.u(1):  # frame_cropping_flag
+        left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
+        sub_w, sub_h = {0: (1, 1), 1: (2, 2), 2: (2, 1)}.get(chroma_format_idc, (1, 1))
+        width -= (left + right) * sub_w
+        height -= (top + bottom) * sub_h * (2 - frame_mbs_only)
+    if width <= 0 or height <= 0:
+        raise ValueError("SPS gives no picture size")
+    return width, height
+
+
+class AccessUnit:
+    """One coded video frame in Annex-B form, and its wire representations, each built once.
+
+    Every keyframe carries the stream's SPS and PPS in front of its IDR slice, so a decoder can
+    start at any keyframe. `config_changed` marks the first access unit of new stream parameters.
+    """
+
+    __slots__ = ("data", "keyframe", "pts_us", "config", "config_changed", "seq", "start_us", "duration_us",
+                 "arrived", "_encoded")
+
+    def __init__(self, data: bytes, keyframe: bool, pts_us: int, config: StreamConfig, seq: int = 0, *,
+                 config_changed: bool = False, start_us: int | None = None, duration_us: int = 33_333) -> None:
+        self.data = data
+        self.keyframe = keyframe
+        self.pts_us = pts_us  # presentation time, microseconds since the Unix epoch
+        self.config = config
+        self.config_changed = config_changed
+        self.seq = seq
+        self.start_us = pts_us if start_us is None else start_us  # when this stream configuration began
+        self.duration_us = duration_us  # expected display time: the interval since the previous one
+        self.arrived = time.monotonic()
+        self._encoded: dict[str, bytes] = {}
+
+    def encoded(self, transport: str) -> bytes:
+        data = self._encoded.get(transport)
+        if data is None:
+            from ..outputs import wire  # the H.264 wire formats live with the others
+
+            data = self._encoded[transport] = wire.encode(transport, self)
+        return data
+
+
+class H264Parser:
+    """Turns a sequence of Annex-B access units (from an encoder or an RTSP server) into
+    `AccessUnit`s: remembers the latest SPS/PPS, puts them in front of keyframes that lack them,
+    and says when the stream's parameters change. Access units before the first SPS/PPS and
+    keyframe cannot be decoded by anyone and are dropped (`accept` returns None)."""
+
+    def __init__(self) -> None:
+        self.sps: bytes | None = None
+        self.pps: bytes | None = None
+        self.config: StreamConfig | None = None
+        self.seq = 0
+        self._started = False
+        self._start_us = 0
+        self._last_pts = 0
+
+    def accept(self, data: bytes, pts_us: int) -> AccessUnit | None:
+        nals = split_nals(data)
+        types = [nal_type(n) for n in nals]
+        for nal, kind in zip(nals, types, strict=True):
+            if kind == NAL_SPS:
+                self.sps = nal
+            elif kind == NAL_PPS:
+                self.pps = nal
+        keyframe = NAL_IDR in types
+        if self.sps is None or self.pps is None or not (keyframe or self._started):
+            return None
+        changed = False
+        if self.config is None or self.config.sps != self.sps or self.config.pps != self.pps:
+            try:
+                codec, width, height = parse_sps(self.sps)
+            except ValueError:
+                return None
+            changed = self.config is None or (codec, width, height) != (
+                self.config.codec, self.config.width, self.config.height)
+            self.config = StreamConfig(codec, width, height, self.sps, self.pps)
+        if keyframe:
+            self._started = True
+            missing = [n for n, k in ((self.sps, NAL_SPS), (self.pps, NAL_PPS)) if k not in types]
+            if missing:
+                # Parameter sets go after an access unit delimiter, before everything else.
+                if types[0] == NAL_AUD:
+                    after_aud = data.find(b"\x00\x00\x01", data.find(b"\x00\x00\x01") + 3)
+                    data = join_nals([nals[0], *missing]) + (data[after_aud:] if after_aud != -1 else b"")
+                else:
+                    data = join_nals(missing) + data
+        if changed:
+            self._start_us = self._last_pts = pts_us
+        duration = pts_us - self._last_pts if 0 < pts_us - self._last_pts < 10_000_000 else 33_333
+        self._last_pts = pts_us
+        self.seq += 1
+        return AccessUnit(data, keyframe, pts_us, self.config, self.seq, config_changed=changed,
+                          start_us=self._start_us, duration_us=duration)
