@@ -91,6 +91,9 @@ class EmbedHandler(PageHandler):
             "control": self.get_query_argument("control", "0") in ("1", "true", "yes"),
             "fps": self.get_query_argument("fps", None),
             "mode": self.get_query_argument("mode", "ws"),
+            # H.264 (WebCodecs) where the browser can, else JPEG; "jpeg" or "h264" forces one.
+            "codec": codec if (codec := self.get_query_argument("codec", "auto")) in ("auto", "h264", "jpeg")
+            else "auto",
             "token": self.get_query_argument("token", None),
             # What ?control=1 can do here: the player says so quietly instead of sending in vain.
             "mayControl": grant.control,

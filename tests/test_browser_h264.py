@@ -1,0 +1,100 @@
+"""The embed player decodes H.264 with WebCodecs in a real headless Chromium (http://127.0.0.1
+is a secure context), falls back to or is forced to JPEG, and tells its parent page how it does."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+import tornado.web
+from browser import artifact, chromium
+from test_browser_pages import canvas_is_not_blank, player_state, wait_page
+
+pytestmark = pytest.mark.browser
+
+PARENT_PORT = 3000  # an embedding page on the frontend's origin, http://localhost:3000
+
+PARENT_PAGE = """<!doctype html><meta charset=utf-8><title>parent</title>
+<iframe id="embed" width="640" height="360"></iframe>
+<script>
+window.stats = [];
+window.addEventListener("message", (ev) => {
+  if (ev.data && ev.data.type === "vsproxy:stats") window.stats.push(ev.data);
+});
+document.getElementById("embed").src = new URLSearchParams(location.search).get("embed");
+</script>"""
+
+
+class ParentHandler(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.finish(PARENT_PAGE)
+
+
+@pytest.fixture
+def parent(io_loop):
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", PARENT_PORT))
+    except OSError as exc:
+        pytest.fail(f"port {PARENT_PORT} is taken ({exc}): the embedding page needs it")
+    finally:
+        probe.close()
+    server = tornado.web.Application([(r"/", ParentHandler)]).listen(PARENT_PORT, address="127.0.0.1")
+    yield f"http://localhost:{PARENT_PORT}"
+    server.stop()
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_player_decodes_h264_with_webcodecs(api, base_url, proxy):
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 0")
+        first = await player_state(page)
+        assert first["codec"] == "h264", first
+        assert await page.text_content("#codec") == "H.264"
+        started = time.monotonic()
+        await asyncio.sleep(3)
+        later = await player_state(page)
+        rate = (later["frames"] - first["frames"]) / (time.monotonic() - started)
+        assert rate >= 20, f"{rate:.1f} decoded frames per second"
+        assert await canvas_is_not_blank(page)
+        size = await page.evaluate("[document.getElementById('view').width, document.getElementById('view').height]")
+        assert size == [320, 240]
+        assert later["firstFrameMs"] is not None and later["firstFrameMs"] < 3000, later
+        await page.screenshot(path=artifact("embed-h264.png"))
+        assert proxy.hubs["demo"].encoder is not None and proxy.hubs["demo"].encoder.running
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_player_codec_jpeg_forces_jpeg(api, base_url, proxy):
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?codec=jpeg")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        assert (await player_state(page))["codec"] == "jpeg"
+        assert await page.text_content("#codec") == "JPEG"
+        assert await canvas_is_not_blank(page)
+    assert proxy.hubs["demo"].encoder is None, "a JPEG player never starts the encoder"
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_parent_page_receives_stats_messages(api, base_url, parent):
+    created = await api.create_session()
+    embed = f"{base_url}/stream/{created['sessionId']}/embed"
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 800, "height": 500})
+        await page.goto(f"{parent}/?embed={embed}")
+        await wait_page(page, "window.stats.length >= 3 && window.stats[window.stats.length - 1].framesDecoded > 10",
+                        timeout=20)
+        stats = await page.evaluate("window.stats")
+        last = stats[-1]
+        assert set(last) == {"type", "codec", "fps", "framesDecoded", "state"}
+        assert last["codec"] == "h264" and last["state"] == "live" and last["fps"] > 0
+        assert created["sessionId"] not in repr(stats)  # no session IDs, tokens or URLs
