@@ -27,12 +27,13 @@ setup(
         "PyYAML>=6.0",
         "prometheus-client>=0.20",
         "Pillow>=10.1",
+        # H.264: the shared encoder of JPEG upstreams (libx264), RTSP upstreams (FFmpeg's RTSP
+        # client and decoders). Its wheels bundle FFmpeg, nothing to compile.
+        "av>=18,<19",
     ],
     extras_require={
-        # RTSP upstreams (Isaac Sim's isaacsim.streaming.rtsp): PyAV, whose wheel bundles FFmpeg.
-        "rtsp": ["av>=18,<19"],
+        "rtsp": [],  # PyAV is a regular dependency now; kept so `pip install "vsproxy[rtsp]"` still works
         "test": [
-            "av>=18,<19",
             "pytest>=8,<10",  # pytest-tornado 0.8.1 uses hooks pytest 10 removes
             "pytest-tornado==0.8.1",
             "setuptools<82",  # pytest-tornado imports pkg_resources, gone in setuptools 82

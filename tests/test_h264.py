@@ -102,6 +102,7 @@ def test_encoded_size_fits_keeps_aspect_and_is_even():
     assert encoded_size(17, 9, 1920, 1080) == (16, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_encoder_output_decodes_at_psnr_32_db_with_time_based_keyframes():
     """A moving 720p picture through the shared encoder's default settings: every access unit
