@@ -48,7 +48,7 @@ from common import (  # noqa: E402
     wait_health,
 )
 from loadgen import TRANSPORTS, WS_JSON, Flooder, Stats, Viewer  # noqa: E402
-from upstream import FakeCamera, make_jpeg  # noqa: E402
+from upstream import FakeCamera, make_jpeg, make_moving_jpegs  # noqa: E402
 
 CONNECT_CONCURRENCY = 32
 LOADGEN_BOUND_PCT = 90.0  # loadgen CPU at or above this: the numbers may be the loadgen's limit
@@ -442,6 +442,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes of each flood message (default 1048576, the issue's 1 MB text messages)")
     p.add_argument("--flood-reconnect", type=float, default=1.0,
                    help="seconds a flooder waits before reconnecting after the server closed it (default 1)")
+    p.add_argument("--camera", choices=("still", "moving"), default=None,
+                   help="still: one JPEG over and over (JPEG fan-out); moving: a loop of 60 distinct frames, "
+                        "for H.264 (default: moving for ws_h264, still otherwise)")
     p.add_argument("--copy", action="store_true",
                    help="copy every payload byte to user space (as a real client) instead of recv(MSG_TRUNC)")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers of every run here")
@@ -472,8 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace) -> list[dict]:
-    jpeg = make_jpeg()
-    camera = FakeCamera(jpeg, args.fps)
+    moving = args.camera == "moving" or (args.camera is None and "ws_h264" in args.transports)
+    camera = FakeCamera(make_moving_jpegs() if moving else make_jpeg(), args.fps)
     camera.listen(0)
     rows = []
     try:

@@ -22,8 +22,12 @@ import time
 
 from upstream import JPEG_PEEK, read_stamp
 
-MJPEG, WS_JSON, WS_BINARY = "mjpeg", "ws_json", "ws_binary"
-TRANSPORTS = (MJPEG, WS_JSON, WS_BINARY)
+MJPEG, WS_JSON, WS_BINARY, WS_H264 = "mjpeg", "ws_json", "ws_binary", "ws_h264"
+TRANSPORTS = (MJPEG, WS_JSON, WS_BINARY, WS_H264)
+_H264_PEEK = 9  # flags byte + presentation time (microseconds since the epoch) of format=h264
+# CLOCK_REALTIME minus CLOCK_MONOTONIC: turns the proxy's wall-clock presentation times into the
+# monotonic clock the latencies use (the same machine: the proxy stamps at its frame's arrival).
+_WALL_TO_MONO_NS = time.time_ns() - time.monotonic_ns()
 
 BUFSIZE = 1 << 20
 _BUF = bytearray(BUFSIZE)   # one shared buffer: every parse finishes inside the read callback
@@ -106,7 +110,7 @@ class Viewer:
             req = f"GET /stream/{session_id}/mjpeg HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
             want = b" 200 "
         else:
-            query = "?format=binary" if self.transport == WS_BINARY else ""
+            query = {WS_BINARY: "?format=binary", WS_H264: "?format=h264"}.get(self.transport, "")
             req = (f"GET /stream/{session_id}{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                    "Sec-WebSocket-Key: dnNwcm94eWJlbmNobWFyaw==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -270,7 +274,7 @@ class Viewer:
         self.opcode = h[0] & 0x0F
         self.skip = length
         if self.opcode == 0x2:
-            self.is_frame, self.peek_need = True, JPEG_PEEK
+            self.is_frame, self.peek_need = True, _H264_PEEK if self.transport == WS_H264 else JPEG_PEEK
         elif self.opcode == 0x1:  # a frame if it starts with the frame prefix, else a status message
             self.is_frame, self.peek_need = False, _JSON_PEEK
         elif self.opcode in (0x9, 0x8):  # ping: answer it; close: note the reason
@@ -292,6 +296,12 @@ class Viewer:
             except binascii.Error:
                 return
             self.stamp = read_stamp(head)
+        elif self.transport == WS_H264:
+            # No camera stamp in H.264: the latency runs from the frame's arrival at the proxy
+            # (its presentation time) to here, encoding included. Lost frames are not counted.
+            if self.is_frame and len(peek) >= _H264_PEEK:
+                pts_us = int.from_bytes(peek[1:9], "big")
+                self.stamp = (self.last_seq + 1, pts_us * 1000 - _WALL_TO_MONO_NS)
         elif self.is_frame:
             self.stamp = read_stamp(peek)
         else:

@@ -77,6 +77,38 @@ def make_jpeg(width: int = 1280, height: int = 720, lo: int = 100_000, hi: int =
     return best
 
 
+def make_moving_jpegs(count: int = 60, width: int = 1280, height: int = 720, quality: int = 85, *,
+                      noise: bool = True) -> list[bytes]:
+    """A loop of distinct frames for inter-frame codecs (one JPEG repeated compresses to nothing in
+    H.264): shapes moving over a gradient and a band of sensor-like noise that moves from frame
+    to frame, about 100 KB each as JPEG at 720p. A worst case for H.264 (the noise), like a camera
+    in a dim scene; `noise=False` gives a smooth rendered scene instead."""
+    from PIL import Image, ImageChops, ImageDraw
+
+    gx = Image.linear_gradient("L").rotate(90).resize((width, height))
+    gy = Image.linear_gradient("L").resize((width, height))
+    base = Image.merge("RGB", (gx, gy, ImageChops.blend(gx, gy, 0.5)))
+    band_h = height // 6
+    frames = []
+    for i in range(count):
+        img = base.copy()
+        draw = ImageDraw.Draw(img)
+        for k in range(6):  # flat "objects" moving at different speeds
+            x = (80 + k * 200 + i * (4 + 3 * k)) % (width + 120) - 120
+            y = 100 + (k % 3) * 170 + int(30 * ((i + 7 * k) % 20 - 10) / 10)
+            draw.ellipse((x, y, x + 110, y + 110), fill=(60 + 30 * k, 220 - 25 * k, 80 + 20 * k))
+        if noise:
+            y0 = (i * 9) % (height - band_h)  # the noise band moves down a little every frame
+            grain = Image.effect_noise((width, band_h), 24).convert("RGB")
+            band = img.crop((0, y0, width, y0 + band_h))
+            img.paste(ImageChops.add(band, grain, 1.0, -128), (0, y0))
+        draw.text((40, 40), f"vsproxy benchmark moving camera {width}x{height} #{i}", fill=(255, 255, 255))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        frames.append(buf.getvalue())
+    return frames
+
+
 def stamped_template(jpeg: bytes) -> bytearray:
     """The JPEG with a placeholder COM segment right after SOI (patched per frame)."""
     if jpeg[:2] != b"\xff\xd8":
@@ -121,9 +153,11 @@ class FakeCamera:
     process); frames are sent only while a client is connected.
     """
 
-    def __init__(self, jpeg: bytes, fps: float = 30.0) -> None:
-        self.template = stamped_template(jpeg)
-        self.frame_bytes = len(self.template)
+    def __init__(self, jpeg: bytes | list[bytes], fps: float = 30.0) -> None:
+        # One JPEG sent over and over (JPEG fan-out), or a loop of distinct ones (H.264).
+        self.templates = [stamped_template(j) for j in (jpeg if isinstance(jpeg, list) else [jpeg])]
+        self.template = self.templates[0]
+        self.frame_bytes = sum(len(t) for t in self.templates) // len(self.templates)
         self.fps = fps
         self.interval_ns = int(1e9 / fps)
         self.seq = 0
@@ -159,8 +193,9 @@ class FakeCamera:
             return
         now = time.monotonic_ns()
         self.seq += 1
-        _STAMP.pack_into(self.template, COM_OFFSET_SEQ, self.seq, now)
-        data = bytes(self.template)
+        template = self.templates[self.seq % len(self.templates)]
+        _STAMP.pack_into(template, COM_OFFSET_SEQ, self.seq, now)
+        data = bytes(template)
         for client in tuple(self.clients):
             try:
                 client.write_message(data, binary=True)

@@ -323,10 +323,13 @@ async def test_decoding_thread_stops_when_the_last_session_is_gone(rtsp_server, 
 
 
 class RecordingHub:
-    """The two FrameHub calls a source makes, recorded."""
+    """The HubLink calls a source makes, recorded (JPEG always wanted, as with JPEG viewers)."""
+
+    jpeg_wanted = True
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
+        self.access_units: list[bytes] = []
         self.connected = 0
 
     def set_connected(self) -> None:
@@ -335,6 +338,13 @@ class RecordingHub:
     def publish(self, jpeg: bytes) -> None:
         assert self.connected, "set_connected() comes before the first frame"
         self.frames.append(jpeg)
+
+    def publish_h264(self, data: bytes, pts_us: int) -> None:
+        assert self.connected, "set_connected() comes before the first access unit"
+        self.access_units.append(data)
+
+    def source_format_changed(self) -> None:
+        pass
 
 
 @pytest.mark.external

@@ -482,6 +482,8 @@ class FrameHub:
             "failures": self.failures,
             "sessions": len(self.sessions),
             "viewers": {t: len(v) for t, v in self.viewers.items()},
+            "encoder": self.encoder is not None and self.encoder.running,
+            **({"source": source} if (source := self.source.status()) else {}),
         }
 
 

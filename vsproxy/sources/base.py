@@ -115,6 +115,10 @@ class Source:
         """
         raise NotImplementedError
 
+    def status(self) -> dict:
+        """Counters of this kind worth showing in /upstreams (empty: none)."""
+        return {}
+
     def send(self, message: str | bytes) -> bool:
         """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
         return False

@@ -112,6 +112,11 @@ class RtspSource(Source):
         reader = self._reader
         return dict(reader.counters) if reader is not None else {}
 
+    def status(self) -> dict:
+        # Frames decoded (and re-encoded to JPEG) vs passed through untouched to H.264 viewers.
+        stats = self.stats
+        return {"decoded": stats.get("decoded", 0), "passedThrough": stats.get("passed_through", 0)}
+
     async def run(self, hub: HubLink) -> None:
         loop = asyncio.get_running_loop()
         reader = self._reader = _Reader(self, hub, loop)

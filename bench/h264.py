@@ -1,0 +1,338 @@
+"""H.264 benchmarks: bytes per viewer against MJPEG (with the picture quality, PSNR), the shared
+encoder's CPU, RTSP passthrough to many viewers, and the time to the first decoded frame in
+Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children cleaned up.
+
+    python bench/h264.py bytes                 # moving camera, smooth scene, demo: bytes/s per viewer, PSNR
+    python bench/h264.py encoder-cpu           # proxy CPU with and without the encoder running (720p30)
+    python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
+    python bench/h264.py first-frame --runs 10 # Chromium embed player: ms to the first decoded frame
+
+The 400-viewer `format=h264` fan-out is `python bench/fanout.py --transport ws_h264 --viewers 400`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))  # the RTSP test server and the Chromium helper
+
+import numpy as np  # noqa: E402
+from common import (  # noqa: E402
+    PROXY_CORE,
+    arm_deadline,
+    free_port,
+    git_line,
+    http_request,
+    kill_children,
+    machine_line,
+    percentile,
+    pin_self,
+    proc_cpu_seconds,
+    raise_nofile,
+    server_env,
+    spawn,
+    stop_child,
+    wait_health,
+)
+from loadgen import WS_H264, Stats, Viewer  # noqa: E402
+from upstream import FakeCamera, make_moving_jpegs  # noqa: E402
+
+WS_KEY = "dnNwcm94eWJlbmNobWFyaw=="
+
+
+# -- the proxy under test --------------------------------------------------------------------------
+
+async def start_proxy(tmp: str, config: str, env: dict | None = None) -> tuple:
+    port = free_port()
+    path = os.path.join(tmp, f"bench-{port}.yaml")
+    with open(path, "w") as f:
+        f.write("limits:\n  max_viewers_per_session: 5000\n" + config)
+    log = os.path.join(tmp, f"server-{port}.log")
+    cmd = [sys.executable, "-m", "vsproxy", "--config", path, "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning"]
+    proc = spawn(cmd, cwd=tmp, env=server_env(env), log_path=log, core=PROXY_CORE)
+    await wait_health(port, proc)
+    return proc, port
+
+
+async def create_session(port: int) -> str:
+    status, body = await http_request(port, "POST", "/session/create", {"userId": "bench", "robotName": "bench"})
+    assert status == 200, body
+    return json.loads(body)["sessionId"]
+
+
+async def open_stream(port: int, path: str, websocket: bool) -> tuple:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if websocket:
+        head += ("Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n")
+    writer.write((head + "\r\n").encode())
+    data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = data.split(b"\r\n", 1)[0]
+    if b" 200 " not in status and b" 101 " not in status:
+        raise RuntimeError(f"{path}: {status!r}")
+    return reader, writer, data
+
+
+async def count_bytes(reader: asyncio.StreamReader, until: float, sink: bytearray | None = None) -> int:
+    total = 0
+    while time.monotonic() < until:
+        try:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), max(0.01, until - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if not chunk:
+            break
+        total += len(chunk)
+        if sink is not None:
+            sink += chunk
+    return total
+
+
+def ws_messages(data: bytes) -> list[tuple[int, bytes]]:
+    out, i = [], 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
+        elif length == 127:
+            length, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
+        if i + length > len(data):
+            break
+        out.append((opcode, data[i:i + length]))
+        i += length
+    return out
+
+
+# -- picture quality ---------------------------------------------------------------------------------
+
+def luma(jpeg: bytes) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float32)
+
+
+def psnr_against_sources(units: list[bytes], sources: list[bytes]) -> tuple[float, float, int]:
+    """(median, minimum) PSNR of the decoded pictures, each against the source frame it matches
+    best (the camera loops through distinct frames), and the number of pictures decoded."""
+    import av
+    refs = [luma(s) for s in sources]
+    small = [r[::8, ::8] for r in refs]
+    decoder = av.CodecContext.create("h264", "r")
+    scores = []
+    for unit in units:
+        for frame in decoder.decode(av.Packet(unit)):
+            y = np.asarray(frame.to_image().convert("L"), dtype=np.float32)
+            if y.shape != refs[0].shape:
+                continue
+            best = min(range(len(refs)), key=lambda k: float(np.mean((y[::8, ::8] - small[k]) ** 2)))
+            mse = float(np.mean((y - refs[best]) ** 2))
+            scores.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
+    return (statistics.median(scores), min(scores), len(scores)) if scores else (float("nan"),) * 2 + (0,)
+
+
+# -- scenarios ---------------------------------------------------------------------------------------
+
+async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
+    print("| camera | MJPEG bytes/s | format=h264 bytes/s | h264/MJPEG | stream.mp4 bytes/s | mp4/MJPEG "
+          "| PSNR median / min (dB) |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for camera_kind in args.cameras.split(","):
+        camera = None
+        sources: list[bytes] = []
+        if camera_kind in ("moving", "smooth"):
+            sources = make_moving_jpegs(60, noise=camera_kind == "moving")
+            camera = FakeCamera(sources, 30)
+            camera.listen(0)
+            proc, port = await start_proxy(tmp, "", {"ISAAC_SIM_IP": "127.0.0.1",
+                                                     "ISAAC_SIM_WS_PORT": str(camera.port)})
+        else:
+            proc, port = await start_proxy(tmp, "demo: {width: 1280, height: 720, fps: 30}\n")
+        try:
+            session = await create_session(port)
+            streams = {
+                "mjpeg": await open_stream(port, f"/stream/{session}/mjpeg", False),
+                "h264": await open_stream(port, f"/stream/{session}?format=h264", True),
+                "mp4": await open_stream(port, f"/stream/{session}/stream.mp4", False),
+            }
+            await asyncio.sleep(args.warmup)
+            for reader, _, _ in streams.values():  # what arrived during the warm-up
+                await count_bytes(reader, time.monotonic() + 0.05)
+            h264_bytes = bytearray()
+            until = time.monotonic() + args.duration
+            counts = await asyncio.gather(*(count_bytes(r, until, h264_bytes if name == "h264" else None)
+                                            for name, (r, _, _) in streams.items()))
+            rates = dict(zip(streams, (c / args.duration for c in counts), strict=True))
+            for _, writer, _ in streams.values():
+                writer.close()
+        finally:
+            stop_child(proc)
+            if camera is not None:
+                await camera.stop()
+        quality = "n/a (source frames unknown)"
+        if sources:
+            units = [m[9:] for op, m in ws_messages(bytes(h264_bytes)) if op == 2]
+            med, low, n = psnr_against_sources(units, sources)
+            quality = f"{med:.1f} / {low:.1f} ({n} pictures)"
+        print(f"| {camera_kind} | {rates['mjpeg']:,.0f} | {rates['h264']:,.0f} | {rates['h264'] / rates['mjpeg']:.3f} "
+              f"| {rates['mp4']:,.0f} | {rates['mp4'] / rates['mjpeg']:.3f} | {quality} |", flush=True)
+
+
+async def encoder_cpu(args: argparse.Namespace, tmp: str) -> None:
+    camera = FakeCamera(make_moving_jpegs(60), 30)
+    camera.listen(0)
+    proc, port = await start_proxy(tmp, "", {"ISAAC_SIM_IP": "127.0.0.1", "ISAAC_SIM_WS_PORT": str(camera.port)})
+    try:
+        session = await create_session(port)
+        mjpeg = await open_stream(port, f"/stream/{session}/mjpeg", False)
+        drain = asyncio.ensure_future(count_bytes(mjpeg[0], time.monotonic() + 3600))
+
+        async def window() -> float:
+            c0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+            await asyncio.sleep(args.duration)
+            return 100 * (proc_cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+
+        await asyncio.sleep(args.warmup)
+        without = await window()
+        h264 = await open_stream(port, f"/stream/{session}?format=h264", True)
+        drain2 = asyncio.ensure_future(count_bytes(h264[0], time.monotonic() + 3600))
+        await asyncio.sleep(args.warmup)
+        _, metrics = await http_request(port, "GET", "/metrics")
+        frames0 = _metric(metrics, "vsproxy_encoder_frames_total")
+        with_encoder = await window()
+        _, metrics = await http_request(port, "GET", "/metrics")
+        fps = (_metric(metrics, "vsproxy_encoder_frames_total") - frames0) / args.duration
+        print("| upstream | proxy CPU, 1 MJPEG viewer | + 1 H.264 viewer (encoder running) | encoder "
+              "| frames encoded/s |")
+        print("|---|--:|--:|--:|--:|")
+        print(f"| JPEG 1280x720 @30 (moving camera) | {without:.1f}% | {with_encoder:.1f}% | "
+              f"{with_encoder - without:.1f}% | {fps:.1f} |")
+        drain.cancel()
+        drain2.cancel()
+    finally:
+        stop_child(proc)
+        await camera.stop()
+
+
+def _metric(text: bytes, name: str) -> float:
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def rtsp_passthrough(args: argparse.Namespace, tmp: str) -> None:
+    from rtsp_server import RtspTestServer
+    server = RtspTestServer(free_port(), width=1280, height=720, fps=30)
+    server.start()
+    proc = None
+    viewers: list[Viewer] = []
+    try:
+        proc, port = await start_proxy(tmp, f"upstreams: {{cam: {{kind: rtsp, url: \"{server.url}\"}}}}\n"
+                                            "default_upstream: cam\n")
+        session = await create_session(port)
+        stats = Stats(None)
+        viewers = [Viewer(stats, i, WS_H264) for i in range(args.viewers)]
+        for v in viewers:
+            await v.connect("127.0.0.1", port, session)
+            v.start_reading()
+        await asyncio.sleep(args.warmup)
+        c0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        stats.measuring = True
+        await asyncio.sleep(args.duration)
+        stats.measuring = False
+        cpu = 100 * (proc_cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        window = time.monotonic() - t0
+        fps = sorted(v.frames / window for v in viewers if not v.closed)
+        lat = sorted(x for v in viewers for x in v.latencies)
+        _, body = await http_request(port, "GET", "/upstreams")
+        cam = next(u for u in json.loads(body)["upstreams"] if u["name"] == "cam")
+        print("| viewers | fps median / min | p50 / p99 ms | proxy CPU | frames decoded | passed through | "
+              "bytes/s per viewer |")
+        print("|--:|--:|--:|--:|--:|--:|--:|")
+        print(f"| {args.viewers} | {percentile(fps, 0.5):.1f} / {fps[0]:.1f} | {percentile(lat, 0.5) / 1e6:.1f} / "
+              f"{percentile(lat, 0.99) / 1e6:.1f} | {cpu:.1f}% | {cam.get('source', {}).get('decoded')} | "
+              f"{cam.get('source', {}).get('passedThrough')} | {stats.bytes / window / len(viewers):,.0f} |")
+    finally:
+        for v in viewers:
+            v.close()
+        if proc is not None:
+            stop_child(proc)
+        server.stop()
+
+
+async def first_frame(args: argparse.Namespace, tmp: str) -> None:
+    from browser import chromium
+    proc, port = await start_proxy(tmp, "demo: {width: 1280, height: 720, fps: 30}\n")
+    try:
+        results: dict[str, list[float]] = {"h264": [], "jpeg": []}
+        async with chromium() as browser:
+            for codec in results:
+                for _ in range(args.runs):
+                    session = await create_session(port)
+                    page = await browser.new_page(viewport={"width": 640, "height": 360})
+                    await page.goto(f"http://127.0.0.1:{port}/stream/{session}/embed?codec={codec}")
+                    deadline = time.monotonic() + 10
+                    value = None
+                    while value is None and time.monotonic() < deadline:
+                        value = await page.evaluate("window.vsproxyPlayer && window.vsproxyPlayer.firstFrameMs")
+                        await asyncio.sleep(0.02)
+                    await page.close()
+                    await http_request(port, "DELETE", f"/session/{session}")
+                    if value is not None:
+                        results[codec].append(value)
+        print("| embed player | runs | first decoded frame after the WebSocket opened: median / max ms |")
+        print("|---|--:|--:|")
+        for codec, values in results.items():
+            if values:
+                print(f"| {codec} | {len(values)} | {statistics.median(values):.0f} / {max(values):.0f} |")
+    finally:
+        stop_child(proc)
+
+
+SCENARIOS = {"bytes": bytes_per_viewer, "encoder-cpu": encoder_cpu, "rtsp": rtsp_passthrough,
+             "first-frame": first_frame}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds (default 10)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring (default 3)")
+    p.add_argument("--cameras", default="moving,smooth,demo", help="bytes: moving, smooth, demo (default all)")
+    p.add_argument("--viewers", type=int, default=100, help="rtsp: H.264 viewers (default 100)")
+    p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
+    args = p.parse_args()
+    if not 1 <= args.duration <= 300 or not 0 <= args.warmup <= 60 or not 1 <= args.viewers <= 2000 \
+            or not 1 <= args.runs <= 50:
+        p.error("out of range: duration 1..300, warmup 0..60, viewers 1..2000, runs 1..50")
+    arm_deadline(900)
+    raise_nofile()
+    pin_self()
+    print(machine_line())
+    print(git_line()[0])
+    print(f"command: python bench/h264.py {' '.join(sys.argv[1:])}\n")
+    with tempfile.TemporaryDirectory(prefix="vsproxy-bench-") as tmp:
+        try:
+            asyncio.run(SCENARIOS[args.scenario](args, tmp))
+        finally:
+            kill_children()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
