@@ -54,11 +54,16 @@ WS_KEY = "dnNwcm94eWJlbmNobWFyaw=="
 
 # -- the proxy under test --------------------------------------------------------------------------
 
+H264_CONFIG = ""  # `h264:` keys from --h264 (e.g. "crf: 28"), for every proxy started
+
+
 async def start_proxy(tmp: str, config: str, env: dict | None = None) -> tuple:
     port = free_port()
     path = os.path.join(tmp, f"bench-{port}.yaml")
     with open(path, "w") as f:
         f.write("limits:\n  max_viewers_per_session: 5000\n" + config)
+        if H264_CONFIG:
+            f.write(f"h264: {{{H264_CONFIG}}}\n")
     log = os.path.join(tmp, f"server-{port}.log")
     cmd = [sys.executable, "-m", "vsproxy", "--config", path, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning"]
@@ -133,14 +138,19 @@ def psnr_against_sources(units: list[bytes], sources: list[bytes]) -> tuple[floa
     small = [r[::8, ::8] for r in refs]
     decoder = av.CodecContext.create("h264", "r")
     scores = []
+    pictures = []
     for unit in units:
-        for frame in decoder.decode(av.Packet(unit)):
-            y = np.asarray(frame.to_image().convert("L"), dtype=np.float32)
-            if y.shape != refs[0].shape:
-                continue
-            best = min(range(len(refs)), key=lambda k: float(np.mean((y[::8, ::8] - small[k]) ** 2)))
-            mse = float(np.mean((y - refs[best]) ** 2))
-            scores.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
+        try:
+            pictures += decoder.decode(av.Packet(unit))
+        except av.error.InvalidDataError:
+            continue
+    for frame in pictures:
+        y = np.asarray(frame.to_image().convert("L"), dtype=np.float32)
+        if y.shape != refs[0].shape:
+            continue
+        best = min(range(len(refs)), key=lambda k: float(np.mean((y[::8, ::8] - small[k]) ** 2)))
+        mse = float(np.mean((y - refs[best]) ** 2))
+        scores.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
     return (statistics.median(scores), min(scores), len(scores)) if scores else (float("nan"),) * 2 + (0,)
 
 
@@ -168,14 +178,19 @@ async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
                 "h264": await open_stream(port, f"/stream/{session}?format=h264", True),
                 "mp4": await open_stream(port, f"/stream/{session}/stream.mp4", False),
             }
+            # Every stream is read from its start (the H.264 one is kept, to decode it from its
+            # first keyframe); the rates count only what arrives inside the window.
+            sinks = {name: bytearray() for name in streams}
+            end = time.monotonic() + args.warmup + args.duration + 1
+            readers = [asyncio.ensure_future(count_bytes(r, end, sinks[name]))
+                       for name, (r, _, _) in streams.items()]
             await asyncio.sleep(args.warmup)
-            for reader, _, _ in streams.values():  # what arrived during the warm-up
-                await count_bytes(reader, time.monotonic() + 0.05)
-            h264_bytes = bytearray()
-            until = time.monotonic() + args.duration
-            counts = await asyncio.gather(*(count_bytes(r, until, h264_bytes if name == "h264" else None)
-                                            for name, (r, _, _) in streams.items()))
-            rates = dict(zip(streams, (c / args.duration for c in counts), strict=True))
+            before = {name: len(sink) for name, sink in sinks.items()}
+            await asyncio.sleep(args.duration)
+            rates = {name: (len(sinks[name]) - before[name]) / args.duration for name in streams}
+            h264_bytes = bytes(sinks["h264"])
+            for task in readers:
+                task.cancel()
             for _, writer, _ in streams.values():
                 writer.close()
         finally:
@@ -184,7 +199,7 @@ async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
                 await camera.stop()
         quality = "n/a (source frames unknown)"
         if sources:
-            units = [m[9:] for op, m in ws_messages(bytes(h264_bytes)) if op == 2]
+            units = [m[9:] for op, m in ws_messages(h264_bytes) if op == 2]
             med, low, n = psnr_against_sources(units, sources)
             quality = f"{med:.1f} / {low:.1f} ({n} pictures)"
         print(f"| {camera_kind} | {rates['mjpeg']:,.0f} | {rates['h264']:,.0f} | {rates['h264'] / rates['mjpeg']:.3f} "
@@ -227,9 +242,9 @@ async def encoder_cpu(args: argparse.Namespace, tmp: str) -> None:
         await camera.stop()
 
 
-def _metric(text: bytes, name: str) -> float:
+def _metric(text: bytes, name: str, upstream: str = "isaac") -> float:
     for line in text.decode().splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith(f'{name}{{upstream="{upstream}"}} '):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -316,7 +331,10 @@ def main() -> int:
     p.add_argument("--cameras", default="moving,smooth,demo", help="bytes: moving, smooth, demo (default all)")
     p.add_argument("--viewers", type=int, default=100, help="rtsp: H.264 viewers (default 100)")
     p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
+    p.add_argument("--h264", default="", help='h264 settings for the proxy, e.g. "crf: 28, preset: veryfast"')
     args = p.parse_args()
+    global H264_CONFIG
+    H264_CONFIG = args.h264
     if not 1 <= args.duration <= 300 or not 0 <= args.warmup <= 60 or not 1 <= args.viewers <= 2000 \
             or not 1 <= args.runs <= 50:
         p.error("out of range: duration 1..300, warmup 0..60, viewers 1..2000, runs 1..50")
@@ -325,7 +343,7 @@ def main() -> int:
     pin_self()
     print(machine_line())
     print(git_line()[0])
-    print(f"command: python bench/h264.py {' '.join(sys.argv[1:])}\n")
+    print(f"command: python bench/h264.py {' '.join(repr(a) if ' ' in a else a for a in sys.argv[1:])}\n")
     with tempfile.TemporaryDirectory(prefix="vsproxy-bench-") as tmp:
         try:
             asyncio.run(SCENARIOS[args.scenario](args, tmp))
