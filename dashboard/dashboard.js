@@ -196,6 +196,7 @@
       fpsOut: cell("fps-out num", "fps out"),
       bitrate: cell("bitrate num", "Bitrate out"),
       dropped: cell("dropped num", "Dropped"),
+      frameAge: cell("frame-age num", "Frame age p50 / p95"),
       age: cell("age num", "Age"),
       activity: cell("last-activity", "Last activity"),
       spark: cell("spark-cell", "fps, last minute"),
@@ -242,6 +243,9 @@
     c.fpsOut.textContent = fps(s.fpsOut);
     c.bitrate.textContent = bitrate(s.bytesPerSecondOut);
     c.dropped.textContent = String(s.framesDropped);
+    const frameAge = s.frameAgeMs || {};
+    c.frameAge.textContent = frameAge.p50 == null ? "–"
+      : `${Math.round(frameAge.p50)} / ${Math.round(frameAge.p95)} ms`;
     c.age.textContent = duration(s.ageSeconds);
     c.activity.textContent = ago(s.lastActivity, state.generatedAt);
     c.activity.title = s.lastActivity;

@@ -69,8 +69,8 @@ async def next_state(stream: IOStream) -> dict:
 
 SESSION_KEYS = {
     "id", "userId", "robotName", "upstream", "upstreamState", "upstreamDown", "viewers", "viewersTotal",
-    "fpsIn", "fpsOut", "bytesPerSecondOut", "framesDropped", "createdAt", "ageSeconds", "lastActivity",
-    "thumbnailUrl", "viewerToken", "fpsHistory",
+    "fpsIn", "fpsOut", "bytesPerSecondOut", "framesDropped", "frameAgeMs", "createdAt", "ageSeconds",
+    "lastActivity", "thumbnailUrl", "viewerToken", "fpsHistory",
 }
 UPSTREAM_KEYS = {
     "name", "kind", "state", "down", "lastError", "connects", "failures", "fpsIn", "bytesPerSecondIn",

@@ -19,7 +19,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import render
 from .codec.encoder import H264Config, H264Encoder
-from .codec.h264 import AccessUnit, H264Parser, StreamConfig
+from .codec.h264 import AccessUnit, H264Parser, StreamConfig, frame_age_offset
 from .errors import describe_error
 from .outputs import wire
 from .outputs.viewer import TransportStats, Viewer
@@ -45,13 +45,18 @@ log = logging.getLogger("vsproxy.hub")
 class Frame:
     """One JPEG frame and its wire representations, each built at most once."""
 
-    __slots__ = ("jpeg", "seq", "arrived", "timestamp", "offline", "_encoded")
+    __slots__ = ("jpeg", "seq", "arrived", "timestamp", "captured", "age_offset", "offline", "_encoded")
 
-    def __init__(self, jpeg: bytes, seq: int, *, offline: bool = False) -> None:
+    def __init__(self, jpeg: bytes, seq: int, *, offline: bool = False, captured: float | None = None) -> None:
         self.jpeg = jpeg
         self.seq = seq
         self.arrived = time.monotonic()  # for latency and fps caps
         self.timestamp = time.time()  # wall clock, sent as X-Timestamp
+        # When the picture was taken (the publisher's word, where it gives one), and how much
+        # older than its arrival that is: frame age = write latency + age_offset.
+        self.captured = captured if captured is not None else self.timestamp
+        # The offline picture is no camera frame: it has no age (None: not counted).
+        self.age_offset = None if offline else frame_age_offset(self.timestamp, self.captured)
         self.offline = offline  # a generated "upstream offline" picture, not upstream content
         self._encoded: dict[str, bytes] = {}
 
@@ -271,15 +276,16 @@ class FrameHub:
 
     # -- frames ------------------------------------------------------------------------------
 
-    def publish(self, jpeg: bytes) -> int:
-        """A frame from the upstream: keep it as the latest and offer it to every viewer."""
+    def publish(self, jpeg: bytes, captured: float | None = None) -> int:
+        """A frame from the upstream (taken at `captured`, wall clock, where the upstream says):
+        keep it as the latest and offer it to every viewer."""
         self.seq += 1
-        frame = Frame(jpeg, self.seq)
+        frame = Frame(jpeg, self.seq, captured=captured)
         self.latest = frame
         self.rate_in.add(len(jpeg), frame.arrived)
         self._fan_out(frame, self._jpeg_viewers)
         if self.encoder is not None:
-            self.encoder.submit(jpeg, int(frame.timestamp * 1_000_000))
+            self.encoder.submit(jpeg, int(frame.captured * 1_000_000))
         return self.seq
 
     # -- H.264 -------------------------------------------------------------------------------

@@ -101,18 +101,28 @@ class ProxyCollector(Collector):
         latency = HistogramMetricFamily("vsproxy_frame_write_latency_seconds",
                                         "Time from a frame's arrival to its write to a viewer's socket.",
                                         labels=["transport"])
+        age = HistogramMetricFamily("vsproxy_frame_age_seconds",
+                                    "Time from a frame's capture (the publisher's timestamp, else its "
+                                    "arrival) to its write to a viewer's socket, encoding included.",
+                                    labels=["transport"])
         for transport in TRANSPORTS:
             stats = [h.stats[transport] for h in hubs]
             frames_sent.add_metric([transport], sum(s.frames_sent for s in stats))
             bytes_sent.add_metric([transport], sum(s.bytes_sent for s in stats))
             dropped.add_metric([transport], sum(s.frames_dropped for s in stats))
-            counts = [sum(s.latency.counts[i] for s in stats) for i in range(len(LatencyBuckets.BOUNDS) + 1)]
-            cumulative, buckets = 0, []
-            for bound, count in zip((*LatencyBuckets.BOUNDS, float("inf")), counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            latency.add_metric([transport], buckets, sum_value=sum(s.latency.total for s in stats))
-        yield from (frames_sent, bytes_sent, dropped, latency)
+            latency.add_metric([transport], *_buckets([s.latency for s in stats]))
+            age.add_metric([transport], *_buckets([s.age for s in stats]))
+        yield from (frames_sent, bytes_sent, dropped, latency, age)
+
+
+def _buckets(histograms: list[LatencyBuckets]) -> tuple[list[tuple[str, int]], float]:
+    """Summed LatencyBuckets as Prometheus histogram buckets (cumulative) and their sum."""
+    counts = [sum(h.counts[i] for h in histograms) for i in range(len(LatencyBuckets.BOUNDS) + 1)]
+    cumulative, buckets = 0, []
+    for bound, count in zip((*LatencyBuckets.BOUNDS, float("inf")), counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return buckets, sum(h.total for h in histograms)
 
 
 class Metrics:

@@ -21,6 +21,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import __version__
 from .errors import ClientError
+from .outputs.viewer import LatencyBuckets
 from .outputs.wire import TRANSPORT_LABELS, TRANSPORTS
 from .sessions import iso_utc
 
@@ -77,6 +78,9 @@ class _SessionTrack:
         self.fps_out = 0.0
         self.bytes_out = 0.0
         self.fps_out_history: deque[float] = deque(maxlen=HISTORY_LENGTH)
+        self.ages_seen: dict[Viewer, list[int]] = {}  # viewer -> its age buckets at the last sample
+        self.age_p50: float | None = None  # frame age over the last sample interval, seconds
+        self.age_p95: float | None = None
 
 
 class _Thumbnail:
@@ -224,6 +228,18 @@ class Monitor:
             frames += viewer.frames_sent - sent_before
             nbytes += viewer.bytes_sent - bytes_before
         track.seen = seen
+        # Frame age percentiles of what this session's viewers were sent since the last sample.
+        ages_seen: dict[Viewer, list[int]] = {}
+        recent = [0] * (len(LatencyBuckets.BOUNDS) + 1)
+        for viewer in seen:
+            counts = list(viewer.age.counts)
+            before = track.ages_seen.get(viewer, [0] * len(counts))
+            recent = [r + c - b for r, c, b in zip(recent, counts, before, strict=True)]
+            ages_seen[viewer] = counts
+        track.ages_seen = ages_seen
+        if sum(recent):
+            track.age_p50 = LatencyBuckets.quantile(recent, 0.5)
+            track.age_p95 = LatencyBuckets.quantile(recent, 0.95)
         track.fps_out = frames / elapsed
         track.bytes_out = nbytes / elapsed
         track.fps_out_history.append(round(track.fps_out, 1))
@@ -314,6 +330,9 @@ class Monitor:
             "fpsOut": round(track.fps_out, 1) if track else 0.0,
             "bytesPerSecondOut": round(track.bytes_out) if track else 0,
             "framesDropped": dropped,
+            # Capture (or arrival) to write, over the last second of sending; bucket upper bounds.
+            "frameAgeMs": {"p50": _ms(track.age_p50), "p95": _ms(track.age_p95)} if track else
+            {"p50": None, "p95": None},
             "createdAt": iso_utc(session.created_at),
             "ageSeconds": round(now - session.created_at, 1),
             "lastActivity": iso_utc(session.last_activity(now)),
@@ -354,6 +373,10 @@ class Monitor:
             return cached.jpeg if cached is not None else None
         self._thumbnails[upstream] = _Thumbnail(now, key, jpeg)
         return jpeg
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def thumbnail_url(hub: FrameHub) -> str | None:

@@ -50,6 +50,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 
 from .auth import redact_url
+from .render import with_capture_time
 
 __all__ = ["AsyncPublisher", "Publisher", "encode_rgb"]
 
@@ -105,14 +106,15 @@ def _encode(image: Any, quality: int) -> bytes:
 class _EncodeJob:
     """A frame handed to publish_rgb: pixels copied, encoded only if it is ever sent."""
 
-    __slots__ = ("image", "quality")
+    __slots__ = ("image", "quality", "captured")
 
-    def __init__(self, image: Any, quality: int) -> None:
+    def __init__(self, image: Any, quality: int, captured: float) -> None:
         self.image = image
         self.quality = quality
+        self.captured = captured
 
     def encode(self) -> bytes:
-        return _encode(self.image, self.quality)
+        return with_capture_time(_encode(self.image, self.quality), self.captured)
 
 
 class AsyncPublisher:
@@ -222,16 +224,18 @@ class AsyncPublisher:
 
     # -- publishing (any thread) ------------------------------------------------------------
 
-    def publish(self, jpeg: bytes | bytearray | memoryview) -> None:
+    def publish(self, jpeg: bytes | bytearray | memoryview, captured: float | None = None) -> None:
         """Queue one JPEG frame for sending (copied); never blocks. Older waiting frames beyond
-        `max_pending` are dropped."""
-        self._put(bytes(jpeg))
+        `max_pending` are dropped. `captured` (Unix seconds; default: now) travels with the frame,
+        so the proxy measures frame age from the capture (`vsproxy_frame_age_seconds`)."""
+        self._put(with_capture_time(bytes(jpeg), time.time() if captured is None else captured))
 
-    def publish_rgb(self, image: Any, quality: int = 80) -> None:
-        """Queue a PIL image or an HxWx3/HxWx4 uint8 array, JPEG-encoded (`quality`) when sent."""
+    def publish_rgb(self, image: Any, quality: int = 80, captured: float | None = None) -> None:
+        """Queue a PIL image or an HxWx3/HxWx4 uint8 array, JPEG-encoded (`quality`) when sent;
+        `captured` as for `publish`."""
         if not 1 <= quality <= 100:
             raise ValueError("quality must be from 1 to 100")
-        self._put(_EncodeJob(to_rgb_image(image), quality))
+        self._put(_EncodeJob(to_rgb_image(image), quality, time.time() if captured is None else captured))
 
     def _put(self, item: bytes | _EncodeJob) -> None:
         if self._closing:
@@ -452,13 +456,13 @@ class Publisher:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, jpeg: bytes | bytearray | memoryview) -> None:
+    def publish(self, jpeg: bytes | bytearray | memoryview, captured: float | None = None) -> None:
         """Queue one JPEG frame; never blocks (see AsyncPublisher.publish)."""
-        self._core.publish(jpeg)
+        self._core.publish(jpeg, captured)
 
-    def publish_rgb(self, image: Any, quality: int = 80) -> None:
+    def publish_rgb(self, image: Any, quality: int = 80, captured: float | None = None) -> None:
         """Queue a PIL image or an HxWx3/4 uint8 array; encoded to JPEG on the publisher thread."""
-        self._core.publish_rgb(image, quality)
+        self._core.publish_rgb(image, quality, captured)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected (True) or `timeout` seconds pass (False)."""

@@ -118,3 +118,30 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 def is_jpeg(data: bytes) -> bool:
     """A JPEG starts with SOI (FFD8) and ends with EOI (FFD9)."""
     return len(data) >= 4 and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+
+
+# A publisher's capture time travels inside the JPEG, in a COM segment right after SOI, so the
+# frame stays a valid JPEG for every consumer: FF D8 | FF FE | length | b"vsproxy-capture=" |
+# seconds since the Unix epoch as ASCII (e.g. "1764558000.123456").
+CAPTURE_MAGIC = b"vsproxy-capture="
+
+
+def with_capture_time(jpeg: bytes, captured: float) -> bytes:
+    """`jpeg` with its capture time stamped in (see CAPTURE_MAGIC); not a JPEG: unchanged."""
+    if jpeg[:2] != b"\xff\xd8":
+        return jpeg
+    payload = CAPTURE_MAGIC + f"{captured:.6f}".encode("ascii")
+    return jpeg[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def split_capture_time(jpeg: bytes) -> tuple[bytes, float | None]:
+    """(the JPEG as the publisher made it, its capture time) for a frame stamped by
+    `with_capture_time`; an unstamped frame comes back unchanged, with None."""
+    if jpeg[2:4] != b"\xff\xfe" or jpeg[6:6 + len(CAPTURE_MAGIC)] != CAPTURE_MAGIC:
+        return jpeg, None
+    end = 4 + int.from_bytes(jpeg[4:6], "big")
+    try:
+        captured = float(jpeg[6 + len(CAPTURE_MAGIC):end])
+    except ValueError:
+        return jpeg, None
+    return jpeg[:2] + jpeg[end:], captured

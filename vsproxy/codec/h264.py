@@ -159,6 +159,15 @@ def _sps_size(rbsp: bytes) -> tuple[int, int]:
     return width, height
 
 
+MAX_FRAME_AGE_OFFSET = 60.0  # a capture time further back is a clock problem, not an age
+
+
+def frame_age_offset(arrived_wall: float, captured_wall: float) -> float:
+    """Seconds between a frame's capture and its arrival here (clamped: clocks of other hosts may
+    disagree with ours)."""
+    return min(max(0.0, arrived_wall - captured_wall), MAX_FRAME_AGE_OFFSET)
+
+
 class AccessUnit:
     """One coded video frame in Annex-B form, and its wire representations, each built once.
 
@@ -167,7 +176,7 @@ class AccessUnit:
     """
 
     __slots__ = ("data", "keyframe", "pts_us", "config", "config_changed", "seq", "start_us", "duration_us",
-                 "arrived", "_encoded")
+                 "arrived", "age_offset", "_encoded")
 
     def __init__(self, data: bytes, keyframe: bool, pts_us: int, config: StreamConfig, seq: int = 0, *,
                  config_changed: bool = False, start_us: int | None = None, duration_us: int = 33_333) -> None:
@@ -180,6 +189,8 @@ class AccessUnit:
         self.start_us = pts_us if start_us is None else start_us  # when this stream configuration began
         self.duration_us = duration_us  # expected display time: the interval since the previous one
         self.arrived = time.monotonic()
+        # Its presentation time is the capture time: how much older than now (encoding included).
+        self.age_offset = frame_age_offset(time.time(), pts_us / 1_000_000)
         self._encoded: dict[str, bytes] = {}
 
     def encoded(self, transport: str) -> bytes:

@@ -18,6 +18,7 @@ viewers' messages to it (text wrapped as {"type": "viewer", "data": ...}: see Pu
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import tornado.web
@@ -187,8 +188,16 @@ class IngestFrameHandler(JsonHandler):
         frame = self.body()
         if not frame:
             raise tornado.web.HTTPError(400, reason="Request body must be one JPEG frame (Content-Type: image/jpeg)")
+        captured = self.request.headers.get("X-Capture-Timestamp")
         try:
-            seq = self.source.publish(self.hub, frame, posted=True)
+            stamp = float(captured) if captured is not None else None
+        except ValueError:
+            raise tornado.web.HTTPError(400, reason="X-Capture-Timestamp must be Unix seconds, e.g. "
+                                                    "1764558000.123") from None
+        if stamp is not None and not math.isfinite(stamp):
+            raise tornado.web.HTTPError(400, reason="X-Capture-Timestamp must be a finite number")
+        try:
+            seq = self.source.publish(self.hub, frame, posted=True, captured=stamp)
         except FrameRejected as exc:
             raise tornado.web.HTTPError(exc.status, reason=str(exc)) from None
         finally:

@@ -46,17 +46,32 @@ class LatencyBuckets:
         self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
         self.total += seconds
 
+    @classmethod
+    def quantile(cls, counts: list[int], q: float) -> float | None:
+        """The upper bound of the bucket holding quantile `q` of `counts` (None if empty; the
+        last bound for the +Inf bucket)."""
+        total = sum(counts)
+        if not total:
+            return None
+        rank, seen = q * total, 0
+        for bound, count in zip((*cls.BOUNDS, cls.BOUNDS[-1]), counts, strict=True):
+            seen += count
+            if seen >= rank:
+                return bound
+        return cls.BOUNDS[-1]
+
 
 class TransportStats:
     """Counters of one transport, summed over all viewers that ever used it."""
 
-    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped", "latency")
+    __slots__ = ("frames_sent", "bytes_sent", "frames_dropped", "latency", "age")
 
     def __init__(self) -> None:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.frames_dropped = 0
         self.latency = LatencyBuckets()  # frame arrival -> written to the viewer's socket
+        self.age = LatencyBuckets()  # frame capture (or arrival) -> written to the viewer's socket
 
 
 # Bytes in a socket's send queue not yet sent (Linux). Lets a viewer wait for the kernel too:
@@ -110,6 +125,8 @@ class Viewer:
         self._busy = False  # Tornado's buffer holds bytes; a drain callback is due
         self._pending: Frame | None = None
         self._inflight_arrived: float | None = None  # arrival time of a frame still being written
+        self._inflight_age_offset: float | None = 0.0
+        self.age = LatencyBuckets()  # this viewer's frame ages (the dashboard's p50/p95)
         self._sock = stream.socket
         self._fd = self._sock.fileno()
         self._outq = array.array("i", [0])
@@ -163,9 +180,16 @@ class Viewer:
 
     def _send(self, frame: Frame, data: bytes) -> None:
         self.last_sent_arrival = frame.arrived
-        self._write(data, frame.arrived)
+        self._write(data, frame.arrived, age_offset=frame.age_offset)
 
-    def _write(self, data: bytes, arrived: float, frames: int = 1) -> None:
+    def _written(self, seconds: float, age_offset: float | None) -> None:
+        self.stats.latency.observe(seconds)
+        if age_offset is not None:  # None: not a camera frame (the offline picture)
+            age = seconds + age_offset
+            self.stats.age.observe(age)
+            self.age.observe(age)
+
+    def _write(self, data: bytes, arrived: float, frames: int = 1, *, age_offset: float | None = 0.0) -> None:
         """Write `frames` frames (`data`, the last of them arrived at `arrived`) to the socket."""
         self.frames_sent += frames
         self.bytes_sent += len(data)
@@ -182,13 +206,14 @@ class Viewer:
             return
         if sent == len(data):
             now = self.last_drain = time.monotonic()
-            self.stats.latency.observe(now - arrived)
+            self._written(now - arrived, age_offset)
             return
         try:
             future = self.stream.write(memoryview(data)[sent:])
         except StreamClosedError:
             return
         self._inflight_arrived = arrived
+        self._inflight_age_offset = age_offset
         self._wait_for_drain(future)
 
     def _wait_for_drain(self, future: asyncio.Future) -> None:
@@ -201,7 +226,7 @@ class Viewer:
             return  # the stream closed; the handler's close callback tidies up
         if self._inflight_arrived is not None:
             now = self.last_drain = time.monotonic()
-            self.stats.latency.observe(now - self._inflight_arrived)
+            self._written(now - self._inflight_arrived, self._inflight_age_offset)
             self._inflight_arrived = None
         self.flush_pending()
 
@@ -272,7 +297,7 @@ class H264Viewer(Viewer):
                 data = self._stream_start(au) + data
         if not self._queue and not (self._busy or self.stream.writing() or self._kernel_backlog()):
             self._start_written = True
-            self._write(data, au.arrived)
+            self._write(data, au.arrived, age_offset=au.age_offset)
             return
         self._queue.append((au, data))
         self._queued_bytes += len(data)
@@ -292,4 +317,5 @@ class H264Viewer(Viewer):
         self._queue = []
         self._queued_bytes = 0
         self._start_written = True
-        self._write(b"".join(data for _, data in queue), queue[-1][0].arrived, len(queue))
+        last = queue[-1][0]
+        self._write(b"".join(data for _, data in queue), last.arrived, len(queue), age_offset=last.age_offset)

@@ -33,8 +33,9 @@ class HubLink(Protocol):
     def set_connected(self) -> None:
         """Report the connection up (once per connection)."""
 
-    def publish(self, jpeg: bytes) -> int:
-        """Publish one JPEG frame to every viewer; returns its sequence number."""
+    def publish(self, jpeg: bytes, captured: float | None = None) -> int:
+        """Publish one JPEG frame (taken at `captured`, Unix seconds, if known) to every viewer;
+        returns its sequence number."""
 
     def publish_h264(self, data: bytes, pts_us: int) -> None:
         """Publish one H.264 access unit (Annex-B; `pts_us`: microseconds since the Unix epoch)."""

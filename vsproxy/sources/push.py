@@ -122,8 +122,11 @@ class PushSource(Source):
 
     # -- publishing -------------------------------------------------------------------------
 
-    def publish(self, hub: HubLink, data: bytes, *, posted: bool = False) -> int:
-        """Check and publish one frame; returns its sequence number. Raises FrameRejected."""
+    def publish(self, hub: HubLink, data: bytes, *, posted: bool = False, captured: float | None = None) -> int:
+        """Check and publish one frame; returns its sequence number. Raises FrameRejected.
+
+        Its capture time is `captured` (e.g. a POST's X-Capture-Timestamp), else the one the
+        publisher stamped into the JPEG (`vsproxy.publish` does), else its arrival."""
         try:
             self.check_frame(data)
         except FrameRejected:
@@ -133,7 +136,9 @@ class PushSource(Source):
             self._post_until = time.monotonic() + self.post_hold_seconds
             self._last_posted = self.publisher is None
             self._publisher_present(hub)
-        return hub.publish(bytes(data))
+        # The publisher's capture stamp is taken out again: viewers get its JPEG byte for byte.
+        jpeg, stamped = render.split_capture_time(bytes(data))
+        return hub.publish(jpeg, captured if captured is not None else stamped)
 
     def attach(self, hub: HubLink, link: PublisherLink) -> bool:
         """A WebSocket publisher connected; False if another one is already attached."""
