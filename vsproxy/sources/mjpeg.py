@@ -37,6 +37,8 @@ log = logging.getLogger("vsproxy.sources.mjpeg")
 READ_CHUNK_BYTES = 64 * 1024
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 JPEG_SOI = b"\xff\xd8"
+# Content-Types that say nothing about the body: accepted when the body itself is multipart.
+GENERIC_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "text/plain"})
 
 
 class UpstreamHTTPError(Exception):
@@ -108,8 +110,9 @@ class MjpegSource(Source):
                 raise FrameTimeout(f"no frame for {rc.frame_timeout_seconds:g} s") from None
             if isinstance(exc, UnsatisfiableReadError):
                 raise UpstreamHTTPError("malformed HTTP response (line too long)") from None
-            cause = f" ({exc.real_error})" if getattr(exc, "real_error", None) else ""
-            raise ConnectionError("upstream closed the connection" + cause) from None
+            if exc.real_error is not None:
+                raise  # describe_error says what happened ("connection reset by peer")
+            raise ConnectionError("upstream closed the connection") from None
         finally:
             watchdog.stop()
             stream.close()
@@ -128,14 +131,19 @@ class MjpegSource(Source):
             raise UpstreamHTTPError(f"upstream answered HTTP {code} {reason}".rstrip())
         content_type = headers.get("Content-Type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if not media_type.startswith("multipart/"):
+        multipart = media_type.startswith("multipart/")
+        if not multipart and media_type not in GENERIC_MEDIA_TYPES:
             raise UpstreamHTTPError(
                 f"expected a multipart/x-mixed-replace stream, got Content-Type {media_type[:64] or '(none)'!r}")
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise UpstreamHTTPError(f"unsupported Content-Encoding {encoding[:32]!r}")
-        parser = MultipartParser(boundary_from_content_type(content_type), self.settings.max_part_bytes)
-        log.debug("streaming %s from %s", media_type, self.safe_url, extra={"upstream": self.name})
+        # A generic or missing type (ffmpeg's own server sends application/octet-stream): the body
+        # is a multipart stream if it opens with a boundary line, which the parser checks.
+        parser = MultipartParser(boundary_from_content_type(content_type), self.settings.max_part_bytes,
+                                 sniff=not multipart)
+        log.debug("streaming %s from %s", media_type or "(no Content-Type)", self.safe_url,
+                  extra={"upstream": self.name})
         return parser
 
 
