@@ -92,11 +92,19 @@ class MjpegSource(Source):
             except TimeoutError:
                 raise UpstreamHTTPError(f"no response within {rc.connect_timeout_seconds:g} s") from None
             parser = self._check_response(code, reason, headers)
-            hub.set_connected()
+            # A response that did not say it is multipart is a stream once its first line is a
+            # boundary line; until then it is not connected (a login page never counts as up).
+            connected = not parser.sniff
+            if connected:
+                hub.set_connected()
             watchdog.start()
             async with aclosing(_read_body(stream, headers)) as body:
                 async for chunk in body:
-                    for part in parser.feed(chunk):
+                    parts = parser.feed(chunk)
+                    if not connected and parser.boundary is not None:
+                        connected = True
+                        hub.set_connected()
+                    for part in parts:
                         if part[:2] == JPEG_SOI:
                             hub.publish(part)
                             watchdog.frame_arrived()
