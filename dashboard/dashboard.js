@@ -310,7 +310,7 @@
         row.parts = {
           name: cell("name", "Upstream"), kind: cell("kind", "Kind"), state: cell("state", "State"),
           error: cell("last-error error-text", "Last error"), connects: cell("connects num", "Connects"),
-          failures: cell("reconnects num", "Reconnects"), fpsIn: cell("fps-in num", "fps in"),
+          failures: cell("failures num", "Failures"), fpsIn: cell("fps-in num", "fps in"),
           bitrate: cell("bitrate num", "Bitrate in"), sessions: cell("sessions num", "Sessions"),
           viewers: cell("viewers", "Viewers"), spark: cell("spark-cell", "fps in, last minute"),
         };

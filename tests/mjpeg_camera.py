@@ -45,11 +45,16 @@ class Dialect:
     non_jpeg_every: int = 0  # every Nth part is text/plain instead of a frame
     # Put "<newline>--<boundary><newline>" inside each JPEG (needs Content-Length to be parseable).
     boundary_in_body: bool = False
+    # The response's media type; None: no Content-Type header at all. Not multipart: no boundary
+    # parameter is sent, and the body must say it (as ffmpeg's own server, application/octet-stream).
+    media_type: str | None = "multipart/x-mixed-replace"
 
-    def content_type(self) -> str:
+    def content_type(self) -> str | None:
+        if self.media_type is None or not self.media_type.startswith("multipart/"):
+            return self.media_type
         if self.header_boundary is None:
-            return "multipart/x-mixed-replace"
-        return f"multipart/x-mixed-replace; boundary={self.header_boundary or self.boundary}"
+            return self.media_type
+        return f"{self.media_type}; boundary={self.header_boundary or self.boundary}"
 
 
 DIALECTS: dict[str, Dialect] = {
@@ -69,6 +74,10 @@ DIALECTS: dict[str, Dialect] = {
     "small-chunks-length": Dialect(small_chunks=True, boundary_in_body=True),
     "chunked": Dialect(chunked=True, boundary_in_body=True),
     "mixed": Dialect(non_jpeg_every=3, extra_headers=True),
+    # ffmpeg's own server (-f mpjpeg -listen 1): a generic type, chunked, boundary only in the body.
+    "ffmpeg": Dialect(boundary="ffmpeg", media_type="application/octet-stream", chunked=True),
+    "text-plain": Dialect(media_type="text/plain", content_length=False, newline=b"\n"),
+    "no-content-type": Dialect(media_type=None, small_chunks=True),
 }
 
 
@@ -178,7 +187,10 @@ class MjpegCamera:
         return head + body + nl
 
     async def _serve(self, handler: _CameraHandler, dialect: Dialect, *, stall: bool) -> None:
-        head = ["HTTP/1.1 200 OK", f"Content-Type: {dialect.content_type()}", "Cache-Control: no-cache"]
+        content_type = dialect.content_type()
+        head = ["HTTP/1.1 200 OK", "Cache-Control: no-cache"]
+        if content_type is not None:
+            head.append(f"Content-Type: {content_type}")
         if dialect.chunked:
             head.append("Transfer-Encoding: chunked")
         else:

@@ -36,7 +36,7 @@ from vsproxy import __version__
 from vsproxy.app import Proxy
 from vsproxy.config import config_from_dict
 from vsproxy.handlers import api as api_handlers
-from vsproxy.handlers import ops, pages, stream
+from vsproxy.handlers import dashboard, ingest, ops, pages, stream
 from vsproxy.handlers.base import JsonHandler
 from vsproxy.openapi import openapi_document
 
@@ -219,12 +219,15 @@ def test_every_error_response_uses_the_error_schema():
     doc = openapi_document()
     for template, item in doc["paths"].items():
         for method in METHODS:
-            for code, response in item.get(method, {}).get("responses", {}).items():
+            responses = item.get(method, {}).get("responses", {})
+            for code, response in responses.items():
                 if code in ("400", "401", "403", "404", "405", "413", "429", "503") and template not in (
                         "/stream/{sessionId}/embed",):
                     if "$ref" in response:
                         name = response["$ref"].rsplit("/", 1)[1]
                         response = doc["components"]["responses"][name]
+                    if "101" in responses and set(response["content"]) == {"text/html"}:
+                        continue  # a WebSocket handshake Tornado refuses itself, in plain text
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/Error"}, (template, method, code)
     for name in ("BadRequest", "Unauthorized", "Forbidden", "NotFound", "MethodNotAllowed", "PayloadTooLarge",
@@ -254,12 +257,14 @@ def _handler_methods(handler: type) -> set[str]:
 
 
 def test_every_route_is_documented_with_its_methods():
-    """A new endpoint or method without documentation fails here (the dashboard and publisher
-    ingest endpoints are outside this document)."""
+    """A new endpoint or method without documentation fails here. Only the dashboard's page and
+    its static files (everything under /dashboard/ but its API) are outside the document."""
     doc = openapi_document()
     served = {}
-    for module in (api_handlers, ops, stream, pages):
+    for module in (api_handlers, ops, stream, pages, ingest, dashboard):
         for route in module.routes:
+            if route[1] is dashboard.DashboardFileHandler:
+                continue
             served[_route_template(route[0])] = route[1]
     assert set(served) == set(doc["paths"]), set(served) ^ set(doc["paths"])
     for template, handler in served.items():
@@ -315,7 +320,8 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
         if "options" in item:
             path = template.replace("{sessionId}", UNKNOWN)
             await call("OPTIONS", template, path, headers={"Origin": "http://localhost:3000"}, expect=204)
-            await call("OPTIONS", template, path, raw=BIG, expect=413)
+            if "413" in item["options"]["responses"]:
+                await call("OPTIONS", template, path, raw=BIG, expect=413)
 
     await call("GET", "/metrics", expect=401)
     await call("GET", "/metrics", headers=METRICS, expect=200)
@@ -452,7 +458,9 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
         await call(method, template, path, headers=headers, expect=405)
 
     contract.assert_ok()
-    missing = contract.documented() - contract.covered - set(COVERED_ELSEWHERE)
+    # The publisher ingest and dashboard API: test_docs_match_code.py::test_ingest_and_dashboard_responses_conform.
+    elsewhere = {k for k in contract.documented() if k[0].startswith(("/ingest/", "/dashboard/api/"))}
+    missing = contract.documented() - contract.covered - set(COVERED_ELSEWHERE) - elsewhere
     assert not missing, f"documented but never produced: {sorted(missing)}"
 
 
@@ -526,6 +534,9 @@ def run_fuzz(doc: dict, base_url: str) -> tuple[list[str], int, float]:
     session = requests.Session()
     for result in schema.get_all_operations():
         operation = result.ok()
+        ok_content = operation.definition.raw["responses"].get("200", {}).get("content", {})
+        if "text/event-stream" in ok_content:
+            continue  # an endless stream never completes a response (test_docs_match_code checks it)
         security = operation.definition.raw.get("security", [])
         if any("apiToken" in alt for alt in security):
             auth = BEARER

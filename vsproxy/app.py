@@ -156,6 +156,8 @@ class Proxy:
         self.monitor.stop()
         self.sessions.close_all()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
+        for hub in self.hubs.values():
+            hub.source.close()  # what outlives run(): a push upstream's publisher
         if self._servers:
             try:
                 await asyncio.wait_for(asyncio.gather(*(s.close_all_connections() for s in self._servers)),

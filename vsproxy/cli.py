@@ -33,13 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging.level (default info)")
     parser.add_argument("--log-format", choices=("text", "json"), help="logging.format (default text)")
     commands = parser.add_subparsers(dest="command", metavar="{simulate}")
-    sim = commands.add_parser("simulate", help="run a simulated Isaac Sim WebSocket server")
+    sim = commands.add_parser(
+        "simulate", help="run a simulated Isaac Sim WebSocket server",
+        description="A stand-in for Isaac Sim's WebSocket stream, for work without a GPU host: serves a "
+                    "WebSocket on every path, sends a moving test pattern as binary JPEG messages to each "
+                    "client and logs what clients send. Point vsproxy at it with isaac_sim.ip/ws_port or an "
+                    "isaac upstream (url ws://HOST:PORT/).",
+        epilog="Example: vsproxy simulate --port 8211 & ISAAC_SIM_IP=127.0.0.1 vsproxy")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sim.add_argument("--port", type=int, default=8211, help="port to listen on (default 8211)")
-    sim.add_argument("--width", type=int, default=1280)
-    sim.add_argument("--height", type=int, default=720)
-    sim.add_argument("--fps", type=float, default=30.0)
-    sim.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    sim.add_argument("--width", type=int, default=1280, help="frame width in pixels (default 1280)")
+    sim.add_argument("--height", type=int, default=720, help="frame height in pixels (default 720)")
+    sim.add_argument("--fps", type=float, default=30.0, help="frames per second sent to each client (default 30)")
+    sim.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log level (default info)")
     return parser
 
 

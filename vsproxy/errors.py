@@ -4,6 +4,13 @@ and the message as JSON, so no layer below the handlers knows about HTTP."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
+import ssl
+
+from tornado.httpclient import HTTPClientError
+from tornado.iostream import StreamClosedError
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
 
 class ClientError(Exception):
@@ -29,10 +36,68 @@ class RateLimited(ClientError):
         super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after + 0.999)))})
 
 
+class DescribedError(Exception):
+    """An upstream failure whose message already says what happened in an operator's words:
+    `describe_error` shows it as it is, without the type name."""
+
+
+# What an OSError's errno means to an operator, for the errors where the exception's own text
+# ("[Errno 111] Connection refused", or Tornado's "Stream is closed") says it badly or not at all.
+_ERRNO_PHRASES = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset by peer",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed by peer",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EADDRNOTAVAIL: "address not available",
+}
+
+
 def describe_error(exc: BaseException) -> str:
-    """One line saying what went wrong, for `lastError`, logs and the dashboard (no traceback)."""
+    """One line saying what went wrong, for `lastError`, logs and the dashboard (no traceback).
+
+    Network failures get a plain phrase ("connection refused", "name not resolved (...)",
+    "timed out", "TLS handshake failed: <reason>", "upstream answered HTTP 404 Not Found"),
+    whichever library raised them: Tornado hides the OSError of a failed connection inside
+    `StreamClosedError.real_error` and its HTTP client's 599 errors, PyAV raises its own subclasses
+    of the built-in ones. An OSError that names a file or URL (FFmpeg's do) keeps it in
+    parentheses; callers redact URLs that may hold credentials. Anything else is "Type: message".
+    """
+    if isinstance(exc, StreamClosedError):
+        return describe_error(exc.real_error) if exc.real_error is not None else "connection closed"
+    if isinstance(exc, HTTPClientError):
+        if exc.code != 599:
+            return f"upstream answered HTTP {exc.code} {exc.message or ''}".rstrip()
+        # 599 is Tornado's "no HTTP response": the cause is the error it was raised from, if any.
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and not isinstance(cause, HTTPClientError):
+            return describe_error(cause)
+        if isinstance(exc, HTTPTimeoutError):
+            return _timeout_phrase(exc.message or "")
+        if isinstance(exc, HTTPStreamClosedError):
+            return "connection closed"
     text = str(exc).strip()
-    name = type(exc).__name__
+    if isinstance(exc, DescribedError) and text:
+        return text
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: {exc.verify_message or exc.reason or text}"
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").replace("_", " ").lower()
+        return f"TLS handshake failed: {reason or text}"
+    if isinstance(exc, socket.gaierror):
+        return f"name not resolved ({exc.strerror})" if exc.strerror else "name not resolved"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return "timed out"
-    return f"{name}: {text}" if text else name
+        phrase = _timeout_phrase(text)
+    elif isinstance(exc, OSError) and exc.errno in _ERRNO_PHRASES:
+        phrase = _ERRNO_PHRASES[exc.errno]
+    else:
+        name = type(exc).__name__
+        return f"{name}: {text}" if text else name
+    filename = getattr(exc, "filename", None)
+    return f"{phrase} ({filename})" if filename else phrase
+
+
+def _timeout_phrase(text: str) -> str:
+    return "TLS handshake timed out" if "TLS handshake" in text else "timed out"

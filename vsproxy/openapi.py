@@ -5,9 +5,10 @@ limits, upstreams, metrics): every path, every status a request can produce, and
 every JSON body (`additionalProperties: false` where the shape is fixed), so tests can validate
 real responses against it and fuzz the server from it. Every JSON error is `Error`.
 
-OpenAPI cannot describe WebSockets or endless multipart streams; `GET /stream/{sessionId}` and
-`GET /stream/{sessionId}/mjpeg` document their handshake/refusal statuses, and the WebSocket's
-messages are in `x-websocket` and the `Ws*` schemas.
+OpenAPI cannot describe WebSockets or endless streams; `GET /stream/{sessionId}`,
+`GET /ingest/{upstream}`, `GET /stream/{sessionId}/mjpeg` and `GET /dashboard/api/events` document
+their handshake/refusal statuses, and the WebSockets' messages are in `x-websocket` and the `Ws*`
+schemas.
 
 Any method a REST path does not list answers 405 with an `Error` body (`components.responses.
 MethodNotAllowed`; OpenAPI has no place to attach it to a method a path lacks); the HTML pages
@@ -33,6 +34,9 @@ NAME_MAX_LENGTH = 128  # sessions.MAX_NAME_LENGTH
 API_SECURITY: list[dict[str, list]] = [{"apiToken": []}, {}]  # {}: open when auth.api_tokens is empty
 VIEWER_SECURITY: list[dict[str, list]] = [{"viewerToken": []}, {"viewerBearer": []}, {}]
 METRICS_SECURITY: list[dict[str, list]] = [{"metricsToken": []}, {}]
+# auth.operators; without operators but with auth.api_tokens, an API token; open without either.
+OPERATOR_SECURITY: list[dict[str, list]] = [{"operatorBasic": []}, {"apiToken": []}, {}]
+PUBLISH_SECURITY: list[dict[str, list]] = [{"publishToken": []}, {"publishTokenQuery": []}]  # always required
 OPEN: list[dict[str, list]] = []
 
 
@@ -172,6 +176,18 @@ SCHEMAS: dict[str, Any] = {
         "type": {"type": "string", "const": "token"},
         "token": {"type": "string", "description": "A fresh viewer token of this session."},
     }),
+    "IngestFrameResponse": _object({
+        "success": _TRUE,
+        "seq": {**_COUNT, "description": "The frame's sequence number on its upstream."},
+        "active": {"type": "boolean", "description": "Whether a session wants this upstream's frames now."},
+    }),
+    "DashboardState": _object({
+        "generatedAt": {"type": "string", "pattern": ISO_UTC_PATTERN},
+        "transportLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "totals": {"type": "object"},
+        "sessions": {"type": "array", "items": {"type": "object"}},
+        "upstreams": {"type": "array", "items": {"type": "object"}},
+    }, closed=False),  # the rows' keys are in dashboard/README.md
     "WsFrameMessage": _object({
         "type": {"type": "string", "const": "frame"},
         "data": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/jpeg"},
@@ -226,6 +242,14 @@ SECURITY_SCHEMES: dict[str, Any] = {
     "viewerBearer": {"type": "http", "scheme": "bearer",
                      "description": "The session's viewerToken as Authorization: Bearer (non-browser clients)."},
     "metricsToken": {"type": "http", "scheme": "bearer", "description": "auth.metrics_token, when configured."},
+    "operatorBasic": {"type": "http", "scheme": "basic",
+                      "description": "One of auth.operators, for the dashboard. Without operators, an API token "
+                                     "when auth.api_tokens is set; open when neither is."},
+    "publishToken": {"type": "http", "scheme": "bearer",
+                     "description": "The push upstream's `token` (always required)."},
+    "publishTokenQuery": {"type": "apiKey", "in": "query", "name": "token",
+                          "description": "The push upstream's `token` as ?token= (used when there is no "
+                                         "Authorization header)."},
 }
 
 
@@ -239,17 +263,13 @@ def _responses(*codes: str, ok: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _preflight(summary: str) -> dict[str, Any]:
-    """CORS preflight of a REST path: no credential needed; 204 with Access-Control-* headers."""
-    return {
-        "summary": f"CORS preflight ({summary})",
-        "tags": ["cors"],
-        "security": OPEN,
-        "responses": {
-            "204": {"description": "Access-Control-Allow-Origin is present only for an allowed Origin."},
-            "413": _ref("responses", "PayloadTooLarge"),
-        },
-    }
+def _preflight(summary: str, *, body_limit: bool = True) -> dict[str, Any]:
+    """CORS preflight of a REST path: no credential needed; 204 with Access-Control-* headers.
+    `body_limit`: a body over limits.max_body_bytes is 413 (else it is discarded unread)."""
+    responses = {"204": {"description": "Access-Control-Allow-Origin is present only for an allowed Origin."}}
+    if body_limit:
+        responses["413"] = _ref("responses", "PayloadTooLarge")
+    return {"summary": f"CORS preflight ({summary})", "tags": ["cors"], "security": OPEN, "responses": responses}
 
 
 def _operation(summary: str, tag: str, security: list, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -259,6 +279,8 @@ def _operation(summary: str, tag: str, security: list, responses: dict[str, Any]
 
 
 _SESSION_PARAM = [_ref("parameters", "sessionId")]
+_UPSTREAM_PARAM = [{"name": "upstream", "in": "path", "required": True, "description": "A configured upstream's name.",
+                    "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}}]
 _LINK_PARAMS = {"sessionId": "$response.body#/sessionId"}
 
 
@@ -492,6 +514,116 @@ def _paths() -> dict[str, Any]:
             "get": _operation("Landing page", "pages", OPEN, {"200": _html("What this server is; a demo button.")},
                               operationId="index"),
         },
+        **_ingest_paths(),
+        **_dashboard_paths(),
+    }
+
+
+def _ingest_paths() -> dict[str, Any]:
+    """The publisher side of `push` upstreams."""
+    not_push = "No push upstream of that name (the same answer for an unknown name and another kind)."
+    return {
+        "/ingest/{upstream}": {
+            "parameters": _UPSTREAM_PARAM,
+            "get": _operation(
+                "Publisher WebSocket (upgrade)", "ingest", PUBLISH_SECURITY,
+                {
+                    "101": {"description": "Upgraded. See x-websocket for the messages."},
+                    "400": {"description": "Not a WebSocket handshake (Tornado's plain-text answer).",
+                            "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "401": _ref("responses", "Unauthorized"),
+                    "403": {"description": "An Origin not in cors.allowed_origins (plain text).",
+                            "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "404": _error(not_push),
+                    "409": _error("Another publisher is connected to this upstream (one at a time)."),
+                    "426": {"description": "Unsupported Sec-WebSocket-Version."},
+                },
+                operationId="ingestWebSocket",
+                description=(
+                    "A WebSocket for the one publisher of a push upstream: each binary message is a JPEG "
+                    "frame (up to the upstream's max_frame_bytes; a message that is not a JPEG gets an error "
+                    "message and is dropped); a text message is relayed to the viewers. The server sends "
+                    "{type: status, active, message} when sessions start or stop wanting frames, error "
+                    "messages, and viewers' input: binary as it came, text wrapped as {type: viewer, data}. "
+                    "Close codes: 1001 server shutting down or the publisher was replaced; 1009 frame too big."
+                ),
+                **{"x-websocket": {
+                    "clientMessages": [{"type": "string", "format": "binary", "description": "a JPEG frame"},
+                                       {"type": "string", "description": "text relayed to the viewers"}],
+                    "serverMessages": [_schema("WsStatusMessage"),
+                                       _object({"type": {"type": "string", "const": "viewer"},
+                                                "data": {"type": "string"}}),
+                                       {"type": "string", "format": "binary", "description": "viewer input"}],
+                    "closeCodes": {"1001": "server shutting down", "1009": "frame too big"},
+                }},
+            ),
+        },
+        "/ingest/{upstream}/frame": {
+            "parameters": _UPSTREAM_PARAM,
+            "post": _operation(
+                "Publish one frame", "ingest", PUBLISH_SECURITY,
+                {
+                    "200": _json(_schema("IngestFrameResponse"), "Published to the upstream's viewers."),
+                    "400": _error("An empty body, or one that is not a JPEG."),
+                    "401": _ref("responses", "Unauthorized"),
+                    "404": _error(not_push),
+                    "413": _error("The frame is larger than the upstream's max_frame_bytes."),
+                },
+                operationId="ingestFrame",
+                parameters=[{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
+                             "description": "The publish token, when there is no Authorization header."}],
+                requestBody={"required": True,
+                             "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+            ),
+            "options": _preflight("POST", body_limit=False),  # frame ingest reads no body before its checks
+        },
+    }
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """The dashboard's API (the page itself and its files are under /dashboard/)."""
+    return {
+        "/dashboard/api/state": {
+            "get": _operation("Dashboard state", "dashboard", OPERATOR_SECURITY,
+                              _responses("401", "413", ok={
+                                  "200": _json(_schema("DashboardState"), "Totals, sessions and upstreams.")}),
+                              operationId="dashboardState"),
+            "options": _preflight("GET"),
+        },
+        "/dashboard/api/events": {
+            "get": _operation(
+                "Dashboard state as Server-Sent Events", "dashboard", OPERATOR_SECURITY,
+                _responses("401", "413", ok={"200": {
+                    "description": "An endless event stream: `retry: 2000`, then one `data: <DashboardState "
+                                   "JSON>` event at once and one a second.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                }}),
+                operationId="dashboardEvents"),
+            "options": _preflight("GET"),
+        },
+        "/dashboard/api/thumbnail/{upstream}.jpg": {
+            "parameters": _UPSTREAM_PARAM,
+            "get": _operation(
+                "An upstream's newest frame, 160 px wide", "dashboard", OPERATOR_SECURITY,
+                _responses("401", "404", "413", "503", ok={"200": {
+                    "description": "A JPEG thumbnail (made at most once a second).",
+                    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                }}),
+                operationId="dashboardThumbnail",
+                description="404: no such upstream; 503: no frame received from it yet."),
+            "options": _preflight("GET"),
+        },
+        "/dashboard/api/sessions/{sessionId}": {
+            "parameters": _SESSION_PARAM,
+            "delete": _operation("Destroy a session (for operators)", "dashboard", OPERATOR_SECURITY,
+                                 _responses("400", "401", "404", "413", ok={
+                                     "200": _json(_schema("SessionDestroyedResponse"),
+                                                  "Destroyed; its viewers were closed.")}),
+                                 operationId="dashboardDestroySession",
+                                 description="The twin of DELETE /session/{sessionId} with operator "
+                                             "credentials (the dashboard's Destroy button)."),
+            "options": _preflight("DELETE"),
+        },
     }
 
 
@@ -505,7 +637,7 @@ def _document() -> dict[str, Any]:
             "description": __doc__.split("\n\n", 1)[1].strip(),
             "license": {"name": "MIT", "identifier": "MIT"},
         },
-        "tags": [{"name": n} for n in ("sessions", "streams", "operations", "pages", "cors")],
+        "tags": [{"name": n} for n in ("sessions", "streams", "operations", "pages", "ingest", "dashboard", "cors")],
         "paths": _paths(),
         "components": {
             "schemas": SCHEMAS,

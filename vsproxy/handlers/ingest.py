@@ -141,6 +141,7 @@ class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
 
     def disconnect(self, code: int, reason: str) -> None:
         log.info("publisher disconnected by the server: %s", reason, extra={"upstream": self.hub.name})
+        self._relay.abandon(self.ws_connection.stream if self.ws_connection is not None else None)
         self.close(code, reason[:120])
 
 

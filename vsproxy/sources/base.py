@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from tornado.websocket import WebSocketClosedError
 
 if TYPE_CHECKING:
+    from tornado.iostream import IOStream
+
     from ..config import ReconnectConfig
 
 
@@ -82,6 +84,17 @@ class RelayBudget:
         future.add_done_callback(written)
         return True
 
+    def abandon(self, stream: IOStream | None) -> None:
+        """The connection is closing: if the peer left messages unread, close its socket now.
+
+        Otherwise the close handshake would wait behind the unread bytes (Tornado gives up after
+        5 s), and at exit asyncio would cancel the pending writes, each logging a CancelledError
+        traceback (Tornado's write futures retrieve their exception in a callback). Closed, they
+        fail with StreamClosedError, which `send` retrieves.
+        """
+        if self.outstanding and stream is not None:
+            stream.close()
+
 
 class FrameTimeout(Exception):
     """The upstream is connected but has sent no frame for too long: it counts as lost."""
@@ -123,3 +136,6 @@ class Source:
     def send(self, message: str | bytes) -> bool:
         """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
         return False
+
+    def close(self) -> None:
+        """The server is shutting down: close any connection the source holds outside `run()`."""

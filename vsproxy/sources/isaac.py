@@ -11,10 +11,11 @@ import binascii
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
+from tornado import httpclient, httputil
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.websocket import WebSocketClientConnection, WebSocketProtocol13
 
 from ..schema import setting
 from .base import FrameTimeout, HubLink, RelayBudget, Source
@@ -53,7 +54,7 @@ class IsaacSource(Source):
             request_timeout=rc.connect_timeout_seconds,
         )
         ping = rc.ping_interval_seconds or None
-        conn = await websocket_connect(
+        conn = await _websocket_connect(
             request,
             ping_interval=ping,
             ping_timeout=ping,  # Tornado caps the timeout at the interval
@@ -66,6 +67,7 @@ class IsaacSource(Source):
         finally:
             if self._conn is conn:  # a newer run may already have connected (stop/start overlap)
                 self._conn = None
+            self._relay.abandon(conn.protocol.stream if conn.protocol is not None else None)
             conn.close()
 
     async def _read_loop(self, conn: WebSocketClientConnection, hub: HubLink, frame_timeout: float) -> None:
@@ -96,6 +98,49 @@ class IsaacSource(Source):
     def send(self, message: str | bytes) -> bool:
         conn = self._conn
         return conn is not None and self._relay.send(conn.write_message, message)
+
+
+class WebSocketHandshakeError(Exception):
+    """The upstream answered the WebSocket upgrade (101) with headers that do not complete it."""
+
+
+class _CheckedConnection(WebSocketClientConnection):
+    """Tornado's WebSocket client, except that a wrong handshake answer fails the connection
+    attempt with a `WebSocketHandshakeError` saying what was wrong. Tornado checks those headers
+    with `assert` inside its HTTP delegate, so a bad Sec-WebSocket-Accept logs an "Uncaught
+    exception" traceback on every attempt and the caller sees only "Stream is closed"."""
+
+    async def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> None:
+        if isinstance(start_line, httputil.ResponseStartLine) and start_line.code == 101:
+            problem = _handshake_problem(self.key, headers)
+            if problem is not None:
+                if not self.connect_future.done():
+                    self.connect_future.set_exception(WebSocketHandshakeError(problem))
+                # Take the socket from the HTTP layer and close it: Tornado then neither reads a
+                # body from it nor reports anything more (raising here would log a line of its own).
+                self.connection.detach().close()
+                return
+        await super().headers_received(start_line, headers)
+
+
+def _handshake_problem(key: bytes, headers: httputil.HTTPHeaders) -> str | None:
+    """What makes a 101 answer an incomplete handshake (Tornado's own checks), or None."""
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return "no 'Upgrade: websocket' header in the upstream's 101 answer"
+    if headers.get("Connection", "").lower() != "upgrade":
+        return "no 'Connection: Upgrade' header in the upstream's 101 answer"
+    if headers.get("Sec-WebSocket-Accept") != WebSocketProtocol13.compute_accept_value(key):
+        return "bad Sec-WebSocket-Accept header (not the answer to our Sec-WebSocket-Key)"
+    if headers.get("Sec-WebSocket-Extensions"):  # we offer none (no compression)
+        return "the upstream chose a WebSocket extension that was not offered"
+    return None
+
+
+def _websocket_connect(request: HTTPRequest, **kwargs: Any) -> asyncio.Future[WebSocketClientConnection]:
+    """`tornado.websocket.websocket_connect`, with `_CheckedConnection` (same steps as Tornado's)."""
+    request.headers = httputil.HTTPHeaders(request.headers)
+    request = cast(HTTPRequest, httpclient._RequestProxy(request, HTTPRequest._DEFAULTS))
+    return _CheckedConnection(request, **kwargs).connect_future
 
 
 def _frame_from_text(message: str) -> bytes | None:

@@ -37,6 +37,8 @@ log = logging.getLogger("vsproxy.sources.mjpeg")
 READ_CHUNK_BYTES = 64 * 1024
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 JPEG_SOI = b"\xff\xd8"
+# Content-Types that say nothing about the body: accepted when the body itself is multipart.
+GENERIC_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "text/plain"})
 
 
 class UpstreamHTTPError(Exception):
@@ -90,11 +92,19 @@ class MjpegSource(Source):
             except TimeoutError:
                 raise UpstreamHTTPError(f"no response within {rc.connect_timeout_seconds:g} s") from None
             parser = self._check_response(code, reason, headers)
-            hub.set_connected()
+            # A response that did not say it is multipart is a stream once its first line is a
+            # boundary line; until then it is not connected (a login page never counts as up).
+            connected = not parser.sniff
+            if connected:
+                hub.set_connected()
             watchdog.start()
             async with aclosing(_read_body(stream, headers)) as body:
                 async for chunk in body:
-                    for part in parser.feed(chunk):
+                    parts = parser.feed(chunk)
+                    if not connected and parser.boundary is not None:
+                        connected = True
+                        hub.set_connected()
+                    for part in parts:
                         if part[:2] == JPEG_SOI:
                             hub.publish(part)
                             watchdog.frame_arrived()
@@ -108,8 +118,9 @@ class MjpegSource(Source):
                 raise FrameTimeout(f"no frame for {rc.frame_timeout_seconds:g} s") from None
             if isinstance(exc, UnsatisfiableReadError):
                 raise UpstreamHTTPError("malformed HTTP response (line too long)") from None
-            cause = f" ({exc.real_error})" if getattr(exc, "real_error", None) else ""
-            raise ConnectionError("upstream closed the connection" + cause) from None
+            if exc.real_error is not None:
+                raise  # describe_error says what happened ("connection reset by peer")
+            raise ConnectionError("upstream closed the connection") from None
         finally:
             watchdog.stop()
             stream.close()
@@ -128,14 +139,19 @@ class MjpegSource(Source):
             raise UpstreamHTTPError(f"upstream answered HTTP {code} {reason}".rstrip())
         content_type = headers.get("Content-Type", "")
         media_type = content_type.split(";", 1)[0].strip().lower()
-        if not media_type.startswith("multipart/"):
+        multipart = media_type.startswith("multipart/")
+        if not multipart and media_type not in GENERIC_MEDIA_TYPES:
             raise UpstreamHTTPError(
                 f"expected a multipart/x-mixed-replace stream, got Content-Type {media_type[:64] or '(none)'!r}")
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise UpstreamHTTPError(f"unsupported Content-Encoding {encoding[:32]!r}")
-        parser = MultipartParser(boundary_from_content_type(content_type), self.settings.max_part_bytes)
-        log.debug("streaming %s from %s", media_type, self.safe_url, extra={"upstream": self.name})
+        # A generic or missing type (ffmpeg's own server sends application/octet-stream): the body
+        # is a multipart stream if it opens with a boundary line, which the parser checks.
+        parser = MultipartParser(boundary_from_content_type(content_type), self.settings.max_part_bytes,
+                                 sniff=not multipart)
+        log.debug("streaming %s from %s", media_type or "(no Content-Type)", self.safe_url,
+                  extra={"upstream": self.name})
         return parser
 
 

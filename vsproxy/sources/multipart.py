@@ -6,7 +6,9 @@
 
 Cameras disagree on the details of RFC 2046 §5.1.1, so the parser accepts: a boundary quoted, with
 a leading "--" in the header, or missing from the header (learnt from the first "--xxx" line of the
-body, which also wins when the header's boundary never appears); parts with Content-Length (the
+body, which also wins when the header's boundary never appears; with `sniff=True`, for a response
+whose Content-Type is not multipart at all, such as ffmpeg's application/octet-stream, that line
+must open the body, so any other body fails within its first line); parts with Content-Length (the
 body is exactly that many bytes, so it may even contain the boundary) or without (the body runs to
 the next boundary line); LF or CRLF; a preamble; parts without headers. Memory is bounded: a part
 over `max_part_bytes` raises `MjpegError`, and the buffer never holds more than `max_buffered`.
@@ -62,7 +64,7 @@ class MultipartParser:
     between, and every state raises `MjpegError` before it would need more than that.
     """
 
-    def __init__(self, boundary: str | None, max_part_bytes: int) -> None:
+    def __init__(self, boundary: str | None, max_part_bytes: int, *, sniff: bool = False) -> None:
         if max_part_bytes < 1:
             raise ValueError("max_part_bytes must be positive")
         self.max_part_bytes = max_part_bytes
@@ -76,6 +78,9 @@ class MultipartParser:
             if raw.startswith(b"--") and len(raw) > 2:
                 candidates.append(raw[2:])  # the header carried the delimiter's "--" too
         self._candidates = candidates
+        # The response did not say it is multipart: only a body that opens with a boundary line
+        # (blank lines aside) is one, so a page or a single image fails at once, not after megabytes.
+        self.sniff: bool = sniff
         self.boundary: str | None = None  # as actually found in the body
         self.parts = 0  # part bodies returned so far
         self._delimiter = b""  # b"\n--" + boundary once known
@@ -158,17 +163,23 @@ class MultipartParser:
             if len(buf) - pos < 2:
                 break
             if buf[pos] != 0x2D or buf[pos + 1] != 0x2D:  # not "--": not a boundary line
+                if self.sniff and buf[pos] != _LF and buf[pos:pos + 2] != b"\r\n":
+                    raise self._not_multipart()
                 self._skipping_line = True
                 continue
             newline = buf.find(b"\n", pos, pos + MAX_HEADER_BYTES)
             if newline < 0:
                 if len(buf) - pos >= MAX_HEADER_BYTES:
+                    if self.sniff:
+                        raise self._not_multipart()
                     self._skipping_line = True
                     continue
                 break
             token = bytes(buf[pos + 2:newline]).rstrip(_WHITESPACE)
             boundary, closing = self._match_boundary(token)
             if boundary is None:
+                if self.sniff:
+                    raise self._not_multipart()
                 pos = newline + 1
                 continue
             self._set_boundary(boundary)
@@ -182,8 +193,14 @@ class MultipartParser:
     def _discard_preamble(self, count: int) -> None:
         self._preamble_bytes += count
         del self._buf[:count]
+        if self.sniff and self._preamble_bytes > MAX_HEADER_BYTES:
+            raise self._not_multipart()
         if self._preamble_bytes > self.max_part_bytes + MAX_HEADER_BYTES:
             raise MjpegError(f"no multipart boundary line in the first {self._preamble_bytes} bytes")
+
+    @staticmethod
+    def _not_multipart() -> MjpegError:
+        return MjpegError("not a multipart stream: the body does not start with a boundary line")
 
     def _match_boundary(self, token: bytes) -> tuple[bytes | None, bool]:
         """(boundary, is the closing delimiter) for the text after a line's leading "--"."""

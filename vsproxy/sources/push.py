@@ -165,6 +165,10 @@ class PushSource(Source):
         link.disconnect(1001, reason)
         return True
 
+    def close(self) -> None:
+        # A publisher stays connected while no session wants frames, so run() does not own it.
+        self.disconnect("server shutting down")
+
     def send(self, message: str | bytes) -> bool:
         """A viewer's message goes to the attached WebSocket publisher, if any.
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
+from ..errors import DescribedError, describe_error
 from ..schema import setting
 from .base import FrameTimeout, HubLink, Source
 
@@ -51,8 +53,9 @@ STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread 
 PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
 
 
-class RtspError(Exception):
-    """Opening or reading the stream failed (the message never contains URL credentials)."""
+class RtspError(DescribedError):
+    """Opening or reading the stream failed (the message says how, and never contains URL
+    credentials)."""
 
 
 def _secrets(url: str) -> list[str]:
@@ -69,6 +72,19 @@ def _secrets(url: str) -> list[str]:
     user, _, password = userinfo.partition(":")
     found += [p for p in (password, unquote(password)) if len(p) >= 3]
     return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _resolution_error(url: str) -> socket.gaierror | None:
+    """The resolver's error for the host of `url`, or None if it resolves (or is an address)."""
+    try:
+        host = urlsplit(url).hostname
+        if host:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return exc
+    except (ValueError, UnicodeError, OSError):
+        pass
+    return None
 
 
 def fit_within(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
@@ -240,11 +256,10 @@ class _Reader:
             return exc
         if isinstance(exc, av.error.ExitError):  # PyAV's timeout interrupted a blocking call
             return RtspError("timed out waiting for the RTSP server")
-        text = str(exc)
+        text = describe_error(exc)
         for secret in _secrets(self.settings.url):
             text = text.replace(secret, self.source.safe_url if secret == self.settings.url else "***")
-        name = type(exc).__name__
-        return RtspError(f"{name}: {text}" if text else name)
+        return RtspError(text)
 
     def _read_stream(self) -> None:
         settings, rc = self.settings, self.reconnect
@@ -259,8 +274,13 @@ class _Reader:
         log.info("opening %s over %s", self.source.safe_url, settings.transport.upper(),
                  extra={"upstream": self.source.name})
         # (open, read) timeouts: a dead or silent server cannot hold the thread for longer.
-        container = av.open(settings.url, options=options,
-                            timeout=(rc.connect_timeout_seconds, rc.frame_timeout_seconds))
+        try:
+            container = av.open(settings.url, options=options,
+                                timeout=(rc.connect_timeout_seconds, rc.frame_timeout_seconds))
+        except av.error.OSError as exc:
+            # FFmpeg reports a name that does not resolve as a bare "Input/output error": ask the
+            # resolver (this thread may block) so lastError can say what happened.
+            raise _resolution_error(settings.url) or exc from None
         try:
             if not container.streams.video:
                 raise RtspError("the RTSP stream has no video track")
