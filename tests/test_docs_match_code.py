@@ -68,6 +68,7 @@ async def test_readme_metrics_table_lists_each_metrics_labels(api):
 
 # == vsproxy simulate --help ======================================================================
 
+@pytest.mark.slow
 def test_simulate_help_describes_the_command_and_every_option():
     result = subprocess.run([sys.executable, "-m", "vsproxy", "simulate", "--help"], capture_output=True,
                             text=True, timeout=30, cwd=ROOT)

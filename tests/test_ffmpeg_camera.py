@@ -63,6 +63,7 @@ def proxy_config(request, proxy_config):
     return dataclasses.replace(proxy_config, upstreams=upstreams)
 
 
+@pytest.mark.external
 @pytest.mark.gen_test(timeout=60)
 async def test_ffmpeg_mjpeg_server_is_a_camera(ffmpeg_camera, api, ws_connect):
     _, process = ffmpeg_camera

@@ -167,6 +167,7 @@ def proxy_config(request, proxy_config):
     with_servers("mjpeg", "https", "silent", "TLS handshake timed out"),
     with_servers("isaac", "ws", "http", "upstream answered HTTP 404 Not Found"),
 ])
+@pytest.mark.slow
 @pytest.mark.gen_test(timeout=60)
 async def test_tls_reset_timeout_and_http_failures_are_named(servers, proxy, api, caplog, kind, scheme, server,
                                                              expected):
@@ -278,6 +279,7 @@ async def fill_relay(ws_url: str) -> Any:
     return conn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["isaac", "push"])
 @pytest.mark.gen_test(timeout=90)
 async def test_shutdown_with_unread_relayed_messages_logs_no_traceback(raw_upstream, tmp_path, kind):
