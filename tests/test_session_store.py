@@ -408,3 +408,31 @@ def test_unusable_store_is_one_line_and_exit_2(kind):
         result = run_vsproxy(args, directory)
     assert_one_line_config_error(result, "sessions.store")
     assert SECRET not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.gen_test(timeout=90)
+async def test_embed_player_resumes_by_itself_after_a_restart(tmp_path):
+    from browser import chromium
+    from test_browser_pages import player_state, wait_page
+
+    port = free_port()
+    config = write_config(tmp_path, "sqlite:sessions.db")
+    server = start(tmp_path, port, config)
+    try:
+        created = http(port, "POST", "/session/create", {"userId": "u", "robotName": "arm"})[1]
+        async with chromium() as browser:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{port}/stream/{created['sessionId']}/embed?token="
+                            f"{created['viewerToken']}")
+            await wait_page(page, "document.body.dataset.state === 'live'")
+            assert server.signal_and_wait(signal.SIGTERM) == 0
+            server.stop()
+            await wait_page(page, "document.body.dataset.state === 'reconnecting'")
+            server = start(tmp_path, port, config)
+            frames = (await player_state(page))["frames"]
+            await wait_page(page, f"window.vsproxyPlayer.frames > {frames + 10}", timeout=30)
+            assert (await player_state(page))["state"] == "live"
+    finally:
+        server.stop()
