@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -436,3 +437,27 @@ async def test_embed_player_resumes_by_itself_after_a_restart(tmp_path):
             assert (await player_state(page))["state"] == "live"
     finally:
         server.stop()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_failed_write_is_logged_once_and_retried(db, caplog):
+    caplog.set_level(logging.INFO, "vsproxy.store")
+    store = SqliteStore(db, busy_timeout=0.05)
+    store.load()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the file longer than the busy timeout
+    store.add(record(1))
+    await asyncio.wrap_future(store.flush())
+    store.update_activity({})
+    await asyncio.wrap_future(store.flush())
+    assert store.failed
+    assert caplog.text.count("cannot write the session store") == 1
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    store.update_activity({})  # e.g. the next flush
+    await asyncio.wrap_future(store.flush())
+    assert not store.failed and "writable again" in caplog.text
+    await store.close()
+    store, loaded = await reopen(db)
+    assert loaded.records == [record(1)]  # the create was not lost
+    await store.close()

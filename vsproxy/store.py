@@ -124,8 +124,10 @@ class SqliteStore:
 
     persistent = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout  # how long a write waits for another process's lock
+        self._retry: list[tuple] = []  # creates and destroys of a failed write, retried with the next
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.commits = 0  # transactions written, for tests and metrics
@@ -162,7 +164,8 @@ class SqliteStore:
 
     def _open(self) -> tuple[sqlite3.Connection, LoadedSessions]:
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None)  # transactions written out below
+            conn = sqlite3.connect(self.path, isolation_level=None,  # transactions written out below
+                                   timeout=self.busy_timeout)
         except sqlite3.Error as exc:
             raise ConfigError(STORE_KEY, f"cannot open {str(self.path)!r} ({exc})") from None
         try:
@@ -225,6 +228,7 @@ class SqliteStore:
             conn.close()
 
     def _write(self, conn: sqlite3.Connection, ops: list[tuple]) -> None:
+        ops, self._retry = self._retry + ops, []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, args in ops:
@@ -244,6 +248,9 @@ class SqliteStore:
             # Serving goes on from memory; the sessions written so far stay in the file.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            # Creates and destroys are tried again with the next write (the flush timer makes one
+            # every few seconds); activity updates are not: the next flush has newer ones.
+            self._retry = [op for op in ops if op[0] != "activity"]
             if not self.failed:
                 log.error("cannot write the session store %s: %s (sessions changed now may not survive a "
                           "restart)", self.path, exc)
