@@ -21,6 +21,7 @@ from .monitor import Monitor
 from .server import ConnectionCount, ProxyServer
 from .sessions import SessionManager
 from .sources import create_source
+from .store import open_store
 
 log = logging.getLogger("vsproxy.app")
 access_log = logging.getLogger("vsproxy.access")
@@ -34,6 +35,10 @@ class Proxy:
         self.started_at = time.time()
         # Without an Isaac Sim address the default upstream is the built-in demo source; the
         # public IP in the original README is an example, never a default.
+        # First: a session store that cannot be used is a configuration error (ConfigError naming
+        # sessions.store), raised before anything has started.
+        store = open_store(config.sessions.store)
+        stored_sessions = store.load()
         upstreams, default = config.upstream_configs()
         self.hubs: dict[str, FrameHub] = {
             name: FrameHub(name, create_source(name, settings, config.reconnect),
@@ -48,7 +53,9 @@ class Proxy:
             max_sessions_per_user=config.limits.max_sessions_per_user,
             max_viewers_per_session=config.limits.max_viewers_per_session,
             idle_timeout=config.sessions.idle_timeout_seconds,
+            store=store,
         )
+        self.sessions.restore(stored_sessions)
         self.access = Access(config.auth)
         limits = config.limits
         self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
@@ -108,6 +115,9 @@ class Proxy:
             PeriodicCallback(self.sessions.reap_idle, cleanup_ms),
             PeriodicCallback(self._tick_hubs, 1000),
         ]
+        if self.sessions.store.persistent:
+            flush_ms = self.config.sessions.activity_flush_seconds * 1000
+            self._timers.append(PeriodicCallback(self.sessions.flush_activity, flush_ms))
         for timer in self._timers:
             timer.start()
         self.monitor.start()
@@ -155,6 +165,7 @@ class Proxy:
             timer.stop()
         self.monitor.stop()
         self.sessions.close_all()
+        await self.sessions.close_store()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
         for hub in self.hubs.values():
             hub.source.close()  # what outlives run(): a push upstream's publisher

@@ -82,7 +82,11 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     from .server import is_loopback, raise_open_file_limit, url_for
 
     raise_open_file_limit(config.limits.max_connections)
-    proxy = Proxy(config)
+    try:
+        proxy = Proxy(config)  # opens the session store: an unusable one is a configuration error
+    except ConfigError as exc:
+        print(f"vsproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
     host, port = config.server.host, config.server.port
     try:
         server = proxy.listen(port, address=host)

@@ -83,6 +83,11 @@ class SessionsConfig:
     idle_timeout_seconds: float = setting(300.0, min=1, max=86400 * 7, doc="sessions without viewers idle "
                                                                            "this long are destroyed")
     cleanup_interval_seconds: float = setting(30.0, min=0.05, max=3600, doc="how often to look for them")
+    store: str = setting("memory", values="`memory`, `sqlite:PATH`", doc="where sessions are kept: `memory` "
+                         "(a restart forgets them) or a SQLite file that keeps them across restarts (see "
+                         "Sessions that survive a restart)")
+    activity_flush_seconds: float = setting(5.0, min=0.05, max=300, doc="with a `sqlite:` store, sessions' "
+                                            "last activity is written at most this often (and at shutdown)")
 
 
 @dataclass(frozen=True)
@@ -472,6 +477,9 @@ def _cross_checks(config: Config) -> None:
     for source in config.security.frame_ancestors:
         if not re.fullmatch(r"'self'|'none'|\*|https?://[^\s;,]+", source):
             raise ConfigError("security.frame_ancestors", f"expected 'self', 'none' or http(s) origins, got {source!r}")
+    store = config.sessions.store
+    if store != "memory" and not (store.startswith("sqlite:") and store.removeprefix("sqlite:").strip()):
+        raise ConfigError("sessions.store", f"expected memory or sqlite:PATH, got {store!r}")
     names, default = config.upstream_configs()
     if default not in names:
         raise ConfigError("default_upstream", f"{default!r} is not a configured upstream")

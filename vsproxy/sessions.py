@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from .errors import ClientError
+from .store import LoadedSessions, MemoryStore, SessionRecord, SessionStore
 
 if TYPE_CHECKING:
     from .hub import FrameHub
@@ -84,6 +85,9 @@ CLOSE_REASONS = {
     "api": "Session destroyed",
     "idle": "Session expired (idle)",
     "shutdown": "Session closed: server shutting down",
+    # Shutdown with a persistent store: the session stays, so no "session" in the reason (the embed
+    # player ends on a 1001 whose reason names the session; this one it reconnects after).
+    "restart": "Server shutting down; reconnect to resume",
 }
 
 
@@ -106,6 +110,11 @@ class Session:
         # A session with viewers is active right now: frames flow. Deriving it saves a clock
         # read per frame per viewer on the hot path.
         return now if self.viewers else self._last_activity
+
+    def record(self) -> SessionRecord:
+        """What a SessionStore keeps of this session."""
+        return SessionRecord(self.id, self.user_id, self.robot_name, self.hub.name, self.created_at,
+                             self._last_activity)
 
     def to_json(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
@@ -135,6 +144,7 @@ class SessionManager:
         max_viewers_per_session: int | None = None,
         idle_timeout: float,
         clock: Callable[[], float] = time.time,
+        store: SessionStore | None = None,
     ) -> None:
         self.hubs = hubs
         self.default_upstream = default_upstream
@@ -145,6 +155,8 @@ class SessionManager:
         self.idle_timeout = idle_timeout
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        self.store: SessionStore = store if store is not None else MemoryStore()
+        self._stored_activity: dict[str, float] = {}  # session ID -> last activity the store has
         # Read by the metrics collector at scrape time.
         self.created_total = 0
         self.destroyed_total: Counter[str] = Counter()  # by reason: api, idle, shutdown
@@ -183,6 +195,8 @@ class SessionManager:
         self._sessions[session.id] = session
         self.created_total += 1
         hub.attach(session)
+        self.store.add(session.record())
+        self._stored_activity[session.id] = now
         log.info("session created for user %r, robot %r", user_id, robot_name,
                  extra={"session": session.id, "upstream": hub.name})
         return session
@@ -204,7 +218,12 @@ class SessionManager:
         for viewer in tuple(session.viewers):
             viewer.close(CLOSE_REASONS[reason])
         session.hub.detach(session)
+        self._stored_activity.pop(session_id, None)
+        if reason == "restart":
+            log.info("session closed (shutdown), kept in the session store", extra={"session": session.id})
+            return session
         self.destroyed_total[reason] += 1
+        self.store.remove(session_id)
         if reason == "idle":
             log.info("session reaped: idle for over %g s", self.idle_timeout, extra={"session": session.id})
         else:
@@ -221,9 +240,60 @@ class SessionManager:
         return idle
 
     def close_all(self) -> None:
-        """Destroy every session (server shutdown)."""
+        """Server shutdown: close every session's viewers and detach it from its hub. Sessions are
+        destroyed, unless the store is persistent: then they stay in it for the next start."""
+        if self.store.persistent:
+            self.flush_activity()  # sessions with viewers were active until now
+        reason = "restart" if self.store.persistent else "shutdown"
         for session_id in list(self._sessions):
-            self.destroy(session_id, reason="shutdown")
+            self.destroy(session_id, reason=reason)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def restore(self, loaded: LoadedSessions) -> list[Session]:
+        """Take back the sessions a persistent store kept from the previous run (at start-up).
+
+        lastActivity moves forward by the time the server was down, so a session has as much idle
+        time left as it had when the server went away. A session whose upstream is no longer
+        configured is dropped (and removed from the store): quietly mapping it onto another upstream
+        would show its user a different camera."""
+        now = self.clock()
+        downtime = max(0.0, now - loaded.last_alive) if loaded.last_alive is not None else 0.0
+        restored = []
+        for record in loaded.records:
+            hub = self.hubs.get(record.upstream)
+            if hub is None:
+                log.warning("session dropped at start-up: its upstream %r is no longer configured",
+                            record.upstream, extra={"session": record.id})
+                self.store.remove(record.id)
+                continue
+            session = Session(record.id, record.user_id, record.robot_name, hub, record.created_at)
+            session.touch(min(now, record.last_activity + downtime))
+            self._sessions[session.id] = session
+            self._stored_activity[session.id] = record.last_activity
+            hub.attach(session)
+            restored.append(session)
+        if loaded.records:
+            log.info("restored %d of %d sessions from the session store", len(restored), len(loaded.records))
+        return restored
+
+    def flush_activity(self) -> int:
+        """Hand the store the last activity of the sessions whose activity changed since the last
+        flush, in one batch (touches are plain attribute writes; this runs every few seconds)."""
+        if not self.store.persistent:
+            return 0
+        now = self.clock()
+        changed = {}
+        for session in self._sessions.values():
+            when = session.last_activity(now)
+            if self._stored_activity.get(session.id) != when:
+                changed[session.id] = self._stored_activity[session.id] = when
+        self.store.update_activity(changed)
+        return len(changed)
+
+    async def close_store(self) -> None:
+        """Write what the store has pending and release it (after close_all)."""
+        await self.store.close()
 
     def check_viewer_room(self, session: Session) -> None:
         """Raise ViewerLimitReached if the session has as many viewers as it may."""
