@@ -18,7 +18,6 @@ import io
 import json
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -107,22 +106,6 @@ async def count_bytes(reader: asyncio.StreamReader, until: float, sink: bytearra
     return total
 
 
-def ws_messages(data: bytes) -> list[tuple[int, bytes]]:
-    out, i = [], 0
-    while i + 2 <= len(data):
-        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
-        i += 2
-        if length == 126:
-            length, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
-        elif length == 127:
-            length, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
-        if i + length > len(data):
-            break
-        out.append((opcode, data[i:i + length]))
-        i += length
-    return out
-
-
 # -- picture quality ---------------------------------------------------------------------------------
 
 def luma(jpeg: bytes) -> np.ndarray:
@@ -199,7 +182,8 @@ async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
                 await camera.stop()
         quality = "n/a (source frames unknown)"
         if sources:
-            units = [m[9:] for op, m in ws_messages(h264_bytes) if op == 2]
+            from helpers import ws_server_messages  # tests/helpers.py: the test suite's WebSocket reader
+            units = [m[9:] for op, m in ws_server_messages(h264_bytes) if op == 2]
             med, low, n = psnr_against_sources(units, sources)
             quality = f"{med:.1f} / {low:.1f} ({n} pictures)"
         print(f"| {camera_kind} | {rates['mjpeg']:,.0f} | {rates['h264']:,.0f} | {rates['h264'] / rates['mjpeg']:.3f} "

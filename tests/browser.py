@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from playwright.async_api import Browser, async_playwright
@@ -38,3 +38,31 @@ def artifact(name: str) -> str:
     """Path for a screenshot or trace kept after the run (test-artifacts/, git-ignored)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return str(ARTIFACTS / name)
+
+
+@contextmanager
+def page_server(port: int, html: str) -> Iterator[str]:
+    """Serve `html` at http://localhost:PORT/ (an embedding page on its own origin); fails, does
+    not skip, when the port is taken."""
+    import socket
+
+    import pytest
+    import tornado.web
+
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError as exc:
+        pytest.fail(f"port {port} is taken ({exc}): the page on another origin needs it")
+    finally:
+        probe.close()
+
+    class Page(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.finish(html)
+
+    server = tornado.web.Application([(r"/", Page)]).listen(port, address="127.0.0.1")
+    try:
+        yield f"http://localhost:{port}"
+    finally:
+        server.stop()

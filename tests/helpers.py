@@ -445,3 +445,33 @@ def assert_sent_in_order(received: list[bytes], sim: Any) -> None:
         f"frame(s) {[i for i, p in enumerate(positions) if p is None]} of {len(received)} "
         "are not byte-identical to any frame the simulator sent")
     assert positions == sorted(set(positions)), f"frames out of order or repeated: {positions}"
+
+
+# -- raw sockets and server byte streams ------------------------------------------------------------
+
+
+def socket_pair() -> tuple[IOStream, socket.socket]:
+    """A (server IOStream, client socket) pair with small buffers so writes back up quickly."""
+    server, client = socket.socketpair()
+    for sock in (server, client):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.setblocking(False)
+    return IOStream(server), client
+
+
+def ws_server_messages(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of every complete frame in a server's WebSocket byte stream (unmasked)."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if length == 126:
+            length, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif length == 127:
+            length, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        if i + length > len(data):
+            break
+        out.append((opcode, data[i:i + length]))
+        i += length
+    return out

@@ -4,12 +4,10 @@ is a secure context), falls back to or is forced to JPEG, and tells its parent p
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import pytest
-import tornado.web
-from browser import artifact, chromium
+from browser import artifact, chromium, page_server
 from test_browser_pages import canvas_is_not_blank, player_state, wait_page
 
 pytestmark = pytest.mark.browser
@@ -27,23 +25,10 @@ document.getElementById("embed").src = new URLSearchParams(location.search).get(
 </script>"""
 
 
-class ParentHandler(tornado.web.RequestHandler):
-    def get(self) -> None:
-        self.finish(PARENT_PAGE)
-
-
 @pytest.fixture
 def parent(io_loop):
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.1", PARENT_PORT))
-    except OSError as exc:
-        pytest.fail(f"port {PARENT_PORT} is taken ({exc}): the embedding page needs it")
-    finally:
-        probe.close()
-    server = tornado.web.Application([(r"/", ParentHandler)]).listen(PARENT_PORT, address="127.0.0.1")
-    yield f"http://localhost:{PARENT_PORT}"
-    server.stop()
+    with page_server(PARENT_PORT, PARENT_PAGE) as url:
+        yield url
 
 
 @pytest.mark.config({"h264": {"preset": "ultrafast"}})

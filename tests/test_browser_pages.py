@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import pytest
-import tornado.web
-from browser import artifact, chromium
+from browser import artifact, chromium, page_server
 from helpers import wait_until
 
 pytestmark = pytest.mark.browser  # every test drives headless Chromium
@@ -46,24 +44,11 @@ FRONTEND_PAGE = """<!doctype html><meta charset=utf-8><title>frontend</title>
 </script>"""
 
 
-class FrontendHandler(tornado.web.RequestHandler):
-    def get(self) -> None:
-        self.finish(FRONTEND_PAGE)
-
-
 @pytest.fixture
 def frontend(io_loop):
     """The frontend page served on 127.0.0.1:3000 (browsed as http://localhost:3000)."""
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.1", FRONTEND_PORT))
-    except OSError as exc:
-        pytest.fail(f"port {FRONTEND_PORT} is taken ({exc}): the cross-origin test needs it free")
-    finally:
-        probe.close()
-    server = tornado.web.Application([(r"/", FrontendHandler)]).listen(FRONTEND_PORT, address="127.0.0.1")
-    yield f"http://localhost:{FRONTEND_PORT}"
-    server.stop()
+    with page_server(FRONTEND_PORT, FRONTEND_PAGE) as url:
+        yield url
 
 
 async def player_state(page) -> dict:

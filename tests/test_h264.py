@@ -19,9 +19,8 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from helpers import next_message, raw_request, recv, wait_until
+from helpers import next_message, raw_request, recv, socket_pair, wait_until, ws_server_messages
 from PIL import Image
-from tornado.iostream import IOStream
 
 from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
 from vsproxy.codec.h264 import NAL_IDR, NAL_PPS, NAL_SPS, AccessUnit, H264Parser, nal_type, parse_sps, split_nals
@@ -287,15 +286,6 @@ async def test_stream_mp4_plays_in_ffmpeg_starting_at_a_keyframe(api, http_port)
 # -- backpressure: a throttled H.264 viewer skips to keyframes ---------------------------------------
 
 
-def socket_pair() -> tuple[IOStream, socket.socket]:
-    server, client = socket.socketpair()
-    for sock in (server, client):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        sock.setblocking(False)
-    return IOStream(server), client
-
-
 def fake_gop_units(count: int, gop: int, size: int = 20_000) -> list[AccessUnit]:
     """Access units with a keyframe every `gop` (payload bytes only: the viewer does not decode)."""
     from vsproxy.codec.h264 import StreamConfig
@@ -336,7 +326,8 @@ async def test_a_throttled_h264_viewer_skips_to_keyframes_and_holds_at_most_one_
         received += client.recv(1 << 20)
     except BlockingIOError:
         pass
-    got = [(k, pts // 33_333) for k, pts in ws_h264_messages(bytes(received))]
+    got = [(parse_message(m)[0], parse_message(m)[1] // 33_333)
+           for op, m in ws_server_messages(bytes(received)) if op == 2]
     assert got and got[-1][1] == units[-1].seq - 1, "it caught up with live"
     for (_, previous), (keyframe, index) in zip(got, got[1:], strict=False):
         assert index > previous
@@ -344,25 +335,6 @@ async def test_a_throttled_h264_viewer_skips_to_keyframes_and_holds_at_most_one_
             assert keyframe, f"skipped from {previous} to {index}, which is not a keyframe"
     server.close()
     client.close()
-
-
-def ws_h264_messages(data: bytes) -> list[tuple[bool, int]]:
-    """(keyframe, pts) of each binary WebSocket message in a server's byte stream."""
-    out, i = [], 0
-    while i + 2 <= len(data):
-        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
-        i += 2
-        if length == 126:
-            length, i = struct.unpack("!H", data[i:i + 2])[0], i + 2
-        elif length == 127:
-            length, i = struct.unpack("!Q", data[i:i + 8])[0], i + 8
-        if i + length > len(data):
-            break
-        if opcode == 2:
-            keyframe, pts, _ = parse_message(data[i:i + length])
-            out.append((keyframe, pts))
-        i += length
-    return out
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -11,9 +11,8 @@ import socket
 import struct
 
 import pytest
-from helpers import wait_until, write_buffer_bytes
+from helpers import socket_pair, wait_until, write_buffer_bytes
 from mjpeg_reader import MjpegReader
-from tornado.iostream import IOStream
 
 from vsproxy.config import ReconnectConfig, StreamingConfig
 from vsproxy.hub import Frame, FrameHub, RateMeter, _picture_size
@@ -105,16 +104,6 @@ def test_rate_meter_counts_events_per_second():
 
 
 # -- Viewer backpressure on a real socket pair --------------------------------------------------
-
-
-def socket_pair() -> tuple[IOStream, socket.socket]:
-    """A (server IOStream, client socket) pair with small buffers so writes back up quickly."""
-    server, client = socket.socketpair()
-    for sock in (server, client):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-        sock.setblocking(False)
-    return IOStream(server), client
 
 
 async def read_exactly(sock: socket.socket, size: int, timeout: float = 10) -> bytes:

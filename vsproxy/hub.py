@@ -21,7 +21,6 @@ from . import render
 from .codec.encoder import H264Config, H264Encoder
 from .codec.h264 import AccessUnit, H264Parser, StreamConfig, frame_age_offset
 from .errors import describe_error
-from .outputs import wire
 from .outputs.viewer import TransportStats, Viewer
 from .outputs.wire import (
     H264_TRANSPORTS,
@@ -33,6 +32,7 @@ from .outputs.wire import (
     WS_TRANSPORTS,
     status_message,
 )
+from .wirecache import WireCached
 
 if TYPE_CHECKING:
     from .config import ReconnectConfig, StreamingConfig
@@ -42,10 +42,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsproxy.hub")
 
 
-class Frame:
+class Frame(WireCached):
     """One JPEG frame and its wire representations, each built at most once."""
 
-    __slots__ = ("jpeg", "seq", "arrived", "timestamp", "captured", "age_offset", "offline", "_encoded")
+    __slots__ = ("jpeg", "seq", "arrived", "timestamp", "captured", "age_offset", "offline")
 
     def __init__(self, jpeg: bytes, seq: int, *, offline: bool = False, captured: float | None = None) -> None:
         self.jpeg = jpeg
@@ -59,12 +59,6 @@ class Frame:
         self.age_offset = None if offline else frame_age_offset(self.timestamp, self.captured)
         self.offline = offline  # a generated "upstream offline" picture, not upstream content
         self._encoded: dict[str, bytes] = {}
-
-    def encoded(self, transport: str) -> bytes:
-        data = self._encoded.get(transport)
-        if data is None:
-            data = self._encoded[transport] = wire.encode(transport, self)
-        return data
 
 
 class RateMeter:

@@ -11,6 +11,8 @@ import json
 import time
 from dataclasses import dataclass
 
+from ..wirecache import WireCached
+
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SLICE = 1
 NAL_IDR = 5
@@ -168,7 +170,7 @@ def frame_age_offset(arrived_wall: float, captured_wall: float) -> float:
     return min(max(0.0, arrived_wall - captured_wall), MAX_FRAME_AGE_OFFSET)
 
 
-class AccessUnit:
+class AccessUnit(WireCached):
     """One coded video frame in Annex-B form, and its wire representations, each built once.
 
     Every keyframe carries the stream's SPS and PPS in front of its IDR slice, so a decoder can
@@ -176,7 +178,7 @@ class AccessUnit:
     """
 
     __slots__ = ("data", "keyframe", "pts_us", "config", "config_changed", "seq", "start_us", "duration_us",
-                 "arrived", "age_offset", "_encoded")
+                 "arrived", "age_offset")
 
     def __init__(self, data: bytes, keyframe: bool, pts_us: int, config: StreamConfig, seq: int = 0, *,
                  config_changed: bool = False, start_us: int | None = None, duration_us: int = 33_333) -> None:
@@ -192,14 +194,6 @@ class AccessUnit:
         # Its presentation time is the capture time: how much older than now (encoding included).
         self.age_offset = frame_age_offset(time.time(), pts_us / 1_000_000)
         self._encoded: dict[str, bytes] = {}
-
-    def encoded(self, transport: str) -> bytes:
-        data = self._encoded.get(transport)
-        if data is None:
-            from ..outputs import wire  # the H.264 wire formats live with the others
-
-            data = self._encoded[transport] = wire.encode(transport, self)
-        return data
 
 
 class H264Parser:
