@@ -216,3 +216,51 @@ async def test_disabled_webrtc_is_501(call, contract, api, whep_clients):  # noq
     await call("POST", WHEP, f"/stream/{session_id}/whep", raw=(await client.offer()).encode(), headers=SDP,
                expect=501)
     contract.assert_ok()
+
+
+# -- backpressure of one peer ---------------------------------------------------------------------
+
+
+class Unit:
+    """An access unit as a peer sees it."""
+
+    def __init__(self, keyframe: bool, size: int = 1000) -> None:
+        self.keyframe = keyframe
+        self.data = b"\0" * size
+        self.pts_us = int(time.time() * 1e6)
+        self.arrived = time.monotonic()
+
+
+def test_a_peer_behind_skips_to_the_next_keyframe_and_holds_at_most_one_gop():
+    from vsproxy.outputs.viewer import TransportStats
+    from vsproxy.outputs.webrtc import WhepPeer
+
+    requests = []
+    stats = TransportStats()
+    peer = WhepPeer("r", "s", None, stats, on_close=lambda p, r: None,
+                    request_keyframe=lambda: requests.append(1))
+    peer.offer(Unit(False), b"")  # before its first keyframe: not its frame, not dropped
+    assert peer.pending is None and peer.frames_dropped == 0
+    peer.offer(Unit(True), b"")
+    for _ in range(5):
+        peer.offer(Unit(False), b"")
+    assert len(peer._queue) == 6
+    keyframe = Unit(True)
+    peer.offer(keyframe, b"")  # the sender took none of them: skip ahead to this keyframe
+    assert list(peer._queue) == [keyframe] and peer.frames_dropped == 6 == stats.frames_dropped
+    # A GOP over the byte cap is dropped whole; the peer waits for (and asks for) the next keyframe.
+    for _ in range(20):
+        peer.offer(Unit(False, size=1 << 20), b"")
+    assert peer.pending is None and peer.waiting_for_keyframe and requests == [1]
+    peer.offer(Unit(False), b"")
+    assert peer.pending is None
+    # A sender keeping up (takes each unit as it comes) loses nothing at keyframes.
+    loop = asyncio.new_event_loop()
+    try:
+        dropped = peer.frames_dropped
+        for i in range(10):
+            peer.offer(Unit(i % 5 == 0), b"")
+            loop.run_until_complete(peer.next_access_unit())
+        assert peer.frames_dropped == dropped and peer.frames_sent == 10
+    finally:
+        loop.close()
