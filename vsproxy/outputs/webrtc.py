@@ -102,6 +102,15 @@ def codec_preferences(stream_codec: str | None) -> list:
     return sorted(h264, key=rank) + [c for c in caps if c.mimeType == "video/rtx"]
 
 
+def without_mdns_candidates(sdp: str) -> str:
+    """The offer without its mDNS host candidates (`<uuid>.local`, how browsers hide local
+    addresses). aioice would resolve each over multicast, holding the answer up for about a
+    second, and from another network it never resolves; the browser's connectivity checks reach
+    us anyway and become peer-reflexive candidates."""
+    return "".join(line for line in sdp.splitlines(keepends=True)
+                   if not (line.startswith("a=candidate:") and ".local " in line))
+
+
 def check_offer(sdp: str) -> None:
     """BadOffer unless `sdp` is an SDP offer with a video section that offers H.264 in
     packetization mode 1 (what aiortc sends: STAP-A and FU-A)."""
@@ -336,7 +345,8 @@ class WhepPeers:
             transceiver.setCodecPreferences(codec_preferences(stream_codec))
             peer.hook_sender(transceiver.sender)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=without_mdns_candidates(offer_sdp),
+                                                                    type="offer"))
             except Exception as exc:  # aiortc refuses an offer it cannot use with assorted errors
                 raise BadOffer(f"The SDP offer cannot be answered ({type(exc).__name__}: {exc})"[:300],
                                status=406 if "codec" in str(exc).lower() or "send parameters" in str(exc)
