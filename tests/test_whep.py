@@ -148,6 +148,7 @@ async def test_ice_servers_are_announced_in_link_headers(api, proxy):
     assert "Location" in response.headers["Access-Control-Expose-Headers"]
 
 
+@pytest.mark.slow  # the stall timeout, then the hub's once-a-second tick
 @pytest.mark.config({**SMALL_DEMO, "streaming": {"stall_timeout_seconds": 1.5}})
 @pytest.mark.gen_test(timeout=30)
 async def test_a_peer_gone_without_delete_is_dropped_after_the_stall_timeout(api, proxy, whep_clients):
