@@ -30,6 +30,9 @@ setup(
         # H.264: the shared encoder of JPEG upstreams (libx264), RTSP upstreams (FFmpeg's RTSP
         # client and decoders). Its wheels bundle FFmpeg, nothing to compile.
         "av>=18,<19",
+        # WebRTC out (WHEP): ICE, DTLS, SRTP and RTP packetization in Python on the asyncio loop.
+        # vsproxy hooks two methods of its RTCRtpSender instances (see vsproxy/outputs/webrtc.py).
+        "aiortc>=1.16,<2",
     ],
     extras_require={
         "rtsp": [],  # PyAV is a regular dependency now; kept so `pip install "vsproxy[rtsp]"` still works

@@ -1,5 +1,5 @@
 """Small helpers shared by the test modules: one place for each (ports, waiting and polling,
-WebSocket readers, raw HTTP requests, MJPEG viewers), and the credentials the security tests
+WebSocket readers, raw HTTP requests, MJPEG viewers, a WHEP client), and the credentials the security tests
 configure."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 import tornado.websocket
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from mjpeg_reader import MjpegProtocolError, MjpegReader, Part, boundary_from_content_type
 from tornado import httputil
 from tornado.httpclient import HTTPClientError, HTTPRequest
@@ -475,3 +476,49 @@ def ws_server_messages(data: bytes) -> list[tuple[int, bytes]]:
         out.append((opcode, data[i:i + length]))
         i += length
     return out
+
+
+# -- WebRTC (WHEP) --------------------------------------------------------------------------------
+
+
+class WhepClient:
+    """A WHEP client: an aiortc peer (no ICE servers: loopback host candidates only) that
+    receives one video track; `api` is conftest's Api."""
+
+    def __init__(self, api: Any, path: str) -> None:
+        self.api = api
+        self.path = path
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.track = None
+        self.location: str | None = None
+        self.response = None
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: Any) -> None:
+        self.track = track
+
+    async def offer(self) -> str:
+        self.pc.addTransceiver("video", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.pc.localDescription.sdp
+
+    async def connect(self, headers: dict | None = None) -> int:
+        sdp = await self.offer()
+        code, _, response = await self.api.call("POST", self.path, raw=sdp.encode(),
+                                                headers={"Content-Type": "application/sdp", **(headers or {})})
+        self.response = response
+        if code == 201:
+            self.location = response.headers["Location"]
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+        return code
+
+    async def frames(self, count: int, timeout: float = WAIT) -> list:
+        await wait_until(lambda: self.track is not None, "the video track")
+        frames = []
+        deadline = time.monotonic() + timeout
+        while len(frames) < count:
+            frames.append(await asyncio.wait_for(self.track.recv(), max(0.1, deadline - time.monotonic())))
+        return frames
+
+    async def close(self) -> None:
+        await self.pc.close()

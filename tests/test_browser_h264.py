@@ -37,7 +37,7 @@ async def test_embed_player_decodes_h264_with_webcodecs(api, base_url, proxy):
     created = await api.create_session()
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=ws")  # not WebRTC
         await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 0")
         first = await player_state(page)
         assert first["codec"] == "h264", first
@@ -80,6 +80,7 @@ async def test_parent_page_receives_stats_messages(api, base_url, parent):
                         timeout=20)
         stats = await page.evaluate("window.stats")
         last = stats[-1]
-        assert set(last) == {"type", "codec", "fps", "framesDecoded", "state"}
+        assert set(last) == {"type", "codec", "transport", "fps", "framesDecoded", "state"}
         assert last["codec"] == "h264" and last["state"] == "live" and last["fps"] > 0
+        assert last["transport"] == "webrtc"  # the auto order starts with WebRTC
         assert created["sessionId"] not in repr(stats)  # no session IDs, tokens or URLs

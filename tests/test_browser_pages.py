@@ -81,7 +81,8 @@ async def test_embed_player_displays_frames(api, base_url):
     created = await api.create_session()
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
+        # The WebSocket player (auto would start with WebRTC: see test_browser_webrtc.py).
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=ws")
         await wait_page(page, "document.body.dataset.state === 'live'")
         first = await player_state(page)
         await wait_page(page, f"window.vsproxyPlayer.frames > {first['frames'] + 10}")

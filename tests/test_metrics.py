@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import free_port, read_until_closed, spawn, wait_until
+from helpers import WhepClient, free_port, read_until_closed, spawn, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -70,6 +70,9 @@ class Busy:
         ws_h264 = await ws_connect(f"/stream/{self.sessions[3]}?format=h264")
         for conn in (ws_json, ws_binary, ws_h264):
             self.tasks.append(spawn(read_until_closed(conn, timeout=None)))
+        self.whep = WhepClient(api, f"/stream/{self.sessions[3]}/whep")
+        assert await self.whep.connect() == 201
+        self.tasks.append(spawn(self.whep.frames(1_000_000, timeout=1e6)))
         for path in (f"/stream/{self.sessions[2]}/mjpeg", f"/stream/{self.sessions[4]}/stream.mp4"):
             stream = await TCPClient().connect("127.0.0.1", http_port)
             self.streams.append(stream)
@@ -96,6 +99,7 @@ class Busy:
             stream.close()
         for task in self.tasks:
             task.cancel()
+        spawn(self.whep.close())
 
     @property
     def identities(self) -> set[str]:

@@ -36,7 +36,7 @@ from vsproxy import __version__
 from vsproxy.app import Proxy
 from vsproxy.config import config_from_dict
 from vsproxy.handlers import api as api_handlers
-from vsproxy.handlers import dashboard, ingest, ops, pages, stream
+from vsproxy.handlers import dashboard, ingest, ops, pages, stream, whep
 from vsproxy.handlers.base import JsonHandler
 from vsproxy.openapi import openapi_document
 
@@ -261,7 +261,7 @@ def test_every_route_is_documented_with_its_methods():
     its static files (everything under /dashboard/ but its API) are outside the document."""
     doc = openapi_document()
     served = {}
-    for module in (api_handlers, ops, stream, pages, ingest, dashboard):
+    for module in (api_handlers, ops, stream, whep, pages, ingest, dashboard):
         for route in module.routes:
             if route[1] is dashboard.DashboardFileHandler:
                 continue
@@ -297,6 +297,12 @@ COVERED_ELSEWHERE = {
     ("/stream/{sessionId}", "GET", "401"): "test_viewer_token_refusals_conform",
     ("/session/{sessionId}/token", "POST", "409"):
         "test_viewer_input.py::test_token_endpoint_without_viewer_tokens_is_409 (viewer tokens off)",
+    **{("/stream/{sessionId}/whep", "POST", status): "test_whep.py::test_whep_responses_conform_to_the_document"
+       for status in ("201", "400", "401", "403", "404", "406", "413", "415", "501", "503")},
+    **{("/stream/{sessionId}/whep/{resourceId}", method, status):
+       "test_whep.py::test_whep_responses_conform_to_the_document"
+       for method, status in (("DELETE", "200"), ("DELETE", "400"), ("DELETE", "404"), ("DELETE", "413"),
+                              ("PATCH", "405"), ("PATCH", "400"), ("PATCH", "413"))},
 }
 
 
@@ -525,6 +531,8 @@ def run_fuzz(doc: dict, base_url: str) -> tuple[list[str], int, float]:
         status_code_conformance,
     )
 
+    # SDP offers (WHEP) are text: send the generated strings as they are.
+    schemathesis.serializer.alias("application/sdp", "text/plain")
     schema = schemathesis.openapi.from_dict(doc)
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_headers_conformance, response_schema_conformance]

@@ -13,11 +13,12 @@ from tornado.ioloop import PeriodicCallback
 
 from .auth import Access, RateLimiter
 from .config import Config
-from .handlers import api, dashboard, ingest, ops, pages, stream
+from .handlers import api, dashboard, ingest, ops, pages, stream, whep
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
 from .metrics import Metrics, ProxyCollector
 from .monitor import Monitor
+from .outputs.webrtc import WhepPeers
 from .server import ConnectionCount, ProxyServer
 from .sessions import SessionManager
 from .sources import create_source
@@ -62,6 +63,7 @@ class Proxy:
         self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions))
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at)
+        self.whep = WhepPeers(config.webrtc.ice_servers)  # WebRTC peers (WHEP), by resource id
         self._timers: list[PeriodicCallback] = []
         self._server: ProxyServer | None = None
         self._servers: list[ProxyServer] = []
@@ -71,7 +73,7 @@ class Proxy:
     def make_app(self) -> tornado.web.Application:
         handlers: list[Any] = []
         # Each handler module ends with its `routes` list.
-        for module in (api, ops, stream, ingest, pages, dashboard):
+        for module in (api, ops, stream, whep, ingest, pages, dashboard):
             if module is ops and self.config.server.metrics_port:
                 handlers += ops.health_routes + ops.openapi_routes  # /metrics gets its own port
                 continue
@@ -94,6 +96,7 @@ class Proxy:
             "vsproxy_access": self.access,
             "vsproxy_monitor": self.monitor,
             "vsproxy_metrics": self.metrics,
+            "vsproxy_whep": self.whep,
             "vsproxy_session_create_limiter": self.session_create_limiter,
         }
 
@@ -165,6 +168,7 @@ class Proxy:
             timer.stop()
         self.monitor.stop()
         self.sessions.close_all()
+        await self.whep.wait_closed()  # WebRTC peers' connections (their close was started above)
         await self.sessions.close_store()
         await asyncio.gather(*(hub.stop() for hub in self.hubs.values()))
         for hub in self.hubs.values():

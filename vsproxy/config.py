@@ -208,6 +208,18 @@ class LoggingConfig:
                                                                "--log-format)")
 
 
+@dataclass(frozen=True)
+class WebRtcConfig:
+    """WebRTC playback over WHEP (POST /stream/{id}/whep)."""
+
+    enabled: bool = setting(True, doc="serve WHEP; `false`: the endpoint answers 501")
+    ice_servers: list = setting(factory=list, item_keys=("urls", "username", "credential"),
+                                values="list of `{urls, username, credential}`",
+                                doc="STUN/TURN servers (`stun:`, `turn:`, `turns:` URLs) the server "
+                                    "uses and announces to WHEP clients (`Link` headers); behind NAT "
+                                    "a TURN server, e.g. coturn (see WebRTC)")
+
+
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -226,6 +238,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     h264: H264Config = field(default_factory=H264Config)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     upstreams: dict = setting(factory=dict, values="name -> `{kind: ..., ...}`",
                               doc="named upstreams (the keys of each kind are listed below)")
     robots: dict = setting(factory=dict, doc="robotName -> upstream name")
@@ -343,6 +356,9 @@ def _expected(ftype: type, meta: Mapping) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list of strings", dict: "a mapping of strings"}
     text = names.get(ftype, ftype.__name__)
+    if ftype is list and meta.get("item_keys"):
+        keys = meta["item_keys"]
+        text = f"a list of mappings with the key {keys[0]} (and optionally {', '.join(keys[1:])})"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
         text += f" from {number_text(lo)} to {number_text(hi)}"
@@ -350,8 +366,17 @@ def _expected(ftype: type, meta: Mapping) -> str:
 
 
 # Values of these keys are never echoed in errors: they may hold credentials.
-_SECRET_KEYS = re.compile(r"secret|token|password|operators|headers|viewer_tokens|^auth$")
+_SECRET_KEYS = re.compile(r"secret|token|password|operators|headers|viewer_tokens|^auth$|ice_servers|credential")
 
+
+
+def _is_item(item: Any, keys: tuple[str, ...]) -> bool:
+    """Is `item` one mapping of a list-of-mappings key: only `keys`, the first of them present,
+    each value a string or a list of strings?"""
+    def text(v: Any) -> bool:
+        return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+    return (isinstance(item, dict) and keys[0] in item and set(item) <= set(keys)
+            and all(text(v) for v in item.values()))
 
 
 def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
@@ -373,6 +398,11 @@ def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
         if value is None:
             value = ""
         if not isinstance(value, str):
+            raise bad()
+    elif ftype is list and meta.get("item_keys"):
+        if value is None:
+            value = []
+        if not isinstance(value, list) or not all(_is_item(v, meta["item_keys"]) for v in value):
             raise bad()
     elif ftype is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -455,6 +485,14 @@ def _cross_checks(config: Config) -> None:
     url = config.server.public_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
+    for i, server in enumerate(config.webrtc.ice_servers):
+        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
+        for url in urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ConfigError(f"webrtc.ice_servers[{i}].urls",
+                                  f"expected stun:, stuns:, turn: or turns: URLs, got {redact_url(url)!r}")
+        if any(url.startswith("turn") for url in urls) and not (server.get("username") and server.get("credential")):
+            raise ConfigError(f"webrtc.ice_servers[{i}]", "a TURN server needs username and credential")
     auth = config.auth
     for i, token in enumerate(auth.api_tokens):
         if len(token) < 16:

@@ -55,6 +55,21 @@ _ERRNO_PHRASES = {
 }
 
 
+class BadOffer(ClientError):
+    """A WHEP offer that is not an SDP offer vsproxy can answer: 400, or 406 when it is valid SDP
+    but asks for nothing vsproxy can send (no video, no H.264 in packetization mode 1)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class WebRtcDisabled(ClientError):
+    """WHEP is switched off (webrtc.enabled: false)."""
+
+    status = 501
+
+
 def describe_error(exc: BaseException) -> str:
     """One line saying what went wrong, for `lastError`, logs and the dashboard (no traceback).
 

@@ -27,6 +27,7 @@ from .outputs.wire import (
     JPEG_TRANSPORTS,
     MJPEG,
     TRANSPORTS,
+    WEBRTC,
     WS_BINARY,
     WS_JSON,
     WS_TRANSPORTS,
@@ -349,6 +350,13 @@ class FrameHub:
             if self.latest is not None and not self.latest.offline:
                 self.encoder.submit(self.latest.jpeg, int(time.time() * 1_000_000))
 
+    def request_keyframe(self) -> None:
+        """A viewer needs a keyframe (a WebRTC peer joined, or lost a picture: PLI/FIR). The
+        encoder of a JPEG upstream makes one (at most one a second, however many ask); an
+        upstream passed through sends its next one when its own keyframe interval says so."""
+        if self.encoder is not None and self.encoder.running:
+            self.encoder.request_keyframe()
+
     def _stop_encoder(self) -> None:
         if self.encoder is not None and self.encoder.running:
             self.encoder.stop()
@@ -409,7 +417,16 @@ class FrameHub:
     def _add_h264_viewer(self, viewer: Viewer) -> None:
         if not self.connected and self.running and viewer.send_text:
             viewer.send_text(status_message("status", self.describe_state()))
+        encoder_was_running = self.encoder is not None and self.encoder.running
         self._start_encoder()
+        if viewer.transport == WEBRTC:
+            # A WebRTC receiver plays frames out at their RTP timestamps: a GOP of old frames
+            # sent at once would only add its length to the peer's delay. It starts at the next
+            # keyframe instead: asked for now where vsproxy encodes (a new encoder starts with
+            # one anyway), the upstream's next one on passthrough.
+            if encoder_was_running:
+                self.request_keyframe()
+            return
         # Fast start: the GOP so far at once, so the first picture does not wait for a keyframe.
         for au in self.gop:
             viewer.offer(au, au.encoded(viewer.transport))  # type: ignore[arg-type]
@@ -455,7 +472,7 @@ class FrameHub:
                     viewer.close("viewer stalled: no frame could be delivered")
                     # Then the socket itself: a stalled client would never answer a WebSocket
                     # close handshake, and Tornado would wait 5 s more for it.
-                    viewer.stream.close()
+                    viewer.hang_up()
                     dropped += 1
                 elif viewer.pending is not None:
                     viewer.flush_pending()

@@ -433,6 +433,66 @@ def _paths() -> dict[str, Any]:
             ),
             "options": _preflight("GET"),
         },
+        "/stream/{sessionId}/whep": {
+            "parameters": _SESSION_PARAM,
+            "post": _operation(
+                "WebRTC playback (WHEP): an SDP offer in, the SDP answer out", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "413", "415", "503", ok={
+                    "201": {
+                        "description": "The peer exists; the body is the SDP answer, with every host "
+                                       "candidate (no trickle ICE). H.264 only, as the upstream sends it.",
+                        "headers": {
+                            "Location": {"required": True, "schema": {"type": "string",
+                                                                      "pattern": "^/stream/[^/]+/whep/[^/]+$"},
+                                         "description": "The peer's resource: DELETE it to end the peer."},
+                            "ETag": {"required": True, "schema": {"type": "string"}},
+                            "Link": {"required": False, "schema": {"type": "string"},
+                                     "description": "One per webrtc.ice_servers URL: "
+                                                    "`<turn:...>; rel=\"ice-server\"; username=...; "
+                                                    "credential=...; credential-type=\"password\"`."},
+                        },
+                        "content": {"application/sdp": {"schema": {"type": "string"}}},
+                    },
+                    "406": _error("The offer is valid SDP but has no video section, or no H.264 in "
+                                  "packetization-mode 1."),
+                    "501": _error("WebRTC is disabled (webrtc.enabled: false)."),
+                }),
+                operationId="whepOffer",
+                parameters=[_ref("parameters", "token")],
+                requestBody={"required": True,
+                             "content": {"application/sdp": {"schema": {"type": "string"}}}},
+                description="draft-ietf-wish-whep. The body must be `Content-Type: application/sdp` (415 "
+                            "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
+                            "an SDP offer, 406 without video or H.264). The peer is a viewer of the session like "
+                            "any other (connections, limits.max_viewers_per_session: 503, viewer tokens: 401/403, "
+                            "closed when the session is destroyed or its token expires, dropped after "
+                            "streaming.stall_timeout_seconds without RTCP from it).",
+            ),
+            "options": {**_preflight("POST"), "description": "Also announces webrtc.ice_servers as Link headers "
+                                                             "to an allowed Origin."},
+        },
+        "/stream/{sessionId}/whep/{resourceId}": {
+            "parameters": [*_SESSION_PARAM, {"name": "resourceId", "in": "path", "required": True,
+                                             "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"},
+                                             "description": "From the Location of the 201."}],
+            "delete": _operation(
+                "End a WHEP peer", "streams", OPEN,
+                _responses("400", "404", "413", ok={"200": {"description": "The peer is closed."}}),
+                operationId="whepDelete",
+                description="The resource id (128 random bits, known only to whoever created the peer) is "
+                            "the credential. 404 for a peer that already ended.",
+            ),
+            "patch": _operation(
+                "Trickle ICE (not supported)", "streams", OPEN,
+                {"405": {**_error("Trickle ICE and ICE restarts are not supported: the SDP answer carries "
+                                  "every candidate."),
+                         "headers": {"Allow": {"required": True, "schema": {"type": "string"}}}},
+                 "400": _ref("responses", "BadRequest"),
+                 "413": _ref("responses", "PayloadTooLarge")},
+                operationId="whepPatch",
+            ),
+            "options": _preflight("DELETE"),
+        },
         "/stream/{sessionId}": {
             "parameters": _SESSION_PARAM,
             "get": _operation(

@@ -24,11 +24,14 @@ class ConfigError(Exception):
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, min: float | None = None,  # noqa: A002
             max: float | None = None, choices: tuple = (),  # noqa: A002
-            factory: Callable[[], Any] | None = None, values: str | None = None) -> Any:
+            factory: Callable[[], Any] | None = None, values: str | None = None,
+            item_keys: tuple[str, ...] = ()) -> Any:
     """A dataclass field for one configuration key: `port: int = setting(8889, min=1, max=65535,
     doc="...")`; mutable defaults (lists, mappings) come from `factory`; `values` describes the
-    accepted values in the reference where the type says too little."""
-    metadata = {"min": min, "max": max, "choices": choices, "doc": doc, "values": values}
+    accepted values in the reference where the type says too little. A `list` key with `item_keys`
+    is a list of mappings instead of strings: each may have those keys (the first is required),
+    each value a string or a list of strings."""
+    metadata = {"min": min, "max": max, "choices": choices, "doc": doc, "values": values, "item_keys": item_keys}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..hub import FrameHub
     from ..metrics import Metrics
     from ..monitor import Monitor
+    from ..outputs.webrtc import WhepPeers
     from ..sessions import SessionManager
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
@@ -178,6 +179,10 @@ class HandlerMixin:
     @property
     def monitor(self) -> Monitor:
         return self.settings["vsproxy_monitor"]
+
+    @property
+    def whep(self) -> WhepPeers:
+        return self.settings["vsproxy_whep"]
 
     @property
     def metrics(self) -> Metrics:

@@ -61,7 +61,8 @@ class PageHandler(HandlerMixin, tornado.web.RequestHandler):
 
 
 class EmbedHandler(PageHandler):
-    """GET /stream/{sessionId}/embed[?control=1][&fps=N][&mode=ws|mjpeg]: a player for iframes.
+    """GET /stream/{sessionId}/embed[?control=1][&fps=N][&mode=ws|mjpeg][&transport=webrtc|ws]: a player
+    for iframes.
 
     ?control=1 forwards keyboard and pointer input if the upstream takes input and (with viewer
     tokens on) the token is a control token. A parent frame may post {"type": "vsproxy:token",
@@ -94,6 +95,11 @@ class EmbedHandler(PageHandler):
             # H.264 (WebCodecs) where the browser can, else JPEG; "jpeg" or "h264" forces one.
             "codec": codec if (codec := self.get_query_argument("codec", "auto")) in ("auto", "h264", "jpeg")
             else "auto",
+            # WebRTC (WHEP) first where possible, then the WebSocket; "webrtc" or "ws" forces one.
+            "transport": transport if (transport := self.get_query_argument("transport", "auto"))
+            in ("auto", "webrtc", "ws") and self.config.webrtc.enabled else "auto" if self.config.webrtc.enabled
+            else "ws",
+            "whepPath": f"/stream/{session.id}/whep",
             "token": self.get_query_argument("token", None),
             # What ?control=1 can do here: the player says so quietly instead of sending in vain.
             "mayControl": grant.control,

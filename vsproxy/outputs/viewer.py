@@ -230,6 +230,11 @@ class Viewer:
             self._inflight_arrived = None
         self.flush_pending()
 
+    def hang_up(self) -> None:
+        """Close the connection itself, after `close` (a stalled client would never answer a
+        WebSocket close handshake)."""
+        self.stream.close()
+
     def stalled_for(self, now: float) -> float:
         """Seconds this viewer has had a frame waiting that its socket would not take."""
         return now - self.last_drain if (self._busy or self._pending is not None) else 0.0

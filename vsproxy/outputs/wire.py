@@ -25,11 +25,13 @@ WS_BINARY = "ws_binary"
 MJPEG = "mjpeg"
 WS_H264 = "ws_h264"
 MP4 = "mp4"
+WEBRTC = "webrtc"  # WHEP peers (vsproxy/outputs/webrtc.py): the access units, packetized per peer by aiortc
 JPEG_TRANSPORTS = (WS_JSON, WS_BINARY, MJPEG)  # each JPEG frame
-H264_TRANSPORTS = (WS_H264, MP4)  # each H.264 access unit
+H264_TRANSPORTS = (WS_H264, MP4, WEBRTC)  # each H.264 access unit
 TRANSPORTS = JPEG_TRANSPORTS + H264_TRANSPORTS
 # Short display names (the dashboard's viewer columns).
-TRANSPORT_LABELS = {WS_JSON: "ws", WS_BINARY: "ws bin", MJPEG: "mjpeg", WS_H264: "h264", MP4: "mp4"}
+TRANSPORT_LABELS = {WS_JSON: "ws", WS_BINARY: "ws bin", MJPEG: "mjpeg", WS_H264: "h264", MP4: "mp4",
+                    WEBRTC: "webrtc"}
 # Transports that carry text messages (status, errors, relayed upstream text) besides frames.
 WS_TRANSPORTS = (WS_JSON, WS_BINARY, WS_H264)
 # `?format=` of WS /stream/{sessionId} -> transport.
@@ -84,12 +86,19 @@ def _encode_ws_h264(au: AccessUnit) -> bytes:
     return message
 
 
+def _encode_webrtc(au: AccessUnit) -> bytes:
+    # The access unit itself: aiortc splits it into RTP packets (STAP-A/FU-A) for each peer's
+    # own SRTP session, so nothing of the wire form can be shared between peers.
+    return au.data
+
+
 ENCODERS: dict[str, Callable[[Any], bytes]] = {
     WS_JSON: _encode_ws_json,
     WS_BINARY: _encode_ws_binary,
     MJPEG: _encode_mjpeg,
     WS_H264: _encode_ws_h264,
     MP4: fmp4.fragment,
+    WEBRTC: _encode_webrtc,
 }
 
 

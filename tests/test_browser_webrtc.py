@@ -1,0 +1,97 @@
+"""The embed player over WebRTC (WHEP) in a real headless Chromium: ?transport=webrtc plays into
+the <video> element, getStats() counts the decoded frames, and the auto order starts with WebRTC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from browser import artifact, chromium
+from test_browser_pages import player_state, wait_page
+
+from vsproxy.outputs.wire import WEBRTC
+
+pytestmark = pytest.mark.browser
+
+FRAMES_DECODED = """async () => {
+    const pc = window.vsproxyPeer();
+    if (!pc) return 0;
+    let decoded = 0;
+    (await pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video') decoded = s.framesDecoded || 0;
+    });
+    return decoded;
+}"""
+
+VIDEO_NOT_BLANK = """() => {
+    const v = document.getElementById('video');
+    if (!v.videoWidth) return false;
+    const c = document.createElement('canvas');
+    c.width = v.videoWidth; c.height = v.videoHeight;
+    const g = c.getContext('2d');
+    g.drawImage(v, 0, 0);
+    const d = g.getImageData(0, 0, c.width, c.height).data;
+    for (let i = 4; i < d.length; i += 4 * 97) if (d[i] !== d[0] || d[i+1] !== d[1] || d[i+2] !== d[2]) return true;
+    return false;
+}"""
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_player_plays_webrtc_into_a_video_element(api, base_url, proxy):
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=webrtc")
+        await wait_page(page, "window.vsproxyPlayer.answerMs !== null", timeout=15)
+        answered = time.monotonic()
+        decoded = 0
+        while decoded < 25:
+            decoded = await page.evaluate(FRAMES_DECODED)
+            assert time.monotonic() - answered < 3, f"only {decoded} frames decoded 3 s after the answer"
+            await asyncio.sleep(0.05)
+        state = await player_state(page)
+        assert state["transport"] == "webrtc" and state["codec"] == "h264" and state["state"] == "live", state
+        assert await page.text_content("#transport") == "WebRTC"
+        assert await page.evaluate(VIDEO_NOT_BLANK)
+        size = await page.evaluate("[document.getElementById('video').videoWidth, "
+                                   "document.getElementById('video').videoHeight]")
+        assert size == [320, 240]
+        await page.screenshot(path=artifact("embed-webrtc.png"))
+        hub = proxy.hubs["demo"]
+        assert len(hub.viewers[WEBRTC]) == 1 and hub.encoder.running
+        _, body, _ = await api.call("GET", f"/session/{created['sessionId']}")
+        assert body["session"]["connections"] == 1
+        await page.close()  # pagehide: the player DELETEs its WHEP resource
+        deadline = time.monotonic() + 5
+        while proxy.whep.peers and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not proxy.whep.peers, "the closed page's peer was not ended"
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_auto_starts_with_webrtc_and_the_session_end_shows(api, base_url, proxy):
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        state = await player_state(page)
+        assert state["transport"] == "webrtc", repr(state)
+        assert state["firstFrameMs"] < 3000, repr(state)  # about 0.2 s here; 4 s would fall back
+        await api.call("DELETE", f"/session/{created['sessionId']}")
+        await wait_page(page, "document.body.dataset.state === 'ended'")
+
+
+@pytest.mark.config({"webrtc": {"enabled": False}, "h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_auto_without_webrtc_uses_the_websocket(api, base_url):
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        state = await player_state(page)
+        assert state["transport"] == "ws" and state["codec"] == "h264", state

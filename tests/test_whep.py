@@ -1,0 +1,267 @@
+"""WHEP: WebRTC playback of a session (POST /stream/{id}/whep, DELETE its resource), with a real
+aiortc peer on loopback as the client. No STUN/TURN server is ever contacted (no ICE servers:
+host candidates only)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import pytest
+from helpers import VIEWER_AUTH, WhepClient, assert_json_error, session_json, wait_until
+from test_openapi import call, contract  # noqa: F401  (fixtures)
+
+from vsproxy.outputs.wire import WEBRTC
+
+SMALL_DEMO = {"demo": {"width": 320, "height": 240, "fps": 30, "quality": 70}}
+
+
+@pytest.fixture
+def whep_clients(io_loop):
+    clients: list[WhepClient] = []
+    yield clients
+    io_loop.run_sync(lambda: asyncio.gather(*(c.close() for c in clients)))
+
+
+async def new_client(api, whep_clients, session_id: str, query: str = "") -> WhepClient:
+    client = WhepClient(api, f"/stream/{session_id}/whep{query}")
+    whep_clients.append(client)
+    return client
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_whep_peer_receives_h264_from_the_shared_encoder(api, proxy, whep_clients):
+    """201 with the SDP answer, Location and ETag; the peer decodes frames of the demo session; it
+    is a viewer of the session (connections) and of the hub (transport webrtc)."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 201
+    response = client.response
+    assert response.headers["Content-Type"] == "application/sdp"
+    assert response.headers["Location"].startswith(f"/stream/{session_id}/whep/")
+    assert response.headers["ETag"]
+    answer = response.body.decode()
+    assert "a=candidate:" in answer and "H264/90000" in answer and "a=sendonly" in answer
+    assert "VP8" not in answer  # H.264 only, as offered
+    frames = await client.frames(20)
+    assert (frames[-1].width, frames[-1].height) == (320, 240)
+    assert len({bytes(f.planes[0])[:4096] for f in frames}) > 1  # moving pictures, not one frame repeated
+    hub = proxy.hubs["demo"]
+    assert len(hub.viewers[WEBRTC]) == 1 and hub.encoder.running
+    assert (await session_json(api, session_id))["connections"] == 1
+    assert hub.stats[WEBRTC].frames_sent >= 20 and hub.stats[WEBRTC].bytes_sent > 0
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_delete_ends_the_peer_and_destroy_ends_the_others(api, proxy, whep_clients):
+    session_id = (await api.create_session())["sessionId"]
+    first = await new_client(api, whep_clients, session_id)
+    second = await new_client(api, whep_clients, session_id)
+    assert await first.connect() == 201 and await second.connect() == 201
+    await first.frames(3)
+    await second.frames(3)
+    assert (await session_json(api, session_id))["connections"] == 2
+
+    code, _, _ = await api.call("DELETE", first.location)
+    assert code == 200
+    assert (await session_json(api, session_id))["connections"] == 1
+    await wait_until(lambda: first.pc.connectionState == "closed" or first.track.readyState == "ended",
+                     "the deleted peer's connection to end")
+    code, body, _ = await api.call("DELETE", first.location)  # already gone
+    assert_json_error(code, body, 404)
+
+    code, _, _ = await api.call("DELETE", f"/session/{session_id}")
+    assert code == 200
+    hub = proxy.hubs["demo"]
+    await wait_until(lambda: not hub.viewers[WEBRTC] and not proxy.whep.peers, "the peers to end")
+    await wait_until(lambda: not hub.encoder.running, "the encoder to stop with its last viewer")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_refusals_unknown_session_bad_offer_no_h264_content_type_trickle(api, whep_clients):
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, "stream_123_nope")
+    sdp = await client.offer()
+    sdp_headers = {"Content-Type": "application/sdp"}
+    code, body, _ = await api.call("POST", "/stream/stream_123_nope/whep", raw=sdp.encode(), headers=sdp_headers)
+    assert_json_error(code, body, 404)
+    path = f"/stream/{session_id}/whep"
+    code, body, _ = await api.call("POST", path, raw=b"hello", headers=sdp_headers)
+    assert_json_error(code, body, 400)
+    code, body, _ = await api.call("POST", path, raw=b"v=0\r\nm=video x\r\n\xff", headers=sdp_headers)
+    assert_json_error(code, body, 400)
+    audio_only = sdp.replace("m=video", "m=audio").replace("H264/90000", "opus/48000/2")
+    code, body, _ = await api.call("POST", path, raw=audio_only.encode(), headers=sdp_headers)
+    assert_json_error(code, body, 406)
+    vp8 = re.search(r"a=rtpmap:(\d+) VP8/90000", sdp).group(1)
+    kept = [line for line in sdp.split("\r\n")
+            if not re.match(r"a=(rtpmap|fmtp|rtcp-fb):(\d+)", line) or re.match(rf"a=[a-z-]+:{vp8} ", line)]
+    vp8_only = "\r\n".join(re.sub(r"^(m=video \d+ \S+) .*$", rf"\1 {vp8}", line) for line in kept)
+    code, body, _ = await api.call("POST", path, raw=vp8_only.encode(), headers=sdp_headers)
+    assert_json_error(code, body, 406)
+    assert "H.264" in body["error"]
+    code, body, _ = await api.call("POST", path, raw=sdp.encode(), headers={"Content-Type": "text/plain"})
+    assert_json_error(code, body, 415)
+    code, body, response = await api.call("PATCH", f"{path}/whatever", raw=b"a=candidate:x",
+                                          headers={"Content-Type": "application/trickle-ice-sdpfrag"})
+    assert_json_error(code, body, 405)
+    assert "DELETE" in response.headers["Allow"]
+    assert (await session_json(api, session_id))["connections"] == 0
+
+
+@pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})
+@pytest.mark.gen_test(timeout=30)
+async def test_viewer_tokens_are_enforced(api, whep_clients):
+    created = await api.create_session()
+    session_id, token = created["sessionId"], created["viewerToken"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 401
+    other = (await api.create_session(user="someone-else"))["viewerToken"]
+    client = await new_client(api, whep_clients, session_id, f"?token={other}")
+    assert await client.connect() == 403
+    client = await new_client(api, whep_clients, session_id, f"?token={token}")
+    assert await client.connect() == 201
+    await client.frames(3)
+
+
+@pytest.mark.config({**SMALL_DEMO, "webrtc": {"ice_servers": [
+    {"urls": "stun:stun.invalid:3478"},
+    {"urls": ["turn:turn.invalid:3478?transport=udp"], "username": "user", "credential": "pass"}]}})
+@pytest.mark.gen_test(timeout=30)
+async def test_ice_servers_are_announced_in_link_headers(api, proxy):
+    """The ICE servers are announced as the draft says (no ICE server is contacted: the offer is
+    refused before a peer connection exists)."""
+    session_id = (await api.create_session())["sessionId"]
+    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=b"x",
+                                       headers={"Content-Type": "application/sdp"})
+    assert code == 400
+    code, _, response = await api.call("OPTIONS", f"/stream/{session_id}/whep",
+                                       headers={"Origin": "http://localhost:3000"})
+    assert code == 204
+    links = response.headers.get_list("Link")
+    assert links == ['<stun:stun.invalid:3478>; rel="ice-server"',
+                     '<turn:turn.invalid:3478?transport=udp>; rel="ice-server"; username="user"; '
+                     'credential="pass"; credential-type="password"']
+    assert "Location" in response.headers["Access-Control-Expose-Headers"]
+
+
+@pytest.mark.slow  # the stall timeout, then the hub's once-a-second tick
+@pytest.mark.config({**SMALL_DEMO, "streaming": {"stall_timeout_seconds": 1.5}})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_peer_gone_without_delete_is_dropped_after_the_stall_timeout(api, proxy, whep_clients):
+    """The client's transport ends without a DELETE (no more RTCP from it): the proxy drops the
+    peer after the stall timeout."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 201
+    await client.frames(5)
+    # Silence the client without telling the server: its ICE transport just stops.
+    for transceiver in client.pc.getTransceivers():
+        await transceiver.receiver.transport.transport.stop()
+    gone = time.monotonic()
+    await wait_until(lambda: not proxy.whep.peers, "the silent peer to be dropped", timeout=10)
+    assert time.monotonic() - gone < 6
+    assert (await session_json(api, session_id))["connections"] == 0
+
+
+# -- the OpenAPI contract of the WHEP endpoints ---------------------------------------------------
+
+WHEP = "/stream/{sessionId}/whep"
+RESOURCE = "/stream/{sessionId}/whep/{resourceId}"
+SDP = {"Content-Type": "application/sdp"}
+
+
+@pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH, "limits": {"max_viewers_per_session": 1}})
+@pytest.mark.gen_test(timeout=30)
+async def test_whep_responses_conform_to_the_document(call, contract, api, proxy, whep_clients):  # noqa: F811
+    """Every status the WHEP endpoints document, produced and checked against the document."""
+    a = await api.create_session()
+    b = await api.create_session(user="bob")
+    sid, token = a["sessionId"], a["viewerToken"]
+    client = await new_client(api, whep_clients, sid, f"?token={token}")
+    offer = (await client.offer()).encode()
+    path = f"/stream/{sid}/whep?token={token}"
+    await call("POST", WHEP, f"/stream/{sid}/whep", raw=offer, headers=SDP, expect=401)
+    await call("POST", WHEP, f"/stream/{sid}/whep?token={b['viewerToken']}", raw=offer, headers=SDP, expect=403)
+    await call("POST", WHEP, f"/stream/stream_1700000000000_{'0' * 32}/whep", raw=offer, headers=SDP, expect=404)
+    await call("POST", WHEP, "/stream/%FF/whep", raw=offer, headers=SDP, expect=400)
+    await call("POST", WHEP, path, raw=offer, headers={"Content-Type": "application/json"}, expect=415)
+    big = b"v=0\r\n" + b"a=x\r\n" * (proxy.config.limits.max_body_bytes // 5)
+    await call("POST", WHEP, path, raw=big, headers=SDP, expect=413)
+    await call("POST", WHEP, path, raw=b"not sdp", headers=SDP, expect=400)
+    await call("POST", WHEP, path, raw=offer.replace(b"m=video", b"m=audio"), headers=SDP, expect=406)
+    await call("POST", WHEP, path, raw=offer, headers=SDP, expect=201)
+    resource = call.last_headers["Location"]
+    # The answer was for a peer this test did not keep: a second one is over the viewer limit.
+    await call("POST", WHEP, path, raw=offer, headers=SDP, expect=503)
+    await call("PATCH", RESOURCE, resource, raw=b"a=end-of-candidates",
+               headers={"Content-Type": "application/trickle-ice-sdpfrag"}, expect=405)
+    await call("PATCH", RESOURCE, "/stream/%FF/whep/x", raw=b"", expect=400)
+    await call("PATCH", RESOURCE, resource, raw=big, expect=413)
+    await call("DELETE", RESOURCE, resource, raw=big, expect=413)
+    await call("DELETE", RESOURCE, "/stream/%FF/whep/x", expect=400)
+    await call("DELETE", RESOURCE, resource, expect=200)
+    await call("DELETE", RESOURCE, resource, expect=404)
+    await call("DELETE", RESOURCE, f"/stream/{sid}/whep/nope", expect=404)
+    contract.assert_ok()
+
+
+@pytest.mark.config({"webrtc": {"enabled": False}})
+@pytest.mark.gen_test(timeout=30)
+async def test_disabled_webrtc_is_501(call, contract, api, whep_clients):  # noqa: F811
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    await call("POST", WHEP, f"/stream/{session_id}/whep", raw=(await client.offer()).encode(), headers=SDP,
+               expect=501)
+    contract.assert_ok()
+
+
+# -- backpressure of one peer ---------------------------------------------------------------------
+
+
+class Unit:
+    """An access unit as a peer sees it."""
+
+    def __init__(self, keyframe: bool, size: int = 1000) -> None:
+        self.keyframe = keyframe
+        self.data = b"\0" * size
+        self.pts_us = int(time.time() * 1e6)
+        self.arrived = time.monotonic()
+
+
+def test_a_peer_behind_skips_to_the_next_keyframe_and_holds_at_most_one_gop():
+    from vsproxy.outputs.viewer import TransportStats
+    from vsproxy.outputs.webrtc import WhepPeer
+
+    requests = []
+    stats = TransportStats()
+    peer = WhepPeer("r", "s", None, stats, on_close=lambda p, r: None,
+                    request_keyframe=lambda: requests.append(1))
+    peer.offer(Unit(False), b"")  # before its first keyframe: not its frame, not dropped
+    assert peer.pending is None and peer.frames_dropped == 0
+    peer.offer(Unit(True), b"")
+    for _ in range(5):
+        peer.offer(Unit(False), b"")
+    assert len(peer._queue) == 6
+    keyframe = Unit(True)
+    peer.offer(keyframe, b"")  # the sender took none of them: skip ahead to this keyframe
+    assert list(peer._queue) == [keyframe] and peer.frames_dropped == 6 == stats.frames_dropped
+    # A GOP over the byte cap is dropped whole; the peer waits for (and asks for) the next keyframe.
+    for _ in range(20):
+        peer.offer(Unit(False, size=1 << 20), b"")
+    assert peer.pending is None and peer.waiting_for_keyframe and requests == [1]
+    peer.offer(Unit(False), b"")
+    assert peer.pending is None
+    # A sender keeping up (takes each unit as it comes) loses nothing at keyframes.
+    loop = asyncio.new_event_loop()
+    try:
+        dropped = peer.frames_dropped
+        for i in range(10):
+            peer.offer(Unit(i % 5 == 0), b"")
+            loop.run_until_complete(peer.next_access_unit())
+        assert peer.frames_dropped == dropped and peer.frames_sent == 10
+    finally:
+        loop.close()

@@ -1,0 +1,137 @@
+"""WHEP (draft-ietf-wish-whep): WebRTC playback of a session over plain HTTP.
+
+`POST /stream/{sessionId}/whep` with an SDP offer creates a peer (201, the SDP answer, a
+`Location` naming the peer's resource, an `ETag`, and the ICE servers as `Link` headers);
+`DELETE` on that resource ends it. Trickle ICE (`PATCH`) is not supported (405): the answer
+carries every host candidate. The peer itself lives in `vsproxy/outputs/webrtc.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import tornado.web
+
+from ..errors import ClientError, WebRtcDisabled
+from ..outputs.webrtc import WhepPeer
+from ..outputs.wire import WEBRTC
+from ..sessions import Session
+from .base import JsonHandler, write_json_error
+
+log = logging.getLogger("vsproxy.whep")
+
+SDP_CONTENT_TYPE = "application/sdp"
+EXPOSED_HEADERS = "Location, ETag, Link"
+
+
+def ice_server_links(ice_servers: list[dict]) -> list[str]:
+    """The `Link` header values announcing ICE servers to a WHEP client (the draft's
+    rel="ice-server", credentials as username/credential parameters)."""
+    links = []
+    for server in ice_servers:
+        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
+        for url in urls:
+            link = f'<{url}>; rel="ice-server"'
+            if server.get("username"):
+                link += f'; username="{server["username"]}"; credential="{server.get("credential", "")}"'
+                link += '; credential-type="password"'
+            links.append(link)
+    return links
+
+
+class WhepHandler(JsonHandler):
+    """POST /stream/{sessionId}/whep: an SDP offer in, a WebRTC peer and its SDP answer out."""
+
+    cors_methods = "POST, OPTIONS"
+
+    def check_post_content_type(self) -> None:
+        # WHEP offers are application/sdp, never JSON. That still makes a browser ask first (it is
+        # not a CORS "simple" content type), so only configured origins may post from a page.
+        content_type = self.request.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != SDP_CONTENT_TYPE:
+            raise tornado.web.HTTPError(415, reason=f"Content-Type must be {SDP_CONTENT_TYPE}")
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        super().options(*args, **kwargs)
+        for link in ice_server_links(self.config.webrtc.ice_servers) if self.origin_allowed() else ():
+            self.add_header("Link", link)
+
+    async def post(self, session_id: str) -> None:
+        if not self.config.webrtc.enabled:
+            raise WebRtcDisabled("WebRTC is disabled on this server (webrtc.enabled: false)")
+        session = self.sessions.get(session_id)
+        grant = self.require_viewer(session_id)
+        self.sessions.check_viewer_room(session)
+        try:
+            offer = self.body().decode("utf-8")
+        except UnicodeDecodeError:
+            raise tornado.web.HTTPError(400, reason="The SDP offer is not UTF-8 text") from None
+        hub = session.hub
+        config = hub.h264_config
+        peer, answer = await self.whep.answer(
+            offer, session_id, hub.stats[WEBRTC], config.codec if config else None,
+            on_close=lambda p, reason: self.sessions.remove_viewer(session, p),
+            request_keyframe=hub.request_keyframe)
+        try:
+            # The session may have been destroyed, or filled up, while the answer was made.
+            self.sessions.add_viewer(session, peer)
+        except ClientError:
+            peer.close("session gone before the answer")
+            raise
+        if grant.expires is not None:  # the peer ends when its viewer token expires
+            peer.expiry = asyncio.get_running_loop().call_later(
+                max(0.0, grant.expires - time.time()), _token_expired, session, peer)
+        self.set_status(201)
+        self.set_header("Content-Type", SDP_CONTENT_TYPE)
+        self.set_header("Location", f"/stream/{session_id}/whep/{peer.id}")
+        self.set_header("ETag", peer.etag)
+        for link in ice_server_links(self.config.webrtc.ice_servers):
+            self.add_header("Link", link)
+        self.finish(answer)
+
+
+def _token_expired(session: Session, peer: WhepPeer) -> None:
+    log.info("viewer token expired, closing the viewer", extra={"session": session.id})
+    peer.close("viewer token expired")
+
+
+class WhepResourceHandler(JsonHandler):
+    """DELETE /stream/{sessionId}/whep/{resourceId}: end a WHEP peer. The resource id (128
+    random bits, known only to whoever made the peer) is the capability; PATCH (trickle ICE) is
+    405."""
+
+    cors_methods = "DELETE, OPTIONS"
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+
+    def _peer(self, session_id: str, resource_id: str) -> WhepPeer:
+        peer = self.whep.get(resource_id)
+        if peer is None or peer.session_id != session_id:
+            raise tornado.web.HTTPError(404, reason="No such WHEP resource (ended, or never created)")
+        return peer
+
+    def delete(self, session_id: str, resource_id: str) -> None:
+        self._peer(session_id, resource_id).close("ended by the client (DELETE)")
+        self.set_status(200)
+        self.finish()
+
+    def patch(self, session_id: str, resource_id: str) -> None:
+        # Trickle ICE and ICE restarts are optional in WHEP: the answer has every candidate.
+        write_json_error(self, 405, "Trickle ICE is not supported: the SDP answer carries every candidate",
+                         {"Allow": "DELETE, OPTIONS"})
+
+
+_SESSION = r"(?P<session_id>[^/]+)"
+routes = [
+    (rf"/stream/{_SESSION}/whep", WhepHandler),
+    (rf"/stream/{_SESSION}/whep/(?P<resource_id>[^/]+)", WhepResourceHandler),
+]
