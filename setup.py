@@ -30,6 +30,9 @@ setup(
         # H.264: the shared encoder of JPEG upstreams (libx264), RTSP upstreams (FFmpeg's RTSP
         # client and decoders). Its wheels bundle FFmpeg, nothing to compile.
         "av>=18,<19",
+        # A cluster of nodes (cluster.redis_url): the shared session registry, leases and control
+        # messages; its asyncio client (redis.asyncio). Imported only when a cluster is configured.
+        "redis>=5",
     ],
     extras_require={
         "rtsp": [],  # PyAV is a regular dependency now; kept so `pip install "vsproxy[rtsp]"` still works
