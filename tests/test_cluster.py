@@ -264,3 +264,48 @@ async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, re
     code, body, _ = await node2.api.call("DELETE", f"/session/{ids[0]}")
     assert code == 200, body
     assert len(sim.clients) == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_of_the_origin_hands_the_upstream_over(cluster, sim):
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    first = await node1.viewer(sid)
+    await real_frame(first, sim, 15)
+    second = await node2.viewer(sid)
+    await real_frame(second, sim, 15)
+    assert (await node1.upstream())["source"]["role"] == "origin"
+    node1.process.send_signal(signal.SIGTERM)
+    while await asyncio.wait_for(first.read_message(), 5) is not None:
+        pass
+    assert first.close_reason == "Server shutting down; reconnect to resume"
+    assert node1.process.wait(timeout=10) == 0
+    sim.frames.clear()
+    handed_over = time.monotonic()
+    await real_frame(second, sim, 5)
+    print(f"drain: frames on the other node again {time.monotonic() - handed_over:.2f} s after the origin closed")
+    assert (await node2.upstream())["source"]["role"] == "origin"
+    assert len(sim.clients) == 1
+    code, body, _ = await node2.api.call("GET", f"/session/{sid}")
+    assert code == 200, body  # the session outlives the node
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_sessions_are_reaped_once_for_the_whole_cluster(cluster):
+    nodes = await started(cluster(3, {"sessions": {"idle_timeout_seconds": 1, "cleanup_interval_seconds": 0.2}}))
+    ids = []
+    for node in nodes:
+        code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        ids.append(created["sessionId"])
+    deadline = time.monotonic() + 10
+    while (await nodes[0].api.call("GET", "/sessions"))[1]["count"]:
+        assert time.monotonic() < deadline, "idle sessions not reaped"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    reaped = []
+    for node in nodes:
+        metrics = (await node.api.call("GET", "/metrics"))[2].body.decode()
+        reaped += [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith('vsproxy_sessions_destroyed_total{reason="idle"}')]
+    assert sum(reaped) == 3, reaped  # each session reaped by one node only, not once per node
