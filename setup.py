@@ -33,6 +33,9 @@ setup(
         # WebRTC out (WHEP): ICE, DTLS, SRTP and RTP packetization in Python on the asyncio loop.
         # vsproxy hooks two methods of its RTCRtpSender instances (see vsproxy/outputs/webrtc.py).
         "aiortc>=1.16,<2",
+        # A cluster of nodes (cluster.redis_url): the shared session registry, leases and control
+        # messages; its asyncio client (redis.asyncio). Imported only when a cluster is configured.
+        "redis>=5",
     ],
     extras_require={
         "rtsp": [],  # PyAV is a regular dependency now; kept so `pip install "vsproxy[rtsp]"` still works

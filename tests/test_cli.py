@@ -36,7 +36,7 @@ def two_free_ports() -> tuple[int, int]:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The current environment without any VIDEO_PROXY_* / ISAAC_SIM_* variable, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDEO_PROXY_", "ISAAC_SIM_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIDEO_PROXY_", "ISAAC_SIM_", "VSPROXY_"))}
     env.update(extra)
     return env
 

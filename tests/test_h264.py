@@ -360,3 +360,41 @@ async def test_a_fast_h264_viewer_gets_every_frame_in_order():
     assert bytes(received).count(b"\x82") >= 30  # one binary WebSocket frame per access unit
     server.close()
     client.close()
+
+
+# -- end to end: what a viewer decodes against what the camera sent -----------------------------------
+
+
+def best_psnr(picture: np.ndarray, references: list[np.ndarray]) -> float:
+    """PSNR of a decoded picture against the source frame it matches best (the camera's frames
+    are distinct, so the best match is the one it was encoded from)."""
+    return max(psnr(picture, ref) for ref in references)
+
+
+@pytest.mark.slow
+@pytest.mark.config(FAST)
+@pytest.mark.gen_test(timeout=60)
+async def test_viewers_decode_the_moving_camera_at_psnr_32_db_over_websocket_and_mp4(sim, api, ws_connect,
+                                                                                     http_port):
+    session_id = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    head, mp4 = await raw_request(http_port, f"/stream/{session_id}/stream.mp4")
+    mp4_data = bytearray(head.body)
+    units = []
+    while len(units) < 45:
+        message = await recv(conn)
+        if isinstance(message, bytes):
+            units.append(parse_message(message)[2])
+    while mp4_data.count(b"moof") < 30:
+        mp4_data += await mp4.read_bytes(65536, partial=True)
+    mp4.close()
+    references = [luma(jpeg) for jpeg in list(sim.frames)]
+    ws_pictures = decode_annexb(units)
+    with av.open(io.BytesIO(bytes(mp4_data)), format="mp4") as container:
+        mp4_pictures = list(container.decode(container.streams.video[0]))
+    for name, pictures in (("format=h264", ws_pictures), ("stream.mp4", mp4_pictures)):
+        assert len(pictures) >= 30, name
+        lumas = [np.asarray(p.to_image().convert("L"), dtype=np.float64) for p in pictures]
+        assert len({hash(y.tobytes()) for y in lumas}) > len(lumas) // 2, f"{name}: a moving picture"
+        scores = [best_psnr(y, references) for y in lumas[:30]]
+        assert min(scores) >= 32, (name, scores)

@@ -425,7 +425,9 @@ async def test_embed_player_resumes_by_itself_after_a_restart(tmp_path):
         created = http(port, "POST", "/session/create", {"userId": "u", "robotName": "arm"})[1]
         async with chromium() as browser:
             page = await browser.new_page()
-            await page.goto(f"http://127.0.0.1:{port}/stream/{created['sessionId']}/embed?token="
+            # The WebSocket transport: its close on shutdown is immediate (WebRTC notices a server
+            # gone only when its connection checks fail, which takes seconds).
+            await page.goto(f"http://127.0.0.1:{port}/stream/{created['sessionId']}/embed?transport=ws&token="
                             f"{created['viewerToken']}")
             await wait_page(page, "document.body.dataset.state === 'live'")
             assert server.signal_and_wait(signal.SIGTERM) == 0

@@ -41,14 +41,19 @@ class Proxy:
         store = open_store(config.sessions.store)
         stored_sessions = store.load()
         upstreams, default = config.upstream_configs()
+        # A cluster (cluster.redis_url): sessions in Redis, each upstream's source wrapped so that
+        # one node in the cluster (the origin) holds the upstream (vsproxy/cluster/).
+        self.cluster: Any = None
+        if config.cluster.redis_url:
+            from . import cluster
+            self.cluster = cluster.Cluster(config)
         self.hubs: dict[str, FrameHub] = {
-            name: FrameHub(name, create_source(name, settings, config.reconnect),
+            name: FrameHub(name, self._source(name, settings),
                            streaming=config.streaming, reconnect=config.reconnect, h264=config.h264_for(name))
             for name, settings in upstreams.items()
         }
-        self.sessions = SessionManager(
-            self.hubs,
-            default,
+        limits = config.limits
+        session_settings: dict[str, Any] = dict(
             robots=config.robots,
             max_sessions=config.limits.max_sessions,
             max_sessions_per_user=config.limits.max_sessions_per_user,
@@ -56,10 +61,18 @@ class Proxy:
             idle_timeout=config.sessions.idle_timeout_seconds,
             store=store,
         )
+        self.session_create_limiter: Any
+        if self.cluster is not None:
+            self.sessions = cluster.ClusterSessionManager(
+                self.hubs, default, cluster=self.cluster, create_rate=limits.session_create_rate,
+                create_burst=limits.session_create_burst,
+                cleanup_interval=config.sessions.cleanup_interval_seconds, **session_settings)
+            self.session_create_limiter = cluster.NoRateLimit()  # enforced in Redis, cluster-wide
+        else:
+            self.sessions = SessionManager(self.hubs, default, **session_settings)
+            self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
         self.sessions.restore(stored_sessions)
         self.access = Access(config.auth)
-        limits = config.limits
-        self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
         self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions))
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at)
@@ -67,6 +80,13 @@ class Proxy:
         self._timers: list[PeriodicCallback] = []
         self._server: ProxyServer | None = None
         self._servers: list[ProxyServer] = []
+
+    def _source(self, name: str, settings: Any) -> Any:
+        source = create_source(name, settings, self.config.reconnect)
+        if self.cluster is not None:
+            from .cluster import ClusterSource
+            source = ClusterSource(source, self.cluster)
+        return source
 
     # -- the Tornado application ---------------------------------------------------------------
 
@@ -78,6 +98,9 @@ class Proxy:
                 handlers += ops.health_routes + ops.openapi_routes  # /metrics gets its own port
                 continue
             handlers += module.routes
+        if self.cluster is not None:
+            from .cluster import relay
+            handlers = relay.routes + handlers
         return tornado.web.Application(
             handlers,
             **self.handler_settings(),
@@ -98,6 +121,7 @@ class Proxy:
             "vsproxy_metrics": self.metrics,
             "vsproxy_whep": self.whep,
             "vsproxy_session_create_limiter": self.session_create_limiter,
+            "vsproxy_cluster": self.cluster,
         }
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
@@ -124,6 +148,8 @@ class Proxy:
         for timer in self._timers:
             timer.start()
         self.monitor.start()
+        if self.cluster is not None:
+            self.cluster.start()
 
     def _tick_hubs(self) -> None:
         now = time.monotonic()
@@ -167,6 +193,8 @@ class Proxy:
         for timer in self._timers:
             timer.stop()
         self.monitor.stop()
+        if self.cluster is not None:
+            await self.cluster.drain()  # leases first: another node takes the upstreams over
         self.sessions.close_all()
         await self.whep.wait_closed()  # WebRTC peers' connections (their close was started above)
         await self.sessions.close_store()
@@ -179,3 +207,5 @@ class Proxy:
                                        self.config.server.shutdown_timeout_seconds)
             except TimeoutError:
                 log.warning("some connections did not close within the shutdown timeout")
+        if self.cluster is not None:
+            await self.cluster.stop()

@@ -220,6 +220,20 @@ class WebRtcConfig:
                                     "a TURN server, e.g. coturn (see WebRTC)")
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several nodes sharing sessions and upstreams through Redis (see Running a cluster)."""
+
+    redis_url: str = setting("", doc="`redis://[:password@]host:port/db` (or `rediss://`) of the Redis the nodes "
+                             "share (env VSPROXY_REDIS_URL); empty: a single node, sessions in this process")
+    node_id: str = setting("", doc="this node's name in the cluster, unique; empty: `host:port`")
+    advertise_url: str = setting("", doc="base URL the other nodes reach this one at, e.g. "
+                                 "`http://10.0.0.5:8889`; empty: `http://<server.host>:<server.port>` "
+                                 "(`127.0.0.1` for a wildcard host)")
+    token: str = setting("", doc="shared secret the nodes authenticate to each other with (16+ characters; "
+                         "required with redis_url; never logged)")
+
+
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -237,6 +251,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     h264: H264Config = field(default_factory=H264Config)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     upstreams: dict = setting(factory=dict, values="name -> `{kind: ..., ...}`",
@@ -281,6 +296,7 @@ ENV_KEYS: dict[str, str] = {
     "ISAAC_SIM_PORT": "isaac_sim.port",
     "ISAAC_SIM_WS_PORT": "isaac_sim.ws_port",
     "ISAAC_SIM_WS_PATH": "isaac_sim.ws_path",
+    "VSPROXY_REDIS_URL": "cluster.redis_url",
 }
 
 
@@ -518,6 +534,7 @@ def _cross_checks(config: Config) -> None:
     store = config.sessions.store
     if store != "memory" and not (store.startswith("sqlite:") and store.removeprefix("sqlite:").strip()):
         raise ConfigError("sessions.store", f"expected memory or sqlite:PATH, got {store!r}")
+    _check_cluster(config)
     names, default = config.upstream_configs()
     if default not in names:
         raise ConfigError("default_upstream", f"{default!r} is not a configured upstream")
@@ -531,6 +548,25 @@ def _cross_checks(config: Config) -> None:
     for origin in config.cors.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')
+
+
+def _check_cluster(config: Config) -> None:
+    cluster = config.cluster
+    if not cluster.redis_url:
+        return
+    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("cluster.redis_url", f"expected a redis://, rediss:// or unix:// URL, got "
+                                               f"{redact_url(cluster.redis_url)!r}")
+    if not cluster.token:
+        raise ConfigError("cluster.token", "required when cluster.redis_url is set (the nodes authenticate to "
+                                           "each other with it)")
+    if len(cluster.token) < 16:
+        raise ConfigError("cluster.token", "expected a token of at least 16 characters")
+    url = cluster.advertise_url
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError("cluster.advertise_url", f"expected an http:// or https:// URL, got {url!r}")
+    if config.sessions.store != "memory":
+        raise ConfigError("sessions.store", "must be memory in a cluster (cluster.redis_url): sessions live in Redis")
 
 
 def valid_allowed_host(host: str) -> bool:

@@ -201,6 +201,21 @@ class SessionManager:
                  extra={"session": session.id, "upstream": hub.name})
         return session
 
+    async def create_async(self, user_id: object, robot_name: object, upstream: object = None, *,
+                           address: str = "") -> Session:
+        """`create` for handlers, which await it: in a cluster the limits are checked in Redis
+        (cluster/sessions.py); here it is `create` itself (the handler checked `address`'s rate)."""
+        return self.create(user_id, robot_name, upstream)
+
+    async def lookup(self, session_id: str) -> Session:
+        """`get` for handlers, which await it: in a cluster a session just created on another node
+        is looked up in Redis if this node has not heard of it yet."""
+        return self.get(session_id)
+
+    async def destroy_async(self, session_id: str, reason: str = "api") -> Session:
+        """`destroy` for handlers, which await it (in a cluster: in Redis, and on every node)."""
+        return self.destroy(session_id, reason)
+
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None:

@@ -13,13 +13,15 @@ class SessionCreateHandler(JsonHandler):
     cors_methods = "POST, OPTIONS"
     auth_scope = "api"
 
-    def post(self) -> None:
-        wait = self.session_create_limiter.check(self.client_address())
+    async def post(self) -> None:
+        address = self.client_address()
+        wait = self.session_create_limiter.check(address)
         if wait:
             raise RateLimited("Too many sessions created from this address; retry later", wait)
         body = self.json_body()
         control = control_flag(body)
-        session = self.sessions.create(body.get("userId"), body.get("robotName"), body.get("upstream"))
+        session = await self.sessions.create_async(body.get("userId"), body.get("robotName"), body.get("upstream"),
+                                                   address=address)
         token = self.access.issue_viewer_token(session.id, control=control)
         reply = {
             "success": True,
@@ -49,9 +51,9 @@ class SessionTokenHandler(JsonHandler):
     auth_scope = "api"
     post_takes_body = False  # the body is optional; one that is there must be JSON
 
-    def post(self, session_id: str) -> None:
+    async def post(self, session_id: str) -> None:
         control = control_flag(self.json_body() if self.body() else {})
-        session = self.sessions.get(session_id)
+        session = await self.sessions.lookup(session_id)
         token, expires = self.access.renew_viewer_token(session.id, control=control)
         self.send_json({"success": True, "viewerToken": token, "expiresAt": iso_utc(expires)})
 
@@ -59,13 +61,13 @@ class SessionTokenHandler(JsonHandler):
 class SessionHandler(JsonHandler):
     auth_scope = "api"
 
-    def get(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
+    async def get(self, session_id: str) -> None:
+        session = await self.sessions.lookup(session_id)
         session.touch()
         self.send_json({"success": True, "session": session.to_json()})
 
-    def delete(self, session_id: str) -> None:
-        self.destroy_session(session_id)
+    async def delete(self, session_id: str) -> None:
+        await self.destroy_session(session_id)
 
 
 class SessionDestroyHandler(JsonHandler):
@@ -77,8 +79,8 @@ class SessionDestroyHandler(JsonHandler):
     # bits), which a page elsewhere cannot learn. A body, if any, must still be JSON.
     post_takes_body = False
 
-    def post(self, session_id: str) -> None:
-        self.destroy_session(session_id)
+    async def post(self, session_id: str) -> None:
+        await self.destroy_session(session_id)
 
 
 class SessionsHandler(JsonHandler):

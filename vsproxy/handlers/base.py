@@ -389,9 +389,9 @@ class JsonHandler(HandlerMixin, tornado.web.RequestHandler):
         self.set_header("Content-Type", JSON_CONTENT_TYPE)
         self.finish(json.dumps(payload, ensure_ascii=False))
 
-    def destroy_session(self, session_id: str) -> None:
+    async def destroy_session(self, session_id: str) -> None:
         """The one destroy path of every endpoint that ends a session."""
-        self.sessions.destroy(session_id)
+        await self.sessions.destroy_async(session_id)
         self.send_json({"success": True, "message": "Session destroyed"})
 
     def error_message(self, status_code: int) -> str:

@@ -170,8 +170,8 @@ class DashboardSessionHandler(JsonHandler):
     cors_methods = "DELETE, OPTIONS"
     auth_scope = "operator"
 
-    def delete(self, session_id: str) -> None:
-        self.destroy_session(session_id)
+    async def delete(self, session_id: str) -> None:
+        await self.destroy_session(session_id)
 
 
 _DIR = {"path": str(dashboard_dir())}

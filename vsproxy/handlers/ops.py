@@ -22,8 +22,12 @@ class HealthHandler(JsonHandler):
         hubs = self.hubs.values()
         # Still 200 when degraded: the proxy itself is fine; load balancers should keep it.
         failing = sorted(hub.name for hub in hubs if hub.sessions and hub.down)
+        cluster = self.settings.get("vsproxy_cluster")
+        # In a cluster: this node, the live nodes, and Redis unreachable also means degraded.
+        extra = {"cluster": cluster.health()} if cluster is not None else {}
+        degraded = failing or (cluster is not None and not cluster.reachable)
         self.send_json({
-            "status": "degraded" if failing else "healthy",
+            "status": "degraded" if degraded else "healthy",
             "service": "video-stream-proxy",
             "version": __version__,
             "isaac_sim_ip": sim.ip,  # "" without a simulator: the original always sent a string
@@ -32,6 +36,7 @@ class HealthHandler(JsonHandler):
             "timestamp": iso_utc(time.time()),
             "failing_upstreams": failing,
             "upstreams": [hub.status() for hub in hubs],
+            **extra,
         })
 
 

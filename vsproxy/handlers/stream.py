@@ -68,7 +68,7 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
 
     async def get(self, session_id: str, *args: Any, **kwargs: Any) -> None:
         try:
-            self.session = self.sessions.get(session_id)
+            self.session = await self.sessions.lookup(session_id)
             self.grant = self.require_viewer(session_id)
         except ClientError as exc:
             return self.refuse_client_error(exc)
@@ -247,7 +247,7 @@ class DetachedStreamHandler(JsonHandler):
         raise NotImplementedError
 
     async def get(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
+        session = await self.sessions.lookup(session_id)
         grant = self.require_viewer(session_id)
         self.sessions.check_viewer_room(session)
         cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \

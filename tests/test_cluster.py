@@ -1,0 +1,311 @@
+"""A cluster as operators run it: a real redis-server, nodes as real `python -m vsproxy` processes,
+the simulated Isaac Sim in this process (so the test sees its connections and frames)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tornado.websocket
+import yaml
+from cluster_fixtures import RedisServer, redis_server  # noqa: F401 - the fixture
+from conftest import Api
+from helpers import free_port
+from test_cli import clean_env
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server and vsproxy subprocesses
+
+TOKEN = "cluster-test-token-0123456789"
+
+
+class Node:
+    """One `python -m vsproxy` cluster node on 127.0.0.1:`port`."""
+
+    def __init__(self, workdir: Path, name: str, redis_url: str, sim_port: int, extra: dict | None = None) -> None:
+        self.name = name
+        self.port = free_port()
+        self.workdir = workdir
+        tree = {
+            "cluster": {"redis_url": redis_url, "node_id": name, "token": TOKEN},
+            "isaac_sim": {"ip": "127.0.0.1", "ws_port": sim_port},
+            "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5, "connect_timeout_seconds": 2},
+            "limits": {"session_create_rate": 10000, "session_create_burst": 100000},
+            "streaming": {"linger_seconds": 1},
+            "logging": {"level": "info"},
+        }
+        for key, value in (extra or {}).items():
+            tree.setdefault(key, {}).update(value)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(tree))
+        self.api = Api(f"http://127.0.0.1:{self.port}")
+        self.process: subprocess.Popen | None = None
+        self.log_path = workdir / f"{name}.log"
+        self.viewers: list[tornado.websocket.WebSocketClientConnection] = []
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)],
+            cwd=self.workdir, env=clean_env(), stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_healthy(self, timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process is not None and self.process.poll() is None, f"{self.name} died: {self.log()}"
+            try:
+                code, body, _ = await self.api.call("GET", "/health")
+                if code == 200 and body["cluster"]["redis"] == "connected":
+                    return body
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"{self.name} not healthy in {timeout} s: {self.log()}"
+            await asyncio.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.kill()
+        if self.process is not None:
+            self._log.close()
+            self.process = None
+
+    async def upstream(self) -> dict:
+        code, body, _ = await self.api.call("GET", "/upstreams")
+        assert code == 200, body
+        (status,) = [u for u in body["upstreams"] if u["name"] == "isaac"]
+        return status
+
+    async def viewer(self, session_id: str) -> tornado.websocket.WebSocketClientConnection:
+        conn = await tornado.websocket.websocket_connect(
+            f"ws://127.0.0.1:{self.port}/stream/{session_id}?format=binary")
+        self.viewers.append(conn)  # closed by the `cluster` fixture
+        assert "Connected" in json.loads(await conn.read_message())["message"]
+        return conn
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_server, sim):  # noqa: F811 - the fixture imported above
+    """A factory of started nodes (all stopped at the end)."""
+    nodes: list[Node] = []
+
+    def make(count: int, extra: dict | None = None) -> list[Node]:
+        for _ in range(count):
+            node = Node(tmp_path, f"node{len(nodes) + 1}", redis_server.url, sim.port, extra)
+            node.start()
+            nodes.append(node)
+        return nodes[-count:]
+
+    yield make
+    for node in nodes:
+        for viewer in node.viewers:
+            viewer.close()
+        node.stop()
+
+
+async def started(nodes: list[Node]) -> list[Node]:
+    for node in nodes:
+        await node.wait_healthy()
+    return nodes
+
+
+async def real_frame(conn: tornado.websocket.WebSocketClientConnection, sim, timeout: float) -> bytes:
+    """The next binary message that is one of the simulator's own frames (not an offline picture)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, bytes) and message in sim.frames:
+            return message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_any_node_answers_and_a_destroy_closes_viewers_everywhere(cluster, sim):
+    node1, node2, node3 = await started(cluster(3))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u1", "robotName": "r1"})
+    assert code == 200, created
+    sid = created["sessionId"]
+    code, on1, _ = await node1.api.call("GET", f"/session/{sid}")
+    for node in (node2, node3):
+        code, body, _ = await node.api.call("GET", f"/session/{sid}")
+        assert code == 200, body
+        for field in ("id", "userId", "robotName", "createdAt", "upstream"):
+            assert body["session"][field] == on1["session"][field]
+        code, listing, _ = await node.api.call("GET", "/sessions")
+        assert sid in [s["id"] for s in listing["sessions"]]
+    viewer = await node1.viewer(sid)
+    await real_frame(viewer, sim, 10)
+    code, body, _ = await node3.api.call("DELETE", f"/session/{sid}")
+    assert code == 200, body
+    destroyed = time.monotonic()
+    while await asyncio.wait_for(viewer.read_message(), 2) is not None:
+        pass
+    assert time.monotonic() - destroyed < 1.0
+    assert viewer.close_reason == "Session destroyed"
+    for node in (node1, node2, node3):
+        code, _, _ = await node.api.call("GET", f"/session/{sid}")
+        assert code == 404
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_one_upstream_connection_frames_identical_on_every_node_and_failover(cluster, sim):
+    nodes = await started(cluster(3))
+    code, created, _ = await nodes[0].api.call("POST", "/session/create", {"userId": "u1", "robotName": "r1"})
+    sid = created["sessionId"]
+    viewers = [await node.viewer(sid) for node in nodes]
+    for viewer in viewers:
+        for _ in range(5):
+            await real_frame(viewer, sim, 15)  # byte-identical to what the simulator sent
+    assert len(sim.clients) == 1 and sim.peak_clients == 1, "more than one upstream connection"
+    roles = {node.name: (await node.upstream())["source"]["role"] for node in nodes}
+    assert sorted(roles.values()) == ["edge", "edge", "origin"], roles
+    (origin,) = [n for n in nodes if roles[n.name] == "origin"]
+    status = await origin.upstream()
+    assert sorted(status["source"]["edges"]) == sorted(n.name for n in nodes if n is not origin)
+
+    # kill -9 of the origin: the other nodes' viewers stay connected and get frames again within 10 s.
+    survivors = [(n, v) for n, v in zip(nodes, viewers, strict=True) if n is not origin]
+    killed = time.monotonic()
+    origin.kill(signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    sim.frames.clear()  # from now on, only frames sent after the kill count
+    for _node, viewer in survivors:
+        await real_frame(viewer, sim, 10 - (time.monotonic() - killed))
+    failover = time.monotonic() - killed
+    print(f"failover: frames again {failover:.2f} s after kill -9 of the origin")
+    assert failover < 10
+    await asyncio.sleep(0.5)
+    assert len(sim.clients) == 1, f"{len(sim.clients)} upstream connections after failover"
+    new_roles = sorted([(await n.upstream())["source"]["role"] for n, _ in survivors])
+    assert new_roles == ["edge", "origin"]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_concurrent_creates_over_three_nodes_respect_max_sessions_exactly(cluster):
+    nodes = await started(cluster(3, {"limits": {"max_sessions": 100}}))
+    client = AsyncHTTPClient(force_instance=True, max_clients=200)
+
+    async def create(i: int) -> int:
+        node = nodes[i % 3]
+        request = HTTPRequest(f"http://127.0.0.1:{node.port}/session/create", method="POST",
+                              body=json.dumps({"userId": f"user{i}", "robotName": "r"}),
+                              headers={"Content-Type": "application/json"}, request_timeout=30)
+        response = await client.fetch(request, raise_error=False)
+        if response.code == 503:
+            assert "Maximum number of sessions" in json.loads(response.body)["error"]
+        return response.code
+
+    started_at = time.monotonic()
+    codes = await asyncio.gather(*(create(i) for i in range(200)))
+    print(f"200 concurrent creates over 3 nodes in {time.monotonic() - started_at:.2f} s")
+    client.close()
+    assert codes.count(200) == 100, sorted(set(codes))
+    assert codes.count(503) == 100, sorted(set(codes))
+    for node in nodes:
+        code, listing, _ = await node.api.call("GET", "/sessions")
+        assert listing["count"] == 100
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, redis_server):  # noqa: F811
+    node1, node2 = await started(cluster(2))
+    ids = []
+    for node in (node1, node2):
+        code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert code == 200
+        ids.append(created["sessionId"])
+    viewers = [await node1.viewer(ids[0]), await node2.viewer(ids[1])]
+    for viewer in viewers:
+        await real_frame(viewer, sim, 15)
+
+    redis_server.stop()
+    for node in (node1, node2):
+        deadline = time.monotonic() + 5
+        while (health := (await node.api.call("GET", "/health"))[1])["status"] != "degraded":
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.1)
+        assert health["cluster"]["redis"] == "unreachable" and "Redis" in health["cluster"]["problem"]
+        code, body, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert code == 503 and body["success"] is False and "Redis" in body["error"], (code, body)
+        code, body, _ = await node.api.call("DELETE", f"/session/{ids[0]}")
+        assert code == 503, body
+        for sid in ids:  # reads from the node's own view
+            code, body, _ = await node.api.call("GET", f"/session/{sid}")
+            assert code == 200, body
+    for viewer in viewers:  # streaming goes on
+        for _ in range(3):
+            await real_frame(viewer, sim, 5)
+
+    redis_server.start()  # empty: no persistence
+    for node in (node1, node2):
+        await node.wait_healthy(timeout=15)
+    deadline = time.monotonic() + 10
+    while redis_server.command("HLEN", "vsproxy:sessions") != b":2\r\n":
+        assert time.monotonic() < deadline, redis_server.command("HLEN", "vsproxy:sessions")
+        await asyncio.sleep(0.1)
+    for node in (node1, node2):
+        for sid in ids:
+            code, body, _ = await node.api.call("GET", f"/session/{sid}")
+            assert code == 200, body
+    for viewer in viewers:
+        await real_frame(viewer, sim, 5)
+    code, body, _ = await node2.api.call("DELETE", f"/session/{ids[0]}")
+    assert code == 200, body
+    assert len(sim.clients) == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_sigterm_of_the_origin_hands_the_upstream_over(cluster, sim):
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    first = await node1.viewer(sid)
+    await real_frame(first, sim, 15)
+    second = await node2.viewer(sid)
+    await real_frame(second, sim, 15)
+    assert (await node1.upstream())["source"]["role"] == "origin"
+    node1.process.send_signal(signal.SIGTERM)
+    while await asyncio.wait_for(first.read_message(), 5) is not None:
+        pass
+    assert first.close_reason == "Server shutting down; reconnect to resume"
+    assert node1.process.wait(timeout=10) == 0
+    sim.frames.clear()
+    handed_over = time.monotonic()
+    await real_frame(second, sim, 5)
+    print(f"drain: frames on the other node again {time.monotonic() - handed_over:.2f} s after the origin closed")
+    assert (await node2.upstream())["source"]["role"] == "origin"
+    assert len(sim.clients) == 1
+    code, body, _ = await node2.api.call("GET", f"/session/{sid}")
+    assert code == 200, body  # the session outlives the node
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_idle_sessions_are_reaped_once_for_the_whole_cluster(cluster):
+    nodes = await started(cluster(3, {"sessions": {"idle_timeout_seconds": 1, "cleanup_interval_seconds": 0.2}}))
+    ids = []
+    for node in nodes:
+        code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        ids.append(created["sessionId"])
+    deadline = time.monotonic() + 10
+    while (await nodes[0].api.call("GET", "/sessions"))[1]["count"]:
+        assert time.monotonic() < deadline, "idle sessions not reaped"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)
+    reaped = []
+    for node in nodes:
+        metrics = (await node.api.call("GET", "/metrics"))[2].body.decode()
+        reaped += [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith('vsproxy_sessions_destroyed_total{reason="idle"}')]
+    assert sum(reaped) == 3, reaped  # each session reaped by one node only, not once per node

@@ -1,0 +1,49 @@
+"""The cluster's configuration keys: checked at start-up, one line and exit 2 when wrong."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli import assert_one_line_config_error, clean_env, run_vsproxy
+
+from vsproxy.config import ConfigError, config_from_dict, load_config
+
+TOKEN = "cluster-token-0123456789"
+
+
+def test_without_redis_url_there_is_no_cluster():
+    config = config_from_dict({})
+    assert config.cluster.redis_url == ""
+
+
+def test_redis_url_from_the_environment(tmp_path):
+    config = load_config(None, environ={"VSPROXY_REDIS_URL": "redis://127.0.0.1:6390/0"},
+                         dotenv_path=tmp_path / "none.env", overrides={"cluster.token": TOKEN})
+    assert config.cluster.redis_url == "redis://127.0.0.1:6390/0"
+
+
+@pytest.mark.parametrize(("tree", "key"), [
+    ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0"}}, "cluster.token"),
+    ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": "short"}}, "cluster.token"),
+    ({"cluster": {"redis_url": "http://127.0.0.1:6379/", "token": TOKEN}}, "cluster.redis_url"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN, "advertise_url": "10.0.0.5:8889"}},
+     "cluster.advertise_url"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "sessions": {"store": "sqlite:/tmp/x.db"}},
+     "sessions.store"),
+])
+def test_bad_cluster_settings_name_the_key(tree, key):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(tree)
+    assert info.value.key == key
+
+
+def test_a_bad_redis_url_does_not_show_its_password():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"cluster": {"redis_url": "http://:hunter2-secret@127.0.0.1:6379/", "token": TOKEN}})
+    assert "hunter2-secret" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_redis_url_without_token_exits_2_with_one_line(tmp_path):
+    result = run_vsproxy(["--host", "127.0.0.1"], tmp_path,
+                         env=clean_env(VSPROXY_REDIS_URL="redis://127.0.0.1:1/0"))
+    assert_one_line_config_error(result, "cluster.token")

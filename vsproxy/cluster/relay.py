@@ -1,0 +1,302 @@
+"""One upstream connection per source, cluster-wide: origin and edges.
+
+Every hub's source is wrapped in a `ClusterSource`. When the hub starts (the first viewer of that
+upstream on this node), the source tries to take the upstream's lease in Redis:
+
+- taken: this node is the origin. It runs the real source and renews the lease every second while
+  it runs; the lease is released when the hub stops (no viewer here, no edge left) or on drain.
+- held by another node: this node is an edge. It opens ONE WebSocket to the origin,
+  /internal/relay/{upstream} (authenticated with cluster.token), whatever its number of viewers,
+  and publishes what arrives into its own hub, which fans out as usual. Binary messages are the
+  origin's JPEG frames, byte for byte; text messages are the upstream's text (telemetry). Viewer
+  input goes the other way, to the origin's upstream.
+
+Failover: when the relay drops (origin died or drained), the edge's hub shows the offline picture
+and the edge keeps trying: take the lease (free once the dead origin's expires, LEASE_TTL), or
+find the new origin.
+
+The relay carries JPEG: an edge's H.264 viewers get H.264 from the edge's own encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import tornado.web
+import tornado.websocket
+from tornado.httpclient import HTTPRequest
+
+from ..hub import Frame
+from ..outputs import Viewer
+from ..outputs.wire import WS_BINARY
+from ..sources.base import FrameTimeout, HubLink, RelayBudget, Source
+from ..sources.isaac import _websocket_connect
+from .node import HEARTBEAT_SECONDS, REDIS_ERRORS, Cluster
+
+if TYPE_CHECKING:
+    from ..hub import FrameHub
+
+log = logging.getLogger("vsproxy.cluster")
+
+FIND_ORIGIN_SECONDS = 15.0  # how long an edge keeps looking for an origin before the hub backs off
+RETRY_SECONDS = 0.3
+
+
+class ClusterSource(Source):
+    """The source of a hub in a cluster: the real source on the origin, a relay from it on edges."""
+
+    def __init__(self, inner: Source, cluster: Cluster) -> None:
+        super().__init__(inner.name, inner.settings, inner.reconnect)
+        self.inner = inner
+        self.cluster = cluster
+        self.kind = inner.kind  # type: ignore[misc]  # the upstream's kind, as /upstreams shows it
+        self.accepts_input = inner.accepts_input  # type: ignore[misc]
+        self.role = "idle"  # idle | origin | edge | searching
+        self.origin: str | None = None  # the origin's node ID (this node's when origin)
+        self._conn: tornado.websocket.WebSocketClientConnection | None = None
+        self._relay = RelayBudget()
+        self._hub: Any = None  # the FrameHub, once it ran this source
+        self.relay_bytes = 0  # received from the origin, as an edge
+        cluster.sources[inner.name] = self
+
+    @property
+    def produces_h264(self) -> bool:  # type: ignore[override]
+        return self.role == "origin" and self.inner.produces_h264
+
+    async def run(self, hub: HubLink) -> None:
+        self._hub = hub
+        try:
+            await self._run(hub)
+        finally:
+            self.role, self.origin = "idle", None
+
+    async def _run(self, hub: HubLink) -> None:
+        deadline = time.monotonic() + FIND_ORIGIN_SECONDS
+        last_problem = "no origin found"
+        while True:
+            if self.cluster.draining:
+                raise ConnectionError("node shutting down")
+            self.role = "searching"
+            try:
+                if await self.cluster.claim(self.name):
+                    await self._run_origin(hub)
+                    return
+                holder = await self.cluster.holder(self.name)
+                url = await self.cluster.node_url(holder) if holder else None
+            except REDIS_ERRORS as exc:
+                self.cluster.failed(exc)
+                raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+            if holder and url:
+                try:
+                    conn = await self._connect(url)
+                except Exception as exc:  # noqa: BLE001 - any failure to reach the origin: look again
+                    last_problem = f"origin {holder} unreachable ({type(exc).__name__})"
+                else:
+                    await self._run_edge(hub, conn, holder)
+                    return
+            elif holder:
+                last_problem = f"origin {holder} not registered (dead?); waiting for its lease to expire"
+            if time.monotonic() > deadline:
+                raise ConnectionError(last_problem)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    # -- origin ------------------------------------------------------------------------------------
+
+    async def _run_origin(self, hub: HubLink) -> None:
+        self.role, self.origin = "origin", self.cluster.node_id
+        log.info("cluster: this node is the origin of upstream %s", self.name, extra={"upstream": self.name})
+        hub.source_format_changed()
+        inner = asyncio.ensure_future(self.inner.run(hub))
+        keeper = asyncio.ensure_future(self._keep_lease())
+        try:
+            done, _ = await asyncio.wait({inner, keeper}, return_when=asyncio.FIRST_COMPLETED)
+            if inner in done:
+                inner.result()  # its return or its error, as a plain source's
+                return
+            raise ConnectionError(keeper.result())
+        finally:
+            # The lease first: the hub's stop() cancels again after 0.5 s, and another node should
+            # not wait for the lease to expire.
+            try:
+                await self.cluster.release(self.name)
+                log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
+            except REDIS_ERRORS:
+                pass  # it expires by itself
+            for task in (keeper, inner):
+                while not task.done():
+                    task.cancel()
+                    await asyncio.wait([task], timeout=0.5)
+
+    async def _keep_lease(self) -> str:
+        """Renew the lease every second; return (why) when another node holds it. Redis
+        unreachable: keep the upstream (viewers keep streaming) and keep trying."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            if self.cluster.draining:
+                return "node shutting down"
+            try:
+                if not await self.cluster.claim(self.name):
+                    holder = await self.cluster.holder(self.name)
+                    return f"lease taken over by node {holder}"
+            except REDIS_ERRORS as exc:
+                self.cluster.failed(exc)
+
+    async def give_up(self) -> None:
+        """Drain: stop being the origin now (the hub's run ends, the lease is released)."""
+        if self.role == "origin" and self._hub is not None:
+            await self._hub.stop()
+
+    # -- edge ----------------------------------------------------------------------------------------
+
+    async def _connect(self, base_url: str) -> tornado.websocket.WebSocketClientConnection:
+        rc = self.reconnect
+        url = "ws" + base_url[len("http"):] + f"/internal/relay/{self.name}"
+        request = HTTPRequest(url, headers={"Authorization": f"Bearer {self.cluster.token}",
+                                            "X-Vsproxy-Node": self.cluster.node_id},
+                              connect_timeout=min(rc.connect_timeout_seconds, 2.0),
+                              request_timeout=min(rc.connect_timeout_seconds, 2.0))
+        return await _websocket_connect(request, ping_interval=2, ping_timeout=2,
+                                        max_message_size=rc.max_message_bytes)
+
+    async def _run_edge(self, hub: HubLink, conn: tornado.websocket.WebSocketClientConnection, origin: str) -> None:
+        self.role, self.origin = "edge", origin
+        self._conn = conn
+        log.info("cluster: relaying upstream %s from origin %s", self.name, origin, extra={"upstream": self.name})
+        frame_timeout = self.reconnect.frame_timeout_seconds
+        connected = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(frame_timeout):
+                        message = await conn.read_message()
+                except TimeoutError:
+                    raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
+                if message is None:
+                    raise ConnectionError(f"relay from origin {origin} closed"
+                                          + (f" ({conn.close_reason})" if conn.close_reason else ""))
+                if isinstance(message, bytes):
+                    if not connected:
+                        hub.set_connected()
+                        connected = True
+                    self.relay_bytes += len(message)
+                    hub.publish(message)
+                else:
+                    hub.relay_text(message)
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            self._relay.abandon(conn.protocol.stream if conn.protocol is not None else None)
+            conn.close()
+
+    def send(self, message: str | bytes) -> bool:
+        if self.role == "origin":
+            return self.inner.send(message)
+        conn = self._conn
+        return conn is not None and self._relay.send(conn.write_message, message)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def status(self) -> dict:
+        edges = sorted(getattr(relay, "edge", "?") for relay in self.cluster.relays.get(self.name, ()))
+        return {"role": self.role, "origin": self.origin, "edges": edges,
+                **({"relayBytesIn": self.relay_bytes} if self.relay_bytes else {}),
+                **self.inner.status()}
+
+
+class RelayViewer(Viewer):
+    """An edge's relay connection, as a viewer of the origin's hub: real frames only (each edge
+    draws its own offline picture)."""
+
+    def offer(self, frame: Frame, data: bytes) -> None:
+        if not frame.offline:
+            super().offer(frame, data)
+
+
+class _RelayDemand:
+    """What keeps the origin's hub running while an edge pulls from it (a stand-in for a session)."""
+
+    def __init__(self, edge: str) -> None:
+        self.id = f"relay:{edge}"
+
+
+class RelayHandler(tornado.websocket.WebSocketHandler):
+    """WS /internal/relay/{upstream} on the origin: one per edge and upstream. Authenticated with
+    cluster.token (constant-time compare); refused unless this node is the upstream's origin."""
+
+    hub: FrameHub
+    viewer: RelayViewer | None = None
+    edge = "?"
+
+    def _cluster(self) -> Cluster:
+        return self.application.settings["vsproxy_cluster"]
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # node to node, authenticated by the token; browsers have no business here
+
+    def get_compression_options(self) -> None:
+        return None
+
+    async def get(self, upstream: str, *args: Any, **kwargs: Any) -> None:
+        cluster = self._cluster()
+        supplied = self.request.headers.get("Authorization", "")
+        expected = f"Bearer {cluster.token}"
+        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+            self._refuse(401, "cluster token required")
+            return
+        hub = self.application.settings["vsproxy_hubs"].get(upstream)
+        source = cluster.sources.get(upstream)
+        if hub is None or source is None:
+            self._refuse(404, "unknown upstream")
+            return
+        if source.role != "origin" or cluster.draining:
+            self._refuse(409, "this node is not the origin of that upstream")
+            return
+        self.hub = hub
+        self.edge = self.request.headers.get("X-Vsproxy-Node", "?")[:128]
+        await super().get(upstream, *args, **kwargs)
+
+    def _refuse(self, status: int, error: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish({"success": False, "error": error})
+
+    def open(self, upstream: str) -> None:
+        self.set_nodelay(True)
+        stream = self.ws_connection.stream  # type: ignore[union-attr]
+        self.viewer = RelayViewer(stream, WS_BINARY, self.hub.stats[WS_BINARY], close=self._close_viewer,
+                                  send_text=self._send_text)
+        self.demand = _RelayDemand(self.edge)
+        self.hub.attach(self.demand)  # type: ignore[arg-type]
+        self.hub.add_viewer(self.viewer)
+        self._cluster().relays.setdefault(upstream, set()).add(self)
+        log.info("cluster: edge %s relays upstream %s", self.edge, upstream, extra={"upstream": upstream})
+
+    def _close_viewer(self, reason: str) -> None:
+        self.close(1001, reason[:120])
+
+    def _send_text(self, text: str) -> None:
+        try:
+            self.write_message(text)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+
+    def on_message(self, message: str | bytes) -> None:
+        self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
+
+    def on_close(self) -> None:
+        if self.viewer is None:
+            return
+        self.hub.remove_viewer(self.viewer)
+        self.hub.detach(self.demand)  # type: ignore[arg-type]
+        self.viewer = None
+        upstream = self.hub.name
+        self._cluster().relays.get(upstream, set()).discard(self)
+        log.info("cluster: edge %s stopped relaying upstream %s", self.edge, upstream, extra={"upstream": upstream})
+
+
+routes = [(r"/internal/relay/(?P<upstream>[A-Za-z0-9][A-Za-z0-9._-]{0,63})", RelayHandler)]
