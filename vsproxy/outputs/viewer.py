@@ -150,7 +150,8 @@ class Viewer:
             self._pending = None
             self.frames_dropped += 1
             self.stats.frames_dropped += 1
-        self._send(frame, data)
+        self.last_sent_arrival = frame.arrived
+        self._write(data, frame.arrived, 1, frame.age_offset)
 
     def _hold(self, frame: Frame) -> None:
         if self._pending is not None:
@@ -167,34 +168,42 @@ class Viewer:
         if frame is None or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
             return
         self._pending = None
-        self._send(frame, frame.encoded(self.transport))
+        self.last_sent_arrival = frame.arrived
+        self._write(frame.encoded(self.transport), frame.arrived, 1, frame.age_offset)
 
     def _kernel_backlog(self) -> bool:
-        if self._fd < 0:
+        # unsent_bytes() inlined: this runs for every viewer on every frame.
+        fd = self._fd
+        if fd < 0:
             return False
-        unsent = unsent_bytes(self._fd, self._outq)
-        if unsent is None:
+        try:
+            fcntl.ioctl(fd, SIOCOUTQNSD, self._outq, True)
+        except OSError:
             self._fd = -1  # not Linux, or not a TCP socket: rely on Tornado's buffer alone
             return False
-        return unsent > 0
-
-    def _send(self, frame: Frame, data: bytes) -> None:
-        self.last_sent_arrival = frame.arrived
-        self._write(data, frame.arrived, age_offset=frame.age_offset)
+        return self._outq[0] > 0
 
     def _written(self, seconds: float, age_offset: float | None) -> None:
-        self.stats.latency.observe(seconds)
+        stats = self.stats
+        stats.latency.observe(seconds)
         if age_offset is not None:  # None: not a camera frame (the offline picture)
+            # One bisect for both age histograms (the transport's and this viewer's).
             age = seconds + age_offset
-            self.stats.age.observe(age)
-            self.age.observe(age)
+            i = bisect.bisect_left(LatencyBuckets.BOUNDS, age)
+            total, mine = stats.age, self.age
+            total.counts[i] += 1
+            total.total += age
+            mine.counts[i] += 1
+            mine.total += age
 
-    def _write(self, data: bytes, arrived: float, frames: int = 1, *, age_offset: float | None = 0.0) -> None:
+    def _write(self, data: bytes, arrived: float, frames: int = 1, age_offset: float | None = 0.0) -> None:
         """Write `frames` frames (`data`, the last of them arrived at `arrived`) to the socket."""
+        stats = self.stats
+        n = len(data)
         self.frames_sent += frames
-        self.bytes_sent += len(data)
-        self.stats.frames_sent += frames
-        self.stats.bytes_sent += len(data)
+        self.bytes_sent += n
+        stats.frames_sent += frames
+        stats.bytes_sent += n
         # One plain non-blocking send of the shared bytes: the common case costs no Future and no
         # copy. Only what the kernel did not take goes through IOStream, as a view (no copy).
         try:
@@ -204,9 +213,19 @@ class Viewer:
         except OSError:
             self.stream.close()
             return
-        if sent == len(data):
+        if sent == n:
+            # _written() inlined: the common case, for every viewer on every frame.
             now = self.last_drain = time.monotonic()
-            self._written(now - arrived, age_offset)
+            seconds = now - arrived
+            stats.latency.observe(seconds)
+            if age_offset is not None:
+                age = seconds + age_offset
+                i = bisect.bisect_left(LatencyBuckets.BOUNDS, age)
+                total, mine = stats.age, self.age
+                total.counts[i] += 1
+                total.total += age
+                mine.counts[i] += 1
+                mine.total += age
             return
         try:
             future = self.stream.write(memoryview(data)[sent:])
