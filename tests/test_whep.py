@@ -265,3 +265,26 @@ def test_a_peer_behind_skips_to_the_next_keyframe_and_holds_at_most_one_gop():
         assert peer.frames_dropped == dropped and peer.frames_sent == 10
     finally:
         loop.close()
+
+
+@pytest.mark.slow
+@pytest.mark.config({**SMALL_DEMO, "h264": {"keyframe_interval_seconds": 20}})
+@pytest.mark.gen_test(timeout=40)
+async def test_a_peers_pli_gets_it_a_keyframe_from_the_shared_encoder(api, proxy, whep_clients):
+    """A receiver that lost its picture sends PLI: the shared encoder makes a keyframe for it
+    (at most one a second), long before its 20 s keyframe interval would."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 201
+    joined = await client.frames(30)  # the join keyframe is more than a second old by now
+    assert sum(f.key_frame for f in joined) <= 1, "a keyframe only at the start (interval: 20 s)"
+    await asyncio.sleep(1.1)
+    (peer,) = proxy.whep.peers.values()
+    receiver = client.pc.getTransceivers()[0].receiver
+    sender_ssrc = next(t.sender._ssrc for t in peer.pc.getTransceivers())
+    await receiver._send_rtcp_pli(sender_ssrc)  # what a browser does when it cannot decode
+    await wait_until(lambda: peer.keyframe_requests >= 1, "the PLI at the proxy")
+    started = time.monotonic()
+    while not (frame := await asyncio.wait_for(client.track.recv(), 5)).key_frame:
+        assert time.monotonic() - started < 3, "no keyframe within 3 s of the PLI (interval: 20 s)"
+    assert frame.key_frame
