@@ -5,8 +5,9 @@
 #   bash tests/install-and-run.sh -m "not browser and not external and not slow"   # extra pytest args
 #
 # Debian packages: chromium (browser tests), prometheus with promtool (metrics tests), GStreamer's
-# RTSP server under Debian's python3 (rtsp upstream tests), ffmpeg (a real MJPEG camera), redis-server
-# (cluster tests: a real Redis on a loopback port) and python3-venv. The tests fail, never skip, when one of these is missing.
+# RTSP server under Debian's python3 (rtsp upstream tests), ffmpeg (a real MJPEG camera),
+# redis-server (cluster tests: a real Redis on a loopback port) and python3-venv. The tests fail,
+# never skip, when one of these is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
