@@ -42,6 +42,13 @@ UNRESOLVABLE = "camera.vsproxy-test.invalid"
 JSON = {"Content-Type": "application/json"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _dead_port_held():
+    """Hold the dead port while this module's tests run; then let it go (no socket left open)."""
+    yield
+    _DEAD.close()
+
+
 def tiny_jpeg() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (32, 24), (200, 40, 40)).save(out, "JPEG")
