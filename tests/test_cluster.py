@@ -4,6 +4,7 @@ the simulated Isaac Sim in this process (so the test sees its connections and fr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -50,6 +51,8 @@ class Node:
         self.viewers: list[tornado.websocket.WebSocketClientConnection] = []
 
     def start(self) -> None:
+        if self.process is not None:  # started again (a restart): the old process has exited
+            self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)],
@@ -309,3 +312,68 @@ async def test_idle_sessions_are_reaped_once_for_the_whole_cluster(cluster):
         reaped += [float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith('vsproxy_sessions_destroyed_total{reason="idle"}')]
     assert sum(reaped) == 3, reaped  # each session reaped by one node only, not once per node
+
+
+@pytest.mark.gen_test(timeout=150)
+async def test_rolling_restart_keeps_sessions_and_one_upstream_connection(cluster, sim, redis_server):  # noqa: F811
+    """Every node, one at a time: SIGTERM, then started again on the same port. Every session
+    answers on every node after each restart, viewers reconnect and get frames, the lease is held by
+    at most one (registered) node at every sample, and the simulator never sees two connections."""
+    nodes = await started(cluster(3))
+    ids = []
+    for node in nodes:
+        code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert code == 200, created
+        ids.append(created["sessionId"])
+    viewers = {node.name: await node.viewer(sid) for node, sid in zip(nodes, ids, strict=True)}
+    for viewer in viewers.values():
+        await real_frame(viewer, sim, 15)
+
+    samples: list[tuple[float, str | None]] = []  # (time, lease holder)
+    stop_sampling = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop_sampling.is_set():
+            raw = redis_server.command("GET", "vsproxy:lease:isaac")
+            holder = None if raw.startswith(b"$-1") else raw.split(b"\r\n")[1].decode()
+            samples.append((time.monotonic(), holder))
+            assert len(sim.clients) <= 1, f"{len(sim.clients)} upstream connections at once"
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        for index, node in enumerate(nodes):
+            node.process.send_signal(signal.SIGTERM)
+            old = viewers.pop(node.name)
+            while await asyncio.wait_for(old.read_message(), 10) is not None:
+                pass
+            assert old.close_reason == "Server shutting down; reconnect to resume"
+            assert node.process.wait(timeout=10) == 0, node.log()
+            node.start()  # the same port: what a rolling restart behind a load balancer looks like
+            await node.wait_healthy()
+            for other in nodes:
+                for sid in ids:
+                    code, body, _ = await other.api.call("GET", f"/session/{sid}")
+                    assert code == 200, (other.name, sid, body)
+            viewers[node.name] = await node.viewer(ids[index])  # the viewer comes back to its node
+            for viewer in viewers.values():
+                await real_frame(viewer, sim, 15)
+            assert not sampler.done(), sampler.exception()
+    finally:
+        stop_sampling.set()
+        await sampler  # raises what the sampler saw
+
+    names = {node.name for node in nodes}
+    holders = [holder for _, holder in samples if holder is not None]
+    assert set(holders) <= names, set(holders)
+    # The longest stretch with no holder: only the hand-overs, each short.
+    gap = longest = 0.0
+    for (t0, h0), (t1, _h1) in itertools.pairwise(samples):
+        gap = gap + (t1 - t0) if h0 is None else 0.0
+        longest = max(longest, gap)
+    print(f"rolling restart: {len(samples)} lease samples, longest with no holder {longest:.2f} s, "
+          f"holders in turn: {[h for i, h in enumerate(holders) if i == 0 or holders[i - 1] != h]}")
+    assert len(set(holders)) >= 2, "the upstream was never handed over"
+    assert longest < 5, longest
+    assert sim.peak_clients == 1, "two upstream connections at once"
+    assert len(sim.clients) == 1
