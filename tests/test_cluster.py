@@ -18,7 +18,9 @@ import yaml
 from cluster_fixtures import RedisServer, redis_server  # noqa: F401 - the fixture
 from conftest import Api
 from helpers import free_port
+from prometheus_client.parser import text_string_to_metric_families
 from test_cli import clean_env
+from test_docs_match_code import readme_metrics
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server and vsproxy subprocesses
@@ -90,6 +92,17 @@ class Node:
         assert code == 200, body
         (status,) = [u for u in body["upstreams"] if u["name"] == "isaac"]
         return status
+
+    async def metrics(self) -> dict[str, dict[tuple, float]]:
+        """/metrics as {family: {label values: value}} (counters under their family name)."""
+        code, _, response = await self.api.call("GET", "/metrics")
+        assert code == 200
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(response.body.decode()):
+            for sample in family.samples:
+                if not sample.name.endswith("_created"):
+                    out.setdefault(family.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+        return out
 
     async def viewer(self, session_id: str) -> tornado.websocket.WebSocketClientConnection:
         conn = await tornado.websocket.websocket_connect(
@@ -377,3 +390,49 @@ async def test_rolling_restart_keeps_sessions_and_one_upstream_connection(cluste
     assert longest < 5, longest
     assert sim.peak_clients == 1, "two upstream connections at once"
     assert len(sim.clients) == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_cluster_metrics_name_nodes_origin_edges_relay_traffic_and_redis(cluster, sim, redis_server):  # noqa: F811
+    nodes = await started(cluster(3))
+    code, created, _ = await nodes[0].api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    viewers = [await node.viewer(sid) for node in nodes]
+    for viewer in viewers:
+        for _ in range(3):
+            await real_frame(viewer, sim, 15)
+    isaac = (("upstream", "isaac"),)
+    for node in nodes:  # each node sees the others at its next heartbeat (every second)
+        deadline = time.monotonic() + 5
+        while (await node.metrics())["vsproxy_cluster_nodes"][()] != 3:
+            assert time.monotonic() < deadline, f"{node.name} does not count 3 nodes"
+            await asyncio.sleep(0.1)
+    scraped = {node.name: await node.metrics() for node in nodes}
+    roles = {node.name: (await node.upstream())["source"]["role"] for node in nodes}
+    for name, metrics in scraped.items():
+        assert metrics["vsproxy_cluster_nodes"][()] == 3
+        assert metrics["vsproxy_cluster_redis_up"][()] == 1
+        if roles[name] == "origin":
+            assert metrics["vsproxy_cluster_origin"][isaac] == 1
+            assert metrics["vsproxy_cluster_edges"][isaac] == 2
+            assert metrics["vsproxy_cluster_relay_received_bytes"][isaac] == 0
+        else:
+            assert metrics["vsproxy_cluster_origin"][isaac] == 0
+            assert metrics["vsproxy_cluster_edges"][isaac] == 0
+            assert metrics["vsproxy_cluster_relay_frames_received"][isaac] >= 3
+            assert metrics["vsproxy_cluster_relay_received_bytes"][isaac] >= 3 * min(map(len, sim.frames))
+    assert sorted(roles.values()) == ["edge", "edge", "origin"], roles
+
+    # The README's cluster metrics table names exactly the cluster_* families and their labels.
+    documented = readme_metrics("| Cluster metric | Labels | What |")
+    metrics = scraped[nodes[0].name]
+    cluster_families = {name for name in metrics if name.startswith("vsproxy_cluster_")}
+    assert {name.removesuffix("_total") for name in documented} == cluster_families
+    for name, labels in documented.items():
+        assert {key for values in metrics[name.removesuffix("_total")] for key, _ in values} == labels, name
+
+    redis_server.stop()
+    deadline = time.monotonic() + 5
+    while (await nodes[0].metrics())["vsproxy_cluster_redis_up"][()] != 0:
+        assert time.monotonic() < deadline, "vsproxy_cluster_redis_up still 1 with Redis stopped"
+        await asyncio.sleep(0.1)
