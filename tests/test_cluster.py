@@ -21,7 +21,10 @@ from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import clean_env
 from test_docs_match_code import readme_metrics
+from test_openapi import Contract
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from vsproxy.openapi import openapi_document
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server and vsproxy subprocesses
 
@@ -129,6 +132,15 @@ def cluster(tmp_path, redis_server, sim):  # noqa: F811 - the fixture imported a
         for viewer in node.viewers:
             viewer.close()
         node.stop()
+
+
+async def assert_health_documented(node: Node) -> None:
+    """A cluster node's /health (with its `cluster` object) is what the OpenAPI document says."""
+    contract = Contract(openapi_document())
+    code, body, response = await node.api.call("GET", "/health")
+    contract.check("GET", "/health", code, response.headers, response.body)
+    assert not contract.problems, contract.problems
+    assert set(body["cluster"]) >= {"node", "nodes", "redis"}
 
 
 async def started(nodes: list[Node]) -> list[Node]:
@@ -245,6 +257,7 @@ async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, re
     viewers = [await node1.viewer(ids[0]), await node2.viewer(ids[1])]
     for viewer in viewers:
         await real_frame(viewer, sim, 15)
+    await assert_health_documented(node1)
 
     redis_server.stop()
     for node in (node1, node2):
@@ -253,6 +266,7 @@ async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, re
             assert time.monotonic() < deadline, health
             await asyncio.sleep(0.1)
         assert health["cluster"]["redis"] == "unreachable" and "Redis" in health["cluster"]["problem"]
+        await assert_health_documented(node)
         code, body, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
         assert code == 503 and body["success"] is False and "Redis" in body["error"], (code, body)
         code, body, _ = await node.api.call("DELETE", f"/session/{ids[0]}")
