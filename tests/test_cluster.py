@@ -4,6 +4,7 @@ the simulated Isaac Sim in this process (so the test sees its connections and fr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -17,8 +18,13 @@ import yaml
 from cluster_fixtures import RedisServer, redis_server  # noqa: F401 - the fixture
 from conftest import Api
 from helpers import free_port
+from prometheus_client.parser import text_string_to_metric_families
 from test_cli import clean_env
+from test_docs_match_code import readme_metrics
+from test_openapi import Contract
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from vsproxy.openapi import openapi_document
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server and vsproxy subprocesses
 
@@ -50,6 +56,8 @@ class Node:
         self.viewers: list[tornado.websocket.WebSocketClientConnection] = []
 
     def start(self) -> None:
+        if self.process is not None:  # started again (a restart): the old process has exited
+            self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)],
@@ -88,6 +96,17 @@ class Node:
         (status,) = [u for u in body["upstreams"] if u["name"] == "isaac"]
         return status
 
+    async def metrics(self) -> dict[str, dict[tuple, float]]:
+        """/metrics as {family: {label values: value}} (counters under their family name)."""
+        code, _, response = await self.api.call("GET", "/metrics")
+        assert code == 200
+        out: dict[str, dict[tuple, float]] = {}
+        for family in text_string_to_metric_families(response.body.decode()):
+            for sample in family.samples:
+                if not sample.name.endswith("_created"):
+                    out.setdefault(family.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+        return out
+
     async def viewer(self, session_id: str) -> tornado.websocket.WebSocketClientConnection:
         conn = await tornado.websocket.websocket_connect(
             f"ws://127.0.0.1:{self.port}/stream/{session_id}?format=binary")
@@ -113,6 +132,15 @@ def cluster(tmp_path, redis_server, sim):  # noqa: F811 - the fixture imported a
         for viewer in node.viewers:
             viewer.close()
         node.stop()
+
+
+async def assert_health_documented(node: Node) -> None:
+    """A cluster node's /health (with its `cluster` object) is what the OpenAPI document says."""
+    contract = Contract(openapi_document())
+    code, body, response = await node.api.call("GET", "/health")
+    contract.check("GET", "/health", code, response.headers, response.body)
+    assert not contract.problems, contract.problems
+    assert set(body["cluster"]) >= {"node", "nodes", "redis"}
 
 
 async def started(nodes: list[Node]) -> list[Node]:
@@ -229,6 +257,7 @@ async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, re
     viewers = [await node1.viewer(ids[0]), await node2.viewer(ids[1])]
     for viewer in viewers:
         await real_frame(viewer, sim, 15)
+    await assert_health_documented(node1)
 
     redis_server.stop()
     for node in (node1, node2):
@@ -237,6 +266,7 @@ async def test_redis_down_and_back_keeps_streaming_and_sessions(cluster, sim, re
             assert time.monotonic() < deadline, health
             await asyncio.sleep(0.1)
         assert health["cluster"]["redis"] == "unreachable" and "Redis" in health["cluster"]["problem"]
+        await assert_health_documented(node)
         code, body, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
         assert code == 503 and body["success"] is False and "Redis" in body["error"], (code, body)
         code, body, _ = await node.api.call("DELETE", f"/session/{ids[0]}")
@@ -309,3 +339,114 @@ async def test_idle_sessions_are_reaped_once_for_the_whole_cluster(cluster):
         reaped += [float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith('vsproxy_sessions_destroyed_total{reason="idle"}')]
     assert sum(reaped) == 3, reaped  # each session reaped by one node only, not once per node
+
+
+@pytest.mark.gen_test(timeout=150)
+async def test_rolling_restart_keeps_sessions_and_one_upstream_connection(cluster, sim, redis_server):  # noqa: F811
+    """Every node, one at a time: SIGTERM, then started again on the same port. Every session
+    answers on every node after each restart, viewers reconnect and get frames, the lease is held by
+    at most one (registered) node at every sample, and the simulator never sees two connections."""
+    nodes = await started(cluster(3))
+    ids = []
+    for node in nodes:
+        code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert code == 200, created
+        ids.append(created["sessionId"])
+    viewers = {node.name: await node.viewer(sid) for node, sid in zip(nodes, ids, strict=True)}
+    for viewer in viewers.values():
+        await real_frame(viewer, sim, 15)
+
+    samples: list[tuple[float, str | None]] = []  # (time, lease holder)
+    stop_sampling = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop_sampling.is_set():
+            raw = redis_server.command("GET", "vsproxy:lease:isaac")
+            holder = None if raw.startswith(b"$-1") else raw.split(b"\r\n")[1].decode()
+            samples.append((time.monotonic(), holder))
+            assert len(sim.clients) <= 1, f"{len(sim.clients)} upstream connections at once"
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        for index, node in enumerate(nodes):
+            node.process.send_signal(signal.SIGTERM)
+            old = viewers.pop(node.name)
+            while await asyncio.wait_for(old.read_message(), 10) is not None:
+                pass
+            assert old.close_reason == "Server shutting down; reconnect to resume"
+            assert node.process.wait(timeout=10) == 0, node.log()
+            node.start()  # the same port: what a rolling restart behind a load balancer looks like
+            await node.wait_healthy()
+            for other in nodes:
+                for sid in ids:
+                    code, body, _ = await other.api.call("GET", f"/session/{sid}")
+                    assert code == 200, (other.name, sid, body)
+            viewers[node.name] = await node.viewer(ids[index])  # the viewer comes back to its node
+            for viewer in viewers.values():
+                await real_frame(viewer, sim, 15)
+            assert not sampler.done(), sampler.exception()
+    finally:
+        stop_sampling.set()
+        await sampler  # raises what the sampler saw
+
+    names = {node.name for node in nodes}
+    holders = [holder for _, holder in samples if holder is not None]
+    assert set(holders) <= names, set(holders)
+    # The longest stretch with no holder: only the hand-overs, each short.
+    gap = longest = 0.0
+    for (t0, h0), (t1, _h1) in itertools.pairwise(samples):
+        gap = gap + (t1 - t0) if h0 is None else 0.0
+        longest = max(longest, gap)
+    print(f"rolling restart: {len(samples)} lease samples, longest with no holder {longest:.2f} s, "
+          f"holders in turn: {[h for i, h in enumerate(holders) if i == 0 or holders[i - 1] != h]}")
+    assert len(set(holders)) >= 2, "the upstream was never handed over"
+    assert longest < 5, longest
+    assert sim.peak_clients == 1, "two upstream connections at once"
+    assert len(sim.clients) == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_cluster_metrics_name_nodes_origin_edges_relay_traffic_and_redis(cluster, sim, redis_server):  # noqa: F811
+    nodes = await started(cluster(3))
+    code, created, _ = await nodes[0].api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    viewers = [await node.viewer(sid) for node in nodes]
+    for viewer in viewers:
+        for _ in range(3):
+            await real_frame(viewer, sim, 15)
+    isaac = (("upstream", "isaac"),)
+    for node in nodes:  # each node sees the others at its next heartbeat (every second)
+        deadline = time.monotonic() + 5
+        while (await node.metrics())["vsproxy_cluster_nodes"][()] != 3:
+            assert time.monotonic() < deadline, f"{node.name} does not count 3 nodes"
+            await asyncio.sleep(0.1)
+    scraped = {node.name: await node.metrics() for node in nodes}
+    roles = {node.name: (await node.upstream())["source"]["role"] for node in nodes}
+    for name, metrics in scraped.items():
+        assert metrics["vsproxy_cluster_nodes"][()] == 3
+        assert metrics["vsproxy_cluster_redis_up"][()] == 1
+        if roles[name] == "origin":
+            assert metrics["vsproxy_cluster_origin"][isaac] == 1
+            assert metrics["vsproxy_cluster_edges"][isaac] == 2
+            assert metrics["vsproxy_cluster_relay_received_bytes"][isaac] == 0
+        else:
+            assert metrics["vsproxy_cluster_origin"][isaac] == 0
+            assert metrics["vsproxy_cluster_edges"][isaac] == 0
+            assert metrics["vsproxy_cluster_relay_frames_received"][isaac] >= 3
+            assert metrics["vsproxy_cluster_relay_received_bytes"][isaac] >= 3 * min(map(len, sim.frames))
+    assert sorted(roles.values()) == ["edge", "edge", "origin"], roles
+
+    # The README's cluster metrics table names exactly the cluster_* families and their labels.
+    documented = readme_metrics("| Cluster metric | Labels | What |")
+    metrics = scraped[nodes[0].name]
+    cluster_families = {name for name in metrics if name.startswith("vsproxy_cluster_")}
+    assert {name.removesuffix("_total") for name in documented} == cluster_families
+    for name, labels in documented.items():
+        assert {key for values in metrics[name.removesuffix("_total")] for key, _ in values} == labels, name
+
+    redis_server.stop()
+    deadline = time.monotonic() + 5
+    while (await nodes[0].metrics())["vsproxy_cluster_redis_up"][()] != 0:
+        assert time.monotonic() < deadline, "vsproxy_cluster_redis_up still 1 with Redis stopped"
+        await asyncio.sleep(0.1)

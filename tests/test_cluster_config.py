@@ -47,3 +47,12 @@ def test_redis_url_without_token_exits_2_with_one_line(tmp_path):
     result = run_vsproxy(["--host", "127.0.0.1"], tmp_path,
                          env=clean_env(VSPROXY_REDIS_URL="redis://127.0.0.1:1/0"))
     assert_one_line_config_error(result, "cluster.token")
+
+
+def test_node_settings_and_token_from_the_environment(tmp_path):
+    """What deploy/docker-compose.yml sets per node container; the token from an env file."""
+    config = load_config(None, environ={"VSPROXY_REDIS_URL": "redis://redis:6379/0", "VSPROXY_NODE_ID": "node2",
+                                        "VSPROXY_ADVERTISE_URL": "http://node2:8889", "VSPROXY_CLUSTER_TOKEN": TOKEN},
+                         dotenv_path=tmp_path / "none.env")
+    assert (config.cluster.node_id, config.cluster.advertise_url, config.cluster.token) == (
+        "node2", "http://node2:8889", TOKEN)

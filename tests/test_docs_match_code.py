@@ -26,10 +26,11 @@ JSON = {"Content-Type": "application/json"}
 
 # == the README's metrics table ===================================================================
 
-def readme_metrics() -> dict[str, set[str]]:
-    """{metric name: its label names} from the README's metrics table."""
+def readme_metrics(header: str = "| Metric | Labels | What |") -> dict[str, set[str]]:
+    """{metric name: its label names} from the README's metrics table (the cluster-only metrics
+    are a table of their own, "| Cluster metric | ...", checked in tests/test_cluster.py)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("| Metric | Labels | What |"):]
+    table = text[text.index(header):]
     table = table[:table.index("\n\n")]
     out = {}
     for line in table.splitlines()[2:]:

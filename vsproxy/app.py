@@ -73,7 +73,8 @@ class Proxy:
             self.session_create_limiter = RateLimiter(limits.session_create_rate, limits.session_create_burst)
         self.sessions.restore(stored_sessions)
         self.access = Access(config.auth)
-        self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions))
+        self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions,
+                                                    cluster=self.cluster))
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at)
         self.whep = WhepPeers(config.webrtc.ice_servers)  # WebRTC peers (WHEP), by resource id

@@ -226,12 +226,13 @@ class ClusterConfig:
 
     redis_url: str = setting("", doc="`redis://[:password@]host:port/db` (or `rediss://`) of the Redis the nodes "
                              "share (env VSPROXY_REDIS_URL); empty: a single node, sessions in this process")
-    node_id: str = setting("", doc="this node's name in the cluster, unique; empty: `host:port`")
-    advertise_url: str = setting("", doc="base URL the other nodes reach this one at, e.g. "
+    node_id: str = setting("", doc="this node's name in the cluster, unique (env VSPROXY_NODE_ID); empty: "
+                           "`host:port`")
+    advertise_url: str = setting("", doc="base URL the other nodes reach this one at (env VSPROXY_ADVERTISE_URL), e.g. "
                                  "`http://10.0.0.5:8889`; empty: `http://<server.host>:<server.port>` "
                                  "(`127.0.0.1` for a wildcard host)")
     token: str = setting("", doc="shared secret the nodes authenticate to each other with (16+ characters; "
-                         "required with redis_url; never logged)")
+                         "required with redis_url; never logged; env VSPROXY_CLUSTER_TOKEN)")
 
 
 UPSTREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -297,6 +298,10 @@ ENV_KEYS: dict[str, str] = {
     "ISAAC_SIM_WS_PORT": "isaac_sim.ws_port",
     "ISAAC_SIM_WS_PATH": "isaac_sim.ws_path",
     "VSPROXY_REDIS_URL": "cluster.redis_url",
+    # Per node in a container deployment (deploy/docker-compose.yml); the token from an env file.
+    "VSPROXY_NODE_ID": "cluster.node_id",
+    "VSPROXY_ADVERTISE_URL": "cluster.advertise_url",
+    "VSPROXY_CLUSTER_TOKEN": "cluster.token",
 }
 
 

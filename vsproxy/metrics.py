@@ -22,6 +22,7 @@ from .outputs import TRANSPORTS, LatencyBuckets
 if TYPE_CHECKING:
     import tornado.web
 
+    from .cluster import Cluster
     from .hub import FrameHub
     from .sessions import SessionManager
 
@@ -31,10 +32,12 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class ProxyCollector(Collector):
     """Reads sessions, viewers, upstream state and frame counters from the live objects."""
 
-    def __init__(self, sessions: SessionManager, hubs: dict[str, FrameHub], max_sessions: int) -> None:
+    def __init__(self, sessions: SessionManager, hubs: dict[str, FrameHub], max_sessions: int,
+                 cluster: Cluster | None = None) -> None:
         self.sessions = sessions
         self.hubs = hubs
         self.max_sessions = max_sessions
+        self.cluster = cluster  # a cluster node (cluster.redis_url) also reports the cluster_* metrics
 
     def collect(self) -> Iterable:
         sessions = self.sessions
@@ -113,6 +116,32 @@ class ProxyCollector(Collector):
             latency.add_metric([transport], *_buckets([s.latency for s in stats]))
             age.add_metric([transport], *_buckets([s.age for s in stats]))
         yield from (frames_sent, bytes_sent, dropped, latency, age)
+        if self.cluster is not None:
+            yield from self._cluster_metrics(self.cluster)
+
+    def _cluster_metrics(self, cluster: Cluster) -> Iterable:
+        """This node's view of the cluster (what its last heartbeat saw) and its upstreams' roles."""
+        yield GaugeMetricFamily("vsproxy_cluster_nodes", "Nodes registered in the cluster (this one included).",
+                                value=len(cluster.nodes))
+        yield GaugeMetricFamily("vsproxy_cluster_redis_up", "1 if this node reaches the cluster's Redis, else 0.",
+                                value=1 if cluster.reachable else 0)
+        origin = GaugeMetricFamily("vsproxy_cluster_origin",
+                                   "1 if this node is the upstream's origin (holds its lease), else 0.",
+                                   labels=["upstream"])
+        edges = GaugeMetricFamily("vsproxy_cluster_edges", "Edge nodes relaying the upstream from this node.",
+                                  labels=["upstream"])
+        relay_frames = CounterMetricFamily("vsproxy_cluster_relay_frames_received",
+                                           "Frames this node received from the upstream's origin, as an edge.",
+                                           labels=["upstream"])
+        relay_bytes = CounterMetricFamily("vsproxy_cluster_relay_received_bytes",
+                                          "Bytes this node received from the upstream's origin, as an edge.",
+                                          labels=["upstream"])
+        for name, source in cluster.sources.items():
+            origin.add_metric([name], 1 if source.role == "origin" else 0)
+            edges.add_metric([name], len(cluster.relays.get(name, ())))
+            relay_frames.add_metric([name], source.relay_frames)
+            relay_bytes.add_metric([name], source.relay_bytes)
+        yield from (origin, edges, relay_frames, relay_bytes)
 
 
 def _buckets(histograms: list[LatencyBuckets]) -> tuple[list[tuple[str, int]], float]:

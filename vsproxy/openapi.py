@@ -158,7 +158,8 @@ SCHEMAS: dict[str, Any] = {
     }),
     "Health": _object({
         "status": {"type": "string", "enum": ["healthy", "degraded"],
-                   "description": "degraded (still 200) while an upstream with sessions is down."},
+                   "description": "degraded (still 200) while an upstream with sessions is down, or "
+                                  "a cluster node cannot reach Redis."},
         "service": {"type": "string", "const": "video-stream-proxy"},
         "version": {"type": "string"},
         "isaac_sim_ip": {"type": "string", "description": "Empty without a simulator."},
@@ -167,7 +168,18 @@ SCHEMAS: dict[str, Any] = {
         "timestamp": {"type": "string", "pattern": ISO_UTC_PATTERN},
         "failing_upstreams": {"type": "array", "items": {"type": "string"}},
         "upstreams": {"type": "array", "items": _schema("UpstreamStatus")},
-    }),
+        "cluster": {**_schema("ClusterHealth"), "description": "Only on a cluster node (cluster.redis_url)."},
+    }, ["status", "service", "version", "isaac_sim_ip", "isaac_sim_port", "active_sessions", "timestamp",
+        "failing_upstreams", "upstreams"]),
+    "ClusterHealth": _object({
+        "node": {"type": "string", "minLength": 1, "description": "This node's ID (cluster.node_id)."},
+        "nodes": {"type": "array", "items": {"type": "string"}, "uniqueItems": True,
+                  "description": "The live nodes' IDs, sorted, as of this node's last heartbeat (1 s)."},
+        "redis": {"type": "string", "enum": ["connected", "unreachable"],
+                  "description": "unreachable: /health says degraded; writes answer 503."},
+        "problem": {"type": "string", "description": "Why Redis is unreachable (or not connected yet); its "
+                                                     "URL never carries a password here."},
+    }, ["node", "nodes", "redis"]),
     "WsStatusMessage": _object({
         "type": {"type": "string", "enum": ["status", "error"]},
         "message": {"type": "string"},

@@ -60,7 +60,8 @@ class ClusterSource(Source):
         self._conn: tornado.websocket.WebSocketClientConnection | None = None
         self._relay = RelayBudget()
         self._hub: Any = None  # the FrameHub, once it ran this source
-        self.relay_bytes = 0  # received from the origin, as an edge
+        self.relay_bytes = 0  # received from the origin, as an edge (metrics read these)
+        self.relay_frames = 0
         cluster.sources[inner.name] = self
 
     @property
@@ -183,6 +184,7 @@ class ClusterSource(Source):
                         hub.set_connected()
                         connected = True
                     self.relay_bytes += len(message)
+                    self.relay_frames += 1
                     hub.publish(message)
                 else:
                     hub.relay_text(message)
