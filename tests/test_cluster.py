@@ -21,6 +21,7 @@ from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import clean_env
 from test_docs_match_code import readme_metrics
+from test_h264 import decode_annexb, parse_message
 from test_openapi import Contract
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
@@ -450,3 +451,52 @@ async def test_cluster_metrics_name_nodes_origin_edges_relay_traffic_and_redis(c
     while (await nodes[0].metrics())["vsproxy_cluster_redis_up"][()] != 0:
         assert time.monotonic() < deadline, "vsproxy_cluster_redis_up still 1 with Redis stopped"
         await asyncio.sleep(0.1)
+
+
+async def wait_for_encoder(node: Node, running: bool, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while (await node.upstream())["encoder"] is not running:
+        assert time.monotonic() < deadline, f"{node.name}: encoder still {not running}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_edge_h264_viewers_get_the_origins_access_units_from_its_one_encoder(cluster, sim):
+    origin, edge = await started(cluster(2))
+    code, created, _ = await origin.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    await real_frame(await origin.viewer(sid), sim, 15)  # node1 takes the upstream: the origin
+    jpeg_on_edge = await edge.viewer(sid)  # keeps the relay up when the H.264 viewer leaves
+    await real_frame(jpeg_on_edge, sim, 15)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+    assert (await origin.upstream())["encoder"] is False  # no H.264 viewer anywhere yet
+
+    h264 = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{edge.port}/stream/{sid}?format=h264")
+    edge.viewers.append(h264)
+    units: list[bytes] = []
+    deadline = time.monotonic() + 20
+    while len(units) < 15:
+        message = await asyncio.wait_for(h264.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"H.264 viewer closed: {h264.close_code} {h264.close_reason}"
+        if isinstance(message, bytes):
+            keyframe, _, unit = parse_message(message)
+            assert keyframe or units, "the first access unit is no keyframe"
+            units.append(unit)
+    pictures = decode_annexb(units)
+    assert len(pictures) >= 10 and (pictures[0].width, pictures[0].height) == (320, 240)
+
+    # One encoder cluster-wide: the origin's; the edge never started one.
+    assert (await origin.upstream())["encoder"] is True
+    assert (await edge.upstream())["encoder"] is False
+    isaac = (("upstream", "isaac"),)
+    assert (await edge.metrics())["vsproxy_encoder_starts"][isaac] == 0
+    assert (await origin.metrics())["vsproxy_encoder_running"][isaac] == 1
+    assert len(sim.clients) == 1 and sim.peak_clients == 1
+
+    # The edge's H.264 viewer leaves (its JPEG viewer stays, and the relay with it): the origin's
+    # encoder stops, since no edge and no local viewer needs H.264 any more.
+    h264.close()
+    await wait_for_encoder(origin, False)
+    await real_frame(jpeg_on_edge, sim, 5)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+    assert (await edge.metrics())["vsproxy_encoder_starts"][isaac] == 0

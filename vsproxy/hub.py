@@ -417,6 +417,8 @@ class FrameHub:
     def _add_h264_viewer(self, viewer: Viewer) -> None:
         if not self.connected and self.running and viewer.send_text:
             viewer.send_text(status_message("status", self.describe_state()))
+        if self.h264_viewer_count() == 1:
+            self.source.h264_wanted(True)
         encoder_was_running = self.encoder is not None and self.encoder.running
         self._start_encoder()
         if viewer.transport == WEBRTC:
@@ -438,6 +440,7 @@ class FrameHub:
             return
         if viewer.transport in H264_TRANSPORTS and not self.h264_viewer_count():
             self._stop_encoder()
+            self.source.h264_wanted(False)
 
     def notify(self, kind: str, message: str) -> None:
         """Send a {"type": kind, "message": ...} text message to every WebSocket viewer."""

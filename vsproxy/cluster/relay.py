@@ -7,15 +7,23 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
   it runs; the lease is released when the hub stops (no viewer here, no edge left) or on drain.
 - held by another node: this node is an edge. It opens ONE WebSocket to the origin,
   /internal/relay/{upstream} (authenticated with cluster.token), whatever its number of viewers,
-  and publishes what arrives into its own hub, which fans out as usual. Binary messages are the
-  origin's JPEG frames, byte for byte; text messages are the upstream's text (telemetry). Viewer
-  input goes the other way, to the origin's upstream.
+  and publishes what arrives into its own hub, which fans out as usual. Origin to edge: binary
+  messages are the origin's JPEG frames, byte for byte (a JPEG starts with FF D8), or H.264 access
+  units in the `format=h264` binary form (first byte 0 or 1: the keyframe flag; then the
+  presentation time and the Annex-B unit); text messages are the upstream's text (telemetry).
+  Edge to origin: text messages are viewer input for the origin's upstream; binary messages start
+  with a type byte: RELAY_INPUT (the rest is a viewer's binary input) or RELAY_H264 (one more
+  byte, 1 or 0: this edge has H.264 viewers, or no longer).
+
+H.264: one encoder per upstream, cluster-wide, on the origin. An edge's relay source says it
+produces H.264 (so the edge's hub runs no encoder); while the edge has H.264 viewers it asks the
+origin for access units, and the origin counts that edge as one H.264 viewer of its hub (its
+encoder runs while any edge or local viewer wants H.264). An RTSP upstream's own H.264 stays
+passthrough: the origin relays the units it receives.
 
 Failover: when the relay drops (origin died or drained), the edge's hub shows the offline picture
 and the edge keeps trying: take the lease (free once the dead origin's expires, LEASE_TTL), or
 find the new origin.
-
-The relay carries JPEG: an edge's H.264 viewers get H.264 from the edge's own encoder.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +39,11 @@ import tornado.web
 import tornado.websocket
 from tornado.httpclient import HTTPRequest
 
+from ..codec.h264 import AccessUnit
 from ..hub import Frame
 from ..outputs import Viewer
-from ..outputs.wire import WS_BINARY
+from ..outputs.viewer import H264Viewer
+from ..outputs.wire import WS_BINARY, WS_H264, ws_h264_message
 from ..sources.base import FrameTimeout, HubLink, RelayBudget, Source
 from ..sources.isaac import _websocket_connect
 from .node import HEARTBEAT_SECONDS, REDIS_ERRORS, Cluster
@@ -44,6 +55,9 @@ log = logging.getLogger("vsproxy.cluster")
 
 FIND_ORIGIN_SECONDS = 15.0  # how long an edge keeps looking for an origin before the hub backs off
 RETRY_SECONDS = 0.3
+RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary input
+RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
+_AU_HEAD = struct.Struct("!BQ")  # origin to edge: an access unit's flags and presentation time
 
 
 class ClusterSource(Source):
@@ -66,7 +80,10 @@ class ClusterSource(Source):
 
     @property
     def produces_h264(self) -> bool:  # type: ignore[override]
-        return self.role == "origin" and self.inner.produces_h264
+        # Only the origin may encode (one encoder cluster-wide): an edge relays the origin's
+        # units, and a node still looking for the origin starts its encoder once it becomes it
+        # (`_run_origin` tells the hub).
+        return self.inner.produces_h264 if self.role == "origin" else True
 
     async def run(self, hub: HubLink) -> None:
         self._hub = hub
@@ -167,6 +184,9 @@ class ClusterSource(Source):
         self.role, self.origin = "edge", origin
         self._conn = conn
         log.info("cluster: relaying upstream %s from origin %s", self.name, origin, extra={"upstream": self.name})
+        hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
+        if hub.h264_viewer_count():
+            self.h264_wanted(True)
         frame_timeout = self.reconnect.frame_timeout_seconds
         connected = False
         try:
@@ -185,7 +205,11 @@ class ClusterSource(Source):
                         connected = True
                     self.relay_bytes += len(message)
                     self.relay_frames += 1
-                    hub.publish(message)
+                    if message[:1] in (b"\x00", b"\x01") and len(message) > _AU_HEAD.size:
+                        _, pts_us = _AU_HEAD.unpack_from(message)
+                        hub.publish_h264(message[_AU_HEAD.size:], pts_us)
+                    else:
+                        hub.publish(message)
                 else:
                     hub.relay_text(message)
         finally:
@@ -198,7 +222,14 @@ class ClusterSource(Source):
         if self.role == "origin":
             return self.inner.send(message)
         conn = self._conn
+        if isinstance(message, bytes):
+            message = bytes((RELAY_INPUT,)) + message
         return conn is not None and self._relay.send(conn.write_message, message)
+
+    def h264_wanted(self, wanted: bool) -> None:
+        conn = self._conn
+        if self.role == "edge" and conn is not None:
+            self._relay.send(conn.write_message, bytes((RELAY_H264, 1 if wanted else 0)))
 
     def close(self) -> None:
         self.inner.close()
@@ -219,6 +250,20 @@ class RelayViewer(Viewer):
             super().offer(frame, data)
 
 
+class RelayH264Viewer(H264Viewer):
+    """An edge's relay connection as an H.264 viewer of the origin's hub, while the edge has H.264
+    viewers: each access unit as a binary message; no config text (the edge reads the parameter
+    sets from the keyframes, as its hub does from any source)."""
+
+    def _stream_start(self, au: AccessUnit) -> bytes:
+        return b""
+
+    def offer(self, au: AccessUnit, data: bytes) -> None:  # type: ignore[override]
+        if au.config_changed:  # the hub's bytes of it begin with the config text message
+            data = ws_h264_message(au)
+        super().offer(au, data)
+
+
 class _RelayDemand:
     """What keeps the origin's hub running while an edge pulls from it (a stand-in for a session)."""
 
@@ -232,6 +277,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     hub: FrameHub
     viewer: RelayViewer | None = None
+    h264_viewer: RelayH264Viewer | None = None
     edge = "?"
 
     def _cluster(self) -> Cluster:
@@ -288,11 +334,30 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
             pass
 
     def on_message(self, message: str | bytes) -> None:
-        self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
+        if self.viewer is None:
+            return
+        if isinstance(message, str):
+            self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
+        elif message[:1] == bytes((RELAY_INPUT,)):
+            self.hub.send_upstream(message[1:])
+        elif message[:1] == bytes((RELAY_H264,)):
+            self._want_h264(message[1:2] == b"\x01")
+
+    def _want_h264(self, wanted: bool) -> None:
+        """The edge's H.264 viewers came or left: it counts as one H.264 viewer here while they are
+        there (which runs this hub's encoder, where the upstream does not send H.264 itself)."""
+        if wanted and self.h264_viewer is None:
+            stream = self.ws_connection.stream  # type: ignore[union-attr]
+            self.h264_viewer = RelayH264Viewer(stream, WS_H264, self.hub.stats[WS_H264], close=self._close_viewer)
+            self.hub.add_viewer(self.h264_viewer)
+        elif not wanted and self.h264_viewer is not None:
+            self.hub.remove_viewer(self.h264_viewer)
+            self.h264_viewer = None
 
     def on_close(self) -> None:
         if self.viewer is None:
             return
+        self._want_h264(False)
         self.hub.remove_viewer(self.viewer)
         self.hub.detach(self.demand)  # type: ignore[arg-type]
         self.viewer = None

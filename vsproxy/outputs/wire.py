@@ -76,11 +76,17 @@ def _encode_mjpeg(frame: Frame) -> bytes:
     return b"".join((head, frame.jpeg, b"\r\n--" + MJPEG_BOUNDARY.encode("ascii") + b"\r\n"))
 
 
+def ws_h264_message(au: AccessUnit) -> bytes:
+    """One access unit as a binary WebSocket frame of the `format=h264` contract (and of the
+    cluster relay): 1 byte of flags (bit 0: keyframe), 8 bytes of presentation time (microseconds
+    since the Unix epoch, big-endian), then the access unit in Annex-B form."""
+    return ws_frame(0x2, struct.pack("!BQ", 1 if au.keyframe else 0, max(0, au.pts_us)) + au.data)
+
+
 def _encode_ws_h264(au: AccessUnit) -> bytes:
-    # 1 byte of flags (bit 0: keyframe), 8 bytes of presentation time (microseconds since the
-    # Unix epoch, big-endian), then the access unit in Annex-B form. New stream parameters are
-    # announced by a config text message right before the first access unit that has them.
-    message = ws_frame(0x2, struct.pack("!BQ", 1 if au.keyframe else 0, max(0, au.pts_us)) + au.data)
+    # New stream parameters are announced by a config text message right before the first
+    # access unit that has them.
+    message = ws_h264_message(au)
     if au.config_changed:
         return ws_frame(0x1, au.config.message().encode()) + message
     return message

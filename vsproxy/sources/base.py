@@ -55,6 +55,9 @@ class HubLink(Protocol):
     def viewer_count(self) -> int:
         """How many viewers are attached right now (is anyone watching?)."""
 
+    def h264_viewer_count(self) -> int:
+        """How many viewers of an H.264 transport are attached right now."""
+
 
 class RelayBudget:
     """Viewer messages relayed to an upstream connection that its socket has not taken yet, in
@@ -121,6 +124,10 @@ class Source:
     @classmethod
     def check_settings(cls, settings: Any, key: str) -> None:
         """Raise schema.ConfigError (naming `key`.<field>) for settings that cannot work."""
+
+    def h264_wanted(self, wanted: bool) -> None:
+        """The hub's first H.264 viewer came (True), or its last one left (False). A source that
+        gets H.264 from elsewhere (a cluster edge, from its origin) asks for it only while wanted."""
 
     async def run(self, hub: HubLink) -> None:
         """Connect, call `hub.set_connected()`, feed `hub.publish(jpeg)` / `hub.relay_text(text)`.
