@@ -235,7 +235,7 @@ def _metric(text: bytes, name: str, upstream: str = "isaac") -> float:
 
 async def rtsp_passthrough(args: argparse.Namespace, tmp: str) -> None:
     from rtsp_server import RtspTestServer
-    server = RtspTestServer(free_port(), width=1280, height=720, fps=30)
+    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern)
     server.start()
     proc = None
     viewers: list[Viewer] = []
@@ -314,6 +314,8 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring (default 3)")
     p.add_argument("--cameras", default="moving,smooth,demo", help="bytes: moving, smooth, demo (default all)")
     p.add_argument("--viewers", type=int, default=100, help="rtsp: H.264 viewers (default 100)")
+    p.add_argument("--pattern", default="ball", help="rtsp: the test server's videotestsrc pattern (default ball, "
+                   "a light stream; snow fills the server's 2 Mbit/s, like an NVENC camera stream)")
     p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
     p.add_argument("--h264", default="", help='h264 settings for the proxy, e.g. "crf: 28, preset: veryfast"')
     args = p.parse_args()

@@ -326,7 +326,7 @@ async def open_event_stream(port: int, *, rcvbuf: int | None = None) -> tuple[so
 
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.config({"limits": {"max_dashboard_clients": 3}})
-async def test_event_streams_are_capped(api, http_port, proxy):
+async def test_event_streams_are_capped(api, http_port, proxy, caplog):
     clients = [await open_event_stream(http_port) for _ in range(3)]
     assert all(head.startswith(b"HTTP/1.1 200") for _, head in clients)
     refused, head = await open_event_stream(http_port)
@@ -339,6 +339,9 @@ async def test_event_streams_are_capped(api, http_port, proxy):
     assert_json_error(503, json.loads(payload), 503)
     assert "max_dashboard_clients" in json.loads(payload)["error"]
     assert len(proxy.monitor.listeners) == 3
+    # A planned-for limit is a warning in the access log, not an error.
+    refusals = [r for r in caplog.records if r.name == "vsproxy.access" and r.getMessage().startswith("503 ")]
+    assert refusals and all(r.levelno == logging.WARNING for r in refusals)
     # The state stays available, and a slot frees when a dashboard closes.
     assert (await api.call("GET", "/dashboard/api/state"))[0] == 200
     clients[0][0].close()

@@ -128,7 +128,9 @@ class Proxy:
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
         self.metrics.observe_request(handler)
         status = handler.get_status()
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        # 503 is a state the operator planned for (a limit reached, Redis down, no frame yet), not a
+        # fault: a warning. Other 5xx are faults.
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 or status == 503 else logging.ERROR
         path = handler.request.path
         if status == 200 and (path in ("/health", "/metrics") or path.startswith("/dashboard/api/")):
             level = logging.DEBUG  # probes, scrapes and dashboard refreshes would drown the log
