@@ -137,6 +137,7 @@ class _CameraSocket(tornado.websocket.WebSocketHandler):
     def open(self, *args) -> None:
         self.camera.clients.add(self)
         self.camera.connections += 1
+        self.camera.peak_clients = max(self.camera.peak_clients, len(self.camera.clients))
         self.camera._ensure_running()
 
     def on_message(self, message) -> None:
@@ -164,6 +165,7 @@ class FakeCamera:
         self.sent_total = 0
         self.clients: set[_CameraSocket] = set()
         self.connections = 0
+        self.peak_clients = 0  # most clients at once (bench/cluster.py: one upstream connection per cluster)
         self.late_ticks = 0  # ticks that ran more than one interval late (the process was busy)
         self.port = 0
         self._server: HTTPServer | None = None
