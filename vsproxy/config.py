@@ -131,8 +131,8 @@ class LimitsConfig:
                                    "included; more are closed at once (keep it below the open-file limit)")
     max_sessions: int = setting(100, min=1, max=1_000_000, doc="sessions in all; 503 beyond")
     max_sessions_per_user: int = setting(20, min=1, max=1_000_000, doc="sessions per userId; 429 beyond")
-    max_viewers_per_session: int = setting(50, min=1, max=100_000, doc="viewers per session; 503 or "
-                                                                       "WebSocket close 1013 beyond")
+    max_viewers_per_session: int = setting(50, min=1, max=100_000, doc="viewers per session (in a cluster: "
+                                           "on all nodes together); 503 or WebSocket close 1013 beyond")
     max_body_bytes: int = setting(65536, min=64, max=64 * 1024 * 1024, doc="largest JSON request body; "
                                                                            "413 beyond")
     session_create_rate: float = setting(2.0, min=0.01, max=10_000, doc="POST /session/create per client "

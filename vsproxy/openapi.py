@@ -291,6 +291,9 @@ def _operation(summary: str, tag: str, security: list, responses: dict[str, Any]
 
 
 _SESSION_PARAM = [_ref("parameters", "sessionId")]
+# How limits.max_viewers_per_session counts in a cluster, said wherever a viewer may be refused.
+_VIEWER_LIMIT_CLUSTER = ("in a cluster: the session's viewers on all nodes together; also while the node cannot "
+                         "reach Redis to count them, with the session registry's error")
 _UPSTREAM_PARAM = [{"name": "upstream", "in": "path", "required": True, "description": "A configured upstream's name.",
                     "schema": {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}}]
 _LINK_PARAMS = {"sessionId": "$response.body#/sessionId"}
@@ -424,7 +427,7 @@ def _paths() -> dict[str, Any]:
                 }}),
                 operationId="mjpeg",
                 parameters=[_ref("parameters", "token"), _ref("parameters", "fps")],
-                description="503: limits.max_viewers_per_session reached.",
+                description="503: limits.max_viewers_per_session reached (" + _VIEWER_LIMIT_CLUSTER + ").",
             ),
             "options": _preflight("GET"),
         },
@@ -441,7 +444,7 @@ def _paths() -> dict[str, Any]:
                 operationId="mp4",
                 parameters=[_ref("parameters", "token")],
                 description="400 with `fps` (frames of a GOP cannot be skipped); 503: "
-                            "limits.max_viewers_per_session reached.",
+                            "limits.max_viewers_per_session reached (" + _VIEWER_LIMIT_CLUSTER + ").",
             ),
             "options": _preflight("GET"),
         },
@@ -476,7 +479,8 @@ def _paths() -> dict[str, Any]:
                 description="draft-ietf-wish-whep. The body must be `Content-Type: application/sdp` (415 "
                             "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
                             "an SDP offer, 406 without video or H.264). The peer is a viewer of the session like "
-                            "any other (connections, limits.max_viewers_per_session: 503, viewer tokens: 401/403, "
+                            "any other (connections, limits.max_viewers_per_session: 503 ("
+                            + _VIEWER_LIMIT_CLUSTER + "), viewer tokens: 401/403, "
                             "closed when the session is destroyed or its token expires, dropped after "
                             "streaming.stall_timeout_seconds without RTCP from it).",
             ),
@@ -538,7 +542,7 @@ def _paths() -> dict[str, Any]:
                     "viewer may send {\"type\": \"token\", \"token\": ...} to renew it (answered with a status "
                     "message, or an error message if refused: the old token then stays). Close codes: 1001 "
                     "session destroyed or server shutdown; 1008 input rate exceeded; 1009 message too big; 1013 "
-                    "limits.max_viewers_per_session reached; 4001 viewer token expired."
+                    "limits.max_viewers_per_session reached (" + _VIEWER_LIMIT_CLUSTER + "); 4001 viewer token expired."
                 ),
                 **{"x-websocket": {
                     "serverMessages": [_schema("WsStatusMessage"), _schema("WsFrameMessage"),

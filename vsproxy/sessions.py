@@ -314,7 +314,22 @@ class SessionManager:
         """Raise ViewerLimitReached if the session has as many viewers as it may."""
         limit = self.max_viewers_per_session
         if limit is not None and len(session.viewers) >= limit:
-            raise ViewerLimitReached(f"Maximum number of viewers per session ({limit}) reached")
+            raise self.viewer_limit_reached()
+
+    def viewer_limit_reached(self) -> ViewerLimitReached:
+        """The error a viewer beyond limits.max_viewers_per_session gets (503, or WebSocket close 1013)."""
+        return ViewerLimitReached(f"Maximum number of viewers per session ({self.max_viewers_per_session}) reached")
+
+    async def reserve_viewer(self, session: Session) -> None:
+        """Take a place for one more viewer before it is made: ViewerLimitReached if there is none.
+
+        Here that is `check_viewer_room` (add_viewer checks again). A cluster takes the place in Redis,
+        cluster-wide (cluster/sessions.py); `add_viewer` then fills it, or `unreserve_viewer` gives it
+        back if the client went away first."""
+        self.check_viewer_room(session)
+
+    def unreserve_viewer(self, session: Session) -> None:
+        """Give back a place `reserve_viewer` took that no viewer filled (nothing to give back here)."""
 
     def add_viewer(self, session: Session, viewer: Viewer) -> None:
         """Attach a viewer; SessionNotFound if the session was destroyed meanwhile."""

@@ -2,9 +2,10 @@
 
 What lives in Redis (every key under `vsproxy:`), state in keys, never in messages:
 
-- `vsproxy:node:<id>`: this node's advertise URL, expiring NODE_TTL after its last heartbeat.
-- `vsproxy:sessions`, `vsproxy:users`, `vsproxy:activity`, `vsproxy:rate:<address>`: sessions and
-  the counts their limits need (see cluster/sessions.py).
+- `vsproxy:node:<id>`: this node's advertise URL and process instance, expiring NODE_TTL after its
+  last heartbeat.
+- `vsproxy:sessions`, `vsproxy:users`, `vsproxy:activity`, `vsproxy:rate:<address>`,
+  `vsproxy:viewers:<session>`: sessions and the counts their limits need (see cluster/sessions.py).
 - `vsproxy:lease:<upstream>`: the node holding that upstream's connection (the origin), expiring
   LEASE_TTL after its last renewal.
 - `vsproxy:reaper`: who reaps idle sessions this round.
@@ -22,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -88,6 +90,9 @@ class Cluster:
         shown_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
         self.node_id = cc.node_id or f"{shown_host}:{port}"
         self.advertise_url = (cc.advertise_url or f"http://{shown_host}:{port}").rstrip("/")
+        # This process, as opposed to the node ID (which a restarted node keeps): what a node holds in
+        # Redis under its instance dies with the process, even if the node is back within NODE_TTL.
+        self.instance = secrets.token_hex(8)
         self.token = cc.token
         self.redis_shown = redact_url(cc.redis_url)  # the URL without its password, for logs
         # No retries inside the client: a write fails fast (503) and the loops below retry.
@@ -211,7 +216,8 @@ class Cluster:
 
     async def _heartbeat(self) -> None:
         await self.check_restart()
-        await self.redis.set(node_key(self.node_id), json.dumps({"url": self.advertise_url, "at": time.time()}),
+        await self.redis.set(node_key(self.node_id), json.dumps({"url": self.advertise_url, "at": time.time(),
+                                                                "instance": self.instance}),
                              px=int(NODE_TTL_SECONDS * 1000))
         for upstream, source in self.sources.items():
             if source.role == "origin" and not self._draining:
@@ -222,6 +228,7 @@ class Cluster:
                       for key, value in zip(keys, values, strict=True) if value}
         if self.sessions is not None:
             await self.sessions.flush_activity_async()
+            await self.sessions.write_viewer_places()
         if not self.reachable:
             log.info("cluster: node %s registered with Redis at %s (%d nodes)", self.node_id, self.redis_shown,
                      len(self.nodes))

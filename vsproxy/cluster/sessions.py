@@ -6,6 +6,15 @@ cluster-wide and exactly, however many nodes create at once. Every node keeps a 
 sessions (kept current by the control channel and re-read every few seconds) for reads, which
 therefore work while Redis is down. A session is attached to this node's hub only while it has
 viewers here: that is what makes a node want the upstream (as origin or edge).
+
+Viewers count against `limits.max_viewers_per_session` cluster-wide: `vsproxy:viewers:<session>`
+holds, per node process (`<instance>:<node ID>`), the places it holds (its viewers, and the places
+taken for viewers being set up). A place is taken by a Lua script that counts only live nodes'
+places (a node whose registration expired, or was re-made by a new process, is dead: its places
+are dropped there and then) and adds one if the total is under the limit; a viewer that leaves gives
+its place back at once. Every heartbeat the node writes what it holds again, which repairs whatever a
+lost connection, a Redis restart or an expired registration left wrong. Per connect and disconnect
+only: frames never wait for Redis.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RateLimited
@@ -25,11 +35,12 @@ from ..sessions import (
     SessionManager,
     SessionNotFound,
     UserSessionLimitReached,
+    ViewerLimitReached,
     _check_name,
     new_session_id,
 )
 from ..store import SessionRecord
-from .node import EVENTS, PREFIX, REDIS_ERRORS, Cluster, ClusterUnavailable
+from .node import EVENTS, PREFIX, REDIS_ERRORS, Cluster, ClusterUnavailable, node_key
 
 if TYPE_CHECKING:
     from ..outputs import Viewer
@@ -64,8 +75,8 @@ redis.call('PUBLISH', ARGV[8], ARGV[9])
 return {'ok'}
 """
 
-# KEYS: sessions, users, activity. ARGV: id, channel, event, idle cutoff (epoch seconds; empty:
-# destroy whatever its activity; else only if the session's last activity is older).
+# KEYS: sessions, users, activity, the session's viewer places. ARGV: id, channel, event, idle cutoff
+# (epoch seconds; empty: destroy whatever its activity; else only if the session's last activity is older).
 _DESTROY = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return 0 end
@@ -76,6 +87,7 @@ if ARGV[4] ~= '' then
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
 if redis.call('HINCRBY', KEYS[2], data['user_id'], -1) <= 0 then redis.call('HDEL', KEYS[2], data['user_id']) end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
@@ -90,6 +102,53 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return 0
 """
+
+
+# A viewer's place. KEYS: sessions, the session's viewer places. ARGV: session ID, this node's field
+# (`<instance>:<node ID>`), the limit (-1: none), the node registration key prefix. Another node's
+# places count only while its registration exists with the same instance; else they are dropped.
+# -1: no such session; 0: full; 1: the place is taken.
+_ADMIT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local total = 0
+local places = redis.call('HGETALL', KEYS[2])
+for i = 1, #places, 2 do
+  local field = places[i]
+  local live = field == ARGV[2]
+  if not live then
+    local sep = string.find(field, ':', 1, true)
+    local registration = sep and redis.call('GET', ARGV[4] .. string.sub(field, sep + 1))
+    live = registration and cjson.decode(registration)['instance'] == string.sub(field, 1, sep - 1)
+  end
+  if live then total = total + tonumber(places[i + 1]) else redis.call('HDEL', KEYS[2], field) end
+end
+local limit = tonumber(ARGV[3])
+if limit >= 0 and total >= limit then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+"""
+
+# KEYS: the session's viewer places. ARGV: this node's field.
+_LEAVE = """
+if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+"""
+
+# What this node holds, written again. KEYS: sessions. ARGV: this node's field, the viewer places key
+# prefix, then session ID and count pairs (a destroyed session gets no places back).
+_PLACES = """
+for i = 3, #ARGV, 2 do
+  local key = ARGV[2] .. ARGV[i]
+  if tonumber(ARGV[i + 1]) > 0 and redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', key, ARGV[1], ARGV[i + 1])
+  else
+    redis.call('HDEL', key, ARGV[1])
+  end
+end
+"""
+
+
+def viewers_key(session_id: str) -> str:
+    return f"{PREFIX}viewers:{session_id}"
 
 
 class NoRateLimit:
@@ -115,7 +174,25 @@ class ClusterSessionManager(SessionManager):
         self._create = redis.register_script(_CREATE)
         self._destroy = redis.register_script(_DESTROY)
         self._restore = redis.register_script(_RESTORE)
+        self._admit = redis.register_script(_ADMIT)
+        self._leave = redis.register_script(_LEAVE)
+        self._write_places = redis.register_script(_PLACES)
         self._reaping: asyncio.Future | None = None
+        # Viewer places (see the module docstring). `_places`: session ID -> what this node holds in
+        # Redis, as of the calls sent (an entry at 0 after a failed call: written again at the next
+        # heartbeat). `_reserved`: places taken for viewers not added yet.
+        self._place_field = f"{cluster.instance}:{cluster.node_id}"
+        self._places: dict[str, int] = {}
+        self._reserved: Counter[str] = Counter()
+        self._place_tasks: set[asyncio.Task] = set()
+        # Taking and giving back places (increments) run concurrently; writing them all again waits
+        # for those in flight and holds new ones back, so what it writes is exact.
+        self._in_flight = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._places_closed = False
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -206,7 +283,7 @@ class ClusterSessionManager(SessionManager):
         """Destroy a session cluster-wide; every node closes its viewers (control message)."""
         event = json.dumps({"op": "destroy", "id": session_id, "reason": reason, "node": self.cluster.node_id})
         done = await self.cluster.write(lambda: self._destroy(
-            keys=[SESSIONS, USERS, ACTIVITY],
+            keys=[SESSIONS, USERS, ACTIVITY, viewers_key(session_id)],
             args=[session_id, EVENTS, event, "" if idle_cutoff is None else repr(idle_cutoff)]))
         if not done:
             if idle_cutoff is None:
@@ -229,19 +306,119 @@ class ClusterSessionManager(SessionManager):
 
     # -- viewers: a session wants the upstream here while it has viewers here ------------------------
 
+    async def reserve_viewer(self, session: Session) -> None:
+        """Take a place in Redis, cluster-wide: ViewerLimitReached if the session's viewers on all
+        live nodes fill it, ClusterUnavailable (503) if Redis cannot be reached."""
+        self.check_viewer_room(session)  # full with this node's viewers alone: no need to ask
+        sid = session.id
+        limit = -1 if self.max_viewers_per_session is None else self.max_viewers_per_session
+        await self._enter()
+        try:
+            taken = await self.cluster.write(lambda: self._admit(
+                keys=[SESSIONS, viewers_key(sid)], args=[sid, self._place_field, limit, node_key("")]))
+            if taken == 1:
+                self._places[sid] = self._places.get(sid, 0) + 1
+                self._reserved[sid] += 1
+        except ClusterUnavailable:
+            self._places.setdefault(sid, 0)  # the script may have run: the next heartbeat says what we hold
+            raise
+        finally:
+            self._exit()
+        if taken == 0:
+            raise self.viewer_limit_reached()
+        if taken == -1:  # destroyed meanwhile (its control message closes this node's viewers)
+            raise SessionNotFound(sid)
+
+    def unreserve_viewer(self, session: Session) -> None:
+        if self._take_reservation(session.id):
+            self._give_back(session.id)
+
     def add_viewer(self, session: Session, viewer: Viewer) -> None:
-        if self._sessions.get(session.id) is not session:
-            raise SessionNotFound(session.id)
-        self.check_viewer_room(session)
+        if not self._take_reservation(session.id):
+            raise RuntimeError("in a cluster, a viewer's place is taken with reserve_viewer first (in Redis)")
+        try:
+            if self._sessions.get(session.id) is not session:
+                raise SessionNotFound(session.id)
+            self.check_viewer_room(session)
+        except (ViewerLimitReached, SessionNotFound):
+            self._give_back(session.id)
+            raise
         if not session.viewers:
             session.hub.attach(session)
-        super().add_viewer(session, viewer)
+        super().add_viewer(session, viewer)  # checked just above: it cannot refuse
 
     def remove_viewer(self, session: Session, viewer: Viewer) -> None:
         had = viewer in session.viewers
         super().remove_viewer(session, viewer)
-        if had and not session.viewers:
-            session.hub.detach(session)
+        if had:
+            self._give_back(session.id)
+            if not session.viewers:
+                session.hub.detach(session)
+
+    def _take_reservation(self, session_id: str) -> bool:
+        if self._reserved[session_id] <= 0:
+            return False
+        self._reserved[session_id] -= 1
+        if not self._reserved[session_id]:
+            del self._reserved[session_id]
+        return True
+
+    def _give_back(self, session_id: str) -> None:
+        """A place is free again: tell Redis now (in the background; the viewer is gone already)."""
+        task = asyncio.ensure_future(self._leave_place(session_id))
+        self._place_tasks.add(task)
+        task.add_done_callback(self._place_tasks.discard)
+
+    async def _leave_place(self, session_id: str) -> None:
+        await self._enter()
+        try:
+            if self._places_closed:  # shut down: the node's registration, and with it its places, is gone
+                return
+            held = self._places[session_id] = self._places.get(session_id, 0) - 1
+            await self._leave(keys=[viewers_key(session_id)], args=[self._place_field])
+            if held <= 0 and self._places.get(session_id) == held:
+                del self._places[session_id]
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)  # the entry stays: the next heartbeat writes it again
+        finally:
+            self._exit()
+
+    async def _enter(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._in_flight += 1
+        self._quiet.clear()
+
+    def _exit(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._quiet.set()
+
+    async def write_viewer_places(self) -> None:
+        """Heartbeat: write the places this node holds again (see the module docstring)."""
+        if not self._places or self._places_closed:
+            return
+        self._open.clear()
+        try:
+            while self._in_flight:
+                await self._quiet.wait()
+            held = dict(self._places)
+            args: list[Any] = [self._place_field, viewers_key("")]
+            for session_id, count in held.items():
+                args += [session_id, max(0, count)]
+            await self._write_places(keys=[SESSIONS], args=args)
+            for session_id, count in held.items():
+                if count <= 0 and self._places.get(session_id) == count:
+                    del self._places[session_id]
+        finally:
+            self._open.set()
+
+    async def close_store(self) -> None:
+        """Shutdown, after close_all: let the places of the viewers just closed go back to Redis."""
+        if self._place_tasks:
+            await asyncio.gather(*tuple(self._place_tasks), return_exceptions=True)
+        self._places_closed = True
+        await super().close_store()
 
     # -- keeping the mirror current ----------------------------------------------------------------
 

@@ -84,11 +84,14 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             return self.refuse(400, H264_FPS_ERROR)
         await super().get(session_id, *args, **kwargs)
 
-    def open(self, session_id: str) -> None:
+    async def open(self, session_id: str) -> None:
         try:
-            self.sessions.check_viewer_room(self.session)
+            await self.sessions.reserve_viewer(self.session)  # in a cluster: its place, in Redis
         except ClientError as exc:
             self.close(1013, str(exc)[:120])  # "try again later"
+            return
+        if self.ws_connection is None:  # the client left while a cluster took its place
+            self.sessions.unreserve_viewer(self.session)
             return
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
@@ -103,7 +106,12 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         else:
             self.viewer = Viewer(stream, self.transport, stats, close=self._close_viewer,
                                  send_text=self._send_text, max_fps=self.max_fps)
-        self.sessions.add_viewer(self.session, self.viewer)
+        try:
+            self.sessions.add_viewer(self.session, self.viewer)
+        except ClientError as exc:  # a cluster's session destroyed while its place was taken
+            self.viewer = None
+            self.close(1001, str(exc)[:120])
+            return
         self._schedule_expiry()
 
     def on_message(self, message: str | bytes) -> None:
@@ -249,7 +257,7 @@ class DetachedStreamHandler(JsonHandler):
     async def get(self, session_id: str) -> None:
         session = await self.sessions.lookup(session_id)
         grant = self.require_viewer(session_id)
-        self.sessions.check_viewer_room(session)
+        await self.sessions.reserve_viewer(session)  # 503 if there is no room; in a cluster: in Redis
         cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \
             if self.origin_allowed() else []
         # As WebSocketHandler._detach_stream does: take the raw stream and mark the request
@@ -262,6 +270,7 @@ class DetachedStreamHandler(JsonHandler):
         try:
             await stream.write(self.response_head(cors))
         except StreamClosedError:
+            self.sessions.unreserve_viewer(session)
             return
         try:
             # The session may have been destroyed, or filled up, while the headers went out.

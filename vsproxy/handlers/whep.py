@@ -68,17 +68,21 @@ class WhepHandler(JsonHandler):
             raise WebRtcDisabled("WebRTC is disabled on this server (webrtc.enabled: false)")
         session = self.sessions.get(session_id)
         grant = self.require_viewer(session_id)
-        self.sessions.check_viewer_room(session)
+        await self.sessions.reserve_viewer(session)  # 503 if there is no room; in a cluster: in Redis
         try:
-            offer = self.body().decode("utf-8")
-        except UnicodeDecodeError:
-            raise tornado.web.HTTPError(400, reason="The SDP offer is not UTF-8 text") from None
-        hub = session.hub
-        config = hub.h264_config
-        peer, answer = await self.whep.answer(
-            offer, session_id, hub.stats[WEBRTC], config.codec if config else None,
-            on_close=lambda p, reason: self.sessions.remove_viewer(session, p),
-            request_keyframe=hub.request_keyframe)
+            try:
+                offer = self.body().decode("utf-8")
+            except UnicodeDecodeError:
+                raise tornado.web.HTTPError(400, reason="The SDP offer is not UTF-8 text") from None
+            hub = session.hub
+            config = hub.h264_config
+            peer, answer = await self.whep.answer(
+                offer, session_id, hub.stats[WEBRTC], config.codec if config else None,
+                on_close=lambda p, reason: self.sessions.remove_viewer(session, p),
+                request_keyframe=hub.request_keyframe)
+        except BaseException:  # no peer: its place is free again
+            self.sessions.unreserve_viewer(session)
+            raise
         try:
             # The session may have been destroyed, or filled up, while the answer was made.
             self.sessions.add_viewer(session, peer)
