@@ -74,9 +74,9 @@ class EmbedHandler(PageHandler):
         # Meant to be framed by the frontend: who may frame it comes from the configuration.
         return " ".join(self.config.security.frame_ancestors)
 
-    def get(self, session_id: str) -> None:
+    async def get(self, session_id: str) -> None:
         try:
-            session = self.sessions.get(session_id)
+            session = await self.sessions.lookup(session_id)
             grant = self.require_viewer(session_id)
         except ClientError as exc:
             text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)

@@ -345,8 +345,8 @@ async def _discard_input(stream: IOStream) -> None:
 class SnapshotHandler(JsonHandler):
     """GET /stream/{sessionId}/snapshot.jpg: the latest frame as one JPEG."""
 
-    def get(self, session_id: str) -> None:
-        session = self.sessions.get(session_id)
+    async def get(self, session_id: str) -> None:
+        session = await self.sessions.lookup(session_id)
         self.require_viewer(session_id)
         session.touch()
         frame = session.hub.snapshot()

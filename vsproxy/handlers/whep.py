@@ -66,7 +66,7 @@ class WhepHandler(JsonHandler):
     async def post(self, session_id: str) -> None:
         if not self.config.webrtc.enabled:
             raise WebRtcDisabled("WebRTC is disabled on this server (webrtc.enabled: false)")
-        session = self.sessions.get(session_id)
+        session = await self.sessions.lookup(session_id)
         grant = self.require_viewer(session_id)
         await self.sessions.reserve_viewer(session)  # 503 if there is no room; in a cluster: in Redis
         try:
