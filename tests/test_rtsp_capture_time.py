@@ -22,6 +22,7 @@ from test_rtsp_source import (  # noqa: F401  (fixtures)
     rtsp_server,
     rtsp_threads,
     rtsp_url,
+    upstream_status,
     wait_upstream,
 )
 
@@ -89,6 +90,24 @@ async def test_h264_presentation_times_follow_the_servers_rtcp_clock(rtsp_server
     ages = await age_buckets(api, "ws_binary")
     assert ages["+Inf"] >= 10, ages
     assert ages["0.02"] == 0, ages
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_presentation_times_keep_increasing_when_the_sender_reports_start(
+        rtsp_server, api, ws_connect):  # noqa: F811
+    """Frames before the first sender report are timed by arrival, which is later than the
+    server's capture: at the switch the times must not step back (decoders, MP4 and WebRTC need
+    them increasing), nor make two frames one."""
+    session_id = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    stamps = await h264_stamps(conn, 15)
+    assert capture_time(await upstream_status(api)) == "arrival"  # no sender report so soon
+    while capture_time(await upstream_status(api)) != "rtcp":
+        stamps += await h264_stamps(conn, 15)  # half a second
+        assert len(stamps) < 30 * SENDER_REPORT_WAIT, "no RTCP sender report"
+    stamps += await h264_stamps(conn, 30)
+    deltas = [b - a for (a, _), (b, _) in pairwise(stamps)]
+    assert min(deltas) >= 1000, deltas
 
 
 @pytest.mark.parametrize("rtsp_server", [{"ntp_time_source": "running-time"}], indirect=True)

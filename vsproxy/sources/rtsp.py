@@ -63,6 +63,7 @@ PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
 # than this, or further behind, means the server's clock is not synced: the arrival time instead.
 CLOCK_AHEAD_LIMIT_SECONDS = 10.0
 CLOCK_BEHIND_LIMIT_SECONDS = 60.0
+MIN_STEP_US = 1000  # consecutive frames' capture times differ by at least this
 
 
 class RtspError(DescribedError):
@@ -161,8 +162,9 @@ class CaptureClock:
                 self.state = "unsynced"
         self._mapped_before = mapped is not None
         # Switching from arrival to capture times steps back by the server's latency: the
-        # frames of that step get the smallest increase instead of an earlier time.
-        chosen = max(chosen, self._last_us + 1)
+        # frames of that step get a small increase instead of an earlier time (a millisecond, so
+        # they stay distinct frames on a 90 kHz RTP clock too, e.g. for WebRTC peers).
+        chosen = max(chosen, self._last_us + MIN_STEP_US)
         self._last_us = chosen
         return chosen
 
