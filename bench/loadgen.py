@@ -26,7 +26,8 @@ MJPEG, WS_JSON, WS_BINARY, WS_H264 = "mjpeg", "ws_json", "ws_binary", "ws_h264"
 TRANSPORTS = (MJPEG, WS_JSON, WS_BINARY, WS_H264)
 _H264_PEEK = 9  # flags byte + presentation time (microseconds since the epoch) of format=h264
 # CLOCK_REALTIME minus CLOCK_MONOTONIC: turns the proxy's wall-clock presentation times into the
-# monotonic clock the latencies use (the same machine: the proxy stamps at its frame's arrival).
+# monotonic clock the latencies use (the same machine: the proxy stamps at its frame's arrival, or
+# at an RTSP server's capture time from its RTCP sender reports).
 _WALL_TO_MONO_NS = time.time_ns() - time.monotonic_ns()
 
 BUFSIZE = 1 << 20
@@ -297,8 +298,9 @@ class Viewer:
                 return
             self.stamp = read_stamp(head)
         elif self.transport == WS_H264:
-            # No camera stamp in H.264: the latency runs from the frame's arrival at the proxy
-            # (its presentation time) to here, encoding included. Lost frames are not counted.
+            # No camera stamp in H.264: the latency runs from the presentation time (the frame's
+            # arrival at the proxy, or an RTSP server's capture time from its RTCP sender reports)
+            # to here, encoding included. Lost frames are not counted.
             if self.is_frame and len(peek) >= _H264_PEEK:
                 pts_us = int.from_bytes(peek[1:9], "big")
                 self.stamp = (self.last_seq + 1, pts_us * 1000 - _WALL_TO_MONO_NS)

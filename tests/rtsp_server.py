@@ -80,13 +80,15 @@ class RtspTestServer:
     """The script above as a subprocess: `start()`, `kill()` (like a crash), `stop()`, `restart()`."""
 
     def __init__(self, port: int, *, codec: str = "h264", width: int = 640, height: int = 360,
-                 fps: int = 30, path: str = "/stream", pattern: str = "ball", shared: bool = False) -> None:
+                 fps: int = 30, path: str = "/stream", pattern: str = "ball", shared: bool = False,
+                 sender_reports: str = "send") -> None:
         self.port = port
         self.codec = codec
         self.width, self.height, self.fps = width, height, fps
         self.path = path
         self.pattern = pattern
         self.shared = shared
+        self.sender_reports = sender_reports
         self.process: subprocess.Popen | None = None
         self._stderr: IO[str] | None = None
         self.starts = 0
@@ -100,7 +102,8 @@ class RtspTestServer:
         assert self.process is None or self.process.poll() is not None, "already running"
         cmd = [gst_python(), SCRIPT, "--port", str(self.port), "--codec", self.codec, "--path", self.path,
                "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps),
-               "--pattern", self.pattern] + (["--shared"] if self.shared else [])
+               "--pattern", self.pattern, "--sender-reports", self.sender_reports] + (
+                   ["--shared"] if self.shared else [])
         # stderr goes to a file, not a pipe nobody reads (a full pipe would freeze the server).
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -195,6 +198,20 @@ def serve(args: argparse.Namespace) -> int:
     # Not shared (the default): every client gets its own pipeline, so it starts on a keyframe.
     # Shared: clients join one running encoder mid-GOP, like a camera or a busy simulator.
     factory.set_shared(args.shared)
+    if args.sender_reports != "send":
+        # What the RTCP sender reports map RTP timestamps to. GStreamer's default ("send"): the
+        # wall-clock time a frame is sent. "capture": the time its capture began (a live source
+        # sends a frame a frame interval later). "unsynced": the pipeline's running time, like
+        # a server whose clock is far off (its reports say the stream started in 1900).
+        properties = {"capture": ("rtcp-sync-send-time", False),
+                      "unsynced": ("ntp-time-source", "running-time")}[args.sender_reports]
+
+        def configure_rtpbin(media) -> None:
+            for element in media.get_element().get_parent().iterate_recurse():
+                if element.get_factory() is not None and element.get_factory().get_name() == "rtpbin":
+                    element.set_property(*properties)
+
+        factory.connect("media-configure", lambda _factory, media: media.connect("prepared", configure_rtpbin))
     server.get_mount_points().add_factory(args.path, factory)
     loop = GLib.MainLoop()
     if server.attach(None) == 0:
@@ -222,6 +239,9 @@ def main() -> int:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--pattern", default="ball", help="a videotestsrc pattern (ball moves)")
     parser.add_argument("--shared", action="store_true", help="one pipeline for all clients")
+    parser.add_argument("--sender-reports", default="send", choices=("send", "capture", "unsynced"),
+                        help="the wall-clock time RTCP sender reports give a frame: when it is sent (GStreamer's "
+                             "default), when its capture began, or a clock far off")
     parser.add_argument("--check", action="store_true", help="only check the dependencies")
     args = parser.parse_args()
     try:

@@ -335,7 +335,7 @@ class RecordingHub:
     def set_connected(self) -> None:
         self.connected += 1
 
-    def publish(self, jpeg: bytes) -> None:
+    def publish(self, jpeg: bytes, captured: float | None = None) -> None:
         assert self.connected, "set_connected() comes before the first frame"
         self.frames.append(jpeg)
 

@@ -105,8 +105,9 @@ class ProxyCollector(Collector):
                                         "Time from a frame's arrival to its write to a viewer's socket.",
                                         labels=["transport"])
         age = HistogramMetricFamily("vsproxy_frame_age_seconds",
-                                    "Time from a frame's capture (the publisher's timestamp, else its "
-                                    "arrival) to its write to a viewer's socket, encoding included.",
+                                    "Time from a frame's capture (the publisher's timestamp, an RTSP "
+                                    "server's RTCP sender-report time, else its arrival) to its write "
+                                    "to a viewer's socket, encoding included.",
                                     labels=["transport"])
         for transport in TRANSPORTS:
             stats = [h.stats[transport] for h in hubs]

@@ -10,6 +10,12 @@ encoded, so a busy loop costs dropped frames, never a queue or latency. For the 
 thread spends at most half its time encoding; on a machine too slow for the stream's size and
 rate it encodes fewer frames instead of falling behind the live stream.
 
+Frames carry their capture time where the server tells it: once an RTCP sender report has come,
+FFmpeg's RTP demuxer maps each packet's RTP timestamp to the server's wall clock (the producer
+reference time side data, AV_PKT_DATA_PRFT), which `CaptureClock` takes as the frame's capture
+time (H.264 presentation time, frame age); before the first report, or from a server whose clock
+is far off ours, it is the arrival time.
+
 The thread runs only while `run()` runs, i.e. while the upstream has sessions: when run() is
 cancelled it tells the thread to stop, which it does after the packet it is reading (a few ms on
 a live stream; at most the read timeout on a stalled one), and it closes the RTSP session.
@@ -22,8 +28,10 @@ import contextlib
 import io
 import logging
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -51,6 +59,11 @@ STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread 
 # sets in-band anyway. FFmpeg's default probing reads ~1 s of the stream before returning, which
 # then comes out as a burst of stale frames after every (re)connect.
 PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
+# A capture time (from the server's clock, via its RTCP sender reports) further ahead of our clock
+# than this, or further behind, means the server's clock is not synced: the arrival time instead.
+CLOCK_AHEAD_LIMIT_SECONDS = 10.0
+CLOCK_BEHIND_LIMIT_SECONDS = 60.0
+MIN_STEP_US = 1000  # consecutive frames' capture times differ by at least this
 
 
 class RtspError(DescribedError):
@@ -106,6 +119,56 @@ class RtspUpstream:
     max_height: int = setting(1080, min=16, max=4320, doc="larger pictures are scaled down to fit")
 
 
+def producer_time_us(packet: Any) -> int | None:
+    """The server's wall-clock time of `packet` (microseconds since the Unix epoch) that FFmpeg's
+    RTP demuxer derives from the latest RTCP sender report (its NTP/RTP timestamp pair) and the
+    packet's RTP timestamp; None before the first sender report."""
+    side_data = packet.get_sidedata("prft")  # AVProducerReferenceTime: int64 wallclock, int flags
+    return struct.unpack_from("=q", side_data)[0] if side_data else None
+
+
+class CaptureClock:
+    """The capture times of one RTSP connection's frames, in microseconds since the Unix epoch,
+    strictly increasing (a decoder, the MP4 muxer and WebCodecs need that): the server's, from its
+    RTCP sender reports, where it sends them and its clock agrees with ours; else the arrival time.
+
+    `state` says which ("arrival" before the first report, "rtcp", "unsynced" when the server's
+    clock is off), `offset` how much earlier than its arrival the latest mapped frame was taken by
+    the server's clock (seconds: network and server latency plus the clocks' difference).
+    """
+
+    def __init__(self, on_unsynced: Callable[[float], None] | None = None) -> None:
+        self.state = "arrival"
+        self.offset: float | None = None
+        self._on_unsynced = on_unsynced  # called (with the offset) when a mapping is refused
+        self._mapped_before = False
+        self._last_us = 0
+
+    def capture_us(self, packet: Any, arrived_us: int) -> int:
+        """The capture time of `packet`, which arrived at `arrived_us` (our wall clock)."""
+        mapped = producer_time_us(packet)
+        chosen = arrived_us
+        # FFmpeg's parser hands the first access unit assembled after the first sender report
+        # the side data of the packet that completed it, i.e. the next frame's time (one frame
+        # too late); from the second one on, each carries its own. So a mapping counts only when
+        # the packet before had one too.
+        if mapped is not None and self._mapped_before:
+            self.offset = (arrived_us - mapped) / 1_000_000
+            if -CLOCK_AHEAD_LIMIT_SECONDS <= self.offset <= CLOCK_BEHIND_LIMIT_SECONDS:
+                chosen, self.state = mapped, "rtcp"
+            else:
+                if self.state != "unsynced" and self._on_unsynced is not None:
+                    self._on_unsynced(self.offset)
+                self.state = "unsynced"
+        self._mapped_before = mapped is not None
+        # Switching from arrival to capture times steps back by the server's latency: the
+        # frames of that step get a small increase instead of an earlier time (a millisecond, so
+        # they stay distinct frames on a 90 kHz RTP clock too, e.g. for WebRTC peers).
+        chosen = max(chosen, self._last_us + MIN_STEP_US)
+        self._last_us = chosen
+        return chosen
+
+
 class RtspSource(Source):
     kind = "rtsp"
     settings_class = RtspUpstream
@@ -118,6 +181,7 @@ class RtspSource(Source):
         super().__init__(name, settings, reconnect)
         self.safe_url = redact_url(settings.url)
         self._reader: _Reader | None = None
+        self._clock_warned = False  # "the server's clock is off" is logged once per upstream
 
     def __repr__(self) -> str:
         return f"RtspSource({self.name!r}, {self.safe_url!r})"
@@ -131,7 +195,24 @@ class RtspSource(Source):
     def status(self) -> dict:
         # Frames decoded (and re-encoded to JPEG) vs passed through untouched to H.264 viewers.
         stats = self.stats
-        return {"decoded": stats.get("decoded", 0), "passedThrough": stats.get("passed_through", 0)}
+        reader = self._reader
+        clock = reader.clock if reader is not None else None
+        # Where frames' capture times come from, and how much earlier than their arrival the
+        # server's clock says they were taken (null before its first RTCP sender report).
+        return {"decoded": stats.get("decoded", 0), "passedThrough": stats.get("passed_through", 0),
+                "captureTime": clock.state if clock is not None else "arrival",
+                "captureOffsetSeconds": round(clock.offset, 4) if clock is not None and clock.offset is not None
+                else None}
+
+    def clock_unsynced(self, offset: float) -> None:
+        """The server's RTCP sender reports put a frame `offset` seconds before its arrival (far
+        off: its clock is not synced): say so once; frames keep their arrival time."""
+        if self._clock_warned:
+            return
+        self._clock_warned = True
+        log.warning("the RTSP server's clock is %.1f s %s ours (its RTCP sender reports): frames are "
+                    "timed by their arrival instead", abs(offset), "behind" if offset > 0 else "ahead of",
+                    extra={"upstream": self.name})
 
     async def run(self, hub: HubLink) -> None:
         loop = asyncio.get_running_loop()
@@ -170,6 +251,7 @@ class _Reader:
         self._connected = False
         self._started = time.monotonic()
         self._last_frame: float | None = None  # monotonic time of the last decoded picture
+        self.clock = CaptureClock(source.clock_unsynced)
         self._thread = threading.Thread(target=self._main, name=f"{THREAD_PREFIX}-{source.name}", daemon=True)
 
     # -- loop side ---------------------------------------------------------------------------
@@ -200,14 +282,14 @@ class _Reader:
             elif now - self._last_frame > rc.frame_timeout_seconds + 5.0:
                 raise FrameTimeout(f"no frame for {rc.frame_timeout_seconds:g} s")
 
-    def _deliver(self, jpeg: bytes) -> None:
+    def _deliver(self, jpeg: bytes, captured: float) -> None:
         self._handoff_pending = False
         if self._stop.is_set():
             return  # run() has ended: nothing more reaches the hub
         if not self._connected:
             self._connected = True
             self.hub.set_connected()
-        self.hub.publish(jpeg)
+        self.hub.publish(jpeg, captured)
 
     def _deliver_h264(self, data: bytes, pts_us: int) -> None:
         if self._stop.is_set():
@@ -312,17 +394,23 @@ class _Reader:
         # a stream that arrives unevenly loses no frames, one too big for the CPU loses some.
         budget = ENCODE_BURST_SECONDS
         decoding = not passthrough
+        captured_us = time.time_ns() // 1000
+        # Capture times of the packets being decoded, by pts: a decoder may return a picture
+        # from an earlier packet (reordering, frame delay), and the picture keeps its pts.
+        capture_by_pts: dict[int | None, int] = {}
         for packet in packets:
             if self._stop.is_set():
                 return
             now = time.monotonic()
+            if packet.size:
+                captured_us = self.clock.capture_us(packet, time.time_ns() // 1000)
             if passthrough and packet.size:
                 data = bytes(packet)
                 if extradata:
                     data, extradata = extradata + data, b""
                 last_picture = self._last_frame = now
                 counters["passed_through"] += 1
-                if not self._call_loop(self._deliver_h264, data, time.time_ns() // 1000):
+                if not self._call_loop(self._deliver_h264, data, captured_us):
                     return
                 if not self.hub.jpeg_wanted:
                     decoding = False
@@ -331,6 +419,9 @@ class _Reader:
                     if not packet.is_keyframe:
                         continue
                     decoding = True
+            if len(capture_by_pts) >= 32:  # entries of packets that gave no picture
+                capture_by_pts.clear()
+            capture_by_pts[packet.pts] = captured_us
             try:
                 frames = packet.decode()
             except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
@@ -338,6 +429,7 @@ class _Reader:
                 frames = []
             for frame in frames:
                 counters["decoded"] += 1
+                captured = capture_by_pts.pop(frame.pts, captured_us) / 1_000_000
                 last_picture = self._last_frame = now
                 budget = min(ENCODE_BURST_SECONDS, budget + ENCODE_SHARE * (now - budget_time))
                 budget_time = now
@@ -351,7 +443,7 @@ class _Reader:
                 budget -= time.monotonic() - now
                 counters["encoded"] += 1
                 self._handoff_pending = True
-                if not self._call_loop(self._deliver, jpeg):
+                if not self._call_loop(self._deliver, jpeg, captured):
                     return
             if now - last_picture > frame_timeout:
                 what = "frame" if self._last_frame is not None else "picture since the stream opened"
