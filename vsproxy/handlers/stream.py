@@ -336,11 +336,13 @@ async def _discard_input(stream: IOStream) -> None:
 class SnapshotHandler(JsonHandler):
     """GET /stream/{sessionId}/snapshot.jpg: the latest frame as one JPEG."""
 
-    def get(self, session_id: str) -> None:
+    async def get(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
         self.require_viewer(session_id)
         session.touch()
-        frame = session.hub.snapshot()
+        # A snapshot wants the upstream as a viewer would: run here for it if nothing else does
+        # (a cluster node with no viewers of it relays it from the origin, or becomes the origin).
+        frame = await session.hub.fresh_snapshot(run=True)
         if frame is None:
             raise tornado.web.HTTPError(503, reason="No frame received from the upstream yet")
         self.set_header("Content-Type", "image/jpeg")
