@@ -278,3 +278,26 @@ async def test_a_snapshot_with_the_upstream_down_is_a_503_json_error(make_nodes)
     code, body, _ = await node.api.call("GET", f"/stream/{sid}/snapshot.jpg")
     assert_json_error(code, body, 503)
     assert time.monotonic() - started_at < 8
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lingering_edge_that_wants_nothing_keeps_its_quiet_relay(make_nodes, sim30):
+    """The edge's last viewer leaves: the origin sends it nothing while it lingers, and that is
+    no lost upstream (no frame timeout); a viewer coming back gets frames over the same relay."""
+    extra = {"streaming": {"linger_seconds": 20}, "reconnect": {"frame_timeout_seconds": 1}}
+    origin, edge = await started(make_nodes(2, sim30.port, extra))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), sim30, 15)
+    viewer = await edge.viewer(sid)
+    await real_frame(viewer, sim30, 15)
+    viewer.close()
+    edge.viewers.remove(viewer)
+    await asyncio.sleep(1)
+    relayed = (await edge.metrics())["vsproxy_cluster_relay_received_bytes"][ISAAC]
+    await asyncio.sleep(3)  # three frame timeouts
+    status = await edge.upstream()
+    assert status["state"] == "connected" and status["failures"] == 0, status
+    assert (await edge.metrics())["vsproxy_cluster_relay_received_bytes"][ISAAC] == relayed
+    assert "no frame from origin" not in edge.log()
+    await real_frame(await edge.viewer(sid), sim30, 5)
+    assert (await edge.upstream())["connects"] == 1
