@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tornado.ioloop import PeriodicCallback
@@ -131,6 +132,11 @@ class FrameHub:
         self.gop: list[AccessUnit] = []  # the access units since the last keyframe (fast start)
         self._gop_bytes = 0
         self._jpeg_wanted_until = 0.0  # a snapshot or thumbnail asked for JPEG until then
+        self._jpeg_demand = False  # `jpeg_wanted` as the source was last told it
+        self._frame_waiters: list[asyncio.Future] = []  # snapshots waiting for the next frame
+        # Also given every text message the WebSocket viewers get: a cluster origin's relay
+        # connections, which carry the upstream's text to their edges whatever frames they want.
+        self.text_listeners: list[Callable[[str], None]] = []
         self.latest: Frame | None = None
         self.seq = 0
         self.rate_in = RateMeter()
@@ -281,6 +287,11 @@ class FrameHub:
         self._fan_out(frame, self._jpeg_viewers)
         if self.encoder is not None:
             self.encoder.submit(jpeg, int(frame.captured * 1_000_000))
+        if self._frame_waiters:
+            for waiter in self._frame_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._frame_waiters.clear()
         return self.seq
 
     # -- H.264 -------------------------------------------------------------------------------
@@ -329,6 +340,22 @@ class FrameHub:
     def want_jpeg(self) -> None:
         """A snapshot or thumbnail was asked for: keep JPEG frames coming for a while."""
         self._jpeg_wanted_until = time.monotonic() + self.JPEG_WANTED_SECONDS
+        self._jpeg_demand_changed()
+
+    def _jpeg_demand_changed(self) -> None:
+        """Tell the source when `jpeg_wanted` turned (a cluster edge asks its origin for JPEG
+        frames only while it is true). Called where it can turn, and from `tick` (for the end of
+        a snapshot's while)."""
+        wanted = self.jpeg_wanted
+        if wanted != self._jpeg_demand:
+            self._jpeg_demand = wanted
+            self.source.jpeg_wanted(wanted)
+
+    def _latest_current(self) -> bool:
+        """Is `latest` the upstream's picture now? Not where JPEG frames come only on demand (an
+        H.264 source decodes, a cluster edge is sent JPEG, only while `jpeg_wanted`) and nothing
+        wanted them: it is then as old as the last time something did."""
+        return self.latest is not None and (self.jpeg_wanted or not self.source.produces_h264)
 
     def source_format_changed(self) -> None:
         """The source found out whether it delivers H.264 itself (an RTSP stream once opened):
@@ -349,18 +376,23 @@ class FrameHub:
             self.encoder.start()
             if self.latest is not None and not self.latest.offline:
                 self.encoder.submit(self.latest.jpeg, int(time.time() * 1_000_000))
+            self._jpeg_demand_changed()
 
     def request_keyframe(self) -> None:
         """A viewer needs a keyframe (a WebRTC peer joined, or lost a picture: PLI/FIR). The
-        encoder of a JPEG upstream makes one (at most one a second, however many ask); an
+        encoder of a JPEG upstream makes one (at most one a second, however many ask); otherwise
+        the source is asked: a cluster edge forwards it to its origin (as rate-limited), an
         upstream passed through sends its next one when its own keyframe interval says so."""
         if self.encoder is not None and self.encoder.running:
             self.encoder.request_keyframe()
+        else:
+            self.source.request_keyframe()
 
     def _stop_encoder(self) -> None:
         if self.encoder is not None and self.encoder.running:
             self.encoder.stop()
             self.gop, self._gop_bytes = [], 0
+            self._jpeg_demand_changed()
 
     def _fan_out(self, frame: Frame, viewers_by_transport: dict[str, list[Viewer]]) -> None:
         for transport, viewers in viewers_by_transport.items():
@@ -398,49 +430,92 @@ class FrameHub:
             return self._offline_frame()
         return self.latest
 
+    SNAPSHOT_WAIT_SECONDS = 5.0
+
+    async def fresh_snapshot(self, *, run: bool) -> Frame | None:
+        """`snapshot`, for a snapshot or thumbnail request, waiting up to SNAPSHOT_WAIT_SECONDS
+        for a new frame where this hub holds no current one: JPEG frames come only on demand and
+        nothing wanted them (only H.264 viewers of an RTSP stream, or of a cluster edge), or the
+        upstream does not run here. With `run`, the upstream is run here for the request, as for
+        a viewer (a cluster node with no viewers of it opens its relay from the origin, or
+        becomes the origin), and left to linger as after a viewer."""
+        if self.running:
+            if not self.connected or self._latest_current():
+                return self.snapshot()
+        elif not run:
+            return self.snapshot()
+        waiter = asyncio.get_running_loop().create_future()
+        self._frame_waiters.append(waiter)
+        demand = None
+        if not self.running:
+            demand = Demand(f"snapshot:{id(waiter)}")
+            self.attach(demand)  # type: ignore[arg-type]
+        self.want_jpeg()
+        try:
+            await asyncio.wait({waiter}, timeout=self.SNAPSHOT_WAIT_SECONDS)
+        finally:
+            if waiter in self._frame_waiters:
+                self._frame_waiters.remove(waiter)
+            if demand is not None:
+                self.detach(demand)  # type: ignore[arg-type]
+        return self.snapshot()
+
     # -- viewers -----------------------------------------------------------------------------
 
     def add_viewer(self, viewer: Viewer) -> None:
+        current = self._latest_current()  # before this viewer wants JPEG
         self.viewers[viewer.transport].append(viewer)
         if viewer.transport in H264_TRANSPORTS:
             self._add_h264_viewer(viewer)
             return
+        self._jpeg_demand_changed()
         if not self.connected and self.running:
             viewer.send_text and viewer.send_text(status_message("status", self.describe_state()))
             if viewer.transport != WS_JSON:
                 frame = self._offline_frame()
                 viewer.offer(frame, frame.encoded(viewer.transport))
-        elif self.latest is not None:
-            # Show the newest frame at once instead of a blank player until the next one.
+        elif self.latest is not None and current:
+            # Show the newest frame at once instead of a blank player until the next one (not
+            # one as old as the last time anything here wanted JPEG).
             viewer.offer(self.latest, self.latest.encoded(viewer.transport))
 
     def _add_h264_viewer(self, viewer: Viewer) -> None:
         if not self.connected and self.running and viewer.send_text:
             viewer.send_text(status_message("status", self.describe_state()))
-        if self.h264_viewer_count() == 1:
+        first = self.h264_viewer_count() == 1
+        if first:
             self.source.h264_wanted(True)
         encoder_was_running = self.encoder is not None and self.encoder.running
         self._start_encoder()
+        # H.264 already flowing here, from this hub's encoder or from the source (a new encoder
+        # starts with a keyframe, and a cluster origin starts a new edge's stream with its GOP).
+        flowing = encoder_was_running or (self.source.produces_h264 and not first)
         if viewer.transport == WEBRTC:
             # A WebRTC receiver plays frames out at their RTP timestamps: a GOP of old frames
             # sent at once would only add its length to the peer's delay. It starts at the next
-            # keyframe instead: asked for now where vsproxy encodes (a new encoder starts with
-            # one anyway), the upstream's next one on passthrough.
-            if encoder_was_running:
+            # keyframe instead: asked for now (from this hub's encoder, or a cluster edge's
+            # origin), the upstream's next one on passthrough.
+            if flowing:
                 self.request_keyframe()
             return
-        # Fast start: the GOP so far at once, so the first picture does not wait for a keyframe.
+        # Fast start: the GOP so far at once, so the first picture does not wait for a keyframe;
+        # without one (keyframes too far apart to keep), a keyframe is asked for.
         for au in self.gop:
             viewer.offer(au, au.encoded(viewer.transport))  # type: ignore[arg-type]
+        if flowing and not self.gop:
+            self.request_keyframe()
 
     def remove_viewer(self, viewer: Viewer) -> None:
         try:
             self.viewers[viewer.transport].remove(viewer)
         except ValueError:
             return
-        if viewer.transport in H264_TRANSPORTS and not self.h264_viewer_count():
-            self._stop_encoder()
-            self.source.h264_wanted(False)
+        if viewer.transport in H264_TRANSPORTS:
+            if not self.h264_viewer_count():
+                self._stop_encoder()
+                self.source.h264_wanted(False)
+        else:
+            self._jpeg_demand_changed()
 
     def notify(self, kind: str, message: str) -> None:
         """Send a {"type": kind, "message": ...} text message to every WebSocket viewer."""
@@ -451,6 +526,8 @@ class FrameHub:
         for transport in WS_TRANSPORTS:
             for viewer in tuple(self.viewers[transport]):
                 viewer.send_text(text)  # type: ignore[misc]
+        for listener in tuple(self.text_listeners):
+            listener(text)
 
     @property
     def accepts_input(self) -> bool:
@@ -465,6 +542,7 @@ class FrameHub:
     def tick(self, now: float) -> int:
         """Once a second: send frames still waiting for sockets that drained since, and
         disconnect viewers whose socket has taken nothing for the stall timeout."""
+        self._jpeg_demand_changed()  # a snapshot's while may have ended
         limit = self.streaming.stall_timeout_seconds
         dropped = 0
         for viewers in self.viewers.values():
@@ -505,6 +583,14 @@ class FrameHub:
             "encoder": self.encoder is not None and self.encoder.running,
             **({"source": source} if (source := self.source.status()) else {}),
         }
+
+
+class Demand:
+    """What keeps the hub running for something that is no session (a snapshot request, a
+    cluster edge's relay): attached and detached like one."""
+
+    def __init__(self, demand_id: str) -> None:
+        self.id = demand_id
 
 
 def _picture_size(size: tuple[int, int] | None) -> tuple[int, int] | None:

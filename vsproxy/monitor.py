@@ -348,9 +348,11 @@ class Monitor:
 
     # -- thumbnails --------------------------------------------------------------------------
 
-    def thumbnail(self, upstream: str) -> bytes | None:
+    async def thumbnail(self, upstream: str) -> bytes | None:
         """A small JPEG of the upstream's newest frame (or its offline picture); None if it has
-        sent none yet. Made at most once a second per upstream, shared by its sessions.
+        sent none yet. Made at most once a second per upstream, shared by its sessions. An
+        upstream that runs on another cluster node (its origin) and not here is relayed from there
+        for it; one that runs nowhere is not started for a dashboard.
 
         Raises KeyError for an unknown upstream.
         """
@@ -359,7 +361,8 @@ class Monitor:
         cached = self._thumbnails.get(upstream)
         if cached is not None and now - cached.made < THUMBNAIL_MAX_AGE_SECONDS:
             return cached.jpeg
-        frame = hub.snapshot()
+        frame = await hub.fresh_snapshot(run=not hub.running and await hub.source.held_elsewhere())
+        now = self.clock()
         if frame is None:
             return None
         key = (frame.seq, frame.offline)

@@ -412,7 +412,10 @@ def _paths() -> dict[str, Any]:
                 }}),
                 operationId="snapshot",
                 parameters=[_ref("parameters", "token")],
-                description="503 until the upstream delivered its first frame.",
+                description="Where this node holds no current frame (an RTSP stream watched in H.264 only, a "
+                            "cluster node with no viewers of the upstream), it asks for one and waits up to 5 s "
+                            "(a cluster node relays it from the origin, or runs the upstream). 503 if none "
+                            "arrives, as until the upstream delivered its first frame.",
             ),
             "options": _preflight("GET"),
         },

@@ -10,16 +10,27 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
   and publishes what arrives into its own hub, which fans out as usual. Origin to edge: binary
   messages are the origin's JPEG frames, byte for byte (a JPEG starts with FF D8), or H.264 access
   units in the `format=h264` binary form (first byte 0 or 1: the keyframe flag; then the
-  presentation time and the Annex-B unit); text messages are the upstream's text (telemetry).
-  Edge to origin: text messages are viewer input for the origin's upstream; binary messages start
-  with a type byte: RELAY_INPUT (the rest is a viewer's binary input) or RELAY_H264 (one more
-  byte, 1 or 0: this edge has H.264 viewers, or no longer).
+  presentation time and the Annex-B unit); text messages are the upstream's text (telemetry, and
+  the origin's status messages). Edge to origin: text messages are viewer input for the origin's
+  upstream; binary messages start with a type byte: RELAY_INPUT (the rest is a viewer's binary
+  input), RELAY_JPEG or RELAY_H264 (one more byte, 1 or 0: this edge wants JPEG frames / H.264
+  access units now, or no longer), RELAY_KEYFRAME (an edge viewer needs a keyframe).
+
+Demand: the origin sends an edge only what it asked for, nothing until it asks. An edge wants
+JPEG while its hub's `jpeg_wanted` is true (JPEG viewers, a snapshot or thumbnail in the last
+10 s) and H.264 while it has H.264 viewers; the origin counts it as one JPEG viewer and one H.264
+viewer of its hub accordingly. So an RTSP origin decodes nothing while only H.264 is wanted
+anywhere, and a new JPEG demand gets the origin's current frame at once. While an edge wants
+nothing (its viewers gone, lingering) nothing flows and no frame timeout applies (WebSocket pings
+keep watch of the connection).
 
 H.264: one encoder per upstream, cluster-wide, on the origin. An edge's relay source says it
-produces H.264 (so the edge's hub runs no encoder); while the edge has H.264 viewers it asks the
-origin for access units, and the origin counts that edge as one H.264 viewer of its hub (its
-encoder runs while any edge or local viewer wants H.264). An RTSP upstream's own H.264 stays
-passthrough: the origin relays the units it receives.
+produces H.264 (so the edge's hub runs no encoder); its keyframe requests (a WebRTC peer joined or
+sent PLI) go to the origin, at most one a second, whose encoder makes one (its own limit too). An
+RTSP upstream's own H.264 stays passthrough: the origin relays the units it receives.
+
+Every node runs the same version: the relay is node to node only, and a mixed-version cluster
+(during an upgrade) is not supported by it.
 
 Failover: when the relay drops (origin died or drained), the edge's hub shows the offline picture
 and the edge keeps trying: take the lease (free once the dead origin's expires, LEASE_TTL), or
@@ -39,8 +50,9 @@ import tornado.web
 import tornado.websocket
 from tornado.httpclient import HTTPRequest
 
+from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
-from ..hub import Frame
+from ..hub import Demand, Frame
 from ..outputs import Viewer
 from ..outputs.viewer import H264Viewer
 from ..outputs.wire import WS_BINARY, WS_H264, ws_h264_message
@@ -57,6 +69,8 @@ FIND_ORIGIN_SECONDS = 15.0  # how long an edge keeps looking for an origin befor
 RETRY_SECONDS = 0.3
 RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary input
 RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
+RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0 (no longer)
+RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
 _AU_HEAD = struct.Struct("!BQ")  # origin to edge: an access unit's flags and presentation time
 
 
@@ -74,6 +88,9 @@ class ClusterSource(Source):
         self._conn: tornado.websocket.WebSocketClientConnection | None = None
         self._relay = RelayBudget()
         self._hub: Any = None  # the FrameHub, once it ran this source
+        self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # what the origin was asked for
+        self._frame_timeout: asyncio.Timeout | None = None  # of the current relay, while it runs
+        self._keyframe_asked = -1e9  # when the origin was last asked for a keyframe (monotonic)
         self.relay_bytes = 0  # received from the origin, as an edge (metrics read these)
         self.relay_frames = 0
         cluster.sources[inner.name] = self
@@ -185,34 +202,38 @@ class ClusterSource(Source):
         self._conn = conn
         log.info("cluster: relaying upstream %s from origin %s", self.name, origin, extra={"upstream": self.name})
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
-        if hub.h264_viewer_count():
-            self.h264_wanted(True)
-        frame_timeout = self.reconnect.frame_timeout_seconds
+        self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
         connected = False
+        frame_timeout = self.reconnect.frame_timeout_seconds
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(frame_timeout):
-                        message = await conn.read_message()
-                except TimeoutError:
-                    raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
-                if message is None:
-                    raise ConnectionError(f"relay from origin {origin} closed"
-                                          + (f" ({conn.close_reason})" if conn.close_reason else ""))
-                if isinstance(message, bytes):
-                    if not connected:
-                        hub.set_connected()
-                        connected = True
-                    self.relay_bytes += len(message)
-                    self.relay_frames += 1
-                    if message[:1] in (b"\x00", b"\x01") and len(message) > _AU_HEAD.size:
-                        _, pts_us = _AU_HEAD.unpack_from(message)
-                        hub.publish_h264(message[_AU_HEAD.size:], pts_us)
+            # The frame timeout runs only while something is asked for (re-armed by each message
+            # and each change of demand, see `_ask`).
+            async with asyncio.timeout(None) as self._frame_timeout:
+                self._ask(RELAY_JPEG, hub.jpeg_wanted)
+                self._ask(RELAY_H264, bool(hub.h264_viewer_count()))
+                while True:
+                    message = await conn.read_message()
+                    if message is None:
+                        raise ConnectionError(f"relay from origin {origin} closed"
+                                              + (f" ({conn.close_reason})" if conn.close_reason else ""))
+                    self._arm_frame_timeout()
+                    if isinstance(message, bytes):
+                        if not connected:
+                            hub.set_connected()
+                            connected = True
+                        self.relay_bytes += len(message)
+                        self.relay_frames += 1
+                        if message[:1] in (b"\x00", b"\x01") and len(message) > _AU_HEAD.size:
+                            _, pts_us = _AU_HEAD.unpack_from(message)
+                            hub.publish_h264(message[_AU_HEAD.size:], pts_us)
+                        else:
+                            hub.publish(message)
                     else:
-                        hub.publish(message)
-                else:
-                    hub.relay_text(message)
+                        hub.relay_text(message)
+        except TimeoutError:  # the frame timeout expired between two reads
+            raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
         finally:
+            self._frame_timeout = None
             if self._conn is conn:
                 self._conn = None
             self._relay.abandon(conn.protocol.stream if conn.protocol is not None else None)
@@ -227,9 +248,54 @@ class ClusterSource(Source):
         return conn is not None and self._relay.send(conn.write_message, message)
 
     def h264_wanted(self, wanted: bool) -> None:
+        self._ask(RELAY_H264, wanted)
+
+    def jpeg_wanted(self, wanted: bool) -> None:
+        self._ask(RELAY_JPEG, wanted)
+
+    def _ask(self, what: int, wanted: bool) -> None:
+        """As an edge, tell the origin this node wants JPEG frames / H.264 access units now (or
+        no longer), if that changed."""
         conn = self._conn
-        if self.role == "edge" and conn is not None:
-            self._relay.send(conn.write_message, bytes((RELAY_H264, 1 if wanted else 0)))
+        if self.role != "edge" or conn is None or self._asked[what] == wanted:
+            return
+        if self._relay.send(conn.write_message, bytes((what, 1 if wanted else 0))):
+            self._asked[what] = wanted
+            self._arm_frame_timeout()
+
+    def _arm_frame_timeout(self) -> None:
+        """Frames are due within the frame timeout from now while anything is asked for; none
+        are while nothing is (then the relay may stay quiet for as long as it lingers)."""
+        timeout = self._frame_timeout
+        if timeout is None or timeout.expired():
+            return
+        if any(self._asked.values()):
+            timeout.reschedule(asyncio.get_running_loop().time() + self.reconnect.frame_timeout_seconds)
+        else:
+            timeout.reschedule(None)
+
+    def request_keyframe(self) -> None:
+        if self.role == "origin":
+            self.inner.request_keyframe()
+            return
+        conn = self._conn
+        now = time.monotonic()
+        # At most one a second, however many edge viewers ask (the origin's encoder has the same
+        # limit; this one spares the relay).
+        if (self.role == "edge" and conn is not None and self._asked[RELAY_H264]
+                and now - self._keyframe_asked >= KEYFRAME_REQUEST_MIN_INTERVAL):
+            if self._relay.send(conn.write_message, bytes((RELAY_KEYFRAME,))):
+                self._keyframe_asked = now
+
+    async def held_elsewhere(self) -> bool:
+        if self.cluster.draining:
+            return False
+        try:
+            holder = await self.cluster.holder(self.name)
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)
+            return False
+        return holder is not None and holder != self.cluster.node_id
 
     def close(self) -> None:
         self.inner.close()
@@ -242,8 +308,8 @@ class ClusterSource(Source):
 
 
 class RelayViewer(Viewer):
-    """An edge's relay connection, as a viewer of the origin's hub: real frames only (each edge
-    draws its own offline picture)."""
+    """An edge's relay connection as a JPEG viewer of the origin's hub, while the edge wants JPEG:
+    real frames only (each edge draws its own offline picture)."""
 
     def offer(self, frame: Frame, data: bytes) -> None:
         if not frame.offline:
@@ -264,18 +330,12 @@ class RelayH264Viewer(H264Viewer):
         super().offer(au, data)
 
 
-class _RelayDemand:
-    """What keeps the origin's hub running while an edge pulls from it (a stand-in for a session)."""
-
-    def __init__(self, edge: str) -> None:
-        self.id = f"relay:{edge}"
-
-
 class RelayHandler(tornado.websocket.WebSocketHandler):
     """WS /internal/relay/{upstream} on the origin: one per edge and upstream. Authenticated with
     cluster.token (constant-time compare); refused unless this node is the upstream's origin."""
 
     hub: FrameHub
+    demand: Demand | None = None  # keeps the origin's hub running while the edge is connected
     viewer: RelayViewer | None = None
     h264_viewer: RelayH264Viewer | None = None
     edge = "?"
@@ -315,12 +375,9 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     def open(self, upstream: str) -> None:
         self.set_nodelay(True)
-        stream = self.ws_connection.stream  # type: ignore[union-attr]
-        self.viewer = RelayViewer(stream, WS_BINARY, self.hub.stats[WS_BINARY], close=self._close_viewer,
-                                  send_text=self._send_text)
-        self.demand = _RelayDemand(self.edge)
+        self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
-        self.hub.add_viewer(self.viewer)
+        self.hub.text_listeners.append(self._send_text)
         self._cluster().relays.setdefault(upstream, set()).add(self)
         log.info("cluster: edge %s relays upstream %s", self.edge, upstream, extra={"upstream": upstream})
 
@@ -334,14 +391,29 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
             pass
 
     def on_message(self, message: str | bytes) -> None:
-        if self.viewer is None:
+        if self.demand is None:
             return
         if isinstance(message, str):
             self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
         elif message[:1] == bytes((RELAY_INPUT,)):
             self.hub.send_upstream(message[1:])
+        elif message[:1] == bytes((RELAY_JPEG,)):
+            self._want_jpeg(message[1:2] == b"\x01")
         elif message[:1] == bytes((RELAY_H264,)):
             self._want_h264(message[1:2] == b"\x01")
+        elif message[:1] == bytes((RELAY_KEYFRAME,)) and self.h264_viewer is not None:
+            self.hub.request_keyframe()
+
+    def _want_jpeg(self, wanted: bool) -> None:
+        """The edge wants JPEG frames now, or no longer: it counts as one JPEG viewer here while it
+        does (which has an H.264 upstream decoded), and gets the current frame at once."""
+        if wanted and self.viewer is None:
+            stream = self.ws_connection.stream  # type: ignore[union-attr]
+            self.viewer = RelayViewer(stream, WS_BINARY, self.hub.stats[WS_BINARY], close=self._close_viewer)
+            self.hub.add_viewer(self.viewer)
+        elif not wanted and self.viewer is not None:
+            self.hub.remove_viewer(self.viewer)
+            self.viewer = None
 
     def _want_h264(self, wanted: bool) -> None:
         """The edge's H.264 viewers came or left: it counts as one H.264 viewer here while they are
@@ -355,12 +427,13 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
             self.h264_viewer = None
 
     def on_close(self) -> None:
-        if self.viewer is None:
+        if self.demand is None:
             return
+        self._want_jpeg(False)
         self._want_h264(False)
-        self.hub.remove_viewer(self.viewer)
+        self.hub.text_listeners.remove(self._send_text)
         self.hub.detach(self.demand)  # type: ignore[arg-type]
-        self.viewer = None
+        self.demand = None
         upstream = self.hub.name
         self._cluster().relays.get(upstream, set()).discard(self)
         log.info("cluster: edge %s stopped relaying upstream %s", self.edge, upstream, extra={"upstream": upstream})

@@ -151,9 +151,9 @@ class DashboardThumbnailHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
     auth_scope = "operator"
 
-    def get(self, upstream: str) -> None:
+    async def get(self, upstream: str) -> None:
         try:
-            jpeg = self.monitor.thumbnail(upstream)
+            jpeg = await self.monitor.thumbnail(upstream)
         except KeyError:
             raise tornado.web.HTTPError(404, reason="No such upstream") from None
         if jpeg is None:

@@ -349,7 +349,9 @@ class SnapshotHandler(JsonHandler):
         session = await self.sessions.lookup(session_id)
         self.require_viewer(session_id)
         session.touch()
-        frame = session.hub.snapshot()
+        # A snapshot wants the upstream as a viewer would: run here for it if nothing else does
+        # (a cluster node with no viewers of it relays it from the origin, or becomes the origin).
+        frame = await session.hub.fresh_snapshot(run=True)
         if frame is None:
             raise tornado.web.HTTPError(503, reason="No frame received from the upstream yet")
         self.set_header("Content-Type", "image/jpeg")

@@ -129,6 +129,20 @@ class Source:
         """The hub's first H.264 viewer came (True), or its last one left (False). A source that
         gets H.264 from elsewhere (a cluster edge, from its origin) asks for it only while wanted."""
 
+    def jpeg_wanted(self, wanted: bool) -> None:
+        """The hub's `jpeg_wanted` turned (JPEG viewers, the encoder, a snapshot or thumbnail). A
+        source that gets JPEG frames from elsewhere (a cluster edge, from its origin) asks for
+        them only while wanted; others read `hub.jpeg_wanted` where they care."""
+
+    def request_keyframe(self) -> None:
+        """A viewer needs a keyframe and no encoder of this hub makes H.264. A source that gets
+        H.264 from elsewhere (a cluster edge) asks there; an upstream's own stream cannot."""
+
+    async def held_elsewhere(self) -> bool:
+        """Does another cluster node run this upstream (its origin), so that this node could relay
+        it from there? (Never, outside a cluster.)"""
+        return False
+
     async def run(self, hub: HubLink) -> None:
         """Connect, call `hub.set_connected()`, feed `hub.publish(jpeg)` / `hub.relay_text(text)`.
 

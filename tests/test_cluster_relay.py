@@ -1,0 +1,303 @@
+"""The origin-to-edge relay sends what each edge wants: JPEG only while the edge wants JPEG (so an
+RTSP origin decodes nothing while only H.264 is watched anywhere, passed through byte for byte),
+H.264 only while it has H.264 viewers; an edge's keyframe requests reach the origin's encoder;
+a snapshot or thumbnail on a node with no viewers answers with a current frame. Real redis-server,
+nodes as `python -m vsproxy` subprocesses (tests/test_cluster.py's `Node`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import tornado.websocket
+from cluster_fixtures import redis_server  # noqa: F401 - the fixture
+from helpers import WhepClient, assert_json_error, free_port, wait_until
+from test_cluster import Node, real_frame, started
+from test_h264 import parse_message
+from test_h264_rtsp import read_directly
+from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixture
+
+from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
+from vsproxy.simulate import SimulatedIsaacSim
+
+pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server, vsproxy subprocesses, RTSP server
+
+ISAAC = (("upstream", "isaac"),)
+
+
+@pytest.fixture
+def make_nodes(tmp_path, redis_server, io_loop):  # noqa: F811 - the fixture imported above
+    """A factory of started nodes (`make(count, sim_port, extra)`), all stopped at the end."""
+    nodes: list[Node] = []
+
+    def make(count: int, sim_port: int, extra: dict | None = None) -> list[Node]:
+        for _ in range(count):
+            node = Node(tmp_path, f"node{len(nodes) + 1}", redis_server.url, sim_port, extra)
+            node.start()
+            nodes.append(node)
+        return nodes[-count:]
+
+    yield make
+    for node in nodes:
+        for viewer in node.viewers:
+            viewer.close()
+        node.stop()
+
+
+def simulator(io_loop, fps: float) -> SimulatedIsaacSim:
+    sim = SimulatedIsaacSim(width=320, height=240, fps=fps, keep_frames=600)
+    sim.port = free_port()
+    sim.listen(sim.port)
+    return sim
+
+
+@pytest.fixture
+def slow_sim(io_loop):
+    """A simulated Isaac Sim sending one frame every 4 s: whatever a viewer gets sooner after
+    joining was not sent for it by the simulator."""
+    sim = simulator(io_loop, 0.25)
+    yield sim
+    io_loop.run_sync(sim.stop)
+
+
+@pytest.fixture
+def sim30(io_loop):
+    sim = simulator(io_loop, 30)
+    yield sim
+    io_loop.run_sync(sim.stop)
+
+
+async def upstream(node: Node, name: str) -> dict:
+    code, body, _ = await node.api.call("GET", "/upstreams")
+    assert code == 200, body
+    (status,) = [u for u in body["upstreams"] if u["name"] == name]
+    return status
+
+
+async def h264_viewer(node: Node, session_id: str) -> tornado.websocket.WebSocketClientConnection:
+    conn = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{node.port}/stream/{session_id}?format=h264")
+    node.viewers.append(conn)
+    return conn
+
+
+async def next_unit(conn: tornado.websocket.WebSocketClientConnection, timeout: float) -> tuple[bool, bytes]:
+    """The next access unit of a `format=h264` viewer: (keyframe, Annex-B unit)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"H.264 viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, bytes):
+            keyframe, _, unit = parse_message(message)
+            return keyframe, unit
+
+
+async def create_session(node: Node, upstream_name: str | None = None) -> str:
+    body = {"userId": "u", "robotName": "r", **({"upstream": upstream_name} if upstream_name else {})}
+    code, created, _ = await node.api.call("POST", "/session/create", body)
+    assert code == 200, created
+    return created["sessionId"]
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_h264_only_edge_gets_no_jpeg_and_a_new_jpeg_viewer_the_origins_frame_at_once(make_nodes, slow_sim):
+    origin, edge = await started(make_nodes(2, slow_sim.port))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), slow_sim, 15)  # node1 takes the upstream: the origin
+    h264 = await h264_viewer(edge, sid)
+    keyframe, _ = await next_unit(h264, 15)
+    assert keyframe
+    await next_unit(h264, 15)  # a frame later (4 s)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+    # Nothing here wants JPEG: none came over the relay, and the origin counts no relay viewer of JPEG.
+    assert (await edge.upstream())["framesIn"] == 0
+    assert (await origin.upstream())["viewers"]["ws_binary"] == 1  # its own viewer only
+
+    # A JPEG viewer joins the edge just after the simulator's frame: it gets that frame (the
+    # origin's current one) at once, not 4 s later with the simulator's next.
+    sent = slow_sim.frames_sent
+    await wait_until(lambda: slow_sim.frames_sent > sent, "the simulator's next frame", timeout=10)
+    await asyncio.sleep(0.2)  # at the origin by now
+    sent = slow_sim.frames_sent
+    started_at = time.monotonic()
+    jpeg_on_edge = await edge.viewer(sid)
+    frame = await real_frame(jpeg_on_edge, slow_sim, 3)
+    assert time.monotonic() - started_at < 2
+    assert slow_sim.frames_sent == sent and frame == slow_sim.frames[-1]
+    assert (await origin.upstream())["viewers"]["ws_binary"] == 2  # the edge's relay wants JPEG now
+
+    jpeg_on_edge.close()  # the edge wants H.264 only again: the origin stops sending it JPEG
+    deadline = time.monotonic() + 5
+    while (await origin.upstream())["viewers"]["ws_binary"] != 1:
+        assert time.monotonic() < deadline, "the edge's relay still wants JPEG"
+        await asyncio.sleep(0.1)
+    frames_in = (await edge.upstream())["framesIn"]
+    await next_unit(h264, 15)
+    await next_unit(h264, 15)
+    assert (await edge.upstream())["framesIn"] == frames_in
+    assert (await edge.upstream())["state"] == "connected"
+    assert len(slow_sim.clients) == 1 and slow_sim.peak_clients == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_edge_keyframe_requests_reach_the_origins_encoder(make_nodes, sim30, io_loop):
+    """A WebRTC peer joining the edge, and its PLI, get keyframes from the origin's encoder long
+    before its 20 s keyframe interval would (seen by an H.264 WebSocket viewer of the edge)."""
+    origin, edge = await started(make_nodes(2, sim30.port, {"h264": {"keyframe_interval_seconds": 20}}))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), sim30, 15)
+    h264 = await h264_viewer(edge, sid)
+    assert (await next_unit(h264, 15))[0], "a viewer starts at a keyframe"
+    keyframes: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            keyframe, _ = await next_unit(h264, 30)
+            if keyframe:
+                keyframes.append(time.monotonic())
+
+    watcher = asyncio.ensure_future(watch())
+    client = WhepClient(edge.api, f"/stream/{sid}/whep")
+    try:
+        await asyncio.sleep(1.5)
+        assert not keyframes, "a keyframe without a request (interval: 20 s)"
+        joined = time.monotonic()
+        assert await client.connect() == 201
+        await wait_until(lambda: keyframes, "a keyframe for the peer that joined the edge", timeout=5)
+        assert keyframes[0] - joined < 4
+        frames = await client.frames(10, timeout=10)
+        assert frames[0].key_frame and (frames[0].width, frames[0].height) == (320, 240)
+
+        await asyncio.sleep(1.2)  # the origin makes at most one requested keyframe a second
+        count = len(keyframes)
+        receiver = client.pc.getTransceivers()[0].receiver
+        (ssrc,) = {s.source for s in receiver.getSynchronizationSources()}
+        await receiver._send_rtcp_pli(ssrc)  # what a browser sends when it cannot decode
+        await wait_until(lambda: len(keyframes) > count, "a keyframe for the edge peer's PLI", timeout=5)
+    finally:
+        watcher.cancel()
+        await client.close()
+    assert (await edge.upstream())["encoder"] is False and (await origin.upstream())["encoder"] is True
+
+
+@pytest.mark.parametrize("rtsp_server", [{"shared": True}], indirect=True)
+@pytest.mark.gen_test(timeout=150)
+async def test_rtsp_passthrough_over_the_relay_byte_for_byte_without_decoding(make_nodes, rtsp_server):  # noqa: F811
+    """An edge's H.264 viewer gets the RTSP server's own NAL units (a second client of the same
+    shared stream sees the same bytes); while only H.264 viewers watch, anywhere, the origin
+    decodes nothing; a JPEG viewer on the edge gets JPEG within seconds, and decoding stops again
+    when it leaves."""
+    extra = {"upstreams": {"cam": {"kind": "rtsp", "url": rtsp_server.url}},
+             "reconnect": {"connect_timeout_seconds": 5, "frame_timeout_seconds": 5}}
+    origin, edge = await started(make_nodes(2, free_port(), extra))
+    direct: list[bytes] = []
+    ready = threading.Event()
+    reader = threading.Thread(target=read_directly, args=(rtsp_server.url, 400, direct, ready), daemon=True)
+    reader.start()
+    await wait_until(ready.is_set, "the direct client to connect", timeout=30)
+    sid = await create_session(origin, "cam")
+    await next_unit(await h264_viewer(origin, sid), 30)  # node1 takes the upstream: the origin
+    on_edge = await h264_viewer(edge, sid)
+    units = [unit for _, unit in [await next_unit(on_edge, 30) for _ in range(60)]]
+    await wait_until(lambda: len(direct) >= 400 or not reader.is_alive(), "the direct client's NAL units", 60)
+    assert (await upstream(edge, "cam"))["source"]["role"] == "edge"
+
+    received = [n for u in units for n in split_nals(u) if nal_type(n) not in (NAL_SPS, NAL_PPS)]
+    server_side = {n for n in direct if nal_type(n) not in (NAL_SPS, NAL_PPS)}
+    common = [n for n in received if n in server_side]
+    assert len(common) >= 30, f"only {len(common)} of {len(received)} NAL units match the server's"
+    source = (await upstream(origin, "cam"))["source"]
+    assert source["role"] == "origin" and source["decoded"] == 0, source
+    assert source["passedThrough"] >= 60
+    assert (await upstream(origin, "cam"))["encoder"] is False
+    assert (await upstream(edge, "cam"))["encoder"] is False
+
+    jpeg = await edge.viewer(sid)
+    started_at = time.monotonic()
+    while True:  # the origin decodes from the next keyframe (one a second)
+        message = await asyncio.wait_for(jpeg.read_message(), 10)
+        assert message is not None
+        if isinstance(message, bytes) and message[:2] == b"\xff\xd8" and len(message) > 2000:
+            break
+    assert time.monotonic() - started_at < 5
+    assert (await upstream(origin, "cam"))["source"]["decoded"] > 0
+    jpeg.close()
+    deadline = time.monotonic() + 5
+    while (await upstream(origin, "cam"))["viewers"]["ws_binary"]:
+        assert time.monotonic() < deadline, "the edge still wants JPEG"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    decoded = (await upstream(origin, "cam"))["source"]["decoded"]
+    for _ in range(30):  # a second of video later
+        await next_unit(on_edge, 10)
+    assert (await upstream(origin, "cam"))["source"]["decoded"] == decoded, "decoding stopped"
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_snapshot_and_thumbnail_on_a_node_without_viewers(make_nodes, sim30):
+    origin, edge = await started(make_nodes(2, sim30.port))
+    sid = await create_session(origin)
+    viewer = await origin.viewer(sid)
+    await real_frame(viewer, sim30, 15)
+
+    # The edge has no viewer (and no frame) of the upstream: it relays one from the origin.
+    code, _, response = await edge.api.call("GET", f"/stream/{sid}/snapshot.jpg")
+    assert code == 200 and response.headers["Content-Type"] == "image/jpeg"
+    assert response.body in sim30.frames
+    assert (await edge.upstream())["source"]["role"] == "edge"
+    assert len(sim30.clients) == 1 and sim30.peak_clients == 1
+
+    # The relay lingers out (1 s); a dashboard's thumbnail on the edge relays a current picture.
+    deadline = time.monotonic() + 10
+    while (await edge.upstream())["state"] != "idle":
+        assert time.monotonic() < deadline, "the edge still relays"
+        await asyncio.sleep(0.1)
+    relayed = (await edge.metrics())["vsproxy_cluster_relay_frames_received"][ISAAC]
+    code, _, response = await edge.api.call("GET", "/dashboard/api/thumbnail/isaac.jpg")
+    assert code == 200 and response.body[:2] == b"\xff\xd8"
+    assert (await edge.metrics())["vsproxy_cluster_relay_frames_received"][ISAAC] > relayed
+
+    # No viewer anywhere: a thumbnail starts nothing; a snapshot runs the upstream, as a viewer would.
+    viewer.close()
+    origin.viewers.remove(viewer)
+    await wait_until(lambda: not sim30.clients, "the upstream to close", timeout=15)
+    code, _, _ = await edge.api.call("GET", "/dashboard/api/thumbnail/isaac.jpg")
+    await asyncio.sleep(0.5)
+    assert not sim30.clients and sim30.peak_clients == 1
+    code, _, response = await origin.api.call("GET", f"/stream/{sid}/snapshot.jpg")
+    assert code == 200 and response.body in sim30.frames
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_snapshot_with_the_upstream_down_is_a_503_json_error(make_nodes):
+    dead = free_port()
+    (node,) = await started(make_nodes(1, dead))
+    sid = await create_session(node)
+    started_at = time.monotonic()
+    code, body, _ = await node.api.call("GET", f"/stream/{sid}/snapshot.jpg")
+    assert_json_error(code, body, 503)
+    assert time.monotonic() - started_at < 8
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lingering_edge_that_wants_nothing_keeps_its_quiet_relay(make_nodes, sim30):
+    """The edge's last viewer leaves: the origin sends it nothing while it lingers, and that is
+    no lost upstream (no frame timeout); a viewer coming back gets frames over the same relay."""
+    extra = {"streaming": {"linger_seconds": 20}, "reconnect": {"frame_timeout_seconds": 1}}
+    origin, edge = await started(make_nodes(2, sim30.port, extra))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), sim30, 15)
+    viewer = await edge.viewer(sid)
+    await real_frame(viewer, sim30, 15)
+    viewer.close()
+    edge.viewers.remove(viewer)
+    await asyncio.sleep(1)
+    relayed = (await edge.metrics())["vsproxy_cluster_relay_received_bytes"][ISAAC]
+    await asyncio.sleep(3)  # three frame timeouts
+    status = await edge.upstream()
+    assert status["state"] == "connected" and status["failures"] == 0, status
+    assert (await edge.metrics())["vsproxy_cluster_relay_received_bytes"][ISAAC] == relayed
+    assert "no frame from origin" not in edge.log()
+    await real_frame(await edge.viewer(sid), sim30, 5)
+    assert (await edge.upstream())["connects"] == 1
