@@ -63,7 +63,7 @@ async def test_urls_are_refused_and_nothing_is_contacted(api, proxy, upstream):
 
 @pytest.mark.gen_test(timeout=20)
 @pytest.mark.config(NAMED)
-@pytest.mark.parametrize("upstream", ["nope", "", 42, ["cam-a"]])
+@pytest.mark.parametrize("upstream", ["nope", "", 42, ["cam-a"], None])  # None: an explicit null
 async def test_unknown_or_mistyped_upstream_is_400_listing_nothing(api, proxy, upstream):
     code, body, _ = await create(api, "arm-1", upstream=upstream)
     assert code == 400 and body["success"] is False

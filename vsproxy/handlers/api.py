@@ -20,6 +20,8 @@ class SessionCreateHandler(JsonHandler):
             raise RateLimited("Too many sessions created from this address; retry later", wait)
         body = self.json_body()
         control = control_flag(body)
+        if "upstream" in body and body["upstream"] is None:  # absent means the default; null is a mistake
+            raise InvalidSessionRequest("'upstream' must be the name of a configured upstream")
         session = await self.sessions.create_async(body.get("userId"), body.get("robotName"), body.get("upstream"),
                                                    address=address)
         token = self.access.issue_viewer_token(session.id, control=control)
