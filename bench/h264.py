@@ -286,6 +286,46 @@ async def rtsp_passthrough(args: argparse.Namespace, tmp: str) -> None:
         server.stop()
 
 
+async def rtsp_parser_delay(args: argparse.Namespace, tmp: str) -> None:
+    """How long after the server sent it each H.264 packet comes out of FFmpeg's RTSP demuxer, as
+    vsproxy opens it (its H.264 parser assembles access units) and with the parser off (one packet
+    per NAL unit or fragment): the server's send time is the RTP timestamp mapped by its RTCP
+    sender reports (GStreamer's default), read from the packets' producer reference time."""
+    import av
+    from rtsp_server import RtspTestServer
+
+    from vsproxy.sources.rtsp import PROBE_OPTIONS
+    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern)
+    server.start()
+    try:
+        print("| demuxer | packets with a server time | delay after sending: median / p95 ms |")
+        print("|---|--:|--:|")
+        for label, extra in (("as vsproxy reads it (H.264 parser on)", {}),
+                             ("parser off (fflags +noparse)", {"fflags": "+noparse+nofillin"})):
+            container = await asyncio.to_thread(av.open, server.url, options={
+                "rtsp_transport": "tcp", **PROBE_OPTIONS, **extra}, timeout=10)
+            delays: list[float] = []
+
+            def read(container=container, delays=delays) -> None:  # noqa: ANN001
+                end = time.monotonic() + args.warmup + args.duration
+                for packet in container.demux(container.streams.video[0]):
+                    if time.monotonic() > end:
+                        break
+                    prft = packet.get_sidedata("prft") if packet.size else None
+                    if prft is not None and time.monotonic() > end - args.duration:
+                        sent_us = int.from_bytes(bytes(prft)[:8], "little", signed=True)
+                        delays.append((time.time_ns() / 1000 - sent_us) / 1000)
+            try:
+                await asyncio.to_thread(read)
+            finally:
+                container.close()
+            delays.sort()
+            print(f"| {label} | {len(delays)} | {percentile(delays, 0.5):.1f} / {percentile(delays, 0.95):.1f} |"
+                  if delays else f"| {label} | 0 | - |", flush=True)
+    finally:
+        server.stop()
+
+
 async def first_frame(args: argparse.Namespace, tmp: str) -> None:
     from browser import chromium
     proc, port = await start_proxy(tmp, "demo: {width: 1280, height: 720, fps: 30}\n")
@@ -316,7 +356,7 @@ async def first_frame(args: argparse.Namespace, tmp: str) -> None:
 
 
 SCENARIOS = {"bytes": bytes_per_viewer, "encoder-cpu": encoder_cpu, "rtsp": rtsp_passthrough,
-             "first-frame": first_frame}
+             "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame}
 
 
 def main() -> int:
