@@ -248,7 +248,10 @@ def _metric(text: bytes, name: str, upstream: str = "isaac") -> float:
 
 async def rtsp_passthrough(args: argparse.Namespace, tmp: str) -> None:
     from rtsp_server import RtspTestServer
-    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern)
+    # --from-arrival: a server whose sender reports vsproxy rejects (a clock far off), so frames
+    # are timed by their arrival at the proxy and the latency is the fan-out's alone.
+    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern,
+                            sender_reports="unsynced" if args.from_arrival else "send")
     server.start()
     proc = None
     viewers: list[Viewer] = []
@@ -369,6 +372,9 @@ def main() -> int:
     p.add_argument("--viewers", type=int, default=100, help="rtsp: H.264 viewers (default 100)")
     p.add_argument("--pattern", default="ball", help="rtsp: the test server's videotestsrc pattern (default ball, "
                    "a light stream; snow fills the server's 2 Mbit/s, like an NVENC camera stream)")
+    p.add_argument("--from-arrival", action="store_true",
+                   help="rtsp: latency from each frame's arrival at the proxy (the fan-out alone), not from the "
+                        "server's sender-report time")
     p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
     p.add_argument("--h264", default="", help='h264 settings for the proxy, e.g. "crf: 28, preset: veryfast"')
     args = p.parse_args()
