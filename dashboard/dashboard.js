@@ -313,6 +313,7 @@
           failures: cell("failures num", "Failures"), fpsIn: cell("fps-in num", "fps in"),
           bitrate: cell("bitrate num", "Bitrate in"), sessions: cell("sessions num", "Sessions"),
           viewers: cell("viewers", "Viewers"), spark: cell("spark-cell", "fps in, last minute"),
+          cluster: cell("cluster cluster-col", "Cluster"),
         };
         row.parts.state.append(el("span", { className: "badge" }));
         row.parts.spark.append(sparkline());
@@ -336,6 +337,7 @@
       c.sessions.textContent = String(u.sessions);
       transports(c.viewers, u.viewers);
       drawSpark(c.spark.firstChild, { in: u.fpsHistory });
+      c.cluster.textContent = u.cluster ? clusterRole(u.cluster) : "";
     }
     for (const [name, row] of upstreamRows) {
       if (!seen.has(name)) {
@@ -343,6 +345,27 @@
         upstreamRows.delete(name);
       }
     }
+  }
+
+  // Which node holds an upstream (its origin) and which relay it from there (its edges), as seen
+  // from this node.
+  function clusterRole(c) {
+    const edges = c.edges.length ? " · edges " + c.edges.join(", ") : "";
+    if (c.role === "origin") return "origin: this node" + edges;
+    if (c.role === "edge") return "edge of " + (c.origin || "?");
+    return c.origin ? "origin: " + c.origin + " (not relayed here)" : "not running";
+  }
+
+  function renderCluster(cluster) {
+    $("cluster-total").hidden = !cluster;
+    document.getElementById("upstreams").classList.toggle("no-cluster", !cluster);
+    if (!cluster) return;
+    $("cluster-node").textContent = cluster.node;
+    $("cluster-nodes").textContent = `of ${cluster.nodes.length}: ${cluster.nodes.join(" · ")}`;
+    const redis = $("cluster-redis");
+    redis.className = "badge " + (cluster.redis === "connected" ? "connected" : "retrying");
+    redis.textContent = "Redis " + cluster.redis;
+    redis.title = cluster.problem || "";
   }
 
   // -- header totals ------------------------------------------------------------------------
@@ -368,6 +391,7 @@
     lastState = state;
     TRANSPORT_NAMES = state.transportLabels || TRANSPORT_NAMES;
     renderTotals(state.totals);
+    renderCluster(state.cluster);
     renderSessions(state);
     renderUpstreams(state);
   }

@@ -76,7 +76,7 @@ class Proxy:
         self.metrics = Metrics(ProxyCollector(self.sessions, self.hubs, config.limits.max_sessions,
                                                     cluster=self.cluster))
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
-                               started_at=self.started_at)
+                               started_at=self.started_at, cluster=self.cluster)
         self.whep = WhepPeers(config.webrtc.ice_servers)  # WebRTC peers (WHEP), by resource id
         self._timers: list[PeriodicCallback] = []
         self._server: ProxyServer | None = None

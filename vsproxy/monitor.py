@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from PIL import Image
@@ -111,8 +111,9 @@ class Monitor:
     """Builds the dashboard state, keeps rate histories, makes thumbnails, pushes to listeners."""
 
     def __init__(self, config: Config, hubs: dict[str, FrameHub], sessions: SessionManager, access: Access, *,
-                 started_at: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 started_at: float, clock: Callable[[], float] = time.monotonic, cluster: Any = None) -> None:
         self.config = config
+        self.cluster = cluster  # vsproxy.cluster.Cluster in a cluster (its nodes and Redis state), else None
         self.hubs = hubs
         self.sessions = sessions
         self.access = access
@@ -268,8 +269,11 @@ class Monitor:
             "uptimeSeconds": round(now - self.started_at, 1),
             "version": __version__,
         }
-        return {"generatedAt": iso_utc(now), "transportLabels": TRANSPORT_LABELS, "totals": totals,
-                "sessions": sessions, "upstreams": upstreams}
+        state = {"generatedAt": iso_utc(now), "transportLabels": TRANSPORT_LABELS, "totals": totals,
+                 "sessions": sessions, "upstreams": upstreams}
+        if self.cluster is not None:
+            state["cluster"] = self.cluster.health()  # this node, the live nodes, Redis
+        return state
 
     def state_json(self) -> str:
         return json.dumps(self.state(), ensure_ascii=False, separators=(",", ":"))
@@ -301,7 +305,17 @@ class Monitor:
             "encoder": hub.encoder is not None and hub.encoder.running,  # its shared H.264 encoder
             "fpsHistory": list(track.fps_in) if track else [],
             "thumbnailUrl": thumbnail_url(hub),
+            **self._cluster_role(hub),
         }
+
+    def _cluster_role(self, hub: FrameHub) -> dict:
+        """In a cluster: which node holds the upstream (its origin) and which relay it from there
+        (its edges), and this node's part: {"cluster": {"role", "origin", "edges"}}."""
+        if self.cluster is None:
+            return {}
+        source = hub.source.status()
+        return {"cluster": {"role": source.get("role", "idle"), "origin": source.get("origin"),
+                            "edges": source.get("edges", [])}}
 
     def _session_json(self, session: Session, now: float) -> dict:
         hub = session.hub
