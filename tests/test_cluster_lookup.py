@@ -12,6 +12,7 @@ import time
 import pytest
 import redis.asyncio
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
+from helpers import WhepClient, assert_json_error, poll, wait_until
 from test_cluster import cluster, started  # noqa: F401 - the fixture
 
 from vsproxy.cluster.sessions import SESSIONS
@@ -41,3 +42,33 @@ async def test_a_session_only_in_redis_is_served_by_every_stream_url(cluster, re
     assert code == 400, (code, body)  # the offer is refused, not the session
     code, _, _ = await node.api.call("GET", "/stream/stream_0_00000000000000000000000000000000/embed")
     assert code == 404
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noqa: F811
+    """Behind a load balancer without stickiness a WHEP client's DELETE lands on any node: the node
+    holding the peer ends it."""
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    client = WhepClient(node1.api, f"/stream/{sid}/whep")
+    try:
+        assert await client.connect() == 201
+        await client.frames(3, timeout=15)
+        code, body, _ = await node2.api.call("DELETE", f"/stream/{sid}/whep/not-a-resource")
+        assert_json_error(code, body, 404)
+        other = (await node2.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"}))[1]["sessionId"]
+        code, body, _ = await node2.api.call("DELETE", client.location.replace(sid, other))  # not its session
+        assert_json_error(code, body, 404)
+        assert (await node1.api.call("GET", f"/session/{sid}"))[1]["session"]["connections"] == 1
+
+        code, _, _ = await node2.api.call("DELETE", client.location)
+        assert code == 200
+        await wait_until(lambda: client.pc.connectionState == "closed" or client.track.readyState == "ended",
+                         "the peer on node1 to end", timeout=10)
+        _, body, _ = await poll(lambda: node1.api.call("GET", f"/session/{sid}"),
+                                lambda r: r[1]["session"]["connections"] == 0, "node1's peer to leave")
+        code, body, _ = await node2.api.call("DELETE", client.location)  # already ended
+        assert_json_error(code, body, 404)
+    finally:
+        await client.close()

@@ -78,6 +78,8 @@ class Proxy:
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at, cluster=self.cluster)
         self.whep = WhepPeers(config.webrtc.ice_servers)  # WebRTC peers (WHEP), by resource id
+        if self.cluster is not None:  # a DELETE of a WHEP resource works on every node
+            self.whep.directory = cluster.WhepDirectory(self.cluster, self.whep)
         self._timers: list[PeriodicCallback] = []
         self._server: ProxyServer | None = None
         self._servers: list[ProxyServer] = []

@@ -7,6 +7,7 @@
 - `relay.ClusterSource`: wraps each upstream's source: the node holding the upstream's lease (the
   origin) runs the real source; every other node with viewers (an edge) pulls the frames from the
   origin over one authenticated WebSocket (`relay.RelayHandler`, /internal/relay/{upstream}).
+- `whep.WhepDirectory`: which node holds each WHEP peer, so its DELETE works on any node.
 
 Redis is imported only here, so a single node never loads it.
 """
@@ -14,5 +15,7 @@ Redis is imported only here, so a single node never loads it.
 from .node import Cluster, ClusterUnavailable
 from .relay import ClusterSource, RelayHandler
 from .sessions import ClusterSessionManager, NoRateLimit
+from .whep import WhepDirectory
 
-__all__ = ["Cluster", "ClusterSessionManager", "ClusterSource", "ClusterUnavailable", "NoRateLimit", "RelayHandler"]
+__all__ = ["Cluster", "ClusterSessionManager", "ClusterSource", "ClusterUnavailable", "NoRateLimit", "RelayHandler",
+           "WhepDirectory"]

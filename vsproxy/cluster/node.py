@@ -101,6 +101,8 @@ class Cluster:
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self.sessions: ClusterSessionManager | None = None  # set by ClusterSessionManager
+        # Control messages other than the sessions' own (create, destroy), by their "op".
+        self.event_handlers: dict[str, Callable[[dict], None]] = {}
         self.reachable = False
         self.problem: str | None = "not connected to Redis yet"
         self.nodes: dict[str, dict] = {}  # node ID -> what it registered, as of the last heartbeat
@@ -246,10 +248,10 @@ class Cluster:
                 backoff = 0.2
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message" and self.sessions is not None:
+                    if message is not None and message.get("type") == "message":
                         try:
-                            self.sessions.apply_event(json.loads(message["data"]))
-                        except (ValueError, KeyError, TypeError) as exc:
+                            self._apply_event(json.loads(message["data"]))
+                        except (ValueError, KeyError, TypeError, AttributeError) as exc:
                             log.warning("cluster: ignored a malformed control message (%s)", exc)
             except asyncio.CancelledError:
                 raise
@@ -265,6 +267,13 @@ class Cluster:
                     await pubsub.aclose()
                 except REDIS_ERRORS:
                     pass
+
+    def _apply_event(self, event: dict) -> None:
+        handler = self.event_handlers.get(event["op"])
+        if handler is not None:
+            handler(event)
+        elif self.sessions is not None:
+            self.sessions.apply_event(event)
 
     async def publish(self, event: dict) -> None:
         await self.redis.publish(EVENTS, json.dumps(event))

@@ -117,14 +117,10 @@ class WhepResourceHandler(JsonHandler):
         super().set_default_headers()
         self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
 
-    def _peer(self, session_id: str, resource_id: str) -> WhepPeer:
-        peer = self.whep.get(resource_id)
-        if peer is None or peer.session_id != session_id:
+    async def delete(self, session_id: str, resource_id: str) -> None:
+        # In a cluster the peer may be on another node (no sticky load balancing): it is ended there.
+        if not await self.whep.end(session_id, resource_id, "ended by the client (DELETE)"):
             raise tornado.web.HTTPError(404, reason="No such WHEP resource (ended, or never created)")
-        return peer
-
-    def delete(self, session_id: str, resource_id: str) -> None:
-        self._peer(session_id, resource_id).close("ended by the client (DELETE)")
         self.set_status(200)
         self.finish()
 

@@ -315,6 +315,9 @@ class WhepPeers:
         self.ice_servers = ice_servers
         self.peers: dict[str, WhepPeer] = {}
         self._closing: set[asyncio.Task] = set()
+        # In a cluster, which node holds each peer (vsproxy.cluster.whep.WhepDirectory), so that
+        # a DELETE of its resource on any node ends it; None: this node's peers are all there is.
+        self.directory: Any = None
 
     def rtc_configuration(self) -> Any:
         from aiortc import RTCConfiguration, RTCIceServer
@@ -362,13 +365,27 @@ class WhepPeers:
                 peer.close(f"connection {pc.connectionState}")
 
         self.peers[peer.id] = peer
+        if self.directory is not None:
+            await self.directory.added(peer)
         return peer, pc.localDescription.sdp
 
     def get(self, resource_id: str) -> WhepPeer | None:
         return self.peers.get(resource_id)
 
+    async def end(self, session_id: str, resource_id: str, reason: str) -> bool:
+        """End the peer of `session_id` with that resource id, here or (in a cluster) on the node
+        holding it: False if there is none."""
+        peer = self.peers.get(resource_id)
+        if peer is not None and peer.session_id == session_id:
+            peer.close(reason)
+            return True
+        if self.directory is not None:
+            return await self.directory.end(session_id, resource_id)
+        return False
+
     def _closed(self, peer: WhepPeer) -> None:
-        self.peers.pop(peer.id, None)
+        if self.peers.pop(peer.id, None) is not None and self.directory is not None:
+            self.directory.removed(peer)
         if peer.expiry is not None:
             peer.expiry.cancel()
         task = asyncio.ensure_future(peer.pc.close())

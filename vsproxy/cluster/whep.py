@@ -1,0 +1,78 @@
+"""WHEP resources across the cluster: a WebRTC peer lives on the node that answered its offer, but
+behind a load balancer without stickiness its `DELETE /stream/{id}/whep/{resource}` lands on any
+node. Redis keeps which node holds each resource, and a control message asks that node to end it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from .node import PREFIX, REDIS_ERRORS, Cluster
+
+if TYPE_CHECKING:
+    from ..outputs.webrtc import WhepPeer, WhepPeers
+
+log = logging.getLogger("vsproxy.cluster")
+
+# A resource is remembered this long at most (a node that died cannot delete its keys); a DELETE
+# on another node of a peer older than this is a 404, and the peer ends when its client leaves.
+RESOURCE_TTL_SECONDS = 24 * 3600
+DELETE_OP = "whep-delete"
+
+
+def resource_key(resource_id: str) -> str:
+    return f"{PREFIX}whep:{resource_id}"
+
+
+class WhepDirectory:
+    """Which node holds each of the cluster's WHEP peers (set as `WhepPeers.directory`)."""
+
+    def __init__(self, cluster: Cluster, peers: WhepPeers) -> None:
+        self.cluster = cluster
+        self.peers = peers
+        self._tasks: set[asyncio.Task] = set()
+        cluster.event_handlers[DELETE_OP] = self._on_delete
+
+    async def added(self, peer: WhepPeer) -> None:
+        """A peer was made here: before its answer goes out, so a DELETE anywhere finds it. Redis
+        unreachable: the peer still works, and only a DELETE on this node ends it early."""
+        record = json.dumps({"node": self.cluster.node_id, "session": peer.session_id})
+        try:
+            await self.cluster.redis.set(resource_key(peer.id), record, ex=RESOURCE_TTL_SECONDS)
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)
+
+    def removed(self, peer: WhepPeer) -> None:
+        """A peer of this node ended (however): forget it, in the background."""
+        task = asyncio.ensure_future(self._forget(peer.id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forget(self, resource_id: str) -> None:
+        try:
+            await self.cluster.redis.delete(resource_key(resource_id))
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)
+
+    async def end(self, session_id: str, resource_id: str) -> bool:
+        """End a peer of `session_id` held by another node: False if there is none (503 if Redis
+        cannot be reached to find out)."""
+        raw = await self.cluster.write(lambda: self.cluster.redis.get(resource_key(resource_id)))
+        if raw is None:
+            return False
+        record = json.loads(raw)
+        if record.get("session") != session_id:
+            return False
+        await self.cluster.write(lambda: self.cluster.publish(
+            {"op": DELETE_OP, "node": record["node"], "resource": resource_id, "session": session_id}))
+        return True
+
+    def _on_delete(self, event: dict) -> None:
+        if event["node"] != self.cluster.node_id:
+            return
+        peer = self.peers.get(event["resource"])
+        if peer is not None and peer.session_id == event["session"]:
+            peer.close("ended by the client (DELETE on another node)")
