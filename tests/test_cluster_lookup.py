@@ -72,3 +72,24 @@ async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noq
         assert_json_error(code, body, 404)
     finally:
         await client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_connections_count_the_viewers_of_every_node(cluster, sim):  # noqa: F811
+    """`connections` of GET /session and GET /sessions is the same whichever node answers."""
+    node1, node2, node3 = await started(cluster(3))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    for node, count in ((node1, 3), (node2, 2)):
+        for _ in range(count):
+            await node.viewer(sid)
+
+    async def counts() -> list[int]:
+        seen = []
+        for node in (node1, node2, node3):
+            seen.append((await node.api.call("GET", f"/session/{sid}"))[1]["session"]["connections"])
+            listing = (await node.api.call("GET", "/sessions"))[1]["sessions"]
+            seen.append(next(s for s in listing if s["id"] == sid)["connections"])
+        return seen
+
+    await poll(counts, lambda seen: seen == [5] * 6, "every node to count the 5 viewers")

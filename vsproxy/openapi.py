@@ -124,7 +124,7 @@ SCHEMAS: dict[str, Any] = {
         "createdAt": {"type": "string", "pattern": ISO_UTC_PATTERN},
         "lastActivity": {"type": "string", "pattern": ISO_UTC_PATTERN,
                          "description": "The current time while the session has viewers."},
-        "connections": {**_COUNT, "description": "Live viewers of every transport."},
+        "connections": {**_COUNT, "description": "Live viewers of every transport (in a cluster: on every node)."},
         "isIsaacSimConnected": {"type": "boolean", "description": "Whether the session's upstream is connected."},
         "upstream": {"type": "string"},
     }),

@@ -116,7 +116,9 @@ class Session:
         return SessionRecord(self.id, self.user_id, self.robot_name, self.hub.name, self.created_at,
                              self._last_activity)
 
-    def to_json(self, now: float | None = None) -> dict:
+    def to_json(self, now: float | None = None, connections: int | None = None) -> dict:
+        """The session as the API shows it; `connections`: its viewers on every node of a cluster
+        (default: this node's)."""
         now = time.time() if now is None else now
         return {
             "id": self.id,
@@ -124,7 +126,7 @@ class Session:
             "robotName": self.robot_name,
             "createdAt": iso_utc(self.created_at),
             "lastActivity": iso_utc(self.last_activity(now)),
-            "connections": len(self.viewers),
+            "connections": len(self.viewers) if connections is None else connections,
             "isIsaacSimConnected": self.hub.connected,
             "upstream": self.hub.name,
         }
@@ -224,6 +226,10 @@ class SessionManager:
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
+
+    async def viewer_counts(self, sessions: list[Session]) -> dict[str, int]:
+        """Each session's viewers, as the API's `connections` shows them: here, this node's."""
+        return {session.id: len(session.viewers) for session in sessions}
 
     def destroy(self, session_id: str, reason: str = "api") -> Session:
         """Destroy a session and close its viewers; `reason` is one of CLOSE_REASONS' keys."""

@@ -128,6 +128,26 @@ redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
 """
 
+# Sessions' viewers on every node: KEYS: their viewer places. ARGV: the node registration key
+# prefix. Read only: counts the live node processes' places (as _ADMIT does), one total per key.
+_COUNT = """
+local totals = {}
+for k = 1, #KEYS do
+  local total = 0
+  local places = redis.call('HGETALL', KEYS[k])
+  for i = 1, #places, 2 do
+    local field = places[i]
+    local sep = string.find(field, ':', 1, true)
+    local registration = sep and redis.call('GET', ARGV[1] .. string.sub(field, sep + 1))
+    if registration and cjson.decode(registration)['instance'] == string.sub(field, 1, sep - 1) then
+      total = total + tonumber(places[i + 1])
+    end
+  end
+  totals[k] = total
+end
+return totals
+"""
+
 # KEYS: the session's viewer places. ARGV: this node's field.
 _LEAVE = """
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -176,6 +196,7 @@ class ClusterSessionManager(SessionManager):
         self._restore = redis.register_script(_RESTORE)
         self._admit = redis.register_script(_ADMIT)
         self._leave = redis.register_script(_LEAVE)
+        self._count = redis.register_script(_COUNT)
         self._write_places = redis.register_script(_PLACES)
         self._reaping: asyncio.Future | None = None
         # Viewer places (see the module docstring). `_places`: session ID -> what this node holds in
@@ -305,6 +326,20 @@ class ClusterSessionManager(SessionManager):
             self._forget(session_id, "restart")
 
     # -- viewers: a session wants the upstream here while it has viewers here ------------------------
+
+    async def viewer_counts(self, sessions: list[Session]) -> dict[str, int]:
+        """Each session's viewers on every node (their places in Redis); this node's alone while
+        Redis cannot be reached."""
+        counts = await super().viewer_counts(sessions)
+        if sessions:
+            try:
+                totals = await self._count(keys=[viewers_key(s.id) for s in sessions], args=[node_key("")])
+            except REDIS_ERRORS as exc:
+                self.cluster.failed(exc)
+            else:
+                # At least what this node has (a place written back only at the next heartbeat).
+                counts = {s.id: max(int(total), counts[s.id]) for s, total in zip(sessions, totals, strict=True)}
+        return counts
 
     async def reserve_viewer(self, session: Session) -> None:
         """Take a place in Redis, cluster-wide: ViewerLimitReached if the session's viewers on all

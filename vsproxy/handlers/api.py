@@ -66,7 +66,8 @@ class SessionHandler(JsonHandler):
     async def get(self, session_id: str) -> None:
         session = await self.sessions.lookup(session_id)
         session.touch()
-        self.send_json({"success": True, "session": session.to_json()})
+        counts = await self.sessions.viewer_counts([session])
+        self.send_json({"success": True, "session": session.to_json(connections=counts[session.id])})
 
     async def delete(self, session_id: str) -> None:
         await self.destroy_session(session_id)
@@ -89,9 +90,11 @@ class SessionsHandler(JsonHandler):
     cors_methods = "GET, OPTIONS"
     auth_scope = "api"
 
-    def get(self) -> None:
+    async def get(self) -> None:
         now = time.time()
-        sessions = [s.to_json(now) for s in self.sessions.all()]
+        listed = self.sessions.all()
+        counts = await self.sessions.viewer_counts(listed)
+        sessions = [s.to_json(now, counts[s.id]) for s in listed]
         self.send_json({"success": True, "count": len(sessions), "sessions": sessions})
 
 
