@@ -76,7 +76,8 @@ async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noq
 
 @pytest.mark.gen_test(timeout=60)
 async def test_connections_count_the_viewers_of_every_node(cluster, sim):  # noqa: F811
-    """`connections` of GET /session and GET /sessions is the same whichever node answers."""
+    """`connections` and `isIsaacSimConnected` of GET /session and GET /sessions are the same
+    whichever node answers, also one without viewers (which does not run the upstream)."""
     node1, node2, node3 = await started(cluster(3))
     code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
     sid = created["sessionId"]
@@ -84,12 +85,13 @@ async def test_connections_count_the_viewers_of_every_node(cluster, sim):  # noq
         for _ in range(count):
             await node.viewer(sid)
 
-    async def counts() -> list[int]:
+    async def views() -> list[tuple[int, bool]]:
         seen = []
         for node in (node1, node2, node3):
-            seen.append((await node.api.call("GET", f"/session/{sid}"))[1]["session"]["connections"])
             listing = (await node.api.call("GET", "/sessions"))[1]["sessions"]
-            seen.append(next(s for s in listing if s["id"] == sid)["connections"])
+            for view in ((await node.api.call("GET", f"/session/{sid}"))[1]["session"],
+                         next(s for s in listing if s["id"] == sid)):
+                seen.append((view["connections"], view["isIsaacSimConnected"]))
         return seen
 
-    await poll(counts, lambda seen: seen == [5] * 6, "every node to count the 5 viewers")
+    await poll(views, lambda seen: seen == [(5, True)] * 6, "every node to count 5 viewers, upstream connected")

@@ -125,7 +125,8 @@ SCHEMAS: dict[str, Any] = {
         "lastActivity": {"type": "string", "pattern": ISO_UTC_PATTERN,
                          "description": "The current time while the session has viewers."},
         "connections": {**_COUNT, "description": "Live viewers of every transport (in a cluster: on every node)."},
-        "isIsaacSimConnected": {"type": "boolean", "description": "Whether the session's upstream is connected."},
+        "isIsaacSimConnected": {"type": "boolean", "description": "Whether the session's upstream is connected (in a "
+                                                                 "cluster: on whichever node holds it)."},
         "upstream": {"type": "string"},
     }),
     "SessionResponse": _object({"success": _TRUE, "session": _schema("Session")}),

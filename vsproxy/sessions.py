@@ -116,9 +116,8 @@ class Session:
         return SessionRecord(self.id, self.user_id, self.robot_name, self.hub.name, self.created_at,
                              self._last_activity)
 
-    def to_json(self, now: float | None = None, connections: int | None = None) -> dict:
-        """The session as the API shows it; `connections`: its viewers on every node of a cluster
-        (default: this node's)."""
+    def to_json(self, now: float | None = None) -> dict:
+        """The session as this node sees it (SessionManager.describe: as the API shows it)."""
         now = time.time() if now is None else now
         return {
             "id": self.id,
@@ -126,7 +125,7 @@ class Session:
             "robotName": self.robot_name,
             "createdAt": iso_utc(self.created_at),
             "lastActivity": iso_utc(self.last_activity(now)),
-            "connections": len(self.viewers) if connections is None else connections,
+            "connections": len(self.viewers),
             "isIsaacSimConnected": self.hub.connected,
             "upstream": self.hub.name,
         }
@@ -227,9 +226,10 @@ class SessionManager:
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    async def viewer_counts(self, sessions: list[Session]) -> dict[str, int]:
-        """Each session's viewers, as the API's `connections` shows them: here, this node's."""
-        return {session.id: len(session.viewers) for session in sessions}
+    async def describe(self, sessions: list[Session], now: float | None = None) -> list[dict]:
+        """The sessions as the API shows them (in a cluster: their viewers on every node, and
+        whether any node has their upstream connected)."""
+        return [session.to_json(now) for session in sessions]
 
     def destroy(self, session_id: str, reason: str = "api") -> Session:
         """Destroy a session and close its viewers; `reason` is one of CLOSE_REASONS' keys."""

@@ -218,8 +218,10 @@ class Cluster:
 
     async def _heartbeat(self) -> None:
         await self.check_restart()
+        # "connected": the upstreams this node holds and has connected, for every node's API.
+        connected = sorted(name for name, source in self.sources.items() if source.origin_connected)
         await self.redis.set(node_key(self.node_id), json.dumps({"url": self.advertise_url, "at": time.time(),
-                                                                "instance": self.instance}),
+                                                                "instance": self.instance, "connected": connected}),
                              px=int(NODE_TTL_SECONDS * 1000))
         for upstream, source in self.sources.items():
             if source.role == "origin" and not self._draining:
@@ -267,6 +269,10 @@ class Cluster:
                     await pubsub.aclose()
                 except REDIS_ERRORS:
                     pass
+
+    def upstream_connected(self, upstream: str) -> bool:
+        """Does any live node hold `upstream` connected (as of the last heartbeat)?"""
+        return any(upstream in node.get("connected", ()) for node in self.nodes.values())
 
     def _apply_event(self, event: dict) -> None:
         handler = self.event_handlers.get(event["op"])

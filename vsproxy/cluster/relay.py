@@ -300,6 +300,11 @@ class ClusterSource(Source):
     def close(self) -> None:
         self.inner.close()
 
+    @property
+    def origin_connected(self) -> bool:
+        """This node holds the upstream and has it connected."""
+        return self.role == "origin" and self._hub is not None and self._hub.connected
+
     def status(self) -> dict:
         edges = sorted(getattr(relay, "edge", "?") for relay in self.cluster.relays.get(self.name, ()))
         return {"role": self.role, "origin": self.origin, "edges": edges,

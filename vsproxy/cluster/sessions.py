@@ -327,19 +327,24 @@ class ClusterSessionManager(SessionManager):
 
     # -- viewers: a session wants the upstream here while it has viewers here ------------------------
 
-    async def viewer_counts(self, sessions: list[Session]) -> dict[str, int]:
-        """Each session's viewers on every node (their places in Redis); this node's alone while
-        Redis cannot be reached."""
-        counts = await super().viewer_counts(sessions)
-        if sessions:
-            try:
-                totals = await self._count(keys=[viewers_key(s.id) for s in sessions], args=[node_key("")])
-            except REDIS_ERRORS as exc:
-                self.cluster.failed(exc)
-            else:
-                # At least what this node has (a place written back only at the next heartbeat).
-                counts = {s.id: max(int(total), counts[s.id]) for s, total in zip(sessions, totals, strict=True)}
-        return counts
+    async def describe(self, sessions: list[Session], now: float | None = None) -> list[dict]:
+        """As the API shows them: `connections` counts the viewers on every node (their places in
+        Redis; this node's alone while Redis cannot be reached), and `isIsaacSimConnected` is true
+        where any node has the upstream connected (its origin says so in its registration)."""
+        described = await super().describe(sessions, now)
+        if not sessions:
+            return described
+        try:
+            totals = await self._count(keys=[viewers_key(s.id) for s in sessions], args=[node_key("")])
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)
+            totals = [0] * len(sessions)
+        for session, view, total in zip(sessions, described, totals, strict=True):
+            # At least this node's own (a place is written back only at the next heartbeat).
+            view["connections"] = max(int(total), view["connections"])
+            view["isIsaacSimConnected"] = view["isIsaacSimConnected"] or self.cluster.upstream_connected(
+                session.hub.name)
+        return described
 
     async def reserve_viewer(self, session: Session) -> None:
         """Take a place in Redis, cluster-wide: ViewerLimitReached if the session's viewers on all

@@ -66,8 +66,8 @@ class SessionHandler(JsonHandler):
     async def get(self, session_id: str) -> None:
         session = await self.sessions.lookup(session_id)
         session.touch()
-        counts = await self.sessions.viewer_counts([session])
-        self.send_json({"success": True, "session": session.to_json(connections=counts[session.id])})
+        (described,) = await self.sessions.describe([session])
+        self.send_json({"success": True, "session": described})
 
     async def delete(self, session_id: str) -> None:
         await self.destroy_session(session_id)
@@ -91,10 +91,7 @@ class SessionsHandler(JsonHandler):
     auth_scope = "api"
 
     async def get(self) -> None:
-        now = time.time()
-        listed = self.sessions.all()
-        counts = await self.sessions.viewer_counts(listed)
-        sessions = [s.to_json(now, counts[s.id]) for s in listed]
+        sessions = await self.sessions.describe(self.sessions.all(), time.time())
         self.send_json({"success": True, "count": len(sessions), "sessions": sessions})
 
 
