@@ -32,8 +32,13 @@ async def test_dashboard_shows_nodes_redis_origin_and_edges(cluster, sim):  # no
     await poll(roles, lambda r: r == ({"role": "origin", "origin": "node1", "edges": ["node2"]},
                                       {"role": "edge", "origin": "node1", "edges": []}),
                "node1 to be the origin with node2 its edge", timeout=10)
-    _, state, _ = await node2.api.call("GET", "/dashboard/api/state")
-    assert state["cluster"] == {"node": "node2", "nodes": ["node1", "node2"], "redis": "connected"}
+    async def cluster_of(node) -> dict:
+        return (await node.api.call("GET", "/dashboard/api/state"))[1]["cluster"]
+
+    for node in (node1, node2):  # each node reads the registry once a second
+        await poll(lambda node=node: cluster_of(node),
+                   lambda c, node=node: c == {"node": node.name, "nodes": ["node1", "node2"], "redis": "connected"},
+                   f"{node.name} to list both nodes")
 
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 900})
