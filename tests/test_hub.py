@@ -316,3 +316,25 @@ async def test_relay_to_an_upstream_that_stops_reading_is_refused_not_queued():
     await wait_until(lambda: len(pending) == accepted + 1, "the last write to start")
     pending[-1].set_result(None)
     await wait_until(lambda: relay.outstanding == 0, "the last write to be taken")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_text_reaches_websocket_viewers_and_listeners_not_viewers_without_text():
+    """A cluster origin's relay connections are WebSocket viewers that take no text (they get it as
+    text listeners): a status message, e.g. the upstream lost during a failover, must still reach
+    everyone else instead of failing the hub's supervisor."""
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    (relay_stream, relay_client), (ws_stream, ws_client) = socket_pair(), socket_pair()
+    texts: list[str] = []
+    heard: list[str] = []
+    try:
+        hub.add_viewer(Viewer(relay_stream, WS_BINARY, hub.stats[WS_BINARY], close=lambda reason: None))
+        hub.add_viewer(Viewer(ws_stream, WS_JSON, hub.stats[WS_JSON], close=lambda reason: None,
+                              send_text=texts.append))
+        hub.text_listeners.append(heard.append)
+        hub.notify("error", "Upstream 'unit' lost")
+        assert [json.loads(t)["message"] for t in texts] == ["Upstream 'unit' lost"]
+        assert heard == texts
+    finally:
+        for s in (relay_stream, relay_client, ws_stream, ws_client):
+            s.close()

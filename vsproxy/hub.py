@@ -522,10 +522,12 @@ class FrameHub:
         self.relay_text(status_message(kind, message))
 
     def relay_text(self, text: str) -> None:
-        """Send a text message (status, or relayed from the upstream) to every WebSocket viewer."""
+        """Send a text message (status, or relayed from the upstream) to every WebSocket viewer
+        that takes text (a cluster edge's relay connections get it as a text listener)."""
         for transport in WS_TRANSPORTS:
             for viewer in tuple(self.viewers[transport]):
-                viewer.send_text(text)  # type: ignore[misc]
+                if viewer.send_text is not None:
+                    viewer.send_text(text)
         for listener in tuple(self.text_listeners):
             listener(text)
 
