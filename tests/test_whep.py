@@ -9,7 +9,7 @@ import re
 import time
 
 import pytest
-from helpers import VIEWER_AUTH, WhepClient, assert_json_error, session_json, wait_until
+from helpers import VIEWER_AUTH, WhepClient, assert_json_error, poll, session_json, wait_until
 from test_openapi import call, contract  # noqa: F401  (fixtures)
 
 from vsproxy.outputs.wire import WEBRTC
@@ -165,6 +165,30 @@ async def test_a_peer_gone_without_delete_is_dropped_after_the_stall_timeout(api
     await wait_until(lambda: not proxy.whep.peers, "the silent peer to be dropped", timeout=10)
     assert time.monotonic() - gone < 6
     assert (await session_json(api, session_id))["connections"] == 0
+
+
+@pytest.mark.slow  # the dashboard samples once a second
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_peer_shows_on_the_dashboard_and_in_the_frame_age_metric(api, proxy, whep_clients):
+    """A WebRTC peer is a viewer like any other for the operator: the dashboard's frames out and
+    frame age of its session, and vsproxy_frame_age_seconds{transport="webrtc"}."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 201
+    await client.frames(10)
+
+    async def session_state() -> dict:
+        _, state, _ = await api.call("GET", "/dashboard/api/state")
+        return next(s for s in state["sessions"] if s["id"] == session_id)
+
+    view = await poll(session_state, lambda s: s["fpsOut"] > 0 and s["frameAgeMs"]["p50"] is not None,
+                      "the dashboard to sample the peer's frames")
+    assert view["viewers"]["webrtc"] == 1 and view["bytesPerSecondOut"] > 0
+    _, _, response = await api.call("GET", "/metrics")
+    count = next(line for line in response.body.decode().splitlines()
+                 if line.startswith('vsproxy_frame_age_seconds_count{transport="webrtc"}'))
+    assert float(count.rsplit(" ", 1)[1]) >= 10
 
 
 # -- the OpenAPI contract of the WHEP endpoints ---------------------------------------------------

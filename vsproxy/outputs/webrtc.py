@@ -29,6 +29,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadOffer
+from .viewer import LatencyBuckets
 from .wire import WEBRTC
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ class WhepPeer:
         self.frames_sent = 0
         self.bytes_sent = 0  # H.264 payload handed to the RTP sender (RTP/SRTP/UDP headers not counted)
         self.frames_dropped = 0
+        self.age = LatencyBuckets()  # this peer's frame ages (the dashboard's p50/p95), as for any viewer
         self.keyframe_requests = 0
         self.pts_origin = 0
         self.waiting_for_keyframe = True
@@ -286,6 +288,10 @@ class WhepPeer:
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(au.data)
         self.stats.latency.observe(now - au.arrived)  # frame age when handed to the RTP sender
+        if au.age_offset is not None:  # from its capture (or arrival) time, as for every viewer
+            age = now - au.arrived + au.age_offset
+            self.stats.age.observe(age)
+            self.age.observe(age)
         return au
 
     def hook_sender(self, sender: Any) -> None:
