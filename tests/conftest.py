@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import traceback
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +22,7 @@ import tornado.websocket
 from helpers import OPEN_WEBSOCKETS, MjpegClient, free_port
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 
+import vsproxy
 from vsproxy.app import Proxy
 from vsproxy.config import Config, config_from_dict
 from vsproxy.simulate import SimulatedIsaacSim
@@ -188,3 +192,40 @@ def close_websockets():
     yield
     while OPEN_WEBSOCKETS:
         OPEN_WEBSOCKETS.pop().close()
+
+
+_PACKAGE = str(Path(vsproxy.__file__).resolve().parent)
+
+
+class _Tracebacks(logging.Handler):
+    """Collects log records that carry a traceback through vsproxy's own code: an exception nobody
+    handled in a callback, a timer or a task of the app (Tornado and asyncio log those and carry
+    on). Tracebacks only through test code or libraries (a test's fake server) do not count."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and any(frame.filename.startswith(_PACKAGE)
+                                   for frame in traceback.extract_tb(record.exc_info[2])):
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_exceptions(request):
+    """A test fails if the in-process app logged an unhandled exception while it ran: Tornado and
+    asyncio only log them, so a broken timer (the dashboard's sampling, say) would go unnoticed.
+    A test that provokes one on purpose marks itself `allow_tracebacks`."""
+    handler = _Tracebacks()
+    loggers = [logging.getLogger(name) for name in ("tornado.application", "asyncio", "vsproxy")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield
+    for logger in loggers:
+        logger.removeHandler(handler)
+    if handler.records and request.node.get_closest_marker("allow_tracebacks") is None:
+        first = handler.records[0]
+        text = logging.Formatter().formatException(first.exc_info) if first.exc_info else ""
+        pytest.fail(f"{len(handler.records)} unhandled exception(s) logged; the first, by {first.name}: "
+                    f"{first.getMessage()}\n{text}", pytrace=False)

@@ -254,6 +254,7 @@ class Unit:
         self.data = b"\0" * size
         self.pts_us = int(time.time() * 1e6)
         self.arrived = time.monotonic()
+        self.age_offset = 0.0  # captured when it arrived
 
 
 def test_a_peer_behind_skips_to_the_next_keyframe_and_holds_at_most_one_gop():
