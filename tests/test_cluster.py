@@ -129,10 +129,20 @@ def cluster(tmp_path, redis_server, sim):  # noqa: F811 - the fixture imported a
         return nodes[-count:]
 
     yield make
+    stop_all(nodes)
+
+
+def stop_all(nodes: list[Node]) -> None:
+    """Stop the nodes and their viewers; fail if a node logged a traceback. Expected failures
+    (Redis down, a node killed) are one-line messages; a traceback is an exception nobody handled
+    (one broke failover unnoticed for a while)."""
     for node in nodes:
         for viewer in node.viewers:
             viewer.close()
         node.stop()
+    for node in nodes:
+        log = node.log()
+        assert "Traceback (most recent call last)" not in log, f"{node.name} logged a traceback:\n{log[-4000:]}"
 
 
 async def assert_health_documented(node: Node) -> None:

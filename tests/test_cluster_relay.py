@@ -14,7 +14,7 @@ import pytest
 import tornado.websocket
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
 from helpers import WhepClient, assert_json_error, free_port, wait_until
-from test_cluster import Node, real_frame, started
+from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
 from test_h264_rtsp import read_directly
 from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixture
@@ -40,10 +40,7 @@ def make_nodes(tmp_path, redis_server, io_loop):  # noqa: F811 - the fixture imp
         return nodes[-count:]
 
     yield make
-    for node in nodes:
-        for viewer in node.viewers:
-            viewer.close()
-        node.stop()
+    stop_all(nodes)
 
 
 def simulator(io_loop, fps: float) -> SimulatedIsaacSim:
