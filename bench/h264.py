@@ -5,6 +5,7 @@ Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children
     python bench/h264.py bytes                 # moving camera, smooth scene, demo: bytes/s per viewer, PSNR
     python bench/h264.py encoder-cpu           # proxy CPU with and without the encoder running (720p30)
     python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
+    python bench/h264.py rtsp --viewers 400 --pattern recorded --from-arrival  # the fan-out alone
     python bench/h264.py first-frame --runs 10 # Chromium embed player: ms to the first decoded frame
 
 The 400-viewer `format=h264` fan-out is `python bench/fanout.py --transport ws_h264 --viewers 400`.
@@ -246,11 +247,38 @@ def _metric(text: bytes, name: str, upstream: str = "isaac") -> float:
     return 0.0
 
 
+def record_noise_stream(path: str, seconds: float, kbps: int = 2000) -> None:
+    """An MP4 file of H.264 noise at `kbps` (1280x720, 30 fps, a keyframe every second, no
+    B-frames: what a camera's hardware encoder sends), for the RTSP server to play without
+    encoding on the benchmark machine. Noise keeps every frame at the full bitrate."""
+    import av
+    rng = np.random.default_rng(1)
+    pictures = [av.VideoFrame.from_ndarray(rng.integers(0, 256, (720 * 3 // 2, 1280), dtype=np.uint8),
+                                           format="yuv420p") for _ in range(30)]
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        stream.bit_rate = kbps * 1000
+        stream.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": "baseline", "g": "30",
+                          "sc_threshold": "0", "bf": "0"}
+        for i in range(int(seconds * 30)):
+            picture = pictures[i % len(pictures)]
+            picture.pts = i  # in the stream's 1/30 s time base
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+
+
 async def rtsp_passthrough(args: argparse.Namespace, tmp: str) -> None:
     from rtsp_server import RtspTestServer
+    recorded = ""
+    if args.pattern == "recorded":
+        # Played in real time with no encoder running: in production the simulator's GPU encodes,
+        # on another machine; here a live encoder would take a third of a core from the viewers.
+        recorded = os.path.join(tmp, "noise.mp4")
+        record_noise_stream(recorded, args.warmup + args.duration + 30)
     # --from-arrival: a server whose sender reports vsproxy rejects (a clock far off), so frames
     # are timed by their arrival at the proxy and the latency is the fan-out's alone.
-    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern,
+    server = RtspTestServer(free_port(), width=1280, height=720, fps=30, pattern=args.pattern, file=recorded,
                             sender_reports="unsynced" if args.from_arrival else "send")
     server.start()
     proc = None
@@ -371,7 +399,8 @@ def main() -> int:
     p.add_argument("--cameras", default="moving,smooth,demo", help="bytes: moving, smooth, demo (default all)")
     p.add_argument("--viewers", type=int, default=100, help="rtsp: H.264 viewers (default 100)")
     p.add_argument("--pattern", default="ball", help="rtsp: the test server's videotestsrc pattern (default ball, "
-                   "a light stream; snow fills the server's 2 Mbit/s, like an NVENC camera stream)")
+                   "a light stream; snow fills the server's 2 Mbit/s, like an NVENC camera stream), or "
+                   "recorded: 2 Mbit/s of noise encoded before the run, which the server only sends")
     p.add_argument("--from-arrival", action="store_true",
                    help="rtsp: latency from each frame's arrival at the proxy (the fan-out alone), not from the "
                         "server's sender-report time")

@@ -81,8 +81,9 @@ class RtspTestServer:
 
     def __init__(self, port: int, *, codec: str = "h264", width: int = 640, height: int = 360,
                  fps: int = 30, path: str = "/stream", pattern: str = "ball", shared: bool = False,
-                 sender_reports: str = "send") -> None:
+                 sender_reports: str = "send", file: str = "") -> None:
         self.port = port
+        self.file = file
         self.codec = codec
         self.width, self.height, self.fps = width, height, fps
         self.path = path
@@ -103,7 +104,7 @@ class RtspTestServer:
         cmd = [gst_python(), SCRIPT, "--port", str(self.port), "--codec", self.codec, "--path", self.path,
                "--width", str(self.width), "--height", str(self.height), "--fps", str(self.fps),
                "--pattern", self.pattern, "--sender-reports", self.sender_reports] + (
-                   ["--shared"] if self.shared else [])
+                   ["--shared"] if self.shared else []) + (["--file", self.file] if self.file else [])
         # stderr goes to a file, not a pipe nobody reads (a full pipe would freeze the server).
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -168,7 +169,9 @@ def _load_gst():
     return GLib, Gst, GstRtspServer
 
 
-def _launch_line(codec: str, width: int, height: int, fps: int, pattern: str = "ball") -> str:
+def _launch_line(codec: str, width: int, height: int, fps: int, pattern: str = "ball", file: str = "") -> str:
+    if file:  # a recorded H.264 stream, played in real time: the server encodes nothing
+        return f"( filesrc location={file} ! qtdemux ! rtph264pay name=pay0 pt=96 config-interval=1 )"
     source = (f"videotestsrc is-live=true pattern={pattern} ! video/x-raw,width={width},height={height},"
               f"framerate={fps}/1 ! videoconvert")
     if codec == "h264":
@@ -194,7 +197,7 @@ def serve(args: argparse.Namespace) -> int:
     server.set_address("127.0.0.1")
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(_launch_line(args.codec, args.width, args.height, args.fps, args.pattern))
+    factory.set_launch(_launch_line(args.codec, args.width, args.height, args.fps, args.pattern, args.file))
     # Not shared (the default): every client gets its own pipeline, so it starts on a keyframe.
     # Shared: clients join one running encoder mid-GOP, like a camera or a busy simulator.
     factory.set_shared(args.shared)
@@ -238,6 +241,8 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--pattern", default="ball", help="a videotestsrc pattern (ball moves)")
+    parser.add_argument("--file", default="", help="serve this MP4 file's H.264 track (in real time) instead "
+                                                    "of encoding a test pattern")
     parser.add_argument("--shared", action="store_true", help="one pipeline for all clients")
     parser.add_argument("--sender-reports", default="send", choices=("send", "capture", "unsynced"),
                         help="the wall-clock time RTCP sender reports give a frame: when it is sent (GStreamer's "
