@@ -3,6 +3,7 @@ encoder's CPU, RTSP passthrough to many viewers, and the time to the first decod
 Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children cleaned up.
 
     python bench/h264.py bytes                 # moving camera, smooth scene, demo: bytes/s per viewer, PSNR
+    python bench/h264.py x264-sweep            # libx264 options offline: bytes and PSNR at crf 30 and 31
     python bench/h264.py encoder-cpu           # proxy CPU with and without the encoder running (720p30)
     python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
     python bench/h264.py rtsp --viewers 400 --pattern recorded --from-arrival  # the fan-out alone
@@ -204,6 +205,64 @@ async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
               f"| {rates['mp4']:,.0f} | {rates['mp4'] / rates['mjpeg']:.3f} | {fps} | {quality} |", flush=True)
 
 
+SWEEP_VARIANTS = (
+    "",  # vsproxy's encoder as configured (veryfast, zerolatency, no B-frames)
+    "tune=psnr,zerolatency",
+    "x264-params=psy-rd=0,0",
+    "x264-params=aq-mode=2",
+    "x264-params=deblock=-2,-2",
+    "x264-params=trellis=2",
+    "x264-params=no-8x8dct=1",
+    "threads=1",  # one slice per picture
+    "preset=medium;x264-params=psy-rd=0,0",
+)
+
+
+async def x264_sweep(args: argparse.Namespace, tmp: str) -> None:
+    """libx264 options against each other on the moving camera, offline (no proxy, no sockets):
+    vsproxy's own encoder set-up (`open_x264`) plus each variant's options, at two crf values;
+    bytes against the source JPEGs' and the luma PSNR, and the ratio at 32.0 dB interpolated
+    between the two (log-linear)."""
+    import av
+    from av.video.frame import PictureType
+
+    from vsproxy.codec.encoder import FULL_RANGE, LIMITED_RANGE, H264Config, open_x264
+
+    sources = make_moving_jpegs(60)
+    decoder = av.CodecContext.create("mjpeg", "r")
+    pictures = [decoder.decode(av.Packet(s))[0].reformat(format="yuv420p", src_color_range=FULL_RANGE,
+                                                          dst_color_range=LIMITED_RANGE) for s in sources]
+    frames = int(args.duration * 30)
+    jpeg_bytes = sum(len(sources[i % len(sources)]) for i in range(frames))
+    crfs = [float(c) for c in args.crfs.split(",")]
+    variants = args.variants.split("|") if args.variants else SWEEP_VARIANTS
+    print(f"{frames} frames of the moving camera (1280x720, 30 fps, a keyframe a second); crf {args.crfs}\n")
+    columns = " | ".join(f"crf {c:g}: ratio, PSNR median / min (dB)" for c in crfs)
+    print(f"| libx264 options beyond vsproxy's | {columns} | ratio at 32.0 dB | encode ms/frame |")
+    print("|---|" + "--:|" * (len(crfs) + 2))
+    for variant in variants:
+        extra = dict(kv.split("=", 1) for kv in variant.split(";") if kv)
+        points, cells, encode_ms = [], [], 0.0
+        for crf in crfs:
+            encoder = open_x264(av, H264Config(), (1280, 720), {"crf": f"{crf:g}", **extra})
+            units: list[bytes] = []
+            started = time.process_time()
+            for i in range(frames):
+                picture = pictures[i % len(pictures)]
+                picture.pts = i * 33_333
+                picture.pict_type = PictureType.I if i % 30 == 0 else PictureType.NONE
+                units += [bytes(packet) for packet in encoder.encode(picture)]
+            units += [bytes(packet) for packet in encoder.encode(None)]
+            encode_ms = 1000 * (time.process_time() - started) / frames
+            ratio = sum(map(len, units)) / jpeg_bytes
+            med, low, _, _ = psnr_against_sources(units, sources)
+            points.append((med, ratio))
+            cells.append(f"{ratio:.3f}, {med:.2f} / {low:.2f}")
+        (p0, r0), (p1, r1) = points[0], points[-1]
+        at32 = "-" if p0 == p1 else f"{np.exp(np.log(r0) + (32.0 - p0) / (p1 - p0) * (np.log(r1) - np.log(r0))):.3f}"
+        print(f"| {variant or '(none)'} | " + " | ".join(cells) + f" | {at32} | {encode_ms:.1f} |", flush=True)
+
+
 async def encoder_cpu(args: argparse.Namespace, tmp: str) -> None:
     camera = FakeCamera(make_moving_jpegs(60), 30)
     camera.listen(0)
@@ -386,8 +445,8 @@ async def first_frame(args: argparse.Namespace, tmp: str) -> None:
         stop_child(proc)
 
 
-SCENARIOS = {"bytes": bytes_per_viewer, "encoder-cpu": encoder_cpu, "rtsp": rtsp_passthrough,
-             "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame}
+SCENARIOS = {"bytes": bytes_per_viewer, "x264-sweep": x264_sweep, "encoder-cpu": encoder_cpu,
+             "rtsp": rtsp_passthrough, "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame}
 
 
 def main() -> int:
@@ -404,6 +463,9 @@ def main() -> int:
     p.add_argument("--from-arrival", action="store_true",
                    help="rtsp: latency from each frame's arrival at the proxy (the fan-out alone), not from the "
                         "server's sender-report time")
+    p.add_argument("--crfs", default="30,31", help="x264-sweep: crf values (default 30,31)")
+    p.add_argument("--variants", default="", help='x264-sweep: "|"-separated variants of ";"-separated libx264 '
+                   'options, e.g. "x264-params=aq-mode=2|threads=1" (default: a built-in list)')
     p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
     p.add_argument("--h264", default="", help='h264 settings for the proxy, e.g. "crf: 28, preset: veryfast"')
     args = p.parse_args()

@@ -54,6 +54,30 @@ def encoded_size(width: int, height: int, max_width: int, max_height: int) -> tu
     return w - w % 2, h - h % 2
 
 
+def open_x264(av: Any, settings: H264Config, size: tuple[int, int], extra: dict[str, str] | None = None) -> Any:
+    """An open libx264 encoder context (PyAV) for live streaming with `settings`: no B-frames,
+    `zerolatency` (no lookahead: a frame's access unit comes out of the call that takes it),
+    timestamps in microseconds, keyframes only where the caller asks (PictureType.I). `extra`:
+    more libx264 options (the benchmark's sweeps)."""
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height = size
+    encoder.pix_fmt = "yuv420p"
+    encoder.time_base = Fraction(1, 1_000_000)
+    encoder.framerate = Fraction(30)  # a hint for the level; timestamps carry the real timing
+    encoder.gop_size = 100_000  # keyframes are forced by time, not counted
+    encoder.max_b_frames = 0
+    options = {"preset": settings.preset, "tune": "zerolatency", "sc_threshold": "0"}
+    if settings.bitrate_kbps:
+        encoder.bit_rate = settings.bitrate_kbps * 1000
+        options["maxrate"] = f"{settings.bitrate_kbps}k"
+        options["bufsize"] = f"{settings.bitrate_kbps}k"  # one second of VBV: steady, low latency
+    else:
+        options["crf"] = str(settings.crf)
+    encoder.options = {**options, **(extra or {})}
+    encoder.open()
+    return encoder
+
+
 class H264Encoder:
     """Encodes the newest JPEG of one upstream to H.264 in a worker thread.
 
@@ -175,22 +199,7 @@ class H264Encoder:
 
     def _open(self, av: Any, size: tuple[int, int]) -> Any:
         settings = self.settings
-        encoder = av.CodecContext.create("libx264", "w")
-        encoder.width, encoder.height = size
-        encoder.pix_fmt = "yuv420p"
-        encoder.time_base = Fraction(1, 1_000_000)
-        encoder.framerate = Fraction(30)  # a hint for the level; timestamps carry the real timing
-        encoder.gop_size = 100_000  # keyframes are forced by time, not counted
-        encoder.max_b_frames = 0
-        options = {"preset": settings.preset, "tune": "zerolatency", "sc_threshold": "0"}
-        if settings.bitrate_kbps:
-            encoder.bit_rate = settings.bitrate_kbps * 1000
-            options["maxrate"] = f"{settings.bitrate_kbps}k"
-            options["bufsize"] = f"{settings.bitrate_kbps}k"  # one second of VBV: steady, low latency
-        else:
-            options["crf"] = str(settings.crf)
-        encoder.options = options
-        encoder.open()
+        encoder = open_x264(av, settings, size)
         log.info("H.264 encoding %dx%d (%s, %s)", size[0], size[1], settings.preset,
                  f"{settings.bitrate_kbps} kbit/s" if settings.bitrate_kbps else f"crf {settings.crf}",
                  extra={"upstream": self.name})
