@@ -24,6 +24,7 @@ a live stream; at most the read timeout on a stalled one), and it closes the RTS
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import io
 import logging
@@ -55,6 +56,9 @@ THREAD_PREFIX = "vsproxy-rtsp"  # worker threads are named "vsproxy-rtsp-<upstre
 ENCODE_SHARE = 0.5  # encoding may use this share of the worker thread's time...
 ENCODE_BURST_SECONDS = 0.25  # ...averaged over bursts of up to this much encoding time
 STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread to finish
+# Access units of a new H.264 stream held back until they show no B-frames (two frames' delay,
+# once per connection): a B-frame comes third at the latest in a usual GOP (I P B ...).
+HOLD_ACCESS_UNITS = 3
 # Almost no probing: the SDP describes the stream, and the decoder reads the H.264 parameter
 # sets in-band anyway. FFmpeg's default probing reads ~1 s of the stream before returning, which
 # then comes out as a burst of stale frames after every (re)connect.
@@ -182,6 +186,10 @@ class RtspSource(Source):
         self.safe_url = redact_url(settings.url)
         self._reader: _Reader | None = None
         self._clock_warned = False  # "the server's clock is off" is logged once per upstream
+        # The H.264 stream has B-frames (pictures sent out of order), which WebRTC and live MP4
+        # cannot take as sent: from then on (reconnects included) it is decoded and goes through
+        # the hub's encoder like a JPEG upstream, instead of being passed through.
+        self.b_frames = False
 
     def __repr__(self) -> str:
         return f"RtspSource({self.name!r}, {self.safe_url!r})"
@@ -200,6 +208,7 @@ class RtspSource(Source):
         # Where frames' capture times come from, and how much earlier than their arrival the
         # server's clock says they were taken (null before its first RTCP sender report).
         return {"decoded": stats.get("decoded", 0), "passedThrough": stats.get("passed_through", 0),
+                "bFrames": self.b_frames,
                 "captureTime": clock.state if clock is not None else "arrival",
                 "captureOffsetSeconds": round(clock.offset, 4) if clock is not None and clock.offset is not None
                 else None}
@@ -213,6 +222,15 @@ class RtspSource(Source):
         log.warning("the RTSP server's clock is %.1f s %s ours (its RTCP sender reports): frames are "
                     "timed by their arrival instead", abs(offset), "behind" if offset > 0 else "ahead of",
                     extra={"upstream": self.name})
+
+    def found_b_frames(self) -> None:
+        """Called from the reader thread on the first access unit out of presentation order."""
+        if not self.b_frames:
+            self.b_frames = True
+            log.warning("the RTSP stream has B-frames, which WebRTC and live MP4 cannot carry: its H.264 "
+                        "viewers get it re-encoded without them (decoding and encoding cost CPU; an encoder "
+                        "set to no B-frames, like a low-latency NVENC preset, avoids it)",
+                        extra={"upstream": self.name})
 
     async def run(self, hub: HubLink) -> None:
         loop = asyncio.get_running_loop()
@@ -369,16 +387,18 @@ class _Reader:
             stream = container.streams.video[0]
             stream.codec_context.thread_type = "SLICE"  # frame threading would delay every frame
             h264 = stream.codec_context.name == "h264"
+            passthrough = h264 and not self.source.b_frames
             log.info("rtsp stream open: %s %sx%s%s", stream.codec_context.name, stream.codec_context.width,
-                     stream.codec_context.height, " (passed through to H.264 viewers)" if h264 else "",
+                     stream.codec_context.height, " (passed through to H.264 viewers)" if passthrough
+                     else " (re-encoded for H.264 viewers: it has B-frames)" if h264 else "",
                      extra={"upstream": self.source.name})
-            self._call_loop(self._set_format, h264)
+            self._call_loop(self._set_format, passthrough)
             # Parameter sets from the SDP (Annex-B extradata) go in front of the first access unit.
-            extradata = bytes(stream.codec_context.extradata or b"") if h264 else b""
+            extradata = bytes(stream.codec_context.extradata or b"") if passthrough else b""
             if not extradata.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")):
                 extradata = b""
             with contextlib.closing(container.demux(stream)) as packets:
-                self._decode_loop(packets, passthrough=h264, extradata=extradata)
+                self._decode_loop(packets, passthrough=passthrough, extradata=extradata)
         finally:
             container.close()
 
@@ -394,23 +414,51 @@ class _Reader:
         # a stream that arrives unevenly loses no frames, one too big for the CPU loses some.
         budget = ENCODE_BURST_SECONDS
         decoding = not passthrough
+        # Passthrough holds back the first access units of a stream until one that is not a
+        # keyframe came in presentation order: B-frames show there (pts going back), before any
+        # viewer was sent a picture it could not use.
+        held: list[tuple[bytes, int]] | None = [] if passthrough else None
+        last_pts: int | None = None
         captured_us = time.time_ns() // 1000
         # Capture times of the packets being decoded, by pts: a decoder may return a picture
         # from an earlier packet (reordering, frame delay), and the picture keeps its pts.
         capture_by_pts: dict[int | None, int] = {}
+        # With B-frames, packets come in decode order and their capture times (arrival, or
+        # the RTCP clock made strictly increasing) do not follow the pictures' order: a picture
+        # gets its presentation time (pts) plus the smallest recent offset of a packet's time
+        # over its pts, which follows the stream's clock and keeps pictures in order and apart.
+        offsets: collections.deque[int] = collections.deque(maxlen=64)
         for packet in packets:
             if self._stop.is_set():
                 return
             now = time.monotonic()
             if packet.size:
                 captured_us = self.clock.capture_us(packet, time.time_ns() // 1000)
+            if passthrough and packet.size and packet.pts is not None and last_pts is not None \
+                    and packet.pts < last_pts:
+                passthrough = False  # B-frames: decoded from here on (from a keyframe), not passed through
+                held = None
+                self.source.found_b_frames()
+                if not self._call_loop(self._set_format, False):
+                    return
             if passthrough and packet.size:
+                if packet.pts is not None:
+                    last_pts = packet.pts
                 data = bytes(packet)
                 if extradata:
                     data, extradata = extradata + data, b""
                 last_picture = self._last_frame = now
                 counters["passed_through"] += 1
-                if not self._call_loop(self._deliver_h264, data, captured_us):
+                if held is None:
+                    delivered = self._call_loop(self._deliver_h264, data, captured_us)
+                else:
+                    held.append((data, captured_us))
+                    delivered = True
+                    if len(held) >= HOLD_ACCESS_UNITS:  # in order so far: no B-frames
+                        for unit in held:
+                            delivered = delivered and self._call_loop(self._deliver_h264, *unit)
+                        held = None
+                if not delivered:
                     return
                 if not self.hub.jpeg_wanted:
                     decoding = False
@@ -419,9 +467,15 @@ class _Reader:
                     if not packet.is_keyframe:
                         continue
                     decoding = True
+            elif not decoding:  # passthrough ended (B-frames): the decoder starts at a keyframe
+                if not packet.is_keyframe:
+                    continue
+                decoding = True
             if len(capture_by_pts) >= 32:  # entries of packets that gave no picture
                 capture_by_pts.clear()
             capture_by_pts[packet.pts] = captured_us
+            if packet.pts is not None and self.source.b_frames:
+                offsets.append(captured_us - int(packet.pts * packet.time_base * 1_000_000))
             try:
                 frames = packet.decode()
             except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
@@ -430,6 +484,8 @@ class _Reader:
             for frame in frames:
                 counters["decoded"] += 1
                 captured = capture_by_pts.pop(frame.pts, captured_us) / 1_000_000
+                if offsets and frame.pts is not None:
+                    captured = (int(frame.pts * frame.time_base * 1_000_000) + min(offsets)) / 1_000_000
                 last_picture = self._last_frame = now
                 budget = min(ENCODE_BURST_SECONDS, budget + ENCODE_SHARE * (now - budget_time))
                 budget_time = now
