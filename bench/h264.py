@@ -8,6 +8,7 @@ Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children
     python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
     python bench/h264.py rtsp --viewers 400 --pattern recorded --from-arrival  # the fan-out alone
     python bench/h264.py first-frame --runs 10 # Chromium embed player: ms to the first decoded frame
+    python bench/h264.py video-tag --runs 3    # Chromium <video src=stream.mp4>: start delay, lag behind live
 
 The 400-viewer `format=h264` fan-out is `python bench/fanout.py --transport ws_h264 --viewers 400`.
 """
@@ -445,8 +446,54 @@ async def first_frame(args: argparse.Namespace, tmp: str) -> None:
         stop_child(proc)
 
 
+VIDEO_TAG_PAGE = """<!doctype html><meta charset=utf-8><title>video</title>
+<video id="video" muted autoplay playsinline></video>
+<script>
+window.t0 = performance.now();
+document.getElementById("video").src = new URLSearchParams(location.search).get("src");
+</script>"""
+
+
+async def video_tag(args: argparse.Namespace, tmp: str) -> None:
+    """A plain `<video src=".../stream.mp4">` in Chromium (a page of another origin): how long
+    after the page opened the stream playback begins, how far behind live it then plays (time
+    since the page opened minus the video's currentTime), and how much it buffers ahead."""
+    from browser import chromium, page_server
+    print("| demo source | runs | playback began after (s) | behind live 3 s later (s) | buffered ahead (s) |")
+    print("|---|--:|--:|--:|--:|")
+    for width, height in ((1280, 720), (320, 240)):
+        proc, port = await start_proxy(tmp, f"demo: {{width: {width}, height: {height}, fps: 30}}\n")
+        rows: list[tuple[float, float, float]] = []
+        try:
+            with page_server(free_port(), VIDEO_TAG_PAGE) as page_url:
+                async with chromium() as browser:
+                    for _ in range(args.runs):
+                        session = await create_session(port)
+                        page = await browser.new_page()
+                        await page.goto(f"{page_url}/?src=http://127.0.0.1:{port}/stream/{session}/stream.mp4")
+                        video = "document.getElementById('video')"
+                        deadline = time.monotonic() + 30
+                        while not await page.evaluate(f"{video}.currentTime > 0.1"):
+                            if time.monotonic() > deadline:
+                                raise RuntimeError("the video did not play within 30 s")
+                            await asyncio.sleep(0.02)
+                        began = await page.evaluate("(performance.now() - window.t0) / 1000")
+                        await asyncio.sleep(3)
+                        lag, ahead = await page.evaluate(
+                            f"(v => [(performance.now() - window.t0) / 1000 - v.currentTime, "
+                            f"v.buffered.end(v.buffered.length - 1) - v.currentTime])({video})")
+                        rows.append((began, lag, ahead))
+                        await page.close()
+                        await http_request(port, "DELETE", f"/session/{session}")
+        finally:
+            stop_child(proc)
+        began, lag, ahead = (statistics.median(column) for column in zip(*rows, strict=True))
+        print(f"| {width}x{height} | {len(rows)} | {began:.2f} | {lag:.2f} | {ahead:.2f} |", flush=True)
+
+
 SCENARIOS = {"bytes": bytes_per_viewer, "x264-sweep": x264_sweep, "encoder-cpu": encoder_cpu,
-             "rtsp": rtsp_passthrough, "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame}
+             "rtsp": rtsp_passthrough, "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame,
+             "video-tag": video_tag}
 
 
 def main() -> int:
@@ -466,7 +513,8 @@ def main() -> int:
     p.add_argument("--crfs", default="30,31", help="x264-sweep: crf values (default 30,31)")
     p.add_argument("--variants", default="", help='x264-sweep: "|"-separated variants of ";"-separated libx264 '
                    'options, e.g. "x264-params=aq-mode=2|threads=1" (default: a built-in list)')
-    p.add_argument("--runs", type=int, default=10, help="first-frame: page loads per codec (default 10)")
+    p.add_argument("--runs", type=int, default=10,
+                   help="first-frame: page loads per codec; video-tag: per size (default 10)")
     p.add_argument("--h264", default="", help='h264 settings for the proxy, e.g. "crf: 28, preset: veryfast"')
     args = p.parse_args()
     global H264_CONFIG

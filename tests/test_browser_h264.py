@@ -84,3 +84,45 @@ async def test_parent_page_receives_stats_messages(api, base_url, parent):
         assert last["codec"] == "h264" and last["state"] == "live" and last["fps"] > 0
         assert last["transport"] == "webrtc"  # the auto order starts with WebRTC
         assert created["sessionId"] not in repr(stats)  # no session IDs, tokens or URLs
+
+
+VIDEO_PAGE = """<!doctype html><meta charset=utf-8><title>video</title>
+<video id="video" muted autoplay playsinline width="320" height="240"></video>
+<script>
+document.getElementById("video").src = new URLSearchParams(location.search).get("src");
+</script>"""
+
+
+@pytest.fixture
+def video_page(io_loop):
+    with page_server(PARENT_PORT, VIDEO_PAGE) as url:
+        yield url
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_stream_mp4_plays_in_a_video_tag_of_another_origin(api, base_url, video_page):
+    """`<video src=".../stream.mp4">` on the frontend's origin: Chromium plays the live stream
+    (frames presented, time advancing at about real time), no player code involved."""
+    created = await api.create_session()
+    src = f"{base_url}/stream/{created['sessionId']}/stream.mp4"
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 400, "height": 300})
+        await page.goto(f"{video_page}/?src={src}")
+        playing = "(v => v.readyState >= 2 && v.currentTime > 0.5)(document.getElementById('video'))"
+        await wait_page(page, playing, timeout=20)
+        state = ("(v => ({t: v.currentTime, frames: v.getVideoPlaybackQuality().totalVideoFrames, "
+                 "w: v.videoWidth, h: v.videoHeight, error: v.error && v.error.message, "
+                 "ahead: v.buffered.length ? v.buffered.end(v.buffered.length - 1) - v.currentTime : null}))"
+                 "(document.getElementById('video'))")
+        first = await page.evaluate(state)
+        started = time.monotonic()
+        await asyncio.sleep(3)
+        later = await page.evaluate(state)
+        elapsed = time.monotonic() - started
+        print("video tag", first, later)
+        assert later["error"] is None, later
+        assert (later["w"], later["h"]) == (320, 240)
+        assert 0.7 * elapsed < later["t"] - first["t"] < 1.3 * elapsed, (first, later)
+        assert (later["frames"] - first["frames"]) / elapsed >= 20, (first, later)
+        await page.screenshot(path=artifact("video-tag-mp4.png"))
