@@ -88,7 +88,7 @@ async def _collect(viewer, times: list[int], stop: asyncio.Event) -> None:
 
 
 def _bad_steps(times: list[int]) -> list[tuple[int, int]]:
-    return [(i, b - a) for i, (a, b) in enumerate(zip(times, times[1:]), 1) if b - a < MIN_STEP_US]
+    return [(i, b - a) for i, (a, b) in enumerate(zip(times, times[1:], strict=False), 1) if b - a < MIN_STEP_US]
 
 
 @pytest.mark.gen_test(timeout=120)
