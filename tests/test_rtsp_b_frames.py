@@ -95,7 +95,9 @@ async def test_a_b_frame_stream_is_re_encoded_and_its_first_mp4_viewer_plays_it(
     assert len(frames) >= 60 and frames[0].key_frame
     shown = [f.time for f in frames]  # in display order
     steps = np.diff(shown)
-    assert shown == sorted(shown) and np.median(steps) > 0.02 and (steps < 0.01).mean() < 0.05, \
+    # The first few pictures may come closer together (FFmpeg reads the start of the stream in
+    # a burst), then 30 fps.
+    assert shown == sorted(shown) and np.median(steps) > 0.02 and (steps[8:] > 0.02).all(), \
         f"pictures are shown at even, increasing times (30 fps): {np.round(steps[:12], 3)}"
     assert (frames[0].width, frames[0].height) == STREAM_SIZE
     assert len({f.to_ndarray()[STREAM_SIZE[1] // 3 + 20].tobytes() for f in frames}) > 20, "a moving picture"

@@ -363,9 +363,10 @@ class FrameHub:
         if self.source.produces_h264:
             self._stop_encoder()
         elif self.h264_viewer_count():
-            self._start_encoder()
+            # Not from `latest`: it may be stale, or behind what the H.264 viewers were shown.
+            self._start_encoder(seed=False)
 
-    def _start_encoder(self) -> None:
+    def _start_encoder(self, seed: bool = True) -> None:
         if self.source.produces_h264:
             return  # passed through as the upstream sends it
         if self.encoder is None:
@@ -374,8 +375,9 @@ class FrameHub:
             self._h264 = H264Parser()  # a new encoder starts a new stream
             self.gop, self._gop_bytes = [], 0
             self.encoder.start()
-            if self.latest is not None and not self.latest.offline:
-                self.encoder.submit(self.latest.jpeg, int(time.time() * 1_000_000))
+            if seed and self.latest is not None and not self.latest.offline:
+                # At its capture time (the source's next pictures follow it), at most 1 s back.
+                self.encoder.submit(self.latest.jpeg, int(max(self.latest.captured, time.time() - 1.0) * 1_000_000))
             self._jpeg_demand_changed()
 
     def request_keyframe(self) -> None:

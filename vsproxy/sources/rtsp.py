@@ -59,6 +59,10 @@ STOP_WAIT_SECONDS = 1.0  # how long run() waits, when cancelled, for the thread 
 # Access units of a new H.264 stream held back until they show no B-frames (two frames' delay,
 # once per connection): a B-frame comes third at the latest in a usual GOP (I P B ...).
 HOLD_ACCESS_UNITS = 3
+# A packet whose pts is this much or less behind the previous one's is a B-frame; a larger step
+# back is the stream's timestamps starting over (a server restarting its clock), not reordering.
+REORDER_WINDOW_SECONDS = 1.0
+GOP_PACKETS_MAX = 600  # passthrough keeps at most this many packets since the last keyframe
 # Almost no probing: the SDP describes the stream, and the decoder reads the H.264 parameter
 # sets in-band anyway. FFmpeg's default probing reads ~1 s of the stream before returning, which
 # then comes out as a burst of stale frames after every (re)connect.
@@ -419,6 +423,9 @@ class _Reader:
         # viewer was sent a picture it could not use.
         held: list[tuple[bytes, int]] | None = [] if passthrough else None
         last_pts: int | None = None
+        # Passthrough also keeps the packets since the last keyframe (with their capture times):
+        # should B-frames turn up, the decoder starts from them instead of waiting a whole GOP.
+        gop: list[tuple[Any, int]] = []
         captured_us = time.time_ns() // 1000
         # Capture times of the packets being decoded, by pts: a decoder may return a picture
         # from an earlier packet (reordering, frame delay), and the picture keeps its pts.
@@ -428,22 +435,36 @@ class _Reader:
         # gets its presentation time (pts) plus the smallest recent offset of a packet's time
         # over its pts, which follows the stream's clock and keeps pictures in order and apart.
         offsets: collections.deque[int] = collections.deque(maxlen=64)
+        last_us = 0  # the capture time of the last decoded picture: times only go forward
+        passed_us = 0  # the capture time of the last access unit passed through
         for packet in packets:
             if self._stop.is_set():
                 return
             now = time.monotonic()
             if packet.size:
                 captured_us = self.clock.capture_us(packet, time.time_ns() // 1000)
+            replay: list[tuple[Any, int]] = []
             if passthrough and packet.size and packet.pts is not None and last_pts is not None \
-                    and packet.pts < last_pts:
-                passthrough = False  # B-frames: decoded from here on (from a keyframe), not passed through
+                    and 0 < (last_pts - packet.pts) * packet.time_base < REORDER_WINDOW_SECONDS:
+                passthrough = False  # B-frames: decoded from here on, not passed through
+                if held is None:  # access units went out: the pictures continue after them
+                    last_us = passed_us
                 held = None
+                if not decoding:  # the decoder starts at the last keyframe, not the next one
+                    replay, decoding = gop, bool(gop)
+                gop = []
                 self.source.found_b_frames()
                 if not self._call_loop(self._set_format, False):
                     return
             if passthrough and packet.size:
                 if packet.pts is not None:
                     last_pts = packet.pts
+                if packet.is_keyframe:
+                    gop = [(packet, captured_us)]
+                elif gop and len(gop) < GOP_PACKETS_MAX:
+                    gop.append((packet, captured_us))
+                else:
+                    gop = []  # no keyframe seen yet, or a GOP too long to keep
                 data = bytes(packet)
                 if extradata:
                     data, extradata = extradata + data, b""
@@ -458,6 +479,7 @@ class _Reader:
                         for unit in held:
                             delivered = delivered and self._call_loop(self._deliver_h264, *unit)
                         held = None
+                passed_us = captured_us
                 if not delivered:
                     return
                 if not self.hub.jpeg_wanted:
@@ -471,21 +493,29 @@ class _Reader:
                 if not packet.is_keyframe:
                     continue
                 decoding = True
-            if len(capture_by_pts) >= 32:  # entries of packets that gave no picture
-                capture_by_pts.clear()
-            capture_by_pts[packet.pts] = captured_us
-            if packet.pts is not None and self.source.b_frames:
-                offsets.append(captured_us - int(packet.pts * packet.time_base * 1_000_000))
-            try:
-                frames = packet.decode()
-            except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
-                counters["bad_packets"] += 1
-                frames = []
+            frames = []
+            for item, item_captured_us in (*replay, (packet, captured_us)):
+                if len(capture_by_pts) >= 32:  # entries of packets that gave no picture
+                    capture_by_pts.clear()
+                capture_by_pts[item.pts] = item_captured_us
+                if item.pts is not None and self.source.b_frames:
+                    offsets.append(item_captured_us - int(item.pts * item.time_base * 1_000_000))
+                try:
+                    frames = item.decode()
+                except av.error.InvalidDataError:  # a damaged packet (UDP loss): the next keyframe heals
+                    counters["bad_packets"] += 1
+                    frames = []
+                if item is not packet:  # catching up with the live stream: decoded, not shown
+                    counters["decoded"] += len(frames)
+                    for frame in frames:
+                        capture_by_pts.pop(frame.pts, None)
             for frame in frames:
                 counters["decoded"] += 1
-                captured = capture_by_pts.pop(frame.pts, captured_us) / 1_000_000
+                picture_us = capture_by_pts.pop(frame.pts, captured_us)
                 if offsets and frame.pts is not None:
-                    captured = (int(frame.pts * frame.time_base * 1_000_000) + min(offsets)) / 1_000_000
+                    picture_us = int(frame.pts * frame.time_base * 1_000_000) + min(offsets)
+                last_us = max(picture_us, last_us + MIN_STEP_US)
+                captured = last_us / 1_000_000
                 last_picture = self._last_frame = now
                 budget = min(ENCODE_BURST_SECONDS, budget + ENCODE_SHARE * (now - budget_time))
                 budget_time = now

@@ -1,13 +1,9 @@
-"""Review of 94330cd (RTSP H.264 with B-frames re-encoded): regression tests for what it left.
-
-Pictures decoded from a B-frame stream are timed by pts plus the smallest recent (capture time -
-pts) offset. While that minimum is still settling (a connection's first packets come in a burst
-from FFmpeg's probing; the first keyframe has no pts) and at the mid-stream switch from passthrough,
-the times go backwards; the shared encoder then clamps each one to the previous + 1 us. Frames 1 us
-apart share one 90 kHz RTP timestamp (WebRTC peers), and at the switch the `format=h264`
-presentation time goes back behind the last passed-through access unit. CaptureClock promises
-consecutive capture times at least MIN_STEP_US apart "so they stay distinct frames on a 90 kHz RTP
-clock too"; these tests hold the decoded path to the same promise.
+"""RTSP H.264 whose B-frames start mid-stream, or that reconnects after they were found (see
+test_rtsp_b_frames.py for the stream that has them from the start). Decoded pictures of such a
+stream keep presentation times at least 1 ms apart and increasing (so they stay distinct frames
+on a 90 kHz RTP clock for WebRTC peers too) across the switch from passthrough and across
+reconnects, and the switch shows no freeze: the decoder starts from the last keyframe that was
+passed through, not the next one.
 """
 
 from __future__ import annotations
@@ -136,3 +132,41 @@ async def test_the_mid_stream_switch_keeps_presentation_times_increasing(
     assert hub.encoder is not None and hub.encoder.running
     assert not _bad_steps(times), f"presentation times less than 1 ms apart or back (index, step in us): " \
                                   f"{_bad_steps(times)}"
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("rtsp_server", [3.0], indirect=True)
+async def test_the_mid_stream_switch_does_not_wait_for_the_next_keyframe(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811
+    """Only H.264 viewers (no decoder running at the switch): the re-encoded stream follows the
+    passed-through one within a fraction of the 1 s GOP."""
+    session_id = (await api.create_session())["sessionId"]
+    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    arrivals: list[float] = []
+    stop = asyncio.Event()
+
+    async def collect() -> None:
+        while not stop.is_set():
+            try:
+                message = await asyncio.wait_for(viewer.read_message(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            if message is None:
+                return
+            if isinstance(message, bytes):
+                arrivals.append(time.monotonic())
+
+    reader = asyncio.ensure_future(collect())
+    hub = proxy.hubs[UPSTREAM]
+    deadline = time.monotonic() + 30
+    while not hub.source.b_frames and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert hub.source.b_frames, "B-frames start 3 s into the stream"
+    switched = time.monotonic()
+    await asyncio.sleep(2)
+    stop.set()
+    await reader
+    around = [t for t in arrivals if switched - 1 < t < switched + 1.5]
+    gap = max(b - a for a, b in zip(around, around[1:], strict=False))
+    assert gap < 0.5, f"{gap:.2f} s without a frame at the switch"
+    assert hub.encoder is not None and hub.encoder.running
