@@ -1,7 +1,11 @@
 """An RTSP upstream whose H.264 has B-frames (pictures sent out of presentation order, as some IP
 cameras' encoders do). WebRTC and a live MP4 cannot carry them as sent, so vsproxy notices the
 first one, stops passing the stream through and re-encodes it without B-frames; the first
-viewer of such a stream, an MP4 one included, gets a stream it can play from its start.
+viewer of such a stream, an MP4 one included, gets a stream it can play from its start. Where
+B-frames start mid-stream, or the upstream reconnects after they were found, the decoded
+pictures keep presentation times increasing and at least 1 ms apart (distinct frames on a 90 kHz
+RTP clock for WebRTC peers too), and the switch shows no gap: decoding starts from the last
+keyframe that was passed through, not the next one.
 
 GStreamer's RTSP server (rtsp_server.py) plays an MP4 file with B-frames that the test writes
 with PyAV; like the other RTSP tests these fail, not skip, when its Debian packages are missing.
@@ -9,6 +13,7 @@ with PyAV; like the other RTSP tests these fail, not skip, when its Debian packa
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -16,6 +21,7 @@ import time
 import av
 import numpy as np
 import pytest
+from av.video.frame import PictureType
 from helpers import free_port, raw_request, recv
 from rtsp_server import RtspServerUnavailable, RtspTestServer, check_dependencies
 from test_rtsp_source import (  # noqa: F401  (fixtures)
@@ -30,8 +36,12 @@ from test_rtsp_source import (  # noqa: F401  (fixtures)
 pytestmark = pytest.mark.external
 
 
-def write_b_frame_stream(path: str, seconds: float = 60.0) -> None:
-    """H.264 Main profile with two B-frames between references (a moving bar: distinct frames)."""
+MIN_STEP_US = 1000  # vsproxy.sources.rtsp.MIN_STEP_US
+
+
+def write_b_frame_stream(path: str, plain_seconds: float = 0.0, seconds: float = 60.0) -> None:
+    """H.264 Main profile with two B-frames between references, a keyframe every second (a
+    moving bar: distinct frames); only I- and P-frames (forced) for the first `plain_seconds`."""
     width, height = STREAM_SIZE
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=30)
@@ -46,26 +56,48 @@ def write_b_frame_stream(path: str, seconds: float = 60.0) -> None:
             frame_rgb[height // 3: height // 3 + 40, x:x + 30] = 255
             frame = av.VideoFrame.from_ndarray(frame_rgb, format="rgb24")
             frame.pts = i
+            if i < plain_seconds * 30:
+                frame.pict_type = PictureType.I if i % 30 == 0 else PictureType.P
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
 
 
 @pytest.fixture
-def rtsp_server(tmp_path):
-    """The RTSP test server playing a B-frame stream (used by rtsp_url, hence proxy_config)."""
+def rtsp_server(tmp_path, request):
+    """The RTSP test server playing a B-frame stream (used by rtsp_url, hence proxy_config);
+    indirect parameter: seconds before the B-frames start (default 0)."""
     _import_rtsp_source()
     try:
         check_dependencies("h264")
     except RtspServerUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
     path = str(tmp_path / "b-frames.mp4")
-    write_b_frame_stream(path)
+    write_b_frame_stream(path, getattr(request, "param", 0.0))
     with av.open(path) as check:
         assert check.streams.video[0].codec_context.has_b_frames, "the file must have B-frames"
     server = RtspTestServer(free_port(), file=path)
     server.start()
     yield server
     server.stop()
+
+
+async def collect(viewer, out: list, stop: asyncio.Event, *, arrival: bool = False) -> None:
+    """The presentation times (or, with `arrival`, the arrival times) of a `format=h264` viewer's
+    access units, until `stop`."""
+    while not stop.is_set():
+        try:
+            message = await asyncio.wait_for(viewer.read_message(), 0.5)
+        except asyncio.TimeoutError:
+            continue
+        if message is None:
+            return
+        if isinstance(message, bytes):
+            out.append(time.monotonic() if arrival else int.from_bytes(message[1:9], "big"))
+
+
+def bad_steps(times: list[int]) -> list[tuple[int, int]]:
+    """(index, step in us) of presentation times less than MIN_STEP_US after the one before."""
+    return [(i, b - a) for i, (a, b) in enumerate(zip(times, times[1:], strict=False), 1) if b - a < MIN_STEP_US]
 
 
 @pytest.mark.gen_test(timeout=120)
@@ -120,3 +152,76 @@ async def test_a_b_frame_stream_is_re_encoded_and_its_first_mp4_viewer_plays_it(
     upstream = next(u for u in body["upstreams"] if u["name"] == UPSTREAM)
     assert upstream["source"]["bFrames"] is True and upstream["source"]["decoded"] > 30
     assert upstream["source"]["passedThrough"] <= 3, "nothing passed through after the first B-frame"
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("rtsp_server", [0.0], indirect=True)
+async def test_decoded_b_frame_pictures_stay_a_millisecond_apart_across_a_reconnect(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811
+    session_id = (await api.create_session())["sessionId"]
+    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    times: list[int] = []
+    stop = asyncio.Event()
+    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    hub = proxy.hubs[UPSTREAM]
+    deadline = time.monotonic() + 30
+    while len(times) < 60 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert hub.source.b_frames
+    connects = hub.connects
+    await asyncio.get_running_loop().run_in_executor(None, rtsp_server.restart)  # straight to re-encoding
+    while (hub.connects == connects or len(times) < 150) and time.monotonic() < deadline + 30:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await reader
+    assert hub.connects > connects and hub.source.status()["passedThrough"] == 0
+    assert not bad_steps(times), f"presentation times less than 1 ms apart (index, step in us): {bad_steps(times)}"
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("rtsp_server", [3.0], indirect=True)
+async def test_the_mid_stream_switch_keeps_presentation_times_increasing(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811
+    session_id = (await api.create_session())["sessionId"]
+    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    await ws_connect(f"/stream/{session_id}?format=binary")  # JPEG wanted: the decoder is running at the switch
+    times: list[int] = []
+    stop = asyncio.Event()
+    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    hub = proxy.hubs[UPSTREAM]
+    deadline = time.monotonic() + 30
+    while not hub.source.b_frames and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert hub.source.b_frames, "B-frames start 3 s into the stream"
+    await asyncio.sleep(2)
+    stop.set()
+    await reader
+    assert hub.encoder is not None and hub.encoder.running
+    assert not bad_steps(times), f"presentation times less than 1 ms apart or back (index, step in us): " \
+                                  f"{bad_steps(times)}"
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("rtsp_server", [3.0], indirect=True)
+async def test_the_mid_stream_switch_does_not_wait_for_the_next_keyframe(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811
+    """Only H.264 viewers (no decoder running at the switch): the re-encoded stream follows the
+    passed-through one within a fraction of the 1 s GOP."""
+    session_id = (await api.create_session())["sessionId"]
+    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    arrivals: list[float] = []
+    stop = asyncio.Event()
+    reader = asyncio.ensure_future(collect(viewer, arrivals, stop, arrival=True))
+    hub = proxy.hubs[UPSTREAM]
+    deadline = time.monotonic() + 30
+    while not hub.source.b_frames and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert hub.source.b_frames, "B-frames start 3 s into the stream"
+    switched = time.monotonic()
+    await asyncio.sleep(2)
+    stop.set()
+    await reader
+    around = [t for t in arrivals if switched - 1 < t < switched + 1.5]
+    gap = max(b - a for a, b in zip(around, around[1:], strict=False))
+    assert gap < 0.5, f"{gap:.2f} s without a frame at the switch"
+    assert hub.encoder is not None and hub.encoder.running
