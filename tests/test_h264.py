@@ -398,3 +398,31 @@ async def test_viewers_decode_the_moving_camera_at_psnr_32_db_over_websocket_and
         assert len({hash(y.tobytes()) for y in lumas}) > len(lumas) // 2, f"{name}: a moving picture"
         scores = [best_psnr(y, references) for y in lumas[:30]]
         assert min(scores) >= 32, (name, scores)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_mp4_viewer_is_closed_when_the_parameter_sets_change_at_the_same_size():
+    """stream.mp4 carries SPS and PPS only in its init segment: new ones (an upstream that
+    reconnected with other encoder settings, same codec string and size) would be decoded with the
+    old ones, so the response ends and the player reconnects; a WebSocket viewer carries on (its
+    keyframes bring their parameter sets)."""
+    from vsproxy.codec.h264 import StreamConfig
+    from vsproxy.outputs.wire import MP4
+
+    old = StreamConfig("avc1.42E01E", 64, 48, b"\x67\x42\xe0\x1e", b"\x68\xce")
+    new = StreamConfig("avc1.42E01E", 64, 48, b"\x67\x42\xe0\x1e", b"\x68\xce\x3c\x80")  # another PPS
+    units = [AccessUnit(b"\x00\x00\x00\x01\x65" + bytes(100), True, 0, old, 1),
+             AccessUnit(b"\x00\x00\x00\x01\x41" + bytes(100), False, 33_333, old, 2),
+             AccessUnit(b"\x00\x00\x00\x01\x65" + bytes(100), True, 66_666, new, 3)]
+    closed: dict[str, list[str]] = {MP4: [], WS_H264: []}
+    for transport in (MP4, WS_H264):
+        server, client = socket_pair()
+        viewer = H264Viewer(server, transport, TransportStats(), close=closed[transport].append)
+        for au in units:
+            viewer.offer(au, au.encoded(transport))
+            await asyncio.sleep(0)
+        assert viewer.frames_sent == (2 if transport == MP4 else 3)
+        server.close()
+        client.close()
+    assert closed[MP4] == ["the stream's parameters changed; reconnect"]
+    assert closed[WS_H264] == []

@@ -308,8 +308,10 @@ class H264Viewer(Viewer):
             if not self._start_written and not self._queue:
                 data = self._stream_start(au) + data
             self._config = au.config
-        elif au.config_changed and au.config != self._config:
-            if self.transport == MP4:  # an MP4 file cannot change its track mid-stream
+        elif au.config is not self._config and au.config != self._config:
+            # An MP4 file cannot change its track mid-stream, nor its parameter sets (they live
+            # in the init segment's avcC, not in the samples), even where size and codec stay.
+            if self.transport == MP4:
                 self.close("the stream's parameters changed; reconnect")
                 return
             self._config = au.config
