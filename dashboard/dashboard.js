@@ -326,7 +326,8 @@
       row.classList.toggle("down", Boolean(u.down));
       c.name.textContent = u.name;
       // A JPEG upstream's shared H.264 encoder runs while it has H.264 viewers.
-      c.kind.textContent = u.kind + (u.encoder ? " · H.264 encoder" : "");
+      // An RTSP upstream's H.264 is passed through, unless it has B-frames: then it is re-encoded.
+      c.kind.textContent = u.kind + (u.encoder ? " · H.264 encoder" + (u.bFrames ? " (B-frames)" : "") : "");
       stateBadge(c.state.firstChild, u.state);
       c.error.textContent = u.lastError || "–";
       c.error.classList.toggle("none", !u.lastError);

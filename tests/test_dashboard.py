@@ -74,7 +74,7 @@ SESSION_KEYS = {
 }
 UPSTREAM_KEYS = {
     "name", "kind", "state", "down", "lastError", "connects", "failures", "fpsIn", "bytesPerSecondIn",
-    "framesIn", "sessions", "viewers", "encoder", "fpsHistory", "thumbnailUrl",
+    "framesIn", "sessions", "viewers", "encoder", "bFrames", "fpsHistory", "thumbnailUrl",
 }
 TOTAL_KEYS = {
     "sessions", "maxSessions", "viewers", "viewersByTransport", "upstreams", "upstreamsUp", "upstreamsDown",

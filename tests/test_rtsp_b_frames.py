@@ -152,6 +152,10 @@ async def test_a_b_frame_stream_is_re_encoded_and_its_first_mp4_viewer_plays_it(
     upstream = next(u for u in body["upstreams"] if u["name"] == UPSTREAM)
     assert upstream["source"]["bFrames"] is True and upstream["source"]["decoded"] > 30
     assert upstream["source"]["passedThrough"] <= 3, "nothing passed through after the first B-frame"
+    status, state, _ = await api.call("GET", "/dashboard/api/state")
+    assert status == 200
+    row = next(u for u in state["upstreams"] if u["name"] == UPSTREAM)
+    assert row["encoder"] is True and row["bFrames"] is True, "the dashboard says why the encoder runs"
 
 
 @pytest.mark.gen_test(timeout=120)

@@ -303,6 +303,7 @@ class Monitor:
             "sessions": len(hub.sessions),
             "viewers": {t: len(v) for t, v in hub.viewers.items()},
             "encoder": hub.encoder is not None and hub.encoder.running,  # its shared H.264 encoder
+            "bFrames": hub.source.b_frames,  # why an H.264 upstream has one: it sends B-frames
             "fpsHistory": list(track.fps_in) if track else [],
             "thumbnailUrl": thumbnail_url(hub),
             **self._cluster_role(hub),

@@ -115,6 +115,8 @@ class Source:
     url_schemes: ClassVar[tuple[str, ...]] = ()  # the `url` key must start with one of these
     accepts_input: ClassVar[bool] = False  # can viewers' messages be relayed to this upstream?
     produces_h264: ClassVar[bool] = False  # publishes H.264 itself (else the hub encodes its JPEGs)
+    # Its H.264 has B-frames, so the hub re-encodes it instead of passing it through (rtsp).
+    b_frames: bool = False
 
     def __init__(self, name: str, settings: Any, reconnect: ReconnectConfig) -> None:
         self.name = name
