@@ -23,7 +23,18 @@ from helpers import next_message, raw_request, recv, socket_pair, wait_until, ws
 from PIL import Image
 
 from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
-from vsproxy.codec.h264 import NAL_IDR, NAL_PPS, NAL_SPS, AccessUnit, H264Parser, nal_type, parse_sps, split_nals
+from vsproxy.codec.h264 import (
+    NAL_IDR,
+    NAL_PPS,
+    NAL_SPS,
+    AccessUnit,
+    H264Parser,
+    has_b_slice,
+    nal_type,
+    parse_sps,
+    split_nals,
+    stream_reorders,
+)
 from vsproxy.outputs import TransportStats
 from vsproxy.outputs.viewer import H264Viewer
 from vsproxy.outputs.wire import WS_H264
@@ -70,6 +81,39 @@ def test_parse_sps_gives_codec_string_and_cropped_size():
         assert codec.startswith("avc1.") and len(codec) == 11 and codec[5:7] == f"{sps[1]:02X}"
     with pytest.raises(ValueError):
         parse_sps(b"\x67\x64")
+
+
+def moving_bar_packets(options: dict[str, str], count: int = 12) -> list[av.Packet]:
+    """libx264's packets (decode order) for a bar moving over black, 64x48, with `options`."""
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = options
+    packets = []
+    for i in range(count):
+        picture = np.zeros((48, 64, 3), np.uint8)
+        picture[16:32, (i * 4) % 48:(i * 4) % 48 + 8] = 255
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        frame.pts = i
+        packets += encoder.encode(frame)
+    return packets + encoder.encode()
+
+
+def test_the_sps_says_whether_pictures_may_come_out_of_order_and_b_slices_are_found():
+    """What decides whether an RTSP stream can be passed through at once: its SPS rules B-frames
+    out (Constrained Baseline; a VUI with max_num_reorder_frames 0, as low-latency encoders
+    write), and the B slices of a stream that has them are found in their slice headers."""
+    baseline = moving_bar_packets({"preset": "ultrafast", "tune": "zerolatency"})
+    low_latency_high = moving_bar_packets({"preset": "veryfast", "tune": "zerolatency"})
+    with_b = moving_bar_packets({"preset": "veryfast", "profile": "main", "bf": "2", "b-adapt": "0"})
+    assert bytes(baseline[0])[5] == 0x42 and bytes(low_latency_high[0])[5] == 0x64  # profile_idc
+    assert stream_reorders(bytes(baseline[0])) is False
+    assert stream_reorders(bytes(low_latency_high[0])) is False
+    assert stream_reorders(bytes(with_b[0])) is True
+    assert stream_reorders(bytes(with_b[1])) is None  # no SPS in it
+    assert not any(has_b_slice(bytes(p)) for p in baseline + low_latency_high)
+    stepped_back = [i for i in range(1, len(with_b)) if with_b[i].pts < with_b[i - 1].pts]
+    assert stepped_back and [i for i, p in enumerate(with_b) if has_b_slice(bytes(p))] == stepped_back
 
 
 def test_parser_puts_parameter_sets_in_front_of_keyframes_that_lack_them():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import av
 import pytest
@@ -119,3 +120,23 @@ async def test_mjpeg_over_rtsp_goes_through_the_shared_encoder(rtsp_server, api,
     decoder = av.CodecContext.create("h264", "r")
     frames = [f for u in units for f in decoder.decode(av.Packet(u))]
     assert len(frames) >= 25 and (frames[0].width, frames[0].height) == STREAM_SIZE
+
+
+@pytest.mark.parametrize("rtsp_server", [{"fps": 2}], indirect=True)
+@pytest.mark.gen_test(timeout=120)
+async def test_a_low_latency_camera_s_first_pictures_are_not_held_back(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811  (fixtures of test_rtsp_source)
+    """A camera whose SPS rules out B-frames (the test server's x264 is Constrained Baseline, as
+    low-latency encoders are) is passed through from its first access unit: nothing waits for
+    the next ones to show the pictures come in order, which at 2 fps would be a second."""
+    session_id = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    ages = []
+    while len(ages) < 3:
+        message = await recv(conn, timeout=30)
+        if isinstance(message, bytes):
+            ages.append(time.time() - int.from_bytes(message[1:9], "big") / 1e6)
+    # Once the server's RTCP reports came, a frame's time is its capture, which a live 2 fps
+    # source ends 0.5 s before it sends it; the hold would add 1 s to the first one.
+    assert max(ages) < 0.8, f"the first access units reached the viewer {ages} s after their capture"
+    assert not proxy.hubs[UPSTREAM].source.b_frames

@@ -39,9 +39,12 @@ pytestmark = pytest.mark.external
 MIN_STEP_US = 1000  # vsproxy.sources.rtsp.MIN_STEP_US
 
 
-def write_b_frame_stream(path: str, plain_seconds: float = 0.0, seconds: float = 60.0) -> None:
+def write_b_frame_stream(path: str, plain_seconds: float = 0.0, seconds: float = 60.0, *,
+                         swapped: int | None = None) -> None:
     """H.264 Main profile with two B-frames between references, a keyframe every second (a
-    moving bar: distinct frames); only I- and P-frames (forced) for the first `plain_seconds`."""
+    moving bar: distinct frames); only I- and P-frames (forced) for the first `plain_seconds`.
+    `swapped`: the presentation times of that frame and the next one are swapped (a clock
+    glitch), every 30 frames from it."""
     width, height = STREAM_SIZE
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=30)
@@ -50,6 +53,7 @@ def write_b_frame_stream(path: str, plain_seconds: float = 0.0, seconds: float =
                           "sc_threshold": "0"}
         picture = np.zeros((height, width, 3), np.uint8)
         picture[:, :, 2] = np.linspace(40, 200, width, dtype=np.uint8)[None, :]
+        packets = []
         for i in range(int(seconds * 30)):
             frame_rgb = picture.copy()
             x = (i * 6) % (width - 30)
@@ -58,23 +62,30 @@ def write_b_frame_stream(path: str, plain_seconds: float = 0.0, seconds: float =
             frame.pts = i
             if i < plain_seconds * 30:
                 frame.pict_type = PictureType.I if i % 30 == 0 else PictureType.P
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+            packets.extend(stream.encode(frame))
+        packets.extend(stream.encode())
+        for i, packet in enumerate(packets[:-1]):
+            if swapped is not None and i % 30 == swapped:
+                packet.pts, packets[i + 1].pts = packets[i + 1].pts, packet.pts
+        for packet in packets:
+            container.mux(packet)
 
 
 @pytest.fixture
 def rtsp_server(tmp_path, request):
     """The RTSP test server playing a B-frame stream (used by rtsp_url, hence proxy_config);
-    indirect parameter: seconds before the B-frames start (default 0)."""
+    indirect parameter: (seconds before the B-frames start, `swapped` of write_b_frame_stream),
+    default (0, None)."""
     _import_rtsp_source()
     try:
         check_dependencies("h264")
     except RtspServerUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
+    plain_seconds, swapped = getattr(request, "param", (0.0, None))
     path = str(tmp_path / "b-frames.mp4")
-    write_b_frame_stream(path, getattr(request, "param", 0.0))
+    write_b_frame_stream(path, plain_seconds, swapped=swapped)
     with av.open(path) as check:
-        assert check.streams.video[0].codec_context.has_b_frames, "the file must have B-frames"
+        assert check.streams.video[0].codec_context.has_b_frames, "the SPS must allow B-frames"
     server = RtspTestServer(free_port(), file=path)
     server.start()
     yield server
@@ -159,7 +170,7 @@ async def test_a_b_frame_stream_is_re_encoded_and_its_first_mp4_viewer_plays_it(
 
 
 @pytest.mark.gen_test(timeout=120)
-@pytest.mark.parametrize("rtsp_server", [0.0], indirect=True)
+@pytest.mark.parametrize("rtsp_server", [(0.0, None)], indirect=True)
 async def test_decoded_b_frame_pictures_stay_a_millisecond_apart_across_a_reconnect(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
     session_id = (await api.create_session())["sessionId"]
@@ -183,7 +194,7 @@ async def test_decoded_b_frame_pictures_stay_a_millisecond_apart_across_a_reconn
 
 
 @pytest.mark.gen_test(timeout=120)
-@pytest.mark.parametrize("rtsp_server", [3.0], indirect=True)
+@pytest.mark.parametrize("rtsp_server", [(3.0, None)], indirect=True)
 async def test_the_mid_stream_switch_keeps_presentation_times_increasing(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
     session_id = (await api.create_session())["sessionId"]
@@ -206,7 +217,7 @@ async def test_the_mid_stream_switch_keeps_presentation_times_increasing(
 
 
 @pytest.mark.gen_test(timeout=120)
-@pytest.mark.parametrize("rtsp_server", [3.0], indirect=True)
+@pytest.mark.parametrize("rtsp_server", [(3.0, None)], indirect=True)
 async def test_the_mid_stream_switch_does_not_wait_for_the_next_keyframe(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
     """Only H.264 viewers (no decoder running at the switch): the re-encoded stream follows the
@@ -229,3 +240,25 @@ async def test_the_mid_stream_switch_does_not_wait_for_the_next_keyframe(
     gap = max(b - a for a, b in zip(around, around[1:], strict=False))
     assert gap < 0.5, f"{gap:.2f} s without a frame at the switch"
     assert hub.encoder is not None and hub.encoder.running
+
+
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("rtsp_server", [(60.0, 10)], indirect=True)
+async def test_a_clock_glitch_without_b_frames_is_still_passed_through(
+        rtsp_server, api, ws_connect, proxy):  # noqa: F811
+    """Presentation times that step back on P-frames (a camera's clock wobbling) are not
+    B-frames: the stream stays passed through, untouched and not decoded."""
+    session_id = (await api.create_session())["sessionId"]
+    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+    times: list[int] = []
+    stop = asyncio.Event()
+    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    hub = proxy.hubs[UPSTREAM]
+    deadline = time.monotonic() + 30
+    while len(times) < 75 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await reader
+    assert len(times) >= 75 and times == sorted(times)
+    assert not hub.source.b_frames and hub.source.produces_h264
+    assert hub.source.stats["decoded"] == 0 and (hub.encoder is None or not hub.encoder.running)

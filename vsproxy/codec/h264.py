@@ -2,7 +2,8 @@
 
 No decoding here: only what a proxy must read to pass H.264 through untouched: where the NAL
 units are, which access units are keyframes, the parameter sets (SPS/PPS) a keyframe needs in
-front of it, and what the SPS says (RFC 6381 codec string, picture size).
+front of it, what the SPS says (RFC 6381 codec string, picture size, whether pictures may come
+out of presentation order) and which slices are B slices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ NAL_SEI = 6
 NAL_SPS = 7
 NAL_PPS = 8
 NAL_AUD = 9
+
+# Profiles whose constraint_set5_flag, when set, rules out B slices (H.264 7.4.2.1.1).
+_NO_B_SLICE_FLAG_PROFILES = frozenset({77, 88, 100, 118})
+SLICE_TYPE_B = 1  # slice_type modulo 5 (7.4.3)
 
 # Profiles whose SPS carries chroma format, bit depths and scaling matrices (H.264 7.3.2.1.1).
 _HIGH_PROFILES = frozenset({100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
@@ -111,7 +116,11 @@ def parse_sps(sps: bytes) -> tuple[str, int, int]:
 
 
 def _sps_size(rbsp: bytes) -> tuple[int, int]:
-    bits = _Bits(rbsp)
+    return _read_sps(_Bits(rbsp))
+
+
+def _read_sps(bits: _Bits) -> tuple[int, int]:
+    """Picture size; leaves `bits` at vui_parameters_present_flag."""
     profile_idc = bits.u(8)
     bits.u(16)  # constraint flags, level_idc
     bits.ue()  # seq_parameter_set_id
@@ -159,6 +168,85 @@ def _sps_size(rbsp: bytes) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise ValueError("SPS gives no picture size")
     return width, height
+
+
+def sps_reorders(sps: bytes) -> bool | None:
+    """Whether the SPS allows pictures out of presentation order (B-frames): False when its
+    profile or constraint flags rule out B slices or its VUI says no frame is reordered, True
+    when the VUI says frames may be, None when it does not say (or cannot be read)."""
+    if len(sps) < 4 or nal_type(sps) != NAL_SPS:
+        return None
+    profile_idc, flags = sps[1], sps[2]
+    if profile_idc == 66 or (profile_idc in _NO_B_SLICE_FLAG_PROFILES and flags & 0x04):
+        return False
+    bits = _Bits(_rbsp(sps[1:]))
+    try:
+        _read_sps(bits)
+        if not bits.u(1):  # vui_parameters_present_flag
+            return None
+        reorder = _vui_max_num_reorder_frames(bits)
+    except (IndexError, ValueError):
+        return None
+    return None if reorder is None else reorder > 0
+
+
+def _vui_max_num_reorder_frames(bits: _Bits) -> int | None:
+    """max_num_reorder_frames of the VUI (E.1.1), None without bitstream restrictions."""
+    if bits.u(1) and bits.u(8) == 255:  # aspect_ratio_info_present_flag, aspect_ratio_idc
+        bits.u(32)  # sar_width, sar_height
+    if bits.u(1):  # overscan_info_present_flag
+        bits.u(1)
+    if bits.u(1):  # video_signal_type_present_flag
+        bits.u(4)  # video_format, video_full_range_flag
+        if bits.u(1):  # colour_description_present_flag
+            bits.u(24)
+    if bits.u(1):  # chroma_loc_info_present_flag
+        bits.ue()
+        bits.ue()
+    if bits.u(1):  # timing_info_present_flag
+        bits.u(65)  # num_units_in_tick, time_scale, fixed_frame_rate_flag
+    hrd = 0
+    for _ in range(2):  # nal_hrd_parameters_present_flag, vcl_hrd_parameters_present_flag
+        if bits.u(1):
+            hrd += 1
+            count = bits.ue() + 1  # cpb_cnt_minus1
+            bits.u(8)  # bit_rate_scale, cpb_size_scale
+            for _ in range(count):
+                bits.ue()  # bit_rate_value_minus1
+                bits.ue()  # cpb_size_value_minus1
+                bits.u(1)  # cbr_flag
+            bits.u(20)  # four delay and length fields
+    if hrd:
+        bits.u(1)  # low_delay_hrd_flag
+    bits.u(1)  # pic_struct_present_flag
+    if not bits.u(1):  # bitstream_restriction_flag
+        return None
+    bits.u(1)  # motion_vectors_over_pic_boundaries_flag
+    for _ in range(4):  # max_bytes_per_pic_denom, max_bits_per_mb_denom, log2_max_mv_length_*
+        bits.ue()
+    return bits.ue()
+
+
+def stream_reorders(data: bytes) -> bool | None:
+    """`sps_reorders` of the first SPS in an Annex-B byte string; None without one."""
+    for nal in split_nals(data):
+        if nal_type(nal) == NAL_SPS:
+            return sps_reorders(nal)
+    return None
+
+
+def has_b_slice(data: bytes) -> bool:
+    """Whether an Annex-B access unit has a B slice (slice_type read from each slice header)."""
+    for nal in split_nals(data):
+        if nal_type(nal) in (NAL_SLICE, NAL_IDR):
+            bits = _Bits(_rbsp(nal[1:12]))
+            try:
+                bits.ue()  # first_mb_in_slice
+                if bits.ue() % 5 == SLICE_TYPE_B:
+                    return True
+            except (IndexError, ValueError):
+                continue
+    return False
 
 
 MAX_FRAME_AGE_OFFSET = 60.0  # a capture time further back is a clock problem, not an age

@@ -43,6 +43,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
+from ..codec.h264 import has_b_slice, stream_reorders
 from ..errors import DescribedError, describe_error
 from ..schema import setting
 from .base import FrameTimeout, HubLink, Source
@@ -420,8 +421,10 @@ class _Reader:
         decoding = not passthrough
         # Passthrough holds back the first access units of a stream until one that is not a
         # keyframe came in presentation order: B-frames show there (pts going back), before any
-        # viewer was sent a picture it could not use.
+        # viewer was sent a picture it could not use; unless the stream's SPS (profile, VUI)
+        # rules out reordering, as a low-latency encoder's does.
         held: list[tuple[bytes, int]] | None = [] if passthrough else None
+        reorders: bool | None = None  # what the SPS says; None until one came, or if it does not say
         last_pts: int | None = None
         # Passthrough also keeps the packets since the last keyframe (with their capture times):
         # should B-frames turn up, the decoder starts from them instead of waiting a whole GOP.
@@ -444,9 +447,17 @@ class _Reader:
             if packet.size:
                 captured_us = self.clock.capture_us(packet, time.time_ns() // 1000)
             replay: list[tuple[Any, int]] = []
-            if passthrough and packet.size and packet.pts is not None and last_pts is not None \
-                    and 0 < (last_pts - packet.pts) * packet.time_base < REORDER_WINDOW_SECONDS:
-                passthrough = False  # B-frames: decoded from here on, not passed through
+            data = bytes(packet) if passthrough and packet.size else b""
+            if data and extradata:
+                data, extradata = extradata + data, b""
+            if held is not None and reorders is None and data:
+                reorders = stream_reorders(data)
+            # A B slice whose pts goes back marks B-frames (a step back anywhere else is a clock
+            # glitch, and passthrough carries on).
+            if data and reorders is not False and packet.pts is not None and last_pts is not None \
+                    and 0 < (last_pts - packet.pts) * packet.time_base < REORDER_WINDOW_SECONDS \
+                    and has_b_slice(data):
+                passthrough, data = False, b""  # B-frames: decoded from here on, not passed through
                 if held is None:  # access units went out: the pictures continue after them
                     last_us = passed_us
                 held = None
@@ -456,7 +467,7 @@ class _Reader:
                 self.source.found_b_frames()
                 if not self._call_loop(self._set_format, False):
                     return
-            if passthrough and packet.size:
+            if data:
                 if packet.pts is not None:
                     last_pts = packet.pts
                 if packet.is_keyframe:
@@ -465,9 +476,6 @@ class _Reader:
                     gop.append((packet, captured_us))
                 else:
                     gop = []  # no keyframe seen yet, or a GOP too long to keep
-                data = bytes(packet)
-                if extradata:
-                    data, extradata = extradata + data, b""
                 last_picture = self._last_frame = now
                 counters["passed_through"] += 1
                 if held is None:
@@ -475,7 +483,7 @@ class _Reader:
                 else:
                     held.append((data, captured_us))
                     delivered = True
-                    if len(held) >= HOLD_ACCESS_UNITS:  # in order so far: no B-frames
+                    if len(held) >= HOLD_ACCESS_UNITS or reorders is False:  # no B-frames
                         for unit in held:
                             delivered = delivered and self._call_loop(self._deliver_h264, *unit)
                         held = None
