@@ -341,8 +341,8 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     hub: FrameHub
     demand: Demand | None = None  # keeps the origin's hub running while the edge is connected
-    viewer: RelayViewer | None = None
-    h264_viewer: RelayH264Viewer | None = None
+    # The edge's JPEG and H.264 viewers, one relay viewer each here while it wants them (by kind).
+    viewers: dict[int, RelayViewer | RelayH264Viewer]
     edge = "?"
 
     def _cluster(self) -> Cluster:
@@ -380,6 +380,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     def open(self, upstream: str) -> None:
         self.set_nodelay(True)
+        self.viewers = {}
         self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
         self.hub.text_listeners.append(self._send_text)
@@ -402,40 +403,31 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
             self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
         elif message[:1] == bytes((RELAY_INPUT,)):
             self.hub.send_upstream(message[1:])
-        elif message[:1] == bytes((RELAY_JPEG,)):
-            self._want_jpeg(message[1:2] == b"\x01")
-        elif message[:1] == bytes((RELAY_H264,)):
-            self._want_h264(message[1:2] == b"\x01")
-        elif message[:1] == bytes((RELAY_KEYFRAME,)) and self.h264_viewer is not None:
+        elif message[:1] in (bytes((RELAY_JPEG,)), bytes((RELAY_H264,))):
+            self._want(message[0], message[1:2] == b"\x01")
+        elif message[:1] == bytes((RELAY_KEYFRAME,)) and RELAY_H264 in self.viewers:
             self.hub.request_keyframe()
 
-    def _want_jpeg(self, wanted: bool) -> None:
-        """The edge wants JPEG frames now, or no longer: it counts as one JPEG viewer here while it
-        does (which has an H.264 upstream decoded), and gets the current frame at once."""
-        if wanted and self.viewer is None:
+    def _want(self, kind: int, wanted: bool) -> None:
+        """The edge's viewers of one kind came or left: while they are there it counts here as one
+        viewer of that kind (which has an H.264 upstream decoded for JPEG, and runs this hub's
+        encoder for H.264 where the upstream does not send H.264 itself); a new one gets the
+        current frame (JPEG) or GOP (H.264) at once."""
+        viewer = self.viewers.get(kind)
+        if wanted and viewer is None:
             stream = self.ws_connection.stream  # type: ignore[union-attr]
-            self.viewer = RelayViewer(stream, WS_BINARY, self.hub.stats[WS_BINARY], close=self._close_viewer)
-            self.hub.add_viewer(self.viewer)
-        elif not wanted and self.viewer is not None:
-            self.hub.remove_viewer(self.viewer)
-            self.viewer = None
-
-    def _want_h264(self, wanted: bool) -> None:
-        """The edge's H.264 viewers came or left: it counts as one H.264 viewer here while they are
-        there (which runs this hub's encoder, where the upstream does not send H.264 itself)."""
-        if wanted and self.h264_viewer is None:
-            stream = self.ws_connection.stream  # type: ignore[union-attr]
-            self.h264_viewer = RelayH264Viewer(stream, WS_H264, self.hub.stats[WS_H264], close=self._close_viewer)
-            self.hub.add_viewer(self.h264_viewer)
-        elif not wanted and self.h264_viewer is not None:
-            self.hub.remove_viewer(self.h264_viewer)
-            self.h264_viewer = None
+            viewer_class, transport = (RelayViewer, WS_BINARY) if kind == RELAY_JPEG else (RelayH264Viewer, WS_H264)
+            self.viewers[kind] = viewer_class(stream, transport, self.hub.stats[transport], close=self._close_viewer)
+            self.hub.add_viewer(self.viewers[kind])
+        elif not wanted and viewer is not None:
+            self.hub.remove_viewer(viewer)
+            del self.viewers[kind]
 
     def on_close(self) -> None:
         if self.demand is None:
             return
-        self._want_jpeg(False)
-        self._want_h264(False)
+        for kind in list(self.viewers):
+            self._want(kind, False)
         self.hub.text_listeners.remove(self._send_text)
         self.hub.detach(self.demand)  # type: ignore[arg-type]
         self.demand = None
