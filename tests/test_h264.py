@@ -19,7 +19,16 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from helpers import next_message, raw_request, recv, socket_pair, wait_until, ws_server_messages
+from helpers import (
+    WAIT,
+    next_message,
+    raw_request,
+    recv,
+    small_buffer_ws,
+    socket_pair,
+    wait_until,
+    ws_server_messages,
+)
 from PIL import Image
 
 from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
@@ -360,6 +369,38 @@ async def test_a_fast_h264_viewer_gets_every_frame_in_order():
     assert bytes(received).count(b"\x82") >= 30  # one binary WebSocket frame per access unit
     server.close()
     client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.config({"h264": {"preset": "ultrafast", "crf": 4}})  # large access units: keyframes of ~20 KB
+@pytest.mark.gen_test(timeout=40)
+async def test_an_h264_viewer_whose_link_fills_for_a_moment_gets_every_frame_when_it_has_room(api, http_port,
+                                                                                              proxy):
+    """A viewer on a link with room to spare (it reads about four times the stream's bitrate)
+    whose small receive window fills for a moment with each keyframe: the frames that come while
+    the kernel still holds unsent bytes go out as soon as those have gone, not a second later at
+    the hub's tick (which froze it about once a second, and skipped frames to the next keyframe)."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    sock = await small_buffer_ws(http_port, f"/stream/{session_id}?format=h264", rcvbuf=4096)
+    received = bytearray()
+    lags: list[float] = []  # arrival here minus presentation (capture) time, per access unit
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 8192), WAIT)
+            assert data, "the proxy closed the connection"
+            received += data
+            units = [m for op, m in ws_server_messages(bytes(received)) if op == 2]
+            lags += [time.time() - parse_message(m)[1] / 1e6 for m in units[len(lags):]]
+            await asyncio.sleep(0.02)  # about 400 KB/s: four times what this stream needs
+    finally:
+        sock.close()
+    stats = proxy.hubs["demo"].stats[WS_H264]
+    assert len(lags) >= 100, f"{len(lags)} access units in 5 s of a 30 fps stream"
+    assert stats.frames_dropped == 0, f"{stats.frames_dropped} frames skipped for a viewer with room to spare"
+    lags.sort()
+    assert lags[len(lags) // 2] < 0.25, f"median lag {lags[len(lags) // 2]:.3f} s"
 
 
 # -- end to end: what a viewer decodes against what the camera sent -----------------------------------
