@@ -292,6 +292,32 @@ async def test_stream_mp4_plays_in_ffmpeg_starting_at_a_keyframe(api, http_port)
     assert times == sorted(times) and times[-1] - times[0] > 0.5  # real timing, ~30 fps
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_clients_that_hang_up_right_after_asking_for_a_stream_cost_no_error_and_no_place(api, http_port,
+                                                                                               proxy):
+    """A player that asks for stream.mp4 (or the MJPEG stream) and is gone before its response
+    begins (a page closed, a `<video>` whose src changed at once) is forgotten quietly: no
+    traceback in the log, its place given back, and the session's viewers connect as before."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    for path in (f"/stream/{session_id}/stream.mp4", f"/stream/{session_id}/mjpeg"):
+        for _ in range(40):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", http_port))
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, at once
+            await asyncio.sleep(0.001)
+    await wait_until(lambda: not proxy.hubs["demo"].viewer_count(), "the aborted viewers to be gone")
+    head, stream = await raw_request(http_port, f"/stream/{session_id}/stream.mp4")
+    data = head.body
+    while b"moof" not in data:
+        data += await stream.read_bytes(65536, partial=True)
+    stream.close()
+    assert head.status == 200 and data[4:8] == b"ftyp"
+
+
 # -- backpressure: a throttled H.264 viewer skips to keyframes ---------------------------------------
 
 

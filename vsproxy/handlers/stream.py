@@ -264,6 +264,9 @@ class DetachedStreamHandler(JsonHandler):
         # finished, so Tornado writes nothing more for it.
         self._finished = True
         stream: IOStream = self.request.connection.detach()  # type: ignore[attr-defined]
+        if stream.closed():  # the client hung up before its response began
+            self.sessions.unreserve_viewer(session)
+            return
         closed = asyncio.get_running_loop().create_future()
         stream.set_close_callback(lambda: closed.done() or closed.set_result(None))
         viewer = self.make_viewer(stream, session)
