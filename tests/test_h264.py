@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from helpers import (
     WAIT,
+    WS_UPGRADE,
     next_message,
     raw_request,
     recv,
@@ -316,6 +317,35 @@ async def test_clients_that_hang_up_right_after_asking_for_a_stream_cost_no_erro
         data += await stream.read_bytes(65536, partial=True)
     stream.close()
     assert head.status == 200 and data[4:8] == b"ftyp"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_websocket_viewers_that_hang_up_right_after_the_handshake_cost_no_error(api, http_port, proxy,
+                                                                                      ws_connect):
+    """A WebSocket viewer that resets its connection as soon as it has asked for the upgrade (a
+    tab closed, a reconnect loop) is let go quietly: no traceback in the log from greeting a
+    connection that is gone, or from making a viewer of it."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+
+    async def hang_up(fmt: str, after: float) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+        head = "".join(f"{k}: {v}\r\n" for k, v in WS_UPGRADE.items())
+        await loop.sock_sendall(sock, f"GET /stream/{session_id}?format={fmt} HTTP/1.1\r\n"
+                                      f"Host: 127.0.0.1:{http_port}\r\n{head}\r\n".encode())
+        await asyncio.sleep(after)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+
+    for _ in range(40):
+        await asyncio.gather(*(hang_up(fmt, after) for fmt in ("h264", "binary") for after in (0, 0.001, 0.005)))
+    await wait_until(lambda: not proxy.hubs["demo"].viewer_count(), "the viewers that hung up to be gone")
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    while not isinstance(message := await recv(conn), bytes):
+        pass
+    assert parse_message(message)[0], "a new viewer starts at a keyframe as ever"
 
 
 # -- backpressure: a throttled H.264 viewer skips to keyframes ---------------------------------------
