@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import os
 import re
 import socket
 import time
@@ -322,6 +324,35 @@ async def ws_handshake(port: int, path: str, headers: dict | None = None,
     if response.status != 101:
         stream.close()
     return response, stream
+
+
+async def small_buffer_ws(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
+    """A WebSocket handshake on a plain non-blocking socket whose receive buffer is `rcvbuf` bytes
+    (set before connecting, so the window stays small): the caller reads the frames itself, as
+    slowly as it likes (with `loop.sock_recv`), or never. Nothing past the handshake is read."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), QUICK)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        await loop.sock_sendall(sock, request.encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):  # byte by byte: read nothing past the handshake
+            byte = await asyncio.wait_for(loop.sock_recv(sock, 1), QUICK)
+            assert byte, f"closed during the handshake: {head!r}"
+            head += byte
+        first, _, rest = head.decode("latin-1").partition("\r\n")
+        assert httputil.parse_response_start_line(first).code == 101, head
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        assert httputil.HTTPHeaders.parse(rest).get("Sec-WebSocket-Accept") == accept.decode(), head
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # Connections ws_open made; conftest's autouse `close_websockets` closes them after each test (an

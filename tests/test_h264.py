@@ -19,7 +19,17 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from helpers import next_message, raw_request, recv, socket_pair, wait_until, ws_server_messages
+from helpers import (
+    WAIT,
+    WS_UPGRADE,
+    next_message,
+    raw_request,
+    recv,
+    small_buffer_ws,
+    socket_pair,
+    wait_until,
+    ws_server_messages,
+)
 from PIL import Image
 
 from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
@@ -327,6 +337,61 @@ async def test_stream_mp4_plays_in_ffmpeg_starting_at_a_keyframe(api, http_port)
     assert times == sorted(times) and times[-1] - times[0] > 0.5  # real timing, ~30 fps
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_clients_that_hang_up_right_after_asking_for_a_stream_cost_no_error_and_no_place(api, http_port,
+                                                                                               proxy):
+    """A player that asks for stream.mp4 (or the MJPEG stream) and is gone before its response
+    begins (a page closed, a `<video>` whose src changed at once) is forgotten quietly: no
+    traceback in the log, its place given back, and the session's viewers connect as before."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    for path in (f"/stream/{session_id}/stream.mp4", f"/stream/{session_id}/mjpeg"):
+        for _ in range(40):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", http_port))
+            await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, at once
+            await asyncio.sleep(0.001)
+    await wait_until(lambda: not proxy.hubs["demo"].viewer_count(), "the aborted viewers to be gone")
+    head, stream = await raw_request(http_port, f"/stream/{session_id}/stream.mp4")
+    data = head.body
+    while b"moof" not in data:
+        data += await stream.read_bytes(65536, partial=True)
+    stream.close()
+    assert head.status == 200 and data[4:8] == b"ftyp"
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_websocket_viewers_that_hang_up_right_after_the_handshake_cost_no_error(api, http_port, proxy,
+                                                                                      ws_connect):
+    """A WebSocket viewer that resets its connection as soon as it has asked for the upgrade (a
+    tab closed, a reconnect loop) is let go quietly: no traceback in the log from greeting a
+    connection that is gone, or from making a viewer of it."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+
+    async def hang_up(fmt: str, after: float) -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", http_port))
+        head = "".join(f"{k}: {v}\r\n" for k, v in WS_UPGRADE.items())
+        await loop.sock_sendall(sock, f"GET /stream/{session_id}?format={fmt} HTTP/1.1\r\n"
+                                      f"Host: 127.0.0.1:{http_port}\r\n{head}\r\n".encode())
+        await asyncio.sleep(after)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+
+    for _ in range(40):
+        await asyncio.gather(*(hang_up(fmt, after) for fmt in ("h264", "binary") for after in (0, 0.001, 0.005)))
+    await wait_until(lambda: not proxy.hubs["demo"].viewer_count(), "the viewers that hung up to be gone")
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    while not isinstance(message := await recv(conn), bytes):
+        pass
+    assert parse_message(message)[0], "a new viewer starts at a keyframe as ever"
+
+
 # -- backpressure: a throttled H.264 viewer skips to keyframes ---------------------------------------
 
 
@@ -404,6 +469,38 @@ async def test_a_fast_h264_viewer_gets_every_frame_in_order():
     assert bytes(received).count(b"\x82") >= 30  # one binary WebSocket frame per access unit
     server.close()
     client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.config({"h264": {"preset": "ultrafast", "crf": 4}})  # large access units: keyframes of ~20 KB
+@pytest.mark.gen_test(timeout=40)
+async def test_an_h264_viewer_whose_link_fills_for_a_moment_gets_every_frame_when_it_has_room(api, http_port,
+                                                                                              proxy):
+    """A viewer on a link with room to spare (it reads about four times the stream's bitrate)
+    whose small receive window fills for a moment with each keyframe: the frames that come while
+    the kernel still holds unsent bytes go out as soon as those have gone, not a second later at
+    the hub's tick (which froze it about once a second, and skipped frames to the next keyframe)."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    sock = await small_buffer_ws(http_port, f"/stream/{session_id}?format=h264", rcvbuf=4096)
+    received = bytearray()
+    lags: list[float] = []  # arrival here minus presentation (capture) time, per access unit
+    deadline = time.monotonic() + 5
+    try:
+        while time.monotonic() < deadline:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 8192), WAIT)
+            assert data, "the proxy closed the connection"
+            received += data
+            units = [m for op, m in ws_server_messages(bytes(received)) if op == 2]
+            lags += [time.time() - parse_message(m)[1] / 1e6 for m in units[len(lags):]]
+            await asyncio.sleep(0.02)  # about 400 KB/s: four times what this stream needs
+    finally:
+        sock.close()
+    stats = proxy.hubs["demo"].stats[WS_H264]
+    assert len(lags) >= 100, f"{len(lags)} access units in 5 s of a 30 fps stream"
+    assert stats.frames_dropped == 0, f"{stats.frames_dropped} frames skipped for a viewer with room to spare"
+    lags.sort()
+    assert lags[len(lags) // 2] < 0.25, f"median lag {lags[len(lags) // 2]:.3f} s"
 
 
 # -- end to end: what a viewer decodes against what the camera sent -----------------------------------

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import array
 import asyncio
-import base64
 import fcntl
-import hashlib
-import os
 import socket
 import termios
 import time
@@ -20,12 +17,12 @@ from helpers import (
     connected_session,
     count_between,
     record_frames,
+    small_buffer_ws,
     spawn,
     wait_session,
     wait_until,
     write_buffer_bytes,
 )
-from tornado import httputil
 
 from vsproxy import render
 from vsproxy.outputs import WS_BINARY
@@ -44,25 +41,8 @@ def stalled_ws(http_server, http_port):
     sockets: list[socket.socket] = []
 
     async def open_(path: str) -> socket.socket:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = await small_buffer_ws(http_port, path, rcvbuf=4096)
         sockets.append(sock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", http_port)), WAIT)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        await loop.sock_sendall(sock, request.encode())
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):  # byte by byte: read nothing past the handshake
-            byte = await asyncio.wait_for(loop.sock_recv(sock, 1), WAIT)
-            assert byte, f"closed during the handshake: {head!r}"
-            head += byte
-        first, _, rest = head.decode("latin-1").partition("\r\n")
-        assert httputil.parse_response_start_line(first).code == 101, head
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        assert httputil.HTTPHeaders.parse(rest).get("Sec-WebSocket-Accept") == accept.decode(), head
         return sock
 
     yield open_

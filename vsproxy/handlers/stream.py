@@ -90,15 +90,19 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         except ClientError as exc:
             self.close(1013, str(exc)[:120])  # "try again later"
             return
-        if self.ws_connection is None:  # the client left while a cluster took its place
+        connection = self.ws_connection
+        if connection is None or connection.is_closing():  # the client left meanwhile (or hung up at once)
             self.sessions.unreserve_viewer(self.session)
             return
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
         self.byte_bucket = TokenBucket(limits.viewer_input_bytes_rate, limits.viewer_input_bytes_burst)
         self.set_nodelay(True)  # a frame's last segment should not wait for an ACK (Nagle)
-        self.write_message(CONNECTED_MESSAGE)
-        stream = self.ws_connection.stream  # type: ignore[union-attr]
+        self._send_text(CONNECTED_MESSAGE)
+        if connection.is_closing():  # the hello found the connection gone
+            self.sessions.unreserve_viewer(self.session)
+            return
+        stream = connection.stream
         stats = self.session.hub.stats[self.transport]
         if self.transport in H264_TRANSPORTS:
             self.viewer = H264Viewer(stream, self.transport, stats, close=self._close_viewer,
@@ -221,9 +225,12 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
 
     def _send_text(self, text: str) -> None:
         try:
-            self.write_message(text)
+            written = self.write_message(text)
         except tornado.websocket.WebSocketClosedError:
-            pass
+            return
+        # A connection that drops while the message is on its way fails this future: retrieved
+        # here, it is not logged as "Task exception was never retrieved".
+        written.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def _close_viewer(self, reason: str) -> None:
         # Off the hub first: no frame may follow our Close frame (RFC 6455 5.5.1), even while
@@ -264,6 +271,9 @@ class DetachedStreamHandler(JsonHandler):
         # finished, so Tornado writes nothing more for it.
         self._finished = True
         stream: IOStream = self.request.connection.detach()  # type: ignore[attr-defined]
+        if stream.closed():  # the client hung up before its response began
+            self.sessions.unreserve_viewer(session)
+            return
         closed = asyncio.get_running_loop().create_future()
         stream.set_close_callback(lambda: closed.done() or closed.set_result(None))
         viewer = self.make_viewer(stream, session)

@@ -333,8 +333,15 @@ class H264Viewer(Viewer):
             self._queued_bytes = 0
             self.waiting_for_keyframe = True
             return
-        if not self._busy and self.stream.writing():
+        if self._busy:
+            return  # the drain callback sends the queue
+        if self.stream.writing():
+            # Tornado itself is writing (a status message, a ping): send the queue when that drains.
             self._wait_for_drain(self.stream.write(b""))
+        else:
+            # Held back by bytes the kernel had not sent yet, for which no drain callback comes:
+            # send the queue as soon as they have gone (checked again with every frame).
+            self.flush_pending()
 
     def flush_pending(self) -> None:
         queue = self._queue
