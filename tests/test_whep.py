@@ -112,6 +112,21 @@ async def test_refusals_unknown_session_bad_offer_no_h264_content_type_trickle(a
     assert (await session_json(api, session_id))["connections"] == 0
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_offers_aiortc_parses_but_cannot_answer_are_a_400_not_a_500(api, whep_clients):
+    """A video section without a direction attribute, or the same section (mid) twice: aiortc
+    takes the offer, then fails making the answer; the client gets the JSON 400."""
+    session_id = (await api.create_session())["sessionId"]
+    sdp = await (await new_client(api, whep_clients, session_id)).offer()
+    section = sdp[sdp.index("m=video"):]
+    for offer in (sdp.replace("a=recvonly\r\n", ""), sdp + section):
+        code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+        assert_json_error(code, body, 400)
+        assert "cannot be answered" in body["error"]
+    assert (await session_json(api, session_id))["connections"] == 0
+
+
 @pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})
 @pytest.mark.gen_test(timeout=30)
 async def test_viewer_tokens_are_enforced(api, whep_clients):

@@ -356,11 +356,15 @@ class WhepPeers:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=without_mdns_candidates(offer_sdp),
                                                                     type="offer"))
+                # Answering fails too on offers aiortc took (no direction attribute, a repeated mid).
+                answer = await pc.createAnswer()
+                await pc.setLocalDescription(answer)
+            except OSError:  # this server's own sockets (gathering candidates): not the offer's fault
+                raise
             except Exception as exc:  # aiortc refuses an offer it cannot use with assorted errors
                 raise BadOffer(f"The SDP offer cannot be answered ({type(exc).__name__}: {exc})"[:300],
                                status=406 if "codec" in str(exc).lower() or "send parameters" in str(exc)
                                else 400) from None
-            await pc.setLocalDescription(await pc.createAnswer())
         except BaseException:
             await pc.close()
             raise
