@@ -168,6 +168,10 @@ class WhepPeer:
     transport = WEBRTC
     send_text = None  # status messages have no channel here
     BEHIND_FRAMES = 3  # a keyframe finding this many frames queued: the sender is behind
+    # Receivers report on a stream only while it flows (Chromium: until 8 s after its last packet).
+    # After a pause this long (the upstream down) their silence is no sign of absence: the ICE
+    # consent checks (every ~5 s, RFC 7675) end a peer whose client went away meanwhile.
+    PAUSE_SECONDS = 5.0
     MAX_QUEUE_FRAMES = 600
     MAX_QUEUE_BYTES = 16 << 20
 
@@ -241,9 +245,11 @@ class WhepPeer:
 
     def stalled_for(self, now: float) -> float:
         """Seconds the peer has not taken what is queued for it, or (a receiver gone without a
-        DELETE) has sent no RTCP about our stream; receivers send RTCP at least every few seconds."""
+        DELETE) has sent no RTCP about our stream while it flows; receivers send RTCP at least
+        every few seconds while they get packets."""
         queue_stall = now - self.last_taken if self._queue else 0.0
-        return max(queue_stall, now - self.last_rtcp)
+        flowing = now - self.last_taken <= self.PAUSE_SECONDS
+        return max(queue_stall, now - self.last_rtcp if flowing else 0.0)
 
     def close(self, reason: str) -> None:
         """End the peer: off its session and hub, and its RTCPeerConnection closed."""
@@ -282,7 +288,10 @@ class WhepPeer:
                 self._waiter = None
         au = self._queue.popleft()
         self._queued_bytes -= len(au.data)
-        now = self.last_taken = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_taken > self.PAUSE_SECONDS:  # the stream resumes, and the receiver's reports with it
+            self.last_rtcp = max(self.last_rtcp, now)
+        self.last_taken = now
         self.frames_sent += 1
         self.bytes_sent += len(au.data)
         self.stats.frames_sent += 1
