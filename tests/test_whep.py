@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+from aiortc import RTCSessionDescription
 from helpers import VIEWER_AUTH, WhepClient, assert_json_error, poll, session_json, wait_until
 from test_openapi import call, contract  # noqa: F401  (fixtures)
 
@@ -110,6 +111,27 @@ async def test_refusals_unknown_session_bad_offer_no_h264_content_type_trickle(a
     assert_json_error(code, body, 405)
     assert "DELETE" in response.headers["Allow"]
     assert (await session_json(api, session_id))["connections"] == 0
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_offer_with_only_mdns_candidates_and_end_of_candidates_connects(api, proxy, whep_clients):
+    """Firefox hides its addresses behind mDNS names and ends its candidates (a=end-of-candidates):
+    the server leaves the .local candidates out and waits for the browser's checks instead of
+    failing ICE at once with no candidate left."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    assert "a=end-of-candidates" in sdp
+    masked = re.sub(r"^(a=candidate:\S+ \d+ udp \d+) \S+ ", r"\1 4ec2a5c8-6f0b-4d7b-b1c8-3a6e7d2f9a10.local ",
+                    sdp, flags=re.M)
+    assert masked.count(".local ") == sdp.count("a=candidate:") > 0
+    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=masked.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+    assert code == 201
+    client.location = response.headers["Location"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+    assert len(await client.frames(5)) == 5
 
 
 @pytest.mark.gen_test(timeout=30)

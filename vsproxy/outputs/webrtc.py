@@ -107,9 +107,14 @@ def without_mdns_candidates(sdp: str) -> str:
     """The offer without its mDNS host candidates (`<uuid>.local`, how browsers hide local
     addresses). aioice would resolve each over multicast, holding the answer up for about a
     second, and from another network it never resolves; the browser's connectivity checks reach
-    us anyway and become peer-reflexive candidates."""
-    return "".join(line for line in sdp.splitlines(keepends=True)
-                   if not (line.startswith("a=candidate:") and ".local " in line))
+    us anyway and become peer-reflexive candidates. Where one was left out, so is
+    `a=end-of-candidates` (Firefox sends it): aioice would otherwise give up at once when no
+    candidate is left, before the browser's checks could arrive."""
+    lines = sdp.splitlines(keepends=True)
+    kept = [line for line in lines if not (line.startswith("a=candidate:") and ".local " in line)]
+    if len(kept) < len(lines):
+        kept = [line for line in kept if not line.startswith("a=end-of-candidates")]
+    return "".join(kept)
 
 
 def check_offer(sdp: str) -> None:
