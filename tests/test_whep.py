@@ -149,6 +149,33 @@ async def test_offers_aiortc_parses_but_cannot_answer_are_a_400_not_a_500(api, w
     assert (await session_json(api, session_id))["connections"] == 0
 
 
+@pytest.mark.config({**SMALL_DEMO, "limits": {"max_connections": 4}})
+@pytest.mark.gen_test(timeout=30)
+async def test_peers_count_against_max_connections(api, proxy, whep_clients):
+    """A peer holds UDP sockets but no TCP connection: without counting it, one client could open
+    max_sessions x max_viewers_per_session peers past limits.max_connections (and the open-file
+    limit it is sized to). Each takes a place; beyond, 503; a DELETE gives its place back."""
+    session_id = (await api.create_session())["sessionId"]
+    offer = (await (await new_client(api, whep_clients, session_id)).offer()).encode()
+    codes, locations = [], []
+    for _ in range(6):
+        code, body, response = await api.call("POST", f"/stream/{session_id}/whep", raw=offer,
+                                              headers={"Content-Type": "application/sdp"})
+        codes.append(code)
+        if code == 201:
+            locations.append(response.headers["Location"])
+        else:
+            assert_json_error(code, body, 503)
+            assert "max_connections" in body["error"]
+    assert 1 <= len(locations) <= 4 and codes == [201] * len(locations) + [503] * (6 - len(locations)), codes
+    assert len(proxy.whep.peers) == len(locations)
+    code, _, _ = await api.call("DELETE", locations[0])
+    assert code == 200
+    code, _, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer,
+                                headers={"Content-Type": "application/sdp"})
+    assert code == 201
+
+
 @pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})
 @pytest.mark.gen_test(timeout=30)
 async def test_viewer_tokens_are_enforced(api, whep_clients):

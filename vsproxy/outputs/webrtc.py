@@ -28,12 +28,13 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadOffer
+from ..errors import BadOffer, ConnectionLimitReached
 from .viewer import LatencyBuckets
 from .wire import WEBRTC
 
 if TYPE_CHECKING:
     from ..codec.h264 import AccessUnit
+    from ..server import ConnectionCount
     from .viewer import TransportStats
 
 log = logging.getLogger("vsproxy.webrtc")
@@ -331,8 +332,11 @@ class WhepPeers:
     """Every WHEP peer of the proxy by resource id: answers offers, finds peers for DELETE, and
     waits for their connections to close on shutdown."""
 
-    def __init__(self, ice_servers: list[dict]) -> None:
+    def __init__(self, ice_servers: list[dict], connections: ConnectionCount) -> None:
         self.ice_servers = ice_servers
+        # Each peer takes a place among limits.max_connections, as a TCP viewer does: it holds
+        # UDP sockets (one per local address) however few HTTP connections made it.
+        self.connections = connections
         self.peers: dict[str, WhepPeer] = {}
         self._closing: set[asyncio.Task] = set()
         # In a cluster, which node holds each peer (vsproxy.cluster.whep.WhepDirectory), so that
@@ -353,6 +357,9 @@ class WhepPeers:
         """A new peer for an SDP offer, and the SDP answer (every host candidate in it: no
         trickle ICE). BadOffer if the offer is not one vsproxy can answer."""
         check_offer(offer_sdp)
+        if self.connections.open >= self.connections.limit:
+            raise ConnectionLimitReached(f"limits.max_connections ({self.connections.limit}) are open; "
+                                         "try again later")
         _register_profiles()
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
@@ -389,6 +396,7 @@ class WhepPeers:
                 peer.close(f"connection {pc.connectionState}")
 
         self.peers[peer.id] = peer
+        self.connections.open += 1
         if self.directory is not None:
             await self.directory.added(peer)
         return peer, pc.localDescription.sdp
@@ -408,8 +416,10 @@ class WhepPeers:
         return False
 
     def _closed(self, peer: WhepPeer) -> None:
-        if self.peers.pop(peer.id, None) is not None and self.directory is not None:
-            self.directory.removed(peer)
+        if self.peers.pop(peer.id, None) is not None:
+            self.connections.open -= 1
+            if self.directory is not None:
+                self.directory.removed(peer)
         if peer.expiry is not None:
             peer.expiry.cancel()
         task = asyncio.ensure_future(peer.pc.close())
