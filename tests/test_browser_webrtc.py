@@ -11,6 +11,7 @@ from browser import artifact, chromium
 from test_browser_pages import player_state, wait_page
 
 from vsproxy.outputs.wire import WEBRTC
+from vsproxy.simulate import SimulatedIsaacSim
 
 pytestmark = pytest.mark.browser
 
@@ -68,6 +69,35 @@ async def test_embed_player_plays_webrtc_into_a_video_element(api, base_url, pro
         while proxy.whep.peers and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not proxy.whep.peers, "the closed page's peer was not ended"
+
+
+@pytest.mark.slow  # an upstream outage longer than Chromium reports on a silent stream (8 s)
+@pytest.mark.config({"h264": {"preset": "ultrafast"}, "streaming": {"stall_timeout_seconds": 3}})
+@pytest.mark.gen_test(timeout=90)
+async def test_a_peer_keeps_its_connection_through_an_upstream_outage(sim, api, base_url, proxy):
+    """While the upstream is down nothing is sent, and Chromium stops its RTCP reports about the
+    stream 8 s after the last packet: that silence is no stall. The peer stays, and plays again
+    when the simulator is back."""
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=webrtc")
+        await wait_page(page, "window.vsproxyPlayer.answerMs !== null", timeout=15)
+        while await page.evaluate(FRAMES_DECODED) < 10:
+            await asyncio.sleep(0.05)
+        (peer,) = proxy.whep.peers.values()
+        port = sim.port
+        await sim.stop()
+        await asyncio.sleep(8 + 3 + 2)  # Chromium's reports end, then a stall timeout and a tick
+        assert list(proxy.whep.peers.values()) == [peer] and not peer.closed
+        decoded = await page.evaluate(FRAMES_DECODED)
+        restarted = SimulatedIsaacSim(width=320, height=240, fps=30)
+        restarted.listen(port)
+        try:
+            await wait_page(page, f"({FRAMES_DECODED})().then((n) => n > {decoded + 30})", timeout=10)
+            assert proxy.whep.peers == {peer.id: peer}
+        finally:
+            await restarted.stop()
 
 
 @pytest.mark.config({"h264": {"preset": "ultrafast"}})

@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+from aiortc import RTCSessionDescription
 from helpers import VIEWER_AUTH, WhepClient, assert_json_error, poll, session_json, wait_until
 from test_openapi import call, contract  # noqa: F401  (fixtures)
 
@@ -110,6 +111,69 @@ async def test_refusals_unknown_session_bad_offer_no_h264_content_type_trickle(a
     assert_json_error(code, body, 405)
     assert "DELETE" in response.headers["Allow"]
     assert (await session_json(api, session_id))["connections"] == 0
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_offer_with_only_mdns_candidates_and_end_of_candidates_connects(api, proxy, whep_clients):
+    """Firefox hides its addresses behind mDNS names and ends its candidates (a=end-of-candidates):
+    the server leaves the .local candidates out and waits for the browser's checks instead of
+    failing ICE at once with no candidate left."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    assert "a=end-of-candidates" in sdp
+    masked = re.sub(r"^(a=candidate:\S+ \d+ udp \d+) \S+ ", r"\1 4ec2a5c8-6f0b-4d7b-b1c8-3a6e7d2f9a10.local ",
+                    sdp, flags=re.M)
+    assert masked.count(".local ") == sdp.count("a=candidate:") > 0
+    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=masked.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+    assert code == 201
+    client.location = response.headers["Location"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+    assert len(await client.frames(5)) == 5
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_offers_aiortc_parses_but_cannot_answer_are_a_400_not_a_500(api, whep_clients):
+    """A video section without a direction attribute, or the same section (mid) twice: aiortc
+    takes the offer, then fails making the answer; the client gets the JSON 400."""
+    session_id = (await api.create_session())["sessionId"]
+    sdp = await (await new_client(api, whep_clients, session_id)).offer()
+    section = sdp[sdp.index("m=video"):]
+    for offer in (sdp.replace("a=recvonly\r\n", ""), sdp + section):
+        code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+        assert_json_error(code, body, 400)
+        assert "cannot be answered" in body["error"]
+    assert (await session_json(api, session_id))["connections"] == 0
+
+
+@pytest.mark.config({**SMALL_DEMO, "limits": {"max_connections": 4}})
+@pytest.mark.gen_test(timeout=30)
+async def test_peers_count_against_max_connections(api, proxy, whep_clients):
+    """A peer holds UDP sockets but no TCP connection: without counting it, one client could open
+    max_sessions x max_viewers_per_session peers past limits.max_connections (and the open-file
+    limit it is sized to). Each takes a place; beyond, 503; a DELETE gives its place back."""
+    session_id = (await api.create_session())["sessionId"]
+    offer = (await (await new_client(api, whep_clients, session_id)).offer()).encode()
+    codes, locations = [], []
+    for _ in range(6):
+        code, body, response = await api.call("POST", f"/stream/{session_id}/whep", raw=offer,
+                                              headers={"Content-Type": "application/sdp"})
+        codes.append(code)
+        if code == 201:
+            locations.append(response.headers["Location"])
+        else:
+            assert_json_error(code, body, 503)
+            assert "max_connections" in body["error"]
+    assert 1 <= len(locations) <= 4 and codes == [201] * len(locations) + [503] * (6 - len(locations)), codes
+    assert len(proxy.whep.peers) == len(locations)
+    code, _, _ = await api.call("DELETE", locations[0])
+    assert code == 200
+    code, _, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer,
+                                headers={"Content-Type": "application/sdp"})
+    assert code == 201
 
 
 @pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})

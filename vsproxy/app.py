@@ -77,7 +77,9 @@ class Proxy:
                                                     cluster=self.cluster))
         self.monitor = Monitor(config, self.hubs, self.sessions, self.access,  # the operator dashboard's state
                                started_at=self.started_at, cluster=self.cluster)
-        self.whep = WhepPeers(config.webrtc.ice_servers)  # WebRTC peers (WHEP), by resource id
+        # Open client connections against limits.max_connections: every port's, and WebRTC peers.
+        self.connections = ConnectionCount(config.limits.max_connections)
+        self.whep = WhepPeers(config.webrtc.ice_servers, self.connections)  # WebRTC peers (WHEP), by resource id
         if self.cluster is not None:  # a DELETE of a WHEP resource works on every node
             self.whep.directory = cluster.WhepDirectory(self.cluster, self.whep)
         self._timers: list[PeriodicCallback] = []
@@ -176,7 +178,7 @@ class Proxy:
 
         Both ports share one `limits.max_connections` count (see vsproxy/server.py)."""
         context = self.ssl_context()
-        connections = ConnectionCount(self.config.limits.max_connections)
+        connections = self.connections
         self._server = ProxyServer(self.make_app(), server_config=self.config.server, connections=connections,
                                    ssl_options=context)
         self._servers = [self._server]

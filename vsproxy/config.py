@@ -128,7 +128,8 @@ class LimitsConfig:
     """Limits on what clients may make the proxy do."""
 
     max_connections: int = setting(4096, min=1, max=1_000_000, doc="open client connections, viewers "
-                                   "included; more are closed at once (keep it below the open-file limit)")
+                                   "included (a WebRTC peer counts as one; a WHEP offer beyond: 503); more are "
+                                   "closed at once (keep it below the open-file limit)")
     max_sessions: int = setting(100, min=1, max=1_000_000, doc="sessions in all; 503 beyond")
     max_sessions_per_user: int = setting(20, min=1, max=1_000_000, doc="sessions per userId; 429 beyond")
     max_viewers_per_session: int = setting(50, min=1, max=100_000, doc="viewers per session (in a cluster: "

@@ -64,6 +64,13 @@ class BadOffer(ClientError):
         self.status = status
 
 
+class ConnectionLimitReached(ClientError):
+    """limits.max_connections are open (a WebRTC peer counts as one: it holds sockets, not a TCP
+    connection): 503."""
+
+    status = 503
+
+
 class WebRtcDisabled(ClientError):
     """WHEP is switched off (webrtc.enabled: false)."""
 

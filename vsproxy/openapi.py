@@ -484,9 +484,10 @@ def _paths() -> dict[str, Any]:
                             "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
                             "an SDP offer, 406 without video or H.264). The peer is a viewer of the session like "
                             "any other (connections, limits.max_viewers_per_session: 503 ("
-                            + _VIEWER_LIMIT_CLUSTER + "), viewer tokens: 401/403, "
-                            "closed when the session is destroyed or its token expires, dropped after "
-                            "streaming.stall_timeout_seconds without RTCP from it).",
+                            + _VIEWER_LIMIT_CLUSTER + "), limits.max_connections: 503 (a peer counts as one "
+                            "connection), viewer tokens: 401/403, closed when the session is destroyed or its "
+                            "token expires, dropped after streaming.stall_timeout_seconds without RTCP from it "
+                            "while frames flow).",
             ),
             "options": {**_preflight("POST"), "description": "Also announces webrtc.ice_servers as Link headers "
                                                              "to an allowed Origin."},

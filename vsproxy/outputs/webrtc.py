@@ -28,12 +28,13 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BadOffer
+from ..errors import BadOffer, ConnectionLimitReached
 from .viewer import LatencyBuckets
 from .wire import WEBRTC
 
 if TYPE_CHECKING:
     from ..codec.h264 import AccessUnit
+    from ..server import ConnectionCount
     from .viewer import TransportStats
 
 log = logging.getLogger("vsproxy.webrtc")
@@ -107,9 +108,14 @@ def without_mdns_candidates(sdp: str) -> str:
     """The offer without its mDNS host candidates (`<uuid>.local`, how browsers hide local
     addresses). aioice would resolve each over multicast, holding the answer up for about a
     second, and from another network it never resolves; the browser's connectivity checks reach
-    us anyway and become peer-reflexive candidates."""
-    return "".join(line for line in sdp.splitlines(keepends=True)
-                   if not (line.startswith("a=candidate:") and ".local " in line))
+    us anyway and become peer-reflexive candidates. Where one was left out, so is
+    `a=end-of-candidates` (Firefox sends it): aioice would otherwise give up at once when no
+    candidate is left, before the browser's checks could arrive."""
+    lines = sdp.splitlines(keepends=True)
+    kept = [line for line in lines if not (line.startswith("a=candidate:") and ".local " in line)]
+    if len(kept) < len(lines):
+        kept = [line for line in kept if not line.startswith("a=end-of-candidates")]
+    return "".join(kept)
 
 
 def check_offer(sdp: str) -> None:
@@ -168,6 +174,10 @@ class WhepPeer:
     transport = WEBRTC
     send_text = None  # status messages have no channel here
     BEHIND_FRAMES = 3  # a keyframe finding this many frames queued: the sender is behind
+    # Receivers report on a stream only while it flows (Chromium: until 8 s after its last packet).
+    # After a pause this long (the upstream down) their silence is no sign of absence: the ICE
+    # consent checks (every ~5 s, RFC 7675) end a peer whose client went away meanwhile.
+    PAUSE_SECONDS = 5.0
     MAX_QUEUE_FRAMES = 600
     MAX_QUEUE_BYTES = 16 << 20
 
@@ -241,9 +251,11 @@ class WhepPeer:
 
     def stalled_for(self, now: float) -> float:
         """Seconds the peer has not taken what is queued for it, or (a receiver gone without a
-        DELETE) has sent no RTCP about our stream; receivers send RTCP at least every few seconds."""
+        DELETE) has sent no RTCP about our stream while it flows; receivers send RTCP at least
+        every few seconds while they get packets."""
         queue_stall = now - self.last_taken if self._queue else 0.0
-        return max(queue_stall, now - self.last_rtcp)
+        flowing = now - self.last_taken <= self.PAUSE_SECONDS
+        return max(queue_stall, now - self.last_rtcp if flowing else 0.0)
 
     def close(self, reason: str) -> None:
         """End the peer: off its session and hub, and its RTCPeerConnection closed."""
@@ -282,7 +294,10 @@ class WhepPeer:
                 self._waiter = None
         au = self._queue.popleft()
         self._queued_bytes -= len(au.data)
-        now = self.last_taken = time.monotonic()
+        now = time.monotonic()
+        if now - self.last_taken > self.PAUSE_SECONDS:  # the stream resumes, and the receiver's reports with it
+            self.last_rtcp = max(self.last_rtcp, now)
+        self.last_taken = now
         self.frames_sent += 1
         self.bytes_sent += len(au.data)
         self.stats.frames_sent += 1
@@ -317,8 +332,11 @@ class WhepPeers:
     """Every WHEP peer of the proxy by resource id: answers offers, finds peers for DELETE, and
     waits for their connections to close on shutdown."""
 
-    def __init__(self, ice_servers: list[dict]) -> None:
+    def __init__(self, ice_servers: list[dict], connections: ConnectionCount) -> None:
         self.ice_servers = ice_servers
+        # Each peer takes a place among limits.max_connections, as a TCP viewer does: it holds
+        # UDP sockets (one per local address) however few HTTP connections made it.
+        self.connections = connections
         self.peers: dict[str, WhepPeer] = {}
         self._closing: set[asyncio.Task] = set()
         # In a cluster, which node holds each peer (vsproxy.cluster.whep.WhepDirectory), so that
@@ -339,6 +357,9 @@ class WhepPeers:
         """A new peer for an SDP offer, and the SDP answer (every host candidate in it: no
         trickle ICE). BadOffer if the offer is not one vsproxy can answer."""
         check_offer(offer_sdp)
+        if self.connections.open >= self.connections.limit:
+            raise ConnectionLimitReached(f"limits.max_connections ({self.connections.limit}) are open; "
+                                         "try again later")
         _register_profiles()
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
@@ -356,11 +377,15 @@ class WhepPeers:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=without_mdns_candidates(offer_sdp),
                                                                     type="offer"))
+                # Answering fails too on offers aiortc took (no direction attribute, a repeated mid).
+                answer = await pc.createAnswer()
+                await pc.setLocalDescription(answer)
+            except OSError:  # this server's own sockets (gathering candidates): not the offer's fault
+                raise
             except Exception as exc:  # aiortc refuses an offer it cannot use with assorted errors
                 raise BadOffer(f"The SDP offer cannot be answered ({type(exc).__name__}: {exc})"[:300],
                                status=406 if "codec" in str(exc).lower() or "send parameters" in str(exc)
                                else 400) from None
-            await pc.setLocalDescription(await pc.createAnswer())
         except BaseException:
             await pc.close()
             raise
@@ -371,6 +396,7 @@ class WhepPeers:
                 peer.close(f"connection {pc.connectionState}")
 
         self.peers[peer.id] = peer
+        self.connections.open += 1
         if self.directory is not None:
             await self.directory.added(peer)
         return peer, pc.localDescription.sdp
@@ -390,8 +416,10 @@ class WhepPeers:
         return False
 
     def _closed(self, peer: WhepPeer) -> None:
-        if self.peers.pop(peer.id, None) is not None and self.directory is not None:
-            self.directory.removed(peer)
+        if self.peers.pop(peer.id, None) is not None:
+            self.connections.open -= 1
+            if self.directory is not None:
+                self.directory.removed(peer)
         if peer.expiry is not None:
             peer.expiry.cancel()
         task = asyncio.ensure_future(peer.pc.close())
