@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 import struct
+from fractions import Fraction
 
+import av
 import pytest
-from helpers import socket_pair, wait_until, write_buffer_bytes
+from helpers import socket_pair, wait_until, write_buffer_bytes, ws_server_messages
 from mjpeg_reader import MjpegReader
 
+from vsproxy.codec.h264 import split_nals
 from vsproxy.config import ReconnectConfig, StreamingConfig
 from vsproxy.hub import Frame, FrameHub, RateMeter, _picture_size
 from vsproxy.outputs import MJPEG, MJPEG_BOUNDARY, WS_BINARY, WS_JSON, TransportStats, Viewer, ws_frame
+from vsproxy.outputs.viewer import H264Viewer
+from vsproxy.outputs.wire import WS_H264
 from vsproxy.render import TestPattern, jpeg_size
 from vsproxy.sources import Source
 
@@ -338,3 +344,73 @@ async def test_text_reaches_websocket_viewers_and_listeners_not_viewers_without_
     finally:
         for s in (relay_stream, relay_client, ws_stream, ws_client):
             s.close()
+
+
+class ScriptedH264Source(Source):
+    """An upstream that delivers H.264 itself, one list of access units per connection, each
+    connection ending (lost) after its list, except the last, which stays up."""
+
+    kind = "test"
+    produces_h264 = True
+
+    def __init__(self, connections: list[list[bytes]]) -> None:
+        super().__init__("unit", None, ReconnectConfig(initial_delay_seconds=0.01))
+        self.connections = connections
+        self.connects = 0
+
+    async def run(self, hub) -> None:
+        units = self.connections[self.connects]
+        self.connects += 1
+        hub.set_connected()
+        for i, unit in enumerate(units):
+            hub.publish_h264(unit, 1_000_000 * self.connects + 33_000 * i)
+        if self.connects < len(self.connections):
+            raise ConnectionError("the camera hung up")
+        await asyncio.Event().wait()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_after_an_upstream_reconnect_h264_viewers_continue_at_its_next_keyframe():
+    """A camera that resumes mid-GOP after a reconnect (its encoder kept going): the access
+    units before its next keyframe refer to pictures the viewers never got on this connection,
+    so they are not passed on (garbage on screen); the GOP cache of the old connection goes too."""
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "tune": "zerolatency", "keyint": "250"}
+    units = []
+    for i in range(6):
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        frame.planes[0].update(bytes([i * 40]) * frame.planes[0].buffer_size)
+        frame.pts = i
+        if i == 5:
+            frame.pict_type = av.video.frame.PictureType.I
+        units += [bytes(p) for p in encoder.encode(frame)]
+    assert len(units) == 6
+    # Connection 1: keyframe, P, P, then lost; connection 2: P (mid-GOP), P, then a keyframe.
+    source = ScriptedH264Source([units[0:3], units[3:6]])
+    hub = FrameHub("unit", source, streaming=StreamingConfig(), reconnect=source.reconnect)
+    stream, client = socket_pair()
+    viewer = H264Viewer(stream, WS_H264, hub.stats[WS_H264], close=lambda reason: None)
+    hub.add_viewer(viewer)
+    session = object()
+    try:
+        hub.attach(session)  # type: ignore[arg-type]
+        await wait_until(lambda: source.connects == 2 and hub.connected, "the reconnect")
+        await asyncio.sleep(0.1)
+        client.setblocking(False)
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := client.recv(1 << 20):
+                data += chunk
+        received = [payload[9:] for opcode, payload in ws_server_messages(data) if opcode == 0x2]
+        slices = [[n for n in split_nals(u) if n[0] & 0x1F in (1, 5)] for u in units]
+        got = [[n for n in split_nals(u) if n[0] & 0x1F in (1, 5)] for u in received]
+        assert got == [slices[0], slices[1], slices[2], slices[5]], \
+            f"the viewer got access units {[slices.index(g) if g in slices else '?' for g in got]}"
+        assert len(hub.gop) == 1 and hub.gop[0].keyframe, "the GOP cache begins at the new keyframe"
+    finally:
+        hub.detach(session)  # type: ignore[arg-type]
+        await hub.stop()
+        stream.close()
+        client.close()

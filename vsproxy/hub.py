@@ -268,6 +268,9 @@ class FrameHub:
         self.state = "retrying"
         self.failures += 1
         self.last_error = reason
+        if self.source.produces_h264:  # passed through: the next connection's stream starts anew
+            self._h264.restart()
+            self.gop, self._gop_bytes = [], 0
         if was_connected:
             log.warning("upstream lost: %s", reason, extra={"upstream": self.name})
             self.notify("error", f"Upstream '{self.name}' lost: {reason}")

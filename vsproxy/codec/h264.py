@@ -299,6 +299,11 @@ class H264Parser:
         self._start_us = 0
         self._last_pts = 0
 
+    def restart(self) -> None:
+        """The stream starts anew (its upstream reconnected): access units before its next
+        keyframe are dropped, as at the start (they may refer to pictures of the old one)."""
+        self._started = False
+
     def accept(self, data: bytes, pts_us: int) -> AccessUnit | None:
         nals = split_nals(data)
         types = [nal_type(n) for n in nals]
