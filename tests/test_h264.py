@@ -8,6 +8,7 @@ viewer receives, and the decoded pictures are compared with the source JPEGs (PS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -567,3 +568,46 @@ async def test_an_mp4_viewer_is_closed_when_the_parameter_sets_change_at_the_sam
         client.close()
     assert closed[MP4] == ["the stream's parameters changed; reconnect"]
     assert closed[WS_H264] == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_viewer_that_skipped_the_change_of_stream_parameters_is_told_them_at_its_next_keyframe():
+    """A slow WebSocket viewer whose queue held the access unit that changed the stream's size
+    (with its config message) and was dropped when the next keyframe came: that keyframe brings
+    the config message, or the viewer's decoder would be left with the old size and codec."""
+    from vsproxy.codec.h264 import StreamConfig
+
+    old = StreamConfig("avc1.42E01E", 64, 48, b"\x67\x42\xe0\x1e", b"\x68\xce")
+    new = StreamConfig("avc1.42E01F", 128, 96, b"\x67\x42\xe0\x1f", b"\x68\xce")
+    units = [AccessUnit(b"\x00\x00\x00\x01\x65" + bytes(8 << 20), True, 0, old, 1),  # fills the socket
+             AccessUnit(b"\x00\x00\x00\x01\x41" + bytes(100), False, 33_333, old, 2),
+             AccessUnit(b"\x00\x00\x00\x01\x65" + bytes(100), True, 66_666, new, 3, config_changed=True),
+             AccessUnit(b"\x00\x00\x00\x01\x41" + bytes(100), False, 99_999, new, 4),
+             AccessUnit(b"\x00\x00\x00\x01\x65" + bytes(100), True, 133_332, new, 5)]
+    server, client = socket_pair()
+    viewer = H264Viewer(server, WS_H264, TransportStats(), close=lambda reason: None)
+    try:
+        for au in units:
+            viewer.offer(au, au.encoded(WS_H264))
+            await asyncio.sleep(0)
+        assert viewer.frames_dropped == 3, "units 2-4 were queued, then skipped for keyframe 5"
+        received = bytearray()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (viewer.pending is not None or viewer.busy or viewer._kernel_backlog()):
+            try:
+                received += client.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                viewer.flush_pending()
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(BlockingIOError):
+            received += client.recv(1 << 20)
+        messages = ws_server_messages(bytes(received))
+        configs = [json.loads(m) for op, m in messages if op == 1]
+        pts = [parse_message(m)[1] for op, m in messages if op == 2]
+        assert pts == [0, 133_332]
+        assert [(c["width"], c["height"]) for c in configs] == [(64, 48), (128, 96)]
+        assert [op for op, _ in messages] == [1, 2, 1, 2], "the new config comes before the keyframe"
+    finally:
+        server.close()
+        client.close()

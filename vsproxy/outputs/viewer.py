@@ -278,8 +278,10 @@ class H264Viewer(Viewer):
         self._queue: list[tuple[AccessUnit, bytes]] = []  # access units (with their bytes) to write
         self._queued_bytes = 0
         self.waiting_for_keyframe = True
-        self._config: StreamConfig | None = None  # the parameters this viewer's decoder was given
-        self._start_written = False  # the init segment / config message went out
+        # The stream parameters this viewer's decoder has once what is written and queued is
+        # delivered, and once what is written is (what a dropped queue falls back to).
+        self._config: StreamConfig | None = None
+        self._written_config: StreamConfig | None = None
 
     def _stream_start(self, au: AccessUnit) -> bytes:
         """What goes before the first access unit: the MP4 init segment, or the config message."""
@@ -305,32 +307,24 @@ class H264Viewer(Viewer):
                 self._drop(1)
                 return
             self.waiting_for_keyframe = False
-            if not self._start_written and not self._queue:
-                data = self._stream_start(au) + data
-            self._config = au.config
-        elif au.config is not self._config and au.config != self._config:
+        if au.keyframe and self._queue:  # behind by a whole GOP: skip ahead to this keyframe
+            self._drop_queue()
+        if au.config is not self._config and au.config != self._config:
             # An MP4 file cannot change its track mid-stream, nor its parameter sets (they live
             # in the init segment's avcC, not in the samples), even where size and codec stay.
-            if self.transport == MP4:
+            if self._config is not None and self.transport == MP4:
                 self.close("the stream's parameters changed; reconnect")
                 return
+            data = self._stream_start(au) + data  # also where a dropped queue held the change
             self._config = au.config
-        if au.keyframe and self._queue:  # behind by a whole GOP: skip ahead to this keyframe
-            self._drop(len(self._queue))
-            self._queue.clear()
-            self._queued_bytes = 0
-            if not self._start_written:  # what was dropped began with it
-                data = self._stream_start(au) + data
         if not self._queue and not (self._busy or self.stream.writing() or self._kernel_backlog()):
-            self._start_written = True
+            self._written_config = au.config
             self._write(data, au.arrived, age_offset=au.age_offset)
             return
         self._queue.append((au, data))
         self._queued_bytes += len(data)
         if len(self._queue) > self.MAX_QUEUE_FRAMES or self._queued_bytes > self.MAX_QUEUE_BYTES:
-            self._drop(len(self._queue))
-            self._queue.clear()
-            self._queued_bytes = 0
+            self._drop_queue()
             self.waiting_for_keyframe = True
             return
         if self._busy:
@@ -343,12 +337,19 @@ class H264Viewer(Viewer):
             # send the queue as soon as they have gone (checked again with every frame).
             self.flush_pending()
 
+    def _drop_queue(self) -> None:
+        """Drop what is queued (counted as dropped): the decoder is left with what was written."""
+        self._drop(len(self._queue))
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._config = self._written_config
+
     def flush_pending(self) -> None:
         queue = self._queue
         if not queue or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
             return
         self._queue = []
         self._queued_bytes = 0
-        self._start_written = True
         last = queue[-1][0]
+        self._written_config = last.config
         self._write(b"".join(data for _, data in queue), last.arrived, len(queue), age_offset=last.age_offset)
