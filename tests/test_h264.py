@@ -405,6 +405,23 @@ def fake_gop_units(count: int, gop: int, size: int = 20_000) -> list[AccessUnit]
                        i % gop == 0, i * 33_333, config, i + 1) for i in range(count)]
 
 
+async def read_everything_held(viewer: H264Viewer, client: socket.socket, timeout: float = 10) -> bytes:
+    """Read (non-blocking `client`) all that `viewer` wrote and holds, as the hub's tick would
+    flush it; the bytes received."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (viewer.pending is not None or viewer.busy or viewer._kernel_backlog()):
+        try:
+            received += client.recv(1 << 20)
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+            viewer.flush_pending()
+    await asyncio.sleep(0.05)
+    with contextlib.suppress(BlockingIOError):
+        received += client.recv(1 << 20)
+    return bytes(received)
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_throttled_h264_viewer_skips_to_keyframes_and_holds_at_most_one_gop():
     server, client = socket_pair()
@@ -423,21 +440,9 @@ async def test_a_throttled_h264_viewer_skips_to_keyframes_and_holds_at_most_one_
     assert viewer._queue[0][0].keyframe and viewer._queue[0][0].seq > units[-1].seq - 10
     # Reading again: everything still held arrives; wherever frames were skipped, the next one
     # received is a keyframe (a decoder never sees a frame whose reference it lacks).
-    received = bytearray()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (viewer._queue or viewer.busy or viewer._kernel_backlog()):
-        try:
-            received += client.recv(1 << 20)
-        except BlockingIOError:
-            await asyncio.sleep(0.01)
-            viewer.flush_pending()
-    await asyncio.sleep(0.05)
-    try:
-        received += client.recv(1 << 20)
-    except BlockingIOError:
-        pass
+    received = await read_everything_held(viewer, client)
     got = [(parse_message(m)[0], parse_message(m)[1] // 33_333)
-           for op, m in ws_server_messages(bytes(received)) if op == 2]
+           for op, m in ws_server_messages(received) if op == 2]
     assert got and got[-1][1] == units[-1].seq - 1, "it caught up with live"
     for (_, previous), (keyframe, index) in zip(got, got[1:], strict=False):
         assert index > previous
@@ -591,18 +596,7 @@ async def test_a_viewer_that_skipped_the_change_of_stream_parameters_is_told_the
             viewer.offer(au, au.encoded(WS_H264))
             await asyncio.sleep(0)
         assert viewer.frames_dropped == 3, "units 2-4 were queued, then skipped for keyframe 5"
-        received = bytearray()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (viewer.pending is not None or viewer.busy or viewer._kernel_backlog()):
-            try:
-                received += client.recv(1 << 20)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-                viewer.flush_pending()
-        await asyncio.sleep(0.05)
-        with contextlib.suppress(BlockingIOError):
-            received += client.recv(1 << 20)
-        messages = ws_server_messages(bytes(received))
+        messages = ws_server_messages(await read_everything_held(viewer, client))
         configs = [json.loads(m) for op, m in messages if op == 1]
         pts = [parse_message(m)[1] for op, m in messages if op == 2]
         assert pts == [0, 133_332]

@@ -92,18 +92,45 @@ def rtsp_server(tmp_path, request):
     server.stop()
 
 
-async def collect(viewer, out: list, stop: asyncio.Event, *, arrival: bool = False) -> None:
-    """The presentation times (or, with `arrival`, the arrival times) of a `format=h264` viewer's
-    access units, until `stop`."""
-    while not stop.is_set():
-        try:
-            message = await asyncio.wait_for(viewer.read_message(), 0.5)
-        except asyncio.TimeoutError:
-            continue
-        if message is None:
-            return
-        if isinstance(message, bytes):
-            out.append(time.monotonic() if arrival else int.from_bytes(message[1:9], "big"))
+class Collector:
+    """A `format=h264` viewer of a new session, recording its access units' presentation times
+    (or, with `arrival`, their arrival times) in `times` until `stop`."""
+
+    def __init__(self, viewer, *, arrival: bool = False) -> None:
+        self.viewer, self.arrival = viewer, arrival
+        self.times: list = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._collect())
+
+    @classmethod
+    async def start(cls, api, ws_connect, *, arrival: bool = False, with_jpeg_viewer: bool = False) -> Collector:
+        session_id = (await api.create_session())["sessionId"]
+        viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+        if with_jpeg_viewer:  # JPEG wanted: the decoder runs
+            await ws_connect(f"/stream/{session_id}?format=binary")
+        return cls(viewer, arrival=arrival)
+
+    async def _collect(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = await asyncio.wait_for(self.viewer.read_message(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            if message is None:
+                return
+            if isinstance(message, bytes):
+                self.times.append(time.monotonic() if self.arrival else int.from_bytes(message[1:9], "big"))
+
+    async def until(self, done, timeout: float = 30) -> None:
+        """Wait until `done()` (or `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while not done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> list:
+        self._stop.set()
+        await self._task
+        return self.times
 
 
 def bad_steps(times: list[int]) -> list[tuple[int, int]]:
@@ -173,22 +200,14 @@ async def test_a_b_frame_stream_is_re_encoded_and_its_first_mp4_viewer_plays_it(
 @pytest.mark.parametrize("rtsp_server", [(0.0, None)], indirect=True)
 async def test_decoded_b_frame_pictures_stay_a_millisecond_apart_across_a_reconnect(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
-    session_id = (await api.create_session())["sessionId"]
-    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
-    times: list[int] = []
-    stop = asyncio.Event()
-    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    collector = await Collector.start(api, ws_connect)
     hub = proxy.hubs[UPSTREAM]
-    deadline = time.monotonic() + 30
-    while len(times) < 60 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    await collector.until(lambda: len(collector.times) >= 60)
     assert hub.source.b_frames
     connects = hub.connects
     await asyncio.get_running_loop().run_in_executor(None, rtsp_server.restart)  # straight to re-encoding
-    while (hub.connects == connects or len(times) < 150) and time.monotonic() < deadline + 30:
-        await asyncio.sleep(0.1)
-    stop.set()
-    await reader
+    await collector.until(lambda: hub.connects > connects and len(collector.times) >= 150, timeout=60)
+    times = await collector.stop()
     assert hub.connects > connects and hub.source.status()["passedThrough"] == 0
     assert not bad_steps(times), f"presentation times less than 1 ms apart (index, step in us): {bad_steps(times)}"
 
@@ -197,20 +216,12 @@ async def test_decoded_b_frame_pictures_stay_a_millisecond_apart_across_a_reconn
 @pytest.mark.parametrize("rtsp_server", [(3.0, None)], indirect=True)
 async def test_the_mid_stream_switch_keeps_presentation_times_increasing(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
-    session_id = (await api.create_session())["sessionId"]
-    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
-    await ws_connect(f"/stream/{session_id}?format=binary")  # JPEG wanted: the decoder is running at the switch
-    times: list[int] = []
-    stop = asyncio.Event()
-    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    collector = await Collector.start(api, ws_connect, with_jpeg_viewer=True)  # the decoder runs at the switch
     hub = proxy.hubs[UPSTREAM]
-    deadline = time.monotonic() + 30
-    while not hub.source.b_frames and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await collector.until(lambda: hub.source.b_frames)
     assert hub.source.b_frames, "B-frames start 3 s into the stream"
     await asyncio.sleep(2)
-    stop.set()
-    await reader
+    times = await collector.stop()
     assert hub.encoder is not None and hub.encoder.running
     assert not bad_steps(times), f"presentation times less than 1 ms apart or back (index, step in us): " \
                                   f"{bad_steps(times)}"
@@ -222,20 +233,13 @@ async def test_the_mid_stream_switch_does_not_wait_for_the_next_keyframe(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
     """Only H.264 viewers (no decoder running at the switch): the re-encoded stream follows the
     passed-through one within a fraction of the 1 s GOP."""
-    session_id = (await api.create_session())["sessionId"]
-    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
-    arrivals: list[float] = []
-    stop = asyncio.Event()
-    reader = asyncio.ensure_future(collect(viewer, arrivals, stop, arrival=True))
+    collector = await Collector.start(api, ws_connect, arrival=True)
     hub = proxy.hubs[UPSTREAM]
-    deadline = time.monotonic() + 30
-    while not hub.source.b_frames and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    await collector.until(lambda: hub.source.b_frames)
     assert hub.source.b_frames, "B-frames start 3 s into the stream"
     switched = time.monotonic()
     await asyncio.sleep(2)
-    stop.set()
-    await reader
+    arrivals = await collector.stop()
     around = [t for t in arrivals if switched - 1 < t < switched + 1.5]
     gap = max(b - a for a, b in zip(around, around[1:], strict=False))
     assert gap < 0.5, f"{gap:.2f} s without a frame at the switch"
@@ -248,17 +252,10 @@ async def test_a_clock_glitch_without_b_frames_is_still_passed_through(
         rtsp_server, api, ws_connect, proxy):  # noqa: F811
     """Presentation times that step back on P-frames (a camera's clock wobbling) are not
     B-frames: the stream stays passed through, untouched and not decoded."""
-    session_id = (await api.create_session())["sessionId"]
-    viewer = await ws_connect(f"/stream/{session_id}?format=h264")
-    times: list[int] = []
-    stop = asyncio.Event()
-    reader = asyncio.ensure_future(collect(viewer, times, stop))
+    collector = await Collector.start(api, ws_connect)
     hub = proxy.hubs[UPSTREAM]
-    deadline = time.monotonic() + 30
-    while len(times) < 75 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    stop.set()
-    await reader
+    await collector.until(lambda: len(collector.times) >= 75)
+    times = await collector.stop()
     assert len(times) >= 75 and times == sorted(times)
     assert not hub.source.b_frames and hub.source.produces_h264
     assert hub.source.stats["decoded"] == 0 and (hub.encoder is None or not hub.encoder.running)
