@@ -299,6 +299,15 @@ class H264Parser:
         self._start_us = 0
         self._last_pts = 0
 
+    def restart(self) -> None:
+        """A new encoder takes over the stream: forget the parameter sets and wait for its first
+        keyframe, but keep the configuration and the time base. Viewers who watch on (a cluster
+        edge that became the origin) then see one stream: decode times go on forward, and where
+        the new parameters are the same no change is announced (where they differ, `accept`
+        says so as ever)."""
+        self.sps = self.pps = None
+        self._started = False
+
     def accept(self, data: bytes, pts_us: int) -> AccessUnit | None:
         nals = split_nals(data)
         types = [nal_type(n) for n in nals]
