@@ -7,13 +7,15 @@ nodes as `python -m vsproxy` subprocesses (tests/test_cluster.py's `Node`)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 
+import av
 import pytest
 import tornado.websocket
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
-from helpers import WhepClient, assert_json_error, free_port, wait_until
+from helpers import WhepClient, assert_json_error, free_port, raw_request, wait_until
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
 from test_h264_rtsp import read_directly
@@ -298,3 +300,39 @@ async def test_a_lingering_edge_that_wants_nothing_keeps_its_quiet_relay(make_no
     assert "no frame from origin" not in edge.log()
     await real_frame(await edge.viewer(sid), sim30, 5)
     assert (await edge.upstream())["connects"] == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_edge_mp4_viewer_plays_on_when_the_edge_becomes_the_origin(make_nodes, sim30):
+    """The origin dies; the edge takes the upstream and runs its own encoder, with the same
+    parameters: its stream.mp4 viewer carries on in the same file, so the decode times go on
+    forward (they went back to 0: a player drops every frame as hours late, or stalls)."""
+    origin, edge = await started(make_nodes(2, sim30.port))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), sim30, 15)
+    head, mp4 = await raw_request(edge.port, f"/stream/{sid}/stream.mp4")
+    assert head.status == 200
+    data = bytearray(head.body)
+
+    async def read_fragments(count: int) -> None:
+        target = data.count(b"moof") + count
+        deadline = time.monotonic() + 20
+        while data.count(b"moof") < target:
+            assert time.monotonic() < deadline, "no fragments"
+            data.extend(await asyncio.wait_for(mp4.read_bytes(65536, partial=True), 20))
+
+    await read_fragments(30)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+    origin.kill()
+    await read_fragments(30)  # from the edge's own encoder, after the failover
+    mp4.close()
+    assert (await edge.upstream())["source"]["role"] == "origin"
+
+    with av.open(io.BytesIO(bytes(data)), format="mp4") as container:
+        video = container.streams.video[0]
+        packets = [p for p in container.demux(video) if p.size]
+        decode_times = [p.dts for p in packets]
+        assert decode_times == sorted(decode_times), "decode times must only go forward"
+        assert packets[0].is_keyframe
+        decoded = [f for p in packets for f in video.codec_context.decode(p)]
+    assert len(decoded) >= len(packets) - 2

@@ -167,3 +167,27 @@ async def test_redis_down_refuses_new_viewers_and_places_come_back(cluster, sim,
             pass
     await asyncio.sleep(0.5)  # the viewers' places given back after the destroy do not bring the key back
     assert redis_server.command("EXISTS", f"vsproxy:viewers:{sid}") == b":0\r\n"
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_place_taken_while_redis_hung_is_given_back(cluster, sim, redis_server):  # noqa: F811
+    """Redis stops answering (SIGSTOP: a stall, a long fork) while a viewer connects: it is refused
+    after the 2 s timeout, but its place request waits in Redis and runs once Redis goes on. The
+    node's next heartbeat takes that place back, even where a viewer leaving meanwhile brought the
+    node's own count to 0 (the place was held by nobody, for good)."""
+    node1, node2 = await started(cluster(2, {"limits": {"max_viewers_per_session": 2}}))
+    sid = await create_session(node1)
+    first = await admit(node1, sid)
+    await real_frame(first, sim, 15)
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        assert await refused(node1, sid) == REDIS_DOWN  # its place request is queued in Redis
+        first.close()  # its place given back: queued too
+        await asyncio.sleep(0.5)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await asyncio.sleep(3)  # a few heartbeats
+    assert redis_server.command("EXISTS", f"vsproxy:viewers:{sid}") == b":0\r\n", \
+        redis_server.command("HGETALL", f"vsproxy:viewers:{sid}")
+    for node in (node1, node2):  # nobody watches: both places are free
+        await real_frame(await admit(node, sid), sim, 15)

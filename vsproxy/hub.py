@@ -375,7 +375,7 @@ class FrameHub:
         if self.encoder is None:
             self.encoder = H264Encoder(self.name, self.h264_settings, self.publish_h264)
         if not self.encoder.running:
-            self._h264 = H264Parser()  # a new encoder starts a new stream
+            self._h264.restart()  # a new encoder: its own parameter sets, from its first keyframe
             self.gop, self._gop_bytes = [], 0
             self.encoder.start()
             if seed and self.latest is not None and not self.latest.offline:

@@ -200,8 +200,10 @@ class ClusterSessionManager(SessionManager):
         self._write_places = redis.register_script(_PLACES)
         self._reaping: asyncio.Future | None = None
         # Viewer places (see the module docstring). `_places`: session ID -> what this node holds in
-        # Redis, as of the calls sent (an entry at 0 after a failed call: written again at the next
-        # heartbeat). `_reserved`: places taken for viewers not added yet.
+        # Redis, as of the calls sent. An entry is dropped only by the heartbeat that wrote it at 0:
+        # a call that timed out may still run in Redis later (a stalled Redis runs it when it goes
+        # on), so not even a later give-back that brings the count to 0 says what Redis holds.
+        # `_reserved`: places taken for viewers not added yet.
         self._place_field = f"{cluster.instance}:{cluster.node_id}"
         self._places: dict[str, int] = {}
         self._reserved: Counter[str] = Counter()
@@ -360,7 +362,7 @@ class ClusterSessionManager(SessionManager):
                 self._places[sid] = self._places.get(sid, 0) + 1
                 self._reserved[sid] += 1
         except ClusterUnavailable:
-            self._places.setdefault(sid, 0)  # the script may have run: the next heartbeat says what we hold
+            self._places.setdefault(sid, 0)  # the script may run yet: the next heartbeat says what we hold
             raise
         finally:
             self._exit()
@@ -414,12 +416,10 @@ class ClusterSessionManager(SessionManager):
         try:
             if self._places_closed:  # shut down: the node's registration, and with it its places, is gone
                 return
-            held = self._places[session_id] = self._places.get(session_id, 0) - 1
+            self._places[session_id] = self._places.get(session_id, 0) - 1
             await self._leave(keys=[viewers_key(session_id)], args=[self._place_field])
-            if held <= 0 and self._places.get(session_id) == held:
-                del self._places[session_id]
         except REDIS_ERRORS as exc:
-            self.cluster.failed(exc)  # the entry stays: the next heartbeat writes it again
+            self.cluster.failed(exc)
         finally:
             self._exit()
 

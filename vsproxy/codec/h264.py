@@ -300,8 +300,13 @@ class H264Parser:
         self._last_pts = 0
 
     def restart(self) -> None:
-        """The stream starts anew (its upstream reconnected): access units before its next
-        keyframe are dropped, as at the start (they may refer to pictures of the old one)."""
+        """The stream starts anew: its upstream reconnected, or a new encoder takes over (a
+        cluster edge that became the origin). Forget the parameter sets and drop access units
+        until its next keyframe (they may refer to pictures of the old stream), but keep the
+        configuration and the time base: viewers who watch on see one stream whose decode times go
+        on forward, and where the new parameters are the same no change is announced (where they
+        differ, `accept` says so as ever)."""
+        self.sps = self.pps = None
         self._started = False
 
     def accept(self, data: bytes, pts_us: int) -> AccessUnit | None:
