@@ -124,6 +124,17 @@ async def test_embed_player_with_control_sends_input_to_the_simulator(sim, api, 
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_embed_player_mjpeg_mode_shows_the_stream_frame_rate(api, base_url):
+    """The overlay's fps in MJPEG mode is the stream's (30 here), not a sampling timer's 10."""
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?mode=mjpeg")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 5")
+        await wait_page(page, "Number(document.getElementById('fps').textContent) >= 20", timeout=10)
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_embed_player_shows_the_session_ended(api, base_url):
     created = await api.create_session()
     async with chromium() as browser:
