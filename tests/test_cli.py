@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import tornado.websocket
-from helpers import free_port, read_until_closed
+from conftest import Api
+from helpers import WhepClient, free_port, read_until_closed
 from tornado.httpclient import HTTPRequest
 
 from vsproxy import __version__
@@ -170,15 +171,20 @@ def test_out_of_range_port_flag_exits_2(tmp_path):
 
 
 def test_port_in_use_exits_1_without_traceback(tmp_path):
-    """A busy port is reported in one log line and the process exits 1."""
+    """A busy port is reported in one log line that says what to do, and the process exits 1; the
+    simulator's likewise."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_vsproxy(["--host", "127.0.0.1", "--port", str(port)], tmp_path)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert str(port) in result.stderr
+        results = [run_vsproxy(["--host", "127.0.0.1", "--port", str(port)], tmp_path),
+                   run_vsproxy(["simulate", "--host", "127.0.0.1", "--port", str(port)], tmp_path)]
+    for result in results:
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert f"127.0.0.1:{port}: Address already in use" in line
+        assert "choose another port with --port" in line
 
 
 # -- a serving process -------------------------------------------------------------------------
@@ -241,6 +247,30 @@ def test_json_log_format(tmp_path):
     assert any(e.get("session") == session_id and "created" in e["message"] for e in entries), entries
     assert any(str(port) in e["message"] for e in entries), "no startup line naming the port"
 
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_webrtc_peer_logs_vsproxys_lines_not_ice_chatter(tmp_path):
+    """At the default log level a WebRTC viewer is vsproxy's connect line, not aioice's several
+    lines of candidate checks (with the peers' addresses) per peer; --log-level debug keeps them."""
+    for level, chatter in (("info", False), ("debug", True)):
+        port = free_port()
+        server = Server(["--host", "127.0.0.1", "--port", str(port), "--log-level", level], tmp_path)
+        client = None
+        try:
+            server.wait_healthy(port)
+            session_id = create_session(port)
+            client = WhepClient(Api(f"http://127.0.0.1:{port}"), f"/stream/{session_id}/whep")
+            assert await client.connect() == 201
+            await client.frames(3)
+            assert server.signal_and_wait(signal.SIGTERM) == 0
+        finally:
+            if client is not None:
+                await client.close()
+            server.stop()
+        log = server.stderr()
+        assert "client connected (webrtc)" in log
+        assert ("aioice" in log) is chatter, log
 
 def test_port_flag_overrides_environment(tmp_path):
     env_port, flag_port = two_free_ports()

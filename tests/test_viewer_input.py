@@ -402,6 +402,23 @@ async def test_embed_control_on_an_upstream_without_input_says_so_quietly(api, b
         assert await page.inner_text("#badge") == "view only"
 
 
+
+@pytest.mark.browser
+@pytest.mark.parametrize("forced", ["transport=webrtc", "mode=mjpeg"])
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_control_on_a_player_without_websocket_says_so_quietly(sim, api, base_url, forced):
+    """Input travels over the WebSocket: a player forced to WebRTC or MJPEG cannot send it, so it
+    says why instead of showing the "control" badge (it did, and clicks and keys went nowhere)."""
+    sid = (await api.create_session())["sessionId"]  # the simulator: it takes input
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{sid}/embed?control=1&{forced}")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 2")
+        player = await page.evaluate(PLAYER)
+        assert player["control"] is False, player
+        assert player["note"] == f"Control input needs the WebSocket player: open it without ?{forced}"
+        assert await page.inner_text("#badge") == "view only"
+
 PARENT_PORT = free_port()
 PARENT = f"http://127.0.0.1:{PARENT_PORT}"
 PARENT_PAGE = """<!doctype html><meta charset=utf-8><title>parent</title><iframe id=player width=640 height=360>

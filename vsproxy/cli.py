@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import ssl
@@ -69,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(config))
 
 
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    """The one log line for a port that cannot be bound; a busy one says what to do."""
+    line = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        line += " (another process, perhaps another vsproxy, has it: choose another port with --port)"
+    return line
+
 async def _wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,7 +103,7 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
         log.error("cannot load tls.cert_file/tls.key_file: %s", exc.reason or exc)
         return 2
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        log.error("%s", _cannot_listen(host, port, exc))
         return 1
     addresses = server.addresses()
     default = config.upstream_configs()[1]
@@ -121,7 +130,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     try:
         sim.listen(args.port, address=args.host)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc.strerror or exc)
+        log.error("%s", _cannot_listen(args.host, args.port, exc))
         return 1
     await _wait_for_signal()
     await sim.stop()

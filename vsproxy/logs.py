@@ -44,3 +44,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # Tornado's own access log duplicates ours (vsproxy.access).
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    # aioice narrates every WebRTC peer's ICE checks at info (several lines, with addresses); the
+    # peer's connect and close are vsproxy's own lines. Its detail stays for --log-level debug.
+    logging.getLogger("aioice").setLevel(logging.DEBUG if level.lower() == "debug" else logging.WARNING)
