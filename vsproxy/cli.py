@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(config))
 
 
-
 def _cannot_listen(host: str, port: int, exc: OSError) -> str:
     """The one log line for a port that cannot be bound; a busy one says what to do."""
     line = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     if exc.errno == errno.EADDRINUSE:
         line += " (another process, perhaps another vsproxy, has it: choose another port with --port)"
     return line
+
 
 async def _wait_for_signal() -> None:
     stop = asyncio.Event()
