@@ -402,3 +402,26 @@ async def test_event_streams_that_never_read_hold_one_event_then_are_dropped(api
     await wait_until(lambda: received.count(b"data: ") > before, "the reading dashboard's next event")
     reading.cancel()
     reader.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_requests_that_are_no_websocket_handshake_get_a_json_error_that_says_why(api, http_port):
+    """A viewer URL opened without a WebSocket upgrade (curl, a proxy that drops the Upgrade
+    header, a foreign page, an old client) is told why in the JSON error every other refusal has,
+    not in Tornado's plain text."""
+    session_id = (await api.create_session())["sessionId"]
+    path = f"/stream/{session_id}"
+    cases = [
+        ({"Upgrade": "h2c"}, 400, "Upgrade: websocket"),
+        ({"Connection": "keep-alive"}, 400, "Connection: Upgrade"),
+        ({"Origin": "http://evil.example"}, 403, "cors.allowed_origins"),
+        ({"Sec-WebSocket-Version": "99"}, 426, "13"),
+    ]
+    for headers, status, says in cases:
+        response, _ = await ws_handshake(http_port, path, headers=headers)
+        assert response.headers.get("Content-Type", "").startswith("application/json"), (headers, response.body)
+        body = json.loads(response.body)
+        assert_json_error(response.status, body, status)
+        assert says in body["error"], (headers, body)
+    response, _ = await ws_handshake(http_port, path, headers={"Sec-WebSocket-Version": "99"})
+    assert response.headers["Sec-WebSocket-Version"] == "13"

@@ -59,6 +59,11 @@ def _error(description: str, headers: dict | None = None) -> dict[str, Any]:
     return _json(_schema("Error"), description, headers)
 
 
+# The answer to a WebSocket handshake of a version Tornado does not speak.
+_WS_VERSION_ERROR = _error("Unsupported Sec-WebSocket-Version.",
+                           {"Sec-WebSocket-Version": {"required": True, "schema": {"type": "string"}}})
+
+
 def _html(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
 
@@ -520,17 +525,11 @@ def _paths() -> dict[str, Any]:
                 "WebSocket stream (upgrade)", "streams", VIEWER_SECURITY,
                 {
                     "101": {"description": "Upgraded. See x-websocket for the messages."},
-                    "400": {"description": "A bad query parameter (JSON Error), or not a WebSocket handshake "
-                                           "(Tornado's plain-text answer).",
-                            "content": {"application/json": {"schema": _schema("Error")},
-                                        "text/html": {"schema": {"type": "string"}}}},
+                    "400": _error("A bad query parameter, or not a WebSocket handshake."),
                     "401": _ref("responses", "Unauthorized"),
-                    "403": {"description": "Invalid viewer token (JSON Error), or an Origin not in "
-                                           "cors.allowed_origins (plain text).",
-                            "content": {"application/json": {"schema": _schema("Error")},
-                                        "text/html": {"schema": {"type": "string"}}}},
+                    "403": _error("Invalid viewer token, or an Origin not in cors.allowed_origins."),
                     "404": _ref("responses", "NotFound"),
-                    "426": {"description": "Unsupported Sec-WebSocket-Version."},
+                    "426": _WS_VERSION_ERROR,
                 },
                 operationId="streamWebSocket",
                 parameters=[_ref("parameters", "token"), _ref("parameters", "format"), _ref("parameters", "fps")],
@@ -610,14 +609,12 @@ def _ingest_paths() -> dict[str, Any]:
                 "Publisher WebSocket (upgrade)", "ingest", PUBLISH_SECURITY,
                 {
                     "101": {"description": "Upgraded. See x-websocket for the messages."},
-                    "400": {"description": "Not a WebSocket handshake (Tornado's plain-text answer).",
-                            "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "400": _error("Not a WebSocket handshake."),
                     "401": _ref("responses", "Unauthorized"),
-                    "403": {"description": "An Origin not in cors.allowed_origins (plain text).",
-                            "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "403": _error("An Origin not in cors.allowed_origins."),
                     "404": _error(not_push),
                     "409": _error("Another publisher is connected to this upstream (one at a time)."),
-                    "426": {"description": "Unsupported Sec-WebSocket-Version."},
+                    "426": _WS_VERSION_ERROR,
                 },
                 operationId="ingestWebSocket",
                 description=(

@@ -271,10 +271,34 @@ class WebSocketMixin(HandlerMixin):
     (frames are pre-built once for every viewer, and JPEG does not compress), and refusals
     answered before the upgrade with a JSON body so a client sees why."""
 
+    WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
+
     def check_origin(self, origin: str) -> bool:
         return self.origin_allowed(origin)
 
     def get_compression_options(self) -> None:
+        return None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Tornado's own handshake checks first, refused as JSON like every other refusal (Tornado
+        answers them in plain text); then the upgrade."""
+        error = self.handshake_error()
+        if error is not None:
+            return self.refuse(*error)
+        await super().get(*args, **kwargs)  # type: ignore[misc]
+
+    def handshake_error(self) -> tuple[int, str, dict[str, str] | None] | None:
+        """(status, error, headers) where the request is no WebSocket handshake vsproxy takes."""
+        headers = self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket":
+            return 400, "Not a WebSocket handshake (it needs 'Upgrade: websocket')", None
+        if "upgrade" not in (part.strip().lower() for part in headers.get("Connection", "").split(",")):
+            return 400, "Not a WebSocket handshake (it needs 'Connection: Upgrade')", None
+        origin = headers.get("Origin")
+        if origin is not None and not self.check_origin(origin):
+            return 403, "This Origin may not open WebSockets here (see cors.allowed_origins)", None
+        if headers.get("Sec-WebSocket-Version") not in self.WEBSOCKET_VERSIONS:
+            return 426, "Unsupported Sec-WebSocket-Version (this server speaks 13)", {"Sec-WebSocket-Version": "13"}
         return None
 
     def refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
