@@ -8,6 +8,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from vsproxy import sources
@@ -53,3 +54,34 @@ def test_openapi_enums_come_from_the_registries():
     text = repr(doc)
     assert repr(list(sources.KINDS)) in text
     assert repr(list(WS_FORMATS)) in text
+
+
+def test_the_security_example_copied_as_it_stands_is_refused_until_its_placeholders_are_replaced():
+    """The README's security example has a placeholder for every secret; a deployment that copies
+    it verbatim does not start with secrets everyone has read (one line naming the key), and
+    starts once each placeholder is a random value."""
+    import re
+    import secrets
+
+    from vsproxy.config import ConfigError, config_from_dict
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Security\n.*?```yaml\n(.*?)```", readme, re.S)
+    assert block, "README.md lacks the security example"
+    tree = yaml.safe_load(block.group(1))
+    tree.pop("tls")  # its example files do not exist here
+    placeholders = re.findall(r'"<[^">]*>"', block.group(1))
+    assert len(placeholders) >= 4, "every secret of the example is a placeholder"
+    auth = tree["auth"]
+    replace = {  # in the order they are checked: replacing one has the next refused
+        "auth.api_tokens[0]": lambda: auth.update(api_tokens=[secrets.token_urlsafe(32)]),
+        "auth.viewer_tokens.secret": lambda: auth["viewer_tokens"].update(secret=secrets.token_urlsafe(32)),
+        "auth.metrics_token": lambda: auth.update(metrics_token=secrets.token_urlsafe(32)),
+        "auth.operators.admin": lambda: auth["operators"].update(admin=secrets.token_urlsafe(12)),
+    }
+    for secret_key, replace_it in replace.items():
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(tree)
+        assert info.value.key == secret_key and "placeholder" in str(info.value)
+        replace_it()
+    config_from_dict(tree)

@@ -23,7 +23,7 @@ import yaml
 from . import sources
 from .auth import redact_url
 from .codec.encoder import H264Config
-from .schema import ConfigError, number_text, setting
+from .schema import ConfigError, check_not_placeholder, number_text, setting
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
 
@@ -517,13 +517,17 @@ def _cross_checks(config: Config) -> None:
             raise ConfigError(f"webrtc.ice_servers[{i}]", "a TURN server needs username and credential")
     auth = config.auth
     for i, token in enumerate(auth.api_tokens):
+        check_not_placeholder(f"auth.api_tokens[{i}]", token)
         if len(token) < 16:
             raise ConfigError(f"auth.api_tokens[{i}]", "expected a token of at least 16 characters")
+    check_not_placeholder("auth.viewer_tokens.secret", auth.viewer_tokens.secret)
     if auth.viewer_tokens.enabled and len(auth.viewer_tokens.secret) < 32:
         raise ConfigError("auth.viewer_tokens.secret", "expected a secret of at least 32 characters when enabled")
+    check_not_placeholder("auth.metrics_token", auth.metrics_token)
     if auth.metrics_token and len(auth.metrics_token) < 16:
         raise ConfigError("auth.metrics_token", "expected a token of at least 16 characters")
     for user, password in auth.operators.items():
+        check_not_placeholder(f"auth.operators.{user}", password)
         if not user or ":" in user or len(password) < 8:
             raise ConfigError(f"auth.operators.{user}",
                               "expected a user name without ':' and a password of 8+ characters")
@@ -566,6 +570,7 @@ def _check_cluster(config: Config) -> None:
     if not cluster.token:
         raise ConfigError("cluster.token", "required when cluster.redis_url is set (the nodes authenticate to "
                                            "each other with it)")
+    check_not_placeholder("cluster.token", cluster.token)
     if len(cluster.token) < 16:
         raise ConfigError("cluster.token", "expected a token of at least 16 characters")
     url = cluster.advertise_url

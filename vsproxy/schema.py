@@ -40,3 +40,11 @@ def setting(default: Any = dataclasses.MISSING, *, doc: str, min: float | None =
 def number_text(value: float) -> str:
     """A bound as people write it: 65535, 16777216, 0.05 (never 1.67772e+07)."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def check_not_placeholder(key: str, secret: str) -> None:
+    """A secret copied from an example as it stands ("<32+ random characters>") is refused: it is
+    long enough, and known to everyone who read the example."""
+    if secret.startswith("<") and secret.endswith(">"):
+        raise ConfigError(key, "replace the example's placeholder with a random value (e.g. "
+                               "python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import render
 from ..auth import token_matches
-from ..schema import ConfigError, setting
+from ..schema import ConfigError, check_not_placeholder, setting
 from .base import HubLink, Source
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class PushSource(Source):
 
     @classmethod
     def check_settings(cls, settings: PushUpstream, key: str) -> None:
+        check_not_placeholder(f"{key}.token", settings.token)
         if len(settings.token) < 8:
             raise ConfigError(f"{key}.token", "expected a publish token of at least 8 characters")
 
