@@ -308,7 +308,8 @@ class Viewer:
             self.stamp = read_stamp(peek)
         else:
             return
-        if self.stamp is not None and self.kind == "trickle" and self.stats.measuring:
+        # Staleness in camera frames needs the camera's stamp (H.264 has none: its age tells).
+        if self.stamp is not None and self.kind == "trickle" and self.stats.measuring and self.transport != WS_H264:
             self.staleness.append(self.stats.camera.seq - self.stamp[0])
 
     def _frame_done(self, now_ns: int) -> None:

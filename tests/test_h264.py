@@ -509,6 +509,39 @@ async def test_an_h264_viewer_whose_link_fills_for_a_moment_gets_every_frame_whe
     assert lags[len(lags) // 2] < 0.25, f"median lag {lags[len(lags) // 2]:.3f} s"
 
 
+@pytest.mark.slow
+@pytest.mark.config({"h264": {"preset": "ultrafast", "crf": 4, "keyframe_interval_seconds": 2}})  # ~100 KB/s
+@pytest.mark.gen_test(timeout=40)
+async def test_an_h264_viewer_on_a_link_slower_than_the_stream_gets_pictures_seconds_old_not_a_gop(
+        api, http_port, proxy):
+    """A viewer whose link carries a quarter of the stream's bitrate cannot see every frame; it
+    gets the freshest it can: the proxy never commits more than a quarter of a second of the
+    stream to its socket at once, so what it reads is at most about a keyframe interval (2 s here)
+    plus that old: 2.3 s measured (a whole GOP written at once: 4.4-5.6 s)."""
+    session_id = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    sock = await small_buffer_ws(http_port, f"/stream/{session_id}?format=h264", rcvbuf=4096)
+    received = bytearray()
+    ages: list[float] = []  # arrival here minus presentation (capture) time, per access unit
+    started = time.monotonic()
+    try:
+        while time.monotonic() < started + 14:
+            data = await asyncio.wait_for(loop.sock_recv(sock, 2048), WAIT)
+            assert data, "the proxy closed the connection"
+            received += data
+            units = [m for op, m in ws_server_messages(bytes(received)) if op == 2]
+            ages += [time.time() - parse_message(m)[1] / 1e6 for m in units[len(ages):]]
+            await asyncio.sleep(0.08)  # about 25 KB/s
+    finally:
+        sock.close()
+    gop = proxy.hubs["demo"].gop  # the access units since the last keyframe, 30 a second
+    stream_rate = sum(len(au.data) for au in gop) / len(gop) * 30
+    assert len(received) / 14 < stream_rate / 2, f"the link ({len(received) / 14:.0f} B/s) is not slower " \
+                                                 f"than the stream ({stream_rate:.0f} B/s)"
+    late = [a for a in ages[len(ages) // 3:]]  # once the first GOP (fast start) is read
+    assert late and max(late) < 3.5, f"access units up to {max(late):.1f} s old"
+
+
 # -- end to end: what a viewer decodes against what the camera sent -----------------------------------
 
 

@@ -262,15 +262,18 @@ class Viewer:
 class H264Viewer(Viewer):
     """A viewer of an H.264 transport. The frames of a GOP depend on each other, so it cannot
     keep only the newest one: while its socket is busy it queues the access units since the last
-    keyframe and sends them in one write when the socket drains; when a new keyframe arrives
-    while it still has a queue, it skips ahead to that keyframe (the skipped frames count as
-    dropped). So it never holds more than one GOP, and a throttled viewer is never more than one
-    keyframe interval plus one frame behind live. It starts at a keyframe: the hub hands it the
-    current GOP first (fast start), or it waits for the next keyframe.
+    keyframe and sends them when the socket drains, at most FLUSH_SECONDS of the stream per write
+    while the socket does not take them at once; when a new keyframe arrives while it still has
+    a queue, it skips ahead to that keyframe (the skipped frames count as dropped). So it never
+    holds more than one GOP, a throttled viewer is never more than one keyframe interval plus one
+    frame behind live, and one on a link slower than the stream has at most FLUSH_SECONDS of it
+    on its way at any time (not a whole GOP: seconds of a low-bandwidth link). It starts at a
+    keyframe: the hub hands it the current GOP first (fast start), or it waits for the next one.
     """
 
     MAX_QUEUE_FRAMES = 600  # a GOP longer than this (an upstream that never sends keyframes)...
     MAX_QUEUE_BYTES = 16 << 20  # ...or larger than this: drop it and wait for the next keyframe
+    FLUSH_US = 250_000  # a write of queued access units covers at most this much of the stream
 
     def __init__(self, stream: IOStream, transport: str, stats: TransportStats, *,
                  close: Callable[[str], None], send_text: Callable[[str], None] | None = None) -> None:
@@ -345,11 +348,18 @@ class H264Viewer(Viewer):
         self._config = self._written_config
 
     def flush_pending(self) -> None:
-        queue = self._queue
-        if not queue or self._busy or self.stream.closed() or self.stream.writing() or self._kernel_backlog():
-            return
-        self._queue = []
-        self._queued_bytes = 0
-        last = queue[-1][0]
-        self._written_config = last.config
-        self._write(b"".join(data for _, data in queue), last.arrived, len(queue), age_offset=last.age_offset)
+        """Write what is queued, FLUSH_US of the stream at a time, for as long as the socket takes
+        each write at once (a viewer catching up); the rest after the next drain or frame."""
+        while self._queue and not (self._busy or self.stream.closed() or self.stream.writing()
+                                   or self._kernel_backlog()):
+            queue = self._queue
+            end = queue[0][0].pts_us + self.FLUSH_US
+            n = 1
+            while n < len(queue) and queue[n][0].pts_us < end:
+                n += 1
+            batch, self._queue = queue[:n], queue[n:]
+            data = b"".join(unit for _, unit in batch) if n > 1 else batch[0][1]
+            self._queued_bytes -= len(data)
+            last = batch[-1][0]
+            self._written_config = last.config
+            self._write(data, last.arrived, n, age_offset=last.age_offset)
