@@ -190,3 +190,22 @@ async def test_frontend_on_another_origin_works_with_the_default_config(proxy, h
             await asyncio.sleep(0.1)
         await page.screenshot(path=artifact("frontend-cross-origin.png"))
         assert not [c for c in console if "blocked by CORS" in c or "Refused to frame" in c], console
+
+
+@pytest.mark.parametrize(("query", "codec", "note"), [
+    ("codec=h264&fps=5&transport=ws", "jpeg", "?fps caps JPEG frames: playing JPEG"),
+    ("transport=webrtc&codec=jpeg", "h264", "WebRTC carries H.264: ?codec=jpeg does not apply"),
+    ("codec=vp9&transport=ws", "h264", "?codec=vp9 is not an option here"),
+])
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_player_says_which_of_its_options_gave_way(api, base_url, query, codec, note):
+    """Options that cannot all hold, or are unknown, do not pass silently: the player plays what
+    it can and its overlay says which option gave way."""
+    created = await api.create_session()
+    async with chromium() as browser:
+        page = await browser.new_page(viewport={"width": 640, "height": 360})
+        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?{query}")
+        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 2")
+        player = await player_state(page)
+        assert player["codec"] == codec and player["note"] == note, player
+        assert await page.inner_text("#note") == note

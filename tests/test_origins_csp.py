@@ -150,4 +150,5 @@ async def test_embed_query_parameters_cannot_break_out_of_the_script(api, base_u
     assert "alert(1)</script>" not in html
     assert html.count("<script") == html.count("</script>")
     settings = embed_settings(html)
-    assert settings["token"] == settings["fps"] == settings["mode"] == evil  # as data, intact
+    assert settings["token"] == settings["fps"] == evil  # as data, intact
+    assert settings["mode"] == "ws" and settings["ignored"] == [f"mode={evil}"]  # not an option: named, intact

@@ -85,20 +85,30 @@ class EmbedHandler(PageHandler):
             self.error_page(exc.status, text)
             return
         session.touch()
+        ignored: list[str] = []  # options the player cannot take: it says so instead of guessing
+
+        def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+            value = self.get_query_argument(name, default)
+            if value in allowed:
+                return value
+            ignored.append(f"{name}={value}"[:60])
+            return default
+
+        webrtc = self.config.webrtc.enabled
         settings = {
             "sessionId": session.id,
             "wsPath": f"/stream/{session.id}",
             "mjpegPath": f"/stream/{session.id}/mjpeg",
             "control": self.get_query_argument("control", "0") in ("1", "true", "yes"),
             "fps": self.get_query_argument("fps", None),
-            "mode": self.get_query_argument("mode", "ws"),
+            "mode": choice("mode", "ws", ("ws", "mjpeg")),
             # H.264 (WebCodecs) where the browser can, else JPEG; "jpeg" or "h264" forces one.
-            "codec": codec if (codec := self.get_query_argument("codec", "auto")) in ("auto", "h264", "jpeg")
-            else "auto",
+            "codec": choice("codec", "auto", ("auto", "h264", "jpeg")),
             # WebRTC (WHEP) first where possible, then the WebSocket; "webrtc" or "ws" forces one.
-            "transport": transport if (transport := self.get_query_argument("transport", "auto"))
-            in ("auto", "webrtc", "ws") and self.config.webrtc.enabled else "auto" if self.config.webrtc.enabled
-            else "ws",
+            # (With webrtc.enabled false, the WebSocket: ?transport=webrtc is not an option then.)
+            "transport": choice("transport", "auto", ("auto", "webrtc", "ws")) if webrtc
+            else choice("transport", "ws", ("auto", "ws")) and "ws",
+            "ignored": ignored,
             "whepPath": f"/stream/{session.id}/whep",
             "token": self.get_query_argument("token", None),
             # What ?control=1 can do here: the player says so quietly instead of sending in vain.
