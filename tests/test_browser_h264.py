@@ -8,7 +8,7 @@ import time
 
 import pytest
 from browser import artifact, chromium, page_server
-from test_browser_pages import canvas_is_not_blank, player_state, wait_page
+from test_browser_pages import canvas_is_not_blank, open_live_player, player_state, wait_page
 
 pytestmark = pytest.mark.browser
 
@@ -36,9 +36,7 @@ def parent(io_loop):
 async def test_embed_player_decodes_h264_with_webcodecs(api, base_url, proxy):
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=ws")  # not WebRTC
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 0")
+        page = await open_live_player(browser, base_url, created["sessionId"], "transport=ws")  # not WebRTC
         first = await player_state(page)
         assert first["codec"] == "h264", first
         assert await page.text_content("#codec") == "H.264"
@@ -59,9 +57,7 @@ async def test_embed_player_decodes_h264_with_webcodecs(api, base_url, proxy):
 async def test_embed_player_codec_jpeg_forces_jpeg(api, base_url, proxy):
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?codec=jpeg")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        page = await open_live_player(browser, base_url, created["sessionId"], "codec=jpeg", frames=10)
         assert (await player_state(page))["codec"] == "jpeg"
         assert await page.text_content("#codec") == "JPEG"
         assert await canvas_is_not_blank(page)

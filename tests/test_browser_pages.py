@@ -55,6 +55,15 @@ async def player_state(page) -> dict:
     return await page.evaluate("({...window.vsproxyPlayer, state: document.body.dataset.state})")
 
 
+async def open_live_player(browser, base_url: str, session_id: str, query: str = "", frames: int = 0):
+    """A new 640x360 page with the embed player of `session_id` (`query`: its options), once it
+    is live and has shown more than `frames` frames."""
+    page = await browser.new_page(viewport={"width": 640, "height": 360})
+    await page.goto(f"{base_url}/stream/{session_id}/embed" + (f"?{query}" if query else ""))
+    await wait_page(page, f"document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > {frames}")
+    return page
+
+
 async def canvas_is_not_blank(page) -> bool:
     """Some pixel of the drawn frame differs from the first one (a test pattern, not a flat fill)."""
     return await page.evaluate("""() => {
@@ -128,9 +137,7 @@ async def test_embed_player_mjpeg_mode_shows_the_stream_frame_rate(api, base_url
     """The overlay's fps in MJPEG mode is the stream's (30 here), not a sampling timer's 10."""
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?mode=mjpeg")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 5")
+        page = await open_live_player(browser, base_url, created["sessionId"], "mode=mjpeg", frames=5)
         await wait_page(page, "Number(document.getElementById('fps').textContent) >= 20", timeout=10)
 
 
@@ -203,9 +210,7 @@ async def test_embed_player_says_which_of_its_options_gave_way(api, base_url, qu
     it can and its overlay says which option gave way."""
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?{query}")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 2")
+        page = await open_live_player(browser, base_url, created["sessionId"], query, frames=2)
         player = await player_state(page)
         assert player["codec"] == codec and player["note"] == note, player
         assert await page.inner_text("#note") == note

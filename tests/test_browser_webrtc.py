@@ -8,7 +8,7 @@ import time
 
 import pytest
 from browser import artifact, chromium
-from test_browser_pages import player_state, wait_page
+from test_browser_pages import open_live_player, player_state, wait_page
 
 from vsproxy.outputs.wire import WEBRTC
 from vsproxy.simulate import SimulatedIsaacSim
@@ -105,9 +105,7 @@ async def test_a_peer_keeps_its_connection_through_an_upstream_outage(sim, api, 
 async def test_auto_starts_with_webrtc_and_the_session_end_shows(api, base_url, proxy):
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        page = await open_live_player(browser, base_url, created["sessionId"], frames=10)
         state = await player_state(page)
         assert state["transport"] == "webrtc", repr(state)
         assert state["firstFrameMs"] < 3000, repr(state)  # about 0.2 s here; 4 s would fall back
@@ -120,8 +118,6 @@ async def test_auto_starts_with_webrtc_and_the_session_end_shows(api, base_url, 
 async def test_auto_without_webrtc_uses_the_websocket(api, base_url):
     created = await api.create_session()
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{created['sessionId']}/embed")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 10")
+        page = await open_live_player(browser, base_url, created["sessionId"], frames=10)
         state = await player_state(page)
         assert state["transport"] == "ws" and state["codec"] == "h264", state

@@ -16,6 +16,7 @@ import pytest
 import tornado.web
 from browser import chromium
 from helpers import CREATE, WAIT, Mjpeg, free_port, recv, wait_until
+from test_browser_pages import open_live_player
 from test_openapi import Contract
 
 from vsproxy.config import config_from_dict
@@ -390,9 +391,7 @@ PLAYER = "({...window.vsproxyPlayer, state: document.body.dataset.state, " \
 async def test_embed_control_on_an_upstream_without_input_says_so_quietly(api, base_url):
     sid = (await api.create_session())["sessionId"]  # demo
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{sid}/embed?control=1")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 2")
+        page = await open_live_player(browser, base_url, sid, "control=1", frames=2)
         await page.click("#view", position={"x": 320, "y": 180})
         await page.keyboard.press("w")
         await asyncio.sleep(0.5)
@@ -411,9 +410,7 @@ async def test_embed_control_on_a_player_without_websocket_says_so_quietly(sim, 
     says why instead of showing the "control" badge (it did, and clicks and keys went nowhere)."""
     sid = (await api.create_session())["sessionId"]  # the simulator: it takes input
     async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 640, "height": 360})
-        await page.goto(f"{base_url}/stream/{sid}/embed?control=1&{forced}")
-        await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 2")
+        page = await open_live_player(browser, base_url, sid, f"control=1&{forced}", frames=2)
         player = await page.evaluate(PLAYER)
         assert player["control"] is False, player
         assert player["note"] == f"Control input needs the WebSocket player: open it without ?{forced}"
