@@ -314,6 +314,10 @@ async def test_relay_to_an_upstream_that_stops_reading_is_refused_not_queued():
         accepted += 1
         assert accepted < 100, "the relay never refused"
     assert accepted == RelayBudget.LIMIT // len(message) + 1
+    # A control message (a cluster edge saying what it wants relayed) still goes: it is a state
+    # change the peer must learn, not input that may be refused.
+    assert relay.send(write_message, b"\x01\x00", control=True)
+    accepted += 1
     await wait_until(lambda: len(pending) == accepted, "the writes to start")
     for waiter in pending:
         waiter.set_result(None)  # the peer reads again

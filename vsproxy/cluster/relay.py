@@ -259,7 +259,7 @@ class ClusterSource(Source):
         conn = self._conn
         if self.role != "edge" or conn is None or self._asked[what] == wanted:
             return
-        if self._relay.send(conn.write_message, bytes((what, 1 if wanted else 0))):
+        if self._relay.send(conn.write_message, bytes((what, 1 if wanted else 0)), control=True):
             self._asked[what] = wanted
             self._arm_frame_timeout()
 
@@ -284,7 +284,7 @@ class ClusterSource(Source):
         # limit; this one spares the relay).
         if (self.role == "edge" and conn is not None and self._asked[RELAY_H264]
                 and now - self._keyframe_asked >= KEYFRAME_REQUEST_MIN_INTERVAL):
-            if self._relay.send(conn.write_message, bytes((RELAY_KEYFRAME,))):
+            if self._relay.send(conn.write_message, bytes((RELAY_KEYFRAME,)), control=True):
                 self._keyframe_asked = now
 
     async def held_elsewhere(self) -> bool:

@@ -69,8 +69,12 @@ class RelayBudget:
     def __init__(self) -> None:
         self.outstanding = 0
 
-    def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes) -> bool:
-        if self.outstanding > self.LIMIT:
+    def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes, *,
+             control: bool = False) -> bool:
+        """Write `message` unless LIMIT bytes wait; a `control` message (a few bytes, sent only
+        when a state changes, such as what a cluster edge wants relayed) is written regardless: it
+        must not be lost to viewers' input."""
+        if self.outstanding > self.LIMIT and not control:
             return False
         size = len(message)
         try:
