@@ -191,3 +191,27 @@ async def test_a_place_taken_while_redis_hung_is_given_back(cluster, sim, redis_
         redis_server.command("HGETALL", f"vsproxy:viewers:{sid}")
     for node in (node1, node2):  # nobody watches: both places are free
         await real_frame(await admit(node, sid), sim, 15)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_session_refused_while_redis_hung_does_not_appear_afterwards(cluster, redis_server):  # noqa: F811
+    """Redis stops answering while a session is created: the client gets the 503 after the 2 s
+    timeout, but the create waits in Redis and would run once Redis goes on, leaving a session
+    nobody knows of, counted against its user's limit until it idles out. The node abandons it:
+    once Redis answers again the session is not there, on any node."""
+    node1, node2 = await started(cluster(2, {}))
+    earlier = await create_session(node1)  # (Redis has the create script from then on)
+    code, _, _ = await node1.api.call("DELETE", f"/session/{earlier}")
+    assert code == 200
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        code, body, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert_json_error(code, body, 503)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await asyncio.sleep(3)
+    assert redis_server.command("HLEN", "vsproxy:sessions") == b":0\r\n"
+    assert redis_server.command("HLEN", "vsproxy:users") == b":0\r\n"
+    for node in (node1, node2):
+        code, listed, _ = await node.api.call("GET", "/sessions")
+        assert code == 200 and listed["sessions"] == [], listed

@@ -160,7 +160,7 @@ class SessionManager:
         self._stored_activity: dict[str, float] = {}  # session ID -> last activity the store has
         # Read by the metrics collector at scrape time.
         self.created_total = 0
-        self.destroyed_total: Counter[str] = Counter()  # by reason: api, idle, shutdown
+        self.destroyed_total: Counter[str] = Counter()  # by reason: api, idle, shutdown (a cluster: abandoned)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -48,14 +48,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("vsproxy.sessions")
 
 SESSIONS = PREFIX + "sessions"
+ABANDONED_TTL_SECONDS = 300  # a create marked abandoned stays refused this long (a stall ends before)
+RETRY_FIRST_SECONDS = 0.5  # an abandon waiting for Redis tries again after this, doubling...
+RETRY_MAX_SECONDS = 10.0  # ...up to this
 USERS = PREFIX + "users"  # user ID -> how many sessions
 ACTIVITY = PREFIX + "activity"  # session ID -> last activity (epoch seconds), as nodes last flushed it
 REAPER = PREFIX + "reaper"
 
-# KEYS: sessions, users, rate bucket of the address. ARGV: id, user, record, max sessions,
-# per-user limit (-1: none), rate, burst, channel, event. The rate token is spent first, as the
-# single node's handler spends it before creating.
+# KEYS: sessions, users, rate bucket of the address, the session's abandoned mark. ARGV: id, user,
+# record, max sessions, per-user limit (-1: none), rate, burst, channel, event. The rate token is
+# spent first, as the single node's handler spends it before creating. A create its client was told
+# failed (see `_abandon`) does nothing.
 _CREATE = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'abandoned'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate, burst = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -167,6 +172,10 @@ end
 """
 
 
+def abandoned_key(session_id: str) -> str:
+    return f"{PREFIX}abandoned:{session_id}"
+
+
 def viewers_key(session_id: str) -> str:
     return f"{PREFIX}viewers:{session_id}"
 
@@ -199,6 +208,7 @@ class ClusterSessionManager(SessionManager):
         self._count = redis.register_script(_COUNT)
         self._write_places = redis.register_script(_PLACES)
         self._reaping: asyncio.Future | None = None
+        self._abandoning: set[asyncio.Task] = set()  # creates their clients were told failed (`_abandon`)
         # Viewer places (see the module docstring). `_places`: session ID -> what this node holds in
         # Redis, as of the calls sent. An entry is dropped only by the heartbeat that wrote it at 0:
         # a call that timed out may still run in Redis later (a stalled Redis runs it when it goes
@@ -262,10 +272,16 @@ class ClusterSessionManager(SessionManager):
         record = SessionRecord(new_session_id(now), user_id, robot_name, hub.name, now, now)
         event = json.dumps({"op": "create", "record": dataclasses.asdict(record), "node": self.cluster.node_id})
         per_user = -1 if self.max_sessions_per_user is None else self.max_sessions_per_user
-        result = await self.cluster.write(lambda: self._create(
-            keys=[SESSIONS, USERS, f"{PREFIX}rate:{address}"],
-            args=[record.id, user_id, self._record_json(record), self.max_sessions, per_user,
-                  self.create_rate, self.create_burst, EVENTS, event]))
+        try:
+            result = await self.cluster.write(lambda: self._create(
+                keys=[SESSIONS, USERS, f"{PREFIX}rate:{address}", abandoned_key(record.id)],
+                args=[record.id, user_id, self._record_json(record), self.max_sessions, per_user,
+                      self.create_rate, self.create_burst, EVENTS, event]))
+        except ClusterUnavailable:
+            task = asyncio.ensure_future(self._abandon(record.id))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
+            raise
         if result[0] == "rate":
             raise RateLimited("Too many sessions created from this address; retry later", float(result[1]))
         if result[0] == "max":
@@ -278,6 +294,23 @@ class ClusterSessionManager(SessionManager):
         log.info("session created for user %r, robot %r", user_id, robot_name,
                  extra={"session": session.id, "upstream": hub.name})
         return session
+
+    async def _abandon(self, session_id: str) -> None:
+        """The client of this create was told it failed (Redis did not answer in time), but a
+        stalled Redis runs the create once it goes on: once Redis answers, mark the session
+        abandoned (a create still to come does nothing) and destroy it if it was made."""
+        delay = RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await self.cluster.write(lambda: self.cluster.redis.set(abandoned_key(session_id), 1,
+                                                                        ex=ABANDONED_TTL_SECONDS))
+                await self.destroy_async(session_id, "abandoned")
+                return
+            except SessionNotFound:  # the create did nothing
+                return
+            except ClusterUnavailable:  # still unreachable (already reported)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     async def lookup(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -455,6 +488,8 @@ class ClusterSessionManager(SessionManager):
 
     async def close_store(self) -> None:
         """Shutdown, after close_all: let the places of the viewers just closed go back to Redis."""
+        for task in tuple(self._abandoning):  # Redis still unreachable: the idle reaper gets those
+            task.cancel()
         if self._place_tasks:
             await asyncio.gather(*tuple(self._place_tasks), return_exceptions=True)
         self._places_closed = True
