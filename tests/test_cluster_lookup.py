@@ -5,8 +5,10 @@ test_cluster.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import signal
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from cluster_fixtures import redis_server  # noqa: F401 - the fixture
 from helpers import WhepClient, assert_json_error, poll, wait_until
 from test_cluster import cluster, started  # noqa: F401 - the fixture
 
+from vsproxy.cluster.node import NODE_TTL_SECONDS
 from vsproxy.cluster.sessions import SESSIONS
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server and vsproxy subprocesses
@@ -95,3 +98,22 @@ async def test_connections_count_the_viewers_of_every_node(cluster, sim):  # noq
         return seen
 
     await poll(views, lambda seen: seen == [(5, True)] * 6, "every node to count 5 viewers, upstream connected")
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_whep_resource_of_a_node_that_died_is_a_404_on_the_others(cluster, sim):  # noqa: F811
+    """Its peer died with its node (kill -9, which deletes nothing): a DELETE on another node says
+    it is not there (404), instead of 200 for a resource nobody ends."""
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    client = WhepClient(node1.api, f"/stream/{sid}/whep")
+    try:
+        assert await client.connect() == 201
+        await client.frames(3, timeout=15)
+        node1.kill(signal.SIGKILL)
+        await asyncio.sleep(NODE_TTL_SECONDS + 1)  # its registration expires
+        code, body, _ = await node2.api.call("DELETE", client.location)
+        assert_json_error(code, body, 404)
+    finally:
+        await client.close()

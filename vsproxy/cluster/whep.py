@@ -10,15 +10,16 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from .node import PREFIX, REDIS_ERRORS, Cluster
+from .node import PREFIX, REDIS_ERRORS, Cluster, node_key
 
 if TYPE_CHECKING:
     from ..outputs.webrtc import WhepPeer, WhepPeers
 
 log = logging.getLogger("vsproxy.cluster")
 
-# A resource is remembered this long at most (a node that died cannot delete its keys); a DELETE
-# on another node of a peer older than this is a 404, and the peer ends when its client leaves.
+# A resource is remembered this long at most (a node that died cannot delete its keys: a DELETE
+# finds that node gone, answers 404 and forgets the resource); a DELETE on another node of a peer
+# older than this is a 404, and the peer ends when its client leaves.
 RESOURCE_TTL_SECONDS = 24 * 3600
 DELETE_OP = "whep-delete"
 
@@ -39,7 +40,8 @@ class WhepDirectory:
     async def added(self, peer: WhepPeer) -> None:
         """A peer was made here: before its answer goes out, so a DELETE anywhere finds it. Redis
         unreachable: the peer still works, and only a DELETE on this node ends it early."""
-        record = json.dumps({"node": self.cluster.node_id, "session": peer.session_id})
+        record = json.dumps({"node": self.cluster.node_id, "instance": self.cluster.instance,
+                             "session": peer.session_id})
         try:
             await self.cluster.redis.set(resource_key(peer.id), record, ex=RESOURCE_TTL_SECONDS)
         except REDIS_ERRORS as exc:
@@ -65,6 +67,12 @@ class WhepDirectory:
             return False
         record = json.loads(raw)
         if record.get("session") != session_id:
+            return False
+        # Its node process is gone (killed, or restarted since: another instance), and the peer
+        # with it.
+        holder = await self.cluster.write(lambda: self.cluster.redis.get(node_key(record["node"])))
+        if holder is None or json.loads(holder).get("instance") != record.get("instance"):
+            await self._forget(resource_id)
             return False
         await self.cluster.write(lambda: self.cluster.publish(
             {"op": DELETE_OP, "node": record["node"], "resource": resource_id, "session": session_id}))
