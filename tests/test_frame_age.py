@@ -62,6 +62,11 @@ async def test_frame_age_counts_from_the_publishers_capture_time(api, ws_connect
     state = proxy.monitor.state()
     (session,) = [s for s in state["sessions"] if s["id"] == session_id]
     assert session["frameAgeMs"]["p50"] is not None and session["frameAgeMs"]["p50"] >= 400
+    conn.close()  # the session's last viewer leaves: the dashboard shows no age, not the last one
+    await wait_until(lambda: not proxy.sessions.get(session_id).viewers, "the viewer to leave")
+    proxy.monitor.sample()
+    (session,) = [s for s in proxy.monitor.state()["sessions"] if s["id"] == session_id]
+    assert session["frameAgeMs"] == {"p50": None, "p95": None}
 
 
 @pytest.mark.gen_test(timeout=30)

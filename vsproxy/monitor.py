@@ -241,6 +241,8 @@ class Monitor:
         if sum(recent):
             track.age_p50 = LatencyBuckets.quantile(recent, 0.5)
             track.age_p95 = LatencyBuckets.quantile(recent, 0.95)
+        elif not seen:  # no viewers: nothing is sent, so there is no age to show (viewers keep
+            track.age_p50 = track.age_p95 = None  # the last one while the upstream pauses)
         track.fps_out = frames / elapsed
         track.bytes_out = nbytes / elapsed
         track.fps_out_history.append(round(track.fps_out, 1))
