@@ -377,3 +377,29 @@ async def test_a_peers_pli_gets_it_a_keyframe_from_the_shared_encoder(api, proxy
     while not (frame := await asyncio.wait_for(client.track.recv(), 5)).key_frame:
         assert time.monotonic() - started < 3, "no keyframe within 3 s of the PLI (interval: 20 s)"
     assert frame.key_frame
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_offer_whose_candidates_cannot_be_reached_is_refused_not_answered(api, proxy, whep_clients):
+    """An offer that ends its candidates (a=end-of-candidates) with none vsproxy can reach (TCP
+    candidates, none at all) would get a 201 and a peer that fails at once: the client learned
+    it only from ICE. It is a JSON 400 that says why, and takes no place."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    assert "a=end-of-candidates" in sdp
+    tcp_only = re.sub(r"^(a=candidate:\S+ \d+) udp (.*typ host)", r"\1 tcp \2 tcptype passive", sdp, flags=re.M)
+    assert tcp_only.count(" tcp ") == sdp.count("a=candidate:") > 0
+    no_candidates = "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith("a=candidate:"))
+    for offer in (tcp_only, no_candidates):
+        code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+        assert_json_error(code, body, 400)
+        assert "candidate" in body["error"] and "UDP" in body["error"]
+    assert not proxy.whep.peers and proxy.connections.open == 0
+    assert (await session_json(api, session_id))["connections"] == 0
+    # An offer with its UDP candidates is answered and plays.
+    playing = await new_client(api, whep_clients, session_id)
+    assert await playing.connect() == 201
+    assert len(await playing.frames(3)) == 3

@@ -20,6 +20,7 @@ every RTCP packet about the sender) and call the originals: no subclassing of ai
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -118,9 +119,21 @@ def without_mdns_candidates(sdp: str) -> str:
     return "".join(kept)
 
 
+def reachable(candidate: Any) -> bool:
+    """Whether vsproxy's ICE agent (aioice) can check `candidate` (an aiortc RTCIceCandidate):
+    UDP, at an IP address, of a type it pairs (host, server-reflexive or relayed)."""
+    try:
+        ipaddress.ip_address(candidate.ip)
+    except ValueError:
+        return False
+    return candidate.protocol.lower() == "udp" and candidate.type in ("host", "srflx", "relay")
+
+
 def check_offer(sdp: str) -> None:
     """BadOffer unless `sdp` is an SDP offer with a video section that offers H.264 in
-    packetization mode 1 (what aiortc sends: STAP-A and FU-A)."""
+    packetization mode 1 (what aiortc sends: STAP-A and FU-A), and, where it ends its
+    candidates (a=end-of-candidates), with one vsproxy can reach: otherwise ICE would fail the
+    moment it started, after a 201. Give it the offer without its mDNS candidates."""
     from aiortc import sdp as aiortc_sdp
 
     if not sdp.lstrip().startswith("v=0"):
@@ -138,6 +151,10 @@ def check_offer(sdp: str) -> None:
                        "H.264 only", status=406)
     if not any(m.ice and m.ice.usernameFragment and m.dtls and m.dtls.fingerprints for m in videos):
         raise BadOffer("The SDP offer's video section lacks ICE credentials or a DTLS fingerprint")
+    media = description.media  # bundled: the first section's transport carries all; be lenient
+    if all(m.ice_candidates_complete for m in media) and not any(reachable(c) for m in media for c in m.ice_candidates):
+        raise BadOffer("The SDP offer ends its ICE candidates (a=end-of-candidates) with none vsproxy can "
+                       "reach: it takes UDP candidates at an IP address (host, srflx or relay), not TCP")
 
 
 def make_track(peer: WhepPeer) -> Any:
@@ -356,6 +373,7 @@ class WhepPeers:
                      request_keyframe: Callable[[], None]) -> tuple[WhepPeer, str]:
         """A new peer for an SDP offer, and the SDP answer (every host candidate in it: no
         trickle ICE). BadOffer if the offer is not one vsproxy can answer."""
+        offer_sdp = without_mdns_candidates(offer_sdp)
         check_offer(offer_sdp)
         if self.connections.open >= self.connections.limit:
             raise ConnectionLimitReached(f"limits.max_connections ({self.connections.limit}) are open; "
@@ -375,8 +393,7 @@ class WhepPeers:
             transceiver.setCodecPreferences(codec_preferences(stream_codec))
             peer.hook_sender(transceiver.sender)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=without_mdns_candidates(offer_sdp),
-                                                                    type="offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
                 # Answering fails too on offers aiortc took (no direction attribute, a repeated mid).
                 answer = await pc.createAnswer()
                 await pc.setLocalDescription(answer)
