@@ -487,7 +487,8 @@ def _paths() -> dict[str, Any]:
                              "content": {"application/sdp": {"schema": {"type": "string"}}}},
                 description="draft-ietf-wish-whep. The body must be `Content-Type: application/sdp` (415 "
                             "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
-                            "an SDP offer or ends its candidates with no UDP one, 406 without video or H.264). The peer is a viewer of the session like "
+                            "an SDP offer or ends its candidates with no UDP one, 406 without video or H.264). "
+                            "The peer is a viewer of the session like "
                             "any other (connections, limits.max_viewers_per_session: 503 ("
                             + _VIEWER_LIMIT_CLUSTER + "), limits.max_connections: 503 (a peer counts as one "
                             "connection), viewer tokens: 401/403, closed when the session is destroyed or its "
