@@ -8,6 +8,7 @@ import time
 
 import pytest
 from browser import artifact, chromium
+from helpers import wait_until
 from test_browser_pages import open_live_player, player_state, wait_page
 
 from vsproxy.outputs.wire import WEBRTC
@@ -121,3 +122,23 @@ async def test_auto_without_webrtc_uses_the_websocket(api, base_url):
         page = await open_live_player(browser, base_url, created["sessionId"], frames=10)
         state = await player_state(page)
         assert state["transport"] == "ws" and state["codec"] == "h264", state
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=90)
+async def test_a_player_that_goes_away_deletes_its_peer_before_closing_it(api, base_url, proxy, caplog):
+    """Leaving the page ends the peer with its DELETE, not with a 404 for a DELETE that came after
+    the closed connection had already ended it (a warning in the operator's log for each viewer
+    who left)."""
+    created = await api.create_session()
+    caplog.set_level("INFO", logger="vsproxy")
+    async with chromium() as browser:
+        page = await browser.new_page()
+        for _ in range(4):
+            await page.goto(f"{base_url}/stream/{created['sessionId']}/embed?transport=webrtc")
+            await wait_page(page, "document.body.dataset.state === 'live' && window.vsproxyPlayer.frames > 3")
+            await page.goto("about:blank")
+            await wait_until(lambda: not proxy.whep.peers, "the peer to end")
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("WebRTC peer closed")]
+    assert ended == ["WebRTC peer closed: ended by the client (DELETE)"] * 4, ended
+    assert not [r for r in caplog.records if "404 DELETE" in r.getMessage()]
