@@ -8,7 +8,7 @@ import time
 
 import pytest
 from browser import artifact, chromium, page_server
-from test_browser_pages import canvas_is_not_blank, open_live_player, player_state, wait_page
+from test_browser_pages import is_not_blank, open_live_player, player_state, wait_page
 
 pytestmark = pytest.mark.browser
 
@@ -45,7 +45,7 @@ async def test_embed_player_decodes_h264_with_webcodecs(api, base_url, proxy):
         later = await player_state(page)
         rate = (later["frames"] - first["frames"]) / (time.monotonic() - started)
         assert rate >= 20, f"{rate:.1f} decoded frames per second"
-        assert await canvas_is_not_blank(page)
+        assert await is_not_blank(page)
         size = await page.evaluate("[document.getElementById('view').width, document.getElementById('view').height]")
         assert size == [320, 240]
         assert later["firstFrameMs"] is not None and later["firstFrameMs"] < 3000, later
@@ -60,7 +60,7 @@ async def test_embed_player_codec_jpeg_forces_jpeg(api, base_url, proxy):
         page = await open_live_player(browser, base_url, created["sessionId"], "codec=jpeg", frames=10)
         assert (await player_state(page))["codec"] == "jpeg"
         assert await page.text_content("#codec") == "JPEG"
-        assert await canvas_is_not_blank(page)
+        assert await is_not_blank(page)
     assert proxy.hubs["demo"].encoder is None, "a JPEG player never starts the encoder"
 
 

@@ -64,15 +64,21 @@ async def open_live_player(browser, base_url: str, session_id: str, query: str =
     return page
 
 
-async def canvas_is_not_blank(page) -> bool:
-    """Some pixel of the drawn frame differs from the first one (a test pattern, not a flat fill)."""
-    return await page.evaluate("""() => {
-        const c = document.getElementById('view');
-        if (!c.width) return false;
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+async def is_not_blank(page, element_id: str = "view") -> bool:
+    """Some pixel of what the element (a canvas or a video) shows differs from the first one (a
+    test pattern, not a flat fill or nothing)."""
+    return await page.evaluate("""(id) => {
+        const source = document.getElementById(id);
+        const w = source.videoWidth ?? source.width, h = source.videoHeight ?? source.height;
+        if (!w || !h) return false;
+        const c = document.createElement('canvas');
+        c.width = w; c.height = h;
+        const g = c.getContext('2d');
+        g.drawImage(source, 0, 0);
+        const d = g.getImageData(0, 0, w, h).data;
         for (let i = 4; i < d.length; i += 4 * 97) if (d[i] !== d[0] || d[i+1] !== d[1] || d[i+2] !== d[2]) return true;
         return false;
-    }""")
+    }""", element_id)
 
 
 async def wait_page(page, predicate: str, timeout: float = 15) -> None:
@@ -96,7 +102,7 @@ async def test_embed_player_displays_frames(api, base_url):
         first = await player_state(page)
         await wait_page(page, f"window.vsproxyPlayer.frames > {first['frames'] + 10}")
         await wait_page(page, "Number(document.getElementById('fps').textContent) > 5")
-        assert await canvas_is_not_blank(page)
+        assert await is_not_blank(page)
         size = await page.evaluate("[document.getElementById('view').width, document.getElementById('view').height]")
         assert size == [320, 240]  # the demo source's size in the test config
         await page.screenshot(path=artifact("embed.png"))

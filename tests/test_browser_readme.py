@@ -5,15 +5,17 @@ ends the peer. A snippet that stops working fails here, not in a reader's fronte
 
 from __future__ import annotations
 
-import json
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from browser import artifact, chromium, page_server
 from helpers import wait_until
-from test_browser_pages import wait_page
+from test_browser_pages import is_not_blank, wait_page
 
 from vsproxy.outputs.wire import WEBRTC
 
@@ -67,60 +69,46 @@ window.endIt = async () => {{ {end.group(1) if end else ""} }};
 </script>"""
 
 
-def canvas_is_not_blank_js(element: str) -> str:
-    return f"""(() => {{
-        const source = document.getElementById({json.dumps(element)});
-        const c = document.createElement('canvas'); c.width = 320; c.height = 240;
-        const g = c.getContext('2d'); g.drawImage(source, 0, 0);
-        const d = g.getImageData(0, 0, 320, 240).data;
-        for (let i = 4; i < d.length; i += 4 * 97) if (d[i] !== d[0] || d[i+1] !== d[1] || d[i+2] !== d[2]) return true;
-        return false;
-    }})()"""
+@asynccontextmanager
+async def snippet_page(marker: str, http_port: int, ready: str, screenshot: str) -> AsyncIterator[Any]:
+    """The README's snippet with `marker`, running in Chromium on http://localhost:3000 against
+    the proxy at `http_port`, once the JS expression `ready` holds, with nothing gone wrong."""
+    html = frontend_page(readme_snippet(marker), f"http://127.0.0.1:{http_port}")
+    with page_server(FRONTEND_PORT, html) as frontend:
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 700, "height": 300})
+            await page.goto(frontend + "/")
+            try:
+                await wait_page(page, f"({ready}) || window.failed.length > 0", timeout=20)
+            finally:
+                await page.screenshot(path=artifact(screenshot))
+            assert await page.evaluate("window.failed") == []
+            yield page
 
 
 @pytest.mark.config({"h264": {"preset": "ultrafast"}})
 @pytest.mark.gen_test(timeout=60)
 async def test_the_readme_webcodecs_snippet_decodes_h264(proxy, http_server, http_port):
-    html = frontend_page(readme_snippet("new VideoDecoder"), f"http://127.0.0.1:{http_port}")
-    with page_server(FRONTEND_PORT, html) as frontend:
-        async with chromium() as browser:
-            page = await browser.new_page(viewport={"width": 700, "height": 300})
-            await page.goto(frontend + "/")
-            try:
-                await wait_page(page, "window.drawn >= 30 || window.failed.length > 0", timeout=20)
-            finally:
-                await page.screenshot(path=artifact("readme-webcodecs.png"))
-            assert await page.evaluate("window.failed") == []
-            started, before = time.monotonic(), await page.evaluate("window.drawn")
-            await wait_page(page, f"window.drawn >= {before + 40}", timeout=10)
-            rate = (await page.evaluate("window.drawn") - before) / (time.monotonic() - started)
-            assert rate >= 20, f"{rate:.1f} decoded frames a second"
-            assert await page.evaluate(canvas_is_not_blank_js("canvas"))
-            assert proxy.hubs["demo"].encoder.running  # the snippet's socket is an H.264 viewer
+    async with snippet_page("new VideoDecoder", http_port, "window.drawn >= 30", "readme-webcodecs.png") as page:
+        started, before = time.monotonic(), await page.evaluate("window.drawn")
+        await wait_page(page, f"window.drawn >= {before + 40}", timeout=10)
+        rate = (await page.evaluate("window.drawn") - before) / (time.monotonic() - started)
+        assert rate >= 20, f"{rate:.1f} decoded frames a second"
+        assert await is_not_blank(page, "canvas")
+        assert proxy.hubs["demo"].encoder.running  # the snippet's socket is an H.264 viewer
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_the_readme_whep_snippet_plays_webrtc_and_its_resource_ends_the_peer(proxy, http_server, http_port):
-    html = frontend_page(readme_snippet("new RTCPeerConnection"), f"http://127.0.0.1:{http_port}")
-    with page_server(FRONTEND_PORT, html) as frontend:
-        async with chromium() as browser:
-            page = await browser.new_page(viewport={"width": 700, "height": 300})
-            await page.goto(frontend + "/")
-            playing = ("(v => v.readyState >= 2 && v.getVideoPlaybackQuality().totalVideoFrames >= 30)"
-                       "(document.getElementById('video')) || window.failed.length > 0")
-            try:
-                await wait_page(page, playing, timeout=20)
-            finally:
-                await page.screenshot(path=artifact("readme-whep.png"))
-            assert await page.evaluate("window.failed") == []
-            assert await page.evaluate("[video.videoWidth, video.videoHeight]") == [320, 240]
-            assert await page.evaluate(canvas_is_not_blank_js("video"))
-            assert len(proxy.whep.peers) == 1 and len(proxy.hubs["demo"].viewers[WEBRTC]) == 1
-            resource = await page.evaluate("window.resource")
-            assert resource.startswith(f"http://127.0.0.1:{http_port}/stream/{await page.evaluate('sessionId')}/whep/")
-            # The snippet's closing comment, as a reader would run it: the cross-origin DELETE ends the peer.
-            await page.evaluate("window.endIt()")
-            await wait_page(page, "window.deleted.length > 0")
-            assert await page.evaluate("window.deleted") == [200]
-            await wait_until(lambda: not proxy.whep.peers and not proxy.hubs["demo"].viewers[WEBRTC],
-                             "the peer to end")
+    playing = "(v => v.readyState >= 2 && v.getVideoPlaybackQuality().totalVideoFrames >= 30)(video)"
+    async with snippet_page("new RTCPeerConnection", http_port, playing, "readme-whep.png") as page:
+        assert await page.evaluate("[video.videoWidth, video.videoHeight]") == [320, 240]
+        assert await is_not_blank(page, "video")
+        assert len(proxy.whep.peers) == 1 and len(proxy.hubs["demo"].viewers[WEBRTC]) == 1
+        resource = await page.evaluate("window.resource")
+        assert resource.startswith(f"http://127.0.0.1:{http_port}/stream/{await page.evaluate('sessionId')}/whep/")
+        # The snippet's closing comment, as a reader would run it: the cross-origin DELETE ends the peer.
+        await page.evaluate("window.endIt()")
+        await wait_page(page, "window.deleted.length > 0")
+        assert await page.evaluate("window.deleted") == [200]
+        await wait_until(lambda: not proxy.whep.peers and not proxy.hubs["demo"].viewers[WEBRTC], "the peer to end")

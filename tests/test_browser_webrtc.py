@@ -9,7 +9,7 @@ import time
 import pytest
 from browser import artifact, chromium
 from helpers import wait_until
-from test_browser_pages import open_live_player, player_state, wait_page
+from test_browser_pages import is_not_blank, open_live_player, player_state, wait_page
 
 from vsproxy.outputs.wire import WEBRTC
 from vsproxy.simulate import SimulatedIsaacSim
@@ -24,18 +24,6 @@ FRAMES_DECODED = """async () => {
         if (s.type === 'inbound-rtp' && s.kind === 'video') decoded = s.framesDecoded || 0;
     });
     return decoded;
-}"""
-
-VIDEO_NOT_BLANK = """() => {
-    const v = document.getElementById('video');
-    if (!v.videoWidth) return false;
-    const c = document.createElement('canvas');
-    c.width = v.videoWidth; c.height = v.videoHeight;
-    const g = c.getContext('2d');
-    g.drawImage(v, 0, 0);
-    const d = g.getImageData(0, 0, c.width, c.height).data;
-    for (let i = 4; i < d.length; i += 4 * 97) if (d[i] !== d[0] || d[i+1] !== d[1] || d[i+2] !== d[2]) return true;
-    return false;
 }"""
 
 
@@ -56,7 +44,7 @@ async def test_embed_player_plays_webrtc_into_a_video_element(api, base_url, pro
         state = await player_state(page)
         assert state["transport"] == "webrtc" and state["codec"] == "h264" and state["state"] == "live", state
         assert await page.text_content("#transport") == "WebRTC"
-        assert await page.evaluate(VIDEO_NOT_BLANK)
+        assert await is_not_blank(page, "video")
         size = await page.evaluate("[document.getElementById('video').videoWidth, "
                                    "document.getElementById('video').videoHeight]")
         assert size == [320, 240]
