@@ -381,6 +381,26 @@ async def test_a_peers_pli_gets_it_a_keyframe_from_the_shared_encoder(api, proxy
 
 @pytest.mark.config(SMALL_DEMO)
 @pytest.mark.gen_test(timeout=30)
+async def test_an_offer_without_candidates_connects(api, proxy, whep_clients):
+    """The embed player sends its offer before gathering (no STUN/TURN: its candidates would be
+    mDNS names, left out anyway): the client's checks reach the server's candidates, which learns
+    the client's address from them."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    bare = "".join(line for line in sdp.splitlines(keepends=True)
+                   if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+    assert "a=candidate:" in sdp and "a=candidate:" not in bare
+    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=bare.encode(),
+                                       headers={"Content-Type": "application/sdp"})
+    assert code == 201
+    client.location = response.headers["Location"]
+    await client.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+    assert len(await client.frames(5)) == 5
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
 async def test_an_offer_whose_candidates_cannot_be_reached_is_refused_not_answered(api, proxy, whep_clients):
     """An offer that ends its candidates (a=end-of-candidates) with none vsproxy can reach (TCP
     candidates, none at all) would get a 201 and a peer that fails at once: the client learned
