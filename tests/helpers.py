@@ -533,8 +533,10 @@ class WhepClient:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.pc.localDescription.sdp
 
-    async def connect(self, headers: dict | None = None) -> int:
+    async def connect(self, headers: dict | None = None, edit: Callable[[str], str] | None = None) -> int:
+        """POST the offer (changed by `edit` first, if given); on 201, take the answer."""
         sdp = await self.offer()
+        sdp = edit(sdp) if edit else sdp
         code, _, response = await self.api.call("POST", self.path, raw=sdp.encode(),
                                                 headers={"Content-Type": "application/sdp", **(headers or {})})
         self.response = response

@@ -9,7 +9,6 @@ import re
 import time
 
 import pytest
-from aiortc import RTCSessionDescription
 from helpers import VIEWER_AUTH, WhepClient, assert_json_error, poll, session_json, wait_until
 from test_openapi import call, contract  # noqa: F401  (fixtures)
 
@@ -121,16 +120,15 @@ async def test_an_offer_with_only_mdns_candidates_and_end_of_candidates_connects
     failing ICE at once with no candidate left."""
     session_id = (await api.create_session())["sessionId"]
     client = await new_client(api, whep_clients, session_id)
-    sdp = await client.offer()
-    assert "a=end-of-candidates" in sdp
-    masked = re.sub(r"^(a=candidate:\S+ \d+ udp \d+) \S+ ", r"\1 4ec2a5c8-6f0b-4d7b-b1c8-3a6e7d2f9a10.local ",
-                    sdp, flags=re.M)
-    assert masked.count(".local ") == sdp.count("a=candidate:") > 0
-    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=masked.encode(),
-                                       headers={"Content-Type": "application/sdp"})
-    assert code == 201
-    client.location = response.headers["Location"]
-    await client.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+
+    def mask(sdp: str) -> str:
+        assert "a=end-of-candidates" in sdp
+        masked = re.sub(r"^(a=candidate:\S+ \d+ udp \d+) \S+ ", r"\1 4ec2a5c8-6f0b-4d7b-b1c8-3a6e7d2f9a10.local ",
+                        sdp, flags=re.M)
+        assert masked.count(".local ") == sdp.count("a=candidate:") > 0
+        return masked
+
+    assert await client.connect(edit=mask) == 201
     assert len(await client.frames(5)) == 5
 
 
@@ -387,15 +385,13 @@ async def test_an_offer_without_candidates_connects(api, proxy, whep_clients):
     the client's address from them."""
     session_id = (await api.create_session())["sessionId"]
     client = await new_client(api, whep_clients, session_id)
-    sdp = await client.offer()
-    bare = "".join(line for line in sdp.splitlines(keepends=True)
-                   if not line.startswith(("a=candidate:", "a=end-of-candidates")))
-    assert "a=candidate:" in sdp and "a=candidate:" not in bare
-    code, _, response = await api.call("POST", f"/stream/{session_id}/whep", raw=bare.encode(),
-                                       headers={"Content-Type": "application/sdp"})
-    assert code == 201
-    client.location = response.headers["Location"]
-    await client.pc.setRemoteDescription(RTCSessionDescription(sdp=response.body.decode(), type="answer"))
+
+    def bare(sdp: str) -> str:
+        assert "a=candidate:" in sdp
+        return "".join(line for line in sdp.splitlines(keepends=True)
+                       if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+
+    assert await client.connect(edit=bare) == 201
     assert len(await client.frames(5)) == 5
 
 
