@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import WhepClient, free_port, read_until_closed, spawn, wait_until
+from helpers import WhepClient, free_port, raw_request, read_until_closed, spawn, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -169,6 +169,25 @@ async def test_openmetrics_when_accept_asks_for_it(sim, proxy, api, ws_connect, 
     # A browser-like Accept without OpenMetrics gets the classic text format.
     content_type, _ = await scrape(base_url, "text/html,*/*;q=0.8")
     assert content_type.startswith("text/plain; version=0.0.4")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_made_up_methods_share_one_label_and_never_reach_the_log_as_sent(http_server, http_port, base_url,
+                                                                             caplog):
+    # Tornado accepts any token as a method. One new series per invented method would let a client
+    # grow the registry (and every scrape) without bound, and its text would land in the log.
+    invented = [f"X{i}EVIL" for i in range(20)]
+    for method in invented:
+        response, stream = await raw_request(http_port, "/health", method=method)
+        stream.close()
+        assert response.status == 405, (method, response.status)
+        assert response.json()["error"] == "Method other not allowed"
+    _, text = await scrape(base_url)
+    methods = {s.labels["method"] for f in text_string_to_metric_families(text)
+               if f.name == "vsproxy_http_requests" for s in f.samples}
+    assert "other" in methods
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}, methods
+    assert not any("EVIL" in record.getMessage() for record in caplog.records)
 
 
 # -- deploy/: promtool checks, alert rule unit tests, the Grafana dashboard ------------------------

@@ -16,7 +16,7 @@ from .config import Config
 from .handlers import api, dashboard, ingest, ops, pages, stream, whep
 from .handlers.base import NotFoundHandler
 from .hub import FrameHub
-from .metrics import Metrics, ProxyCollector
+from .metrics import Metrics, ProxyCollector, method_name
 from .monitor import Monitor
 from .outputs.webrtc import WhepPeers
 from .server import ConnectionCount, ProxyServer
@@ -138,7 +138,7 @@ class Proxy:
         path = handler.request.path
         if status == 200 and (path in ("/health", "/metrics") or path.startswith("/dashboard/api/")):
             level = logging.DEBUG  # probes, scrapes and dashboard refreshes would drown the log
-        access_log.log(level, "%d %s %s %.1fms", status, handler.request.method,
+        access_log.log(level, "%d %s %s %.1fms", status, method_name(handler.request.method),
                        handler.request.path, 1000 * handler.request.request_time())
 
     # -- lifecycle -----------------------------------------------------------------------------

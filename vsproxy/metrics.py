@@ -155,6 +155,18 @@ def _buckets(histograms: list[LatencyBuckets]) -> tuple[list[tuple[str, int]], f
     return buckets, sum(h.total for h in histograms)
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
+
+def method_name(method: str | None) -> str:
+    """The request method as a label and log field: a standard method, else "other".
+
+    Tornado accepts any token as a method; a client inventing a new one per request would
+    otherwise grow the metrics registry by two series each time, and fill the log with its text.
+    """
+    return method if method in HTTP_METHODS else "other"
+
+
 class Metrics:
     """The registry and the metrics recorded outside the streaming path (HTTP requests)."""
 
@@ -174,6 +186,6 @@ class Metrics:
     def observe_request(self, handler: tornado.web.RequestHandler) -> None:
         # The handler class, not the URL, keeps the label bounded (URLs carry session IDs).
         name = type(handler).__name__
-        method = handler.request.method or "GET"
+        method = method_name(handler.request.method)
         self.http_requests.labels(name, method, str(handler.get_status())).inc()
         self.http_duration.labels(name, method).observe(handler.request.request_time())

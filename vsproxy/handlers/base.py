@@ -17,6 +17,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.log import app_log
 
 from ..errors import ClientError
+from ..metrics import method_name
 
 if TYPE_CHECKING:
     from ..auth import Access, RateLimiter, ViewerGrant
@@ -228,14 +229,14 @@ class HandlerMixin:
     def error_message(self, status_code: int) -> str:
         """The message of an error raised without one."""
         if status_code == 405:
-            return f"Method {self.request.method} not allowed"
+            return f"Method {method_name(self.request.method)} not allowed"
         return "Not found" if status_code == 404 else HTTPStatus(status_code).phrase
 
     def _request_summary(self) -> str:
         # Tornado's summary (used in its warnings and error logs) is the full URI, and a query
         # string may carry a token: log method, path and client only.
         request = self.request
-        return f"{request.method} {request.path} ({request.remote_ip})"
+        return f"{method_name(request.method)} {request.path} ({request.remote_ip})"
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ClientError):
