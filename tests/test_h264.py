@@ -313,6 +313,28 @@ async def test_encoder_runs_only_while_h264_viewers_are_attached(api, ws_connect
     assert await next_message(jpeg_viewer) is not None, "the JPEG viewer is unaffected"
 
 
+@pytest.mark.config(FAST)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_viewer_coming_and_going_does_not_restart_the_encoder_each_time(api, ws_connect, proxy):
+    """Each encoder start is a thread and a new libx264 context: a client opening and closing
+    H.264 sockets in a loop would cost one per socket. The encoder runs at least
+    ENCODER_MIN_RUN_SECONDS once started, so such a loop costs one start, and then it stops."""
+    from vsproxy.hub import ENCODER_MIN_RUN_SECONDS
+
+    session_id = (await api.create_session())["sessionId"]
+    hub = proxy.hubs["demo"]
+    started = time.monotonic()
+    for _ in range(10):
+        viewer = await ws_connect(f"/stream/{session_id}?format=h264")
+        await recv(viewer)  # connected, and served
+        viewer.close()
+        await wait_until(lambda: not hub.h264_viewer_count(), "the viewer to leave")
+    assert hub.encoder.starts == 1 and hub.encoder.running
+    await wait_until(lambda: not hub.encoder.running, "the encoder to stop once its minimum run is over")
+    assert time.monotonic() - started >= ENCODER_MIN_RUN_SECONDS
+    await wait_until(lambda: not encoder_threads(), "the encoder thread to end")
+
+
 # -- fragmented MP4 ----------------------------------------------------------------------------------
 
 

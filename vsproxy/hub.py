@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vsproxy.hub")
 
+# Once started, a JPEG upstream's H.264 encoder runs at least this long, viewers or not.
+ENCODER_MIN_RUN_SECONDS = 2.0
+
 
 class Frame(WireCached):
     """One JPEG frame and its wire representations, each built at most once."""
@@ -128,6 +131,8 @@ class FrameHub:
         # JPEG upstream, which runs only while H.264 viewers are attached.
         self.h264_settings = h264 or H264Config()
         self.encoder: H264Encoder | None = None
+        self._encoder_started = 0.0  # when (monotonic) the encoder last started
+        self._encoder_stop_handle: asyncio.TimerHandle | None = None  # its stop, deferred (see below)
         self._h264 = H264Parser()
         self.gop: list[AccessUnit] = []  # the access units since the last keyframe (fast start)
         self._gop_bytes = 0
@@ -372,12 +377,14 @@ class FrameHub:
     def _start_encoder(self, seed: bool = True) -> None:
         if self.source.produces_h264:
             return  # passed through as the upstream sends it
+        self._cancel_encoder_stop()
         if self.encoder is None:
             self.encoder = H264Encoder(self.name, self.h264_settings, self.publish_h264)
         if not self.encoder.running:
             self._h264.restart()  # a new encoder: its own parameter sets, from its first keyframe
             self.gop, self._gop_bytes = [], 0
             self.encoder.start()
+            self._encoder_started = time.monotonic()
             if seed and self.latest is not None and not self.latest.offline:
                 # At its capture time (the source's next pictures follow it), at most 1 s back.
                 self.encoder.submit(self.latest.jpeg, int(max(self.latest.captured, time.time() - 1.0) * 1_000_000))
@@ -393,7 +400,25 @@ class FrameHub:
         else:
             self.source.request_keyframe()
 
+    def _stop_encoder_when_due(self) -> None:
+        """The last H.264 viewer left: stop the encoder, but not before it has run
+        ENCODER_MIN_RUN_SECONDS. Each start costs a thread and a new libx264 context, and a
+        viewer that connects and leaves over and over would otherwise cost one every time."""
+        if self._encoder_stop_handle is not None or self.encoder is None or not self.encoder.running:
+            return
+        due = self._encoder_started + ENCODER_MIN_RUN_SECONDS - time.monotonic()
+        if due <= 0:
+            self._stop_encoder()
+        else:
+            self._encoder_stop_handle = asyncio.get_running_loop().call_later(due, self._stop_encoder)
+
+    def _cancel_encoder_stop(self) -> None:
+        if self._encoder_stop_handle is not None:
+            self._encoder_stop_handle.cancel()
+            self._encoder_stop_handle = None
+
     def _stop_encoder(self) -> None:
+        self._cancel_encoder_stop()
         if self.encoder is not None and self.encoder.running:
             self.encoder.stop()
             self.gop, self._gop_bytes = [], 0
@@ -517,7 +542,7 @@ class FrameHub:
             return
         if viewer.transport in H264_TRANSPORTS:
             if not self.h264_viewer_count():
-                self._stop_encoder()
+                self._stop_encoder_when_due()
                 self.source.h264_wanted(False)
         else:
             self._jpeg_demand_changed()
