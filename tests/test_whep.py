@@ -210,6 +210,29 @@ async def test_ice_servers_are_announced_in_link_headers(api, proxy):
     assert "Location" in response.headers["Access-Control-Expose-Headers"]
 
 
+@pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH, "webrtc": {"ice_servers": [
+    {"urls": ["turn:turn.invalid:3478"], "username": "user", "credential": "turn-secret"}]}})
+@pytest.mark.gen_test(timeout=30)
+async def test_the_preflight_names_turn_credentials_only_to_a_viewer_of_the_session(api):
+    """A preflight needs no credentials, so TURN credentials in it would be free for anyone who
+    asks: they go only with the session's viewer token, as the POST's answer does."""
+    created = await api.create_session()
+    session_id, token = created["sessionId"], created["viewerToken"]
+    other = (await api.create_session(user="someone-else"))["viewerToken"]
+    origin = {"Origin": "http://localhost:3000"}
+    for path in ("/stream/no-such-session/whep", f"/stream/no-such-session/whep?token={token}",
+                 f"/stream/{session_id}/whep", f"/stream/{session_id}/whep?token={other}"):
+        code, _, response = await api.call("OPTIONS", path, headers=origin)
+        assert code == 204, path  # the preflight itself passes: the POST says what is wrong
+        assert response.headers.get_list("Link") == [], path
+        assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    code, _, response = await api.call("OPTIONS", f"/stream/{session_id}/whep?token={token}", headers=origin)
+    assert code == 204
+    assert response.headers.get_list("Link") == [
+        '<turn:turn.invalid:3478>; rel="ice-server"; username="user"; credential="turn-secret"; '
+        'credential-type="password"']
+
+
 @pytest.mark.slow  # the stall timeout, then the hub's once-a-second tick
 @pytest.mark.config({**SMALL_DEMO, "streaming": {"stall_timeout_seconds": 1.5}})
 @pytest.mark.gen_test(timeout=30)
@@ -227,6 +250,37 @@ async def test_a_peer_gone_without_delete_is_dropped_after_the_stall_timeout(api
     await wait_until(lambda: not proxy.whep.peers, "the silent peer to be dropped", timeout=10)
     assert time.monotonic() - gone < 6
     assert (await session_json(api, session_id))["connections"] == 0
+
+
+SILENT_PUSH = {"upstreams": {"silent": {"kind": "push", "token": "publisher-token"}}, "default_upstream": "silent",
+               "streaming": {"stall_timeout_seconds": 1.5}}
+
+
+@pytest.mark.slow  # the stall timeout, then the hub's once-a-second tick
+@pytest.mark.config(SILENT_PUSH)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_peer_that_never_connects_is_dropped_even_with_no_frames_flowing(api, proxy, whep_clients):
+    """A client that posts an offer and goes away (no ICE checks ever arrive, no DELETE) holds a
+    viewer's place only until the stall timeout, on an upstream with nothing to send as well;
+    a peer that did connect stays while its upstream is silent."""
+    session_id = (await api.create_session())["sessionId"]
+    connected = await new_client(api, whep_clients, session_id)
+    assert await connected.connect() == 201
+    await wait_until(lambda: connected.pc.connectionState == "connected", "the first peer to connect")
+    gone = await new_client(api, whep_clients, session_id)
+    offer = "".join(line for line in (await gone.offer()).splitlines(keepends=True)
+                    if not line.startswith(("a=candidate:", "a=end-of-candidates")))
+    code, _, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=offer.encode(),
+                                headers={"Content-Type": "application/sdp"})
+    assert code == 201  # ... and the client never takes its answer
+    assert (await session_json(api, session_id))["connections"] == 2
+    posted = time.monotonic()
+    await wait_until(lambda: len(proxy.whep.peers) == 1, "the peer that never connected to be dropped", timeout=10)
+    assert time.monotonic() - posted < 4
+    await asyncio.sleep(2)  # past the stall timeout again: the connected peer, with no frames, stays
+    assert len(proxy.whep.peers) == 1 and connected.pc.connectionState == "connected"
+    assert (await session_json(api, session_id))["connections"] == 1
+    assert proxy.hubs["silent"].stats[WEBRTC].frames_sent == 0
 
 
 @pytest.mark.slow  # the dashboard samples once a second
@@ -419,3 +473,26 @@ async def test_an_offer_whose_candidates_cannot_be_reached_is_refused_not_answer
     playing = await new_client(api, whep_clients, session_id)
     assert await playing.connect() == 201
     assert len(await playing.frames(3)) == 3
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_an_offer_with_too_many_candidates_is_refused(api, proxy, whep_clients):
+    """vsproxy's ICE agent checks every candidate it can reach: an offer listing many would have
+    it send STUN packets wherever a client says. Over MAX_OFFER_CANDIDATES is a JSON 400."""
+    from vsproxy.outputs.webrtc import MAX_OFFER_CANDIDATES
+
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    extra = "".join(f"a=candidate:x{i} 1 udp 2130706431 127.0.1.{i} {40000 + i} typ host\r\n"
+                    for i in range(MAX_OFFER_CANDIDATES + 1))
+    flooded = re.sub(r"^(a=candidate:.*\r\n)", lambda m: m.group(1) + extra, sdp, count=1, flags=re.M)
+    assert flooded.count("a=candidate:") > MAX_OFFER_CANDIDATES + 1
+    code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=flooded.encode(),
+                                   headers={"Content-Type": "application/sdp"})
+    assert_json_error(code, body, 400)
+    assert f"more than {MAX_OFFER_CANDIDATES} ICE candidates" in body["error"]
+    assert not proxy.whep.peers and proxy.connections.open == 0
+    playing = await new_client(api, whep_clients, session_id)
+    assert await playing.connect() == 201  # a client's own few candidates are fine

@@ -487,16 +487,18 @@ def _paths() -> dict[str, Any]:
                              "content": {"application/sdp": {"schema": {"type": "string"}}}},
                 description="draft-ietf-wish-whep. The body must be `Content-Type: application/sdp` (415 "
                             "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
-                            "an SDP offer or ends its candidates with no UDP one, 406 without video or H.264). "
+                            "an SDP offer, ends its candidates with no UDP one, or lists more than 32 UDP ones; 406 "
+                            "without video or H.264). "
                             "The peer is a viewer of the session like "
                             "any other (connections, limits.max_viewers_per_session: 503 ("
                             + _VIEWER_LIMIT_CLUSTER + "), limits.max_connections: 503 (a peer counts as one "
                             "connection), viewer tokens: 401/403, closed when the session is destroyed or its "
                             "token expires, dropped after streaming.stall_timeout_seconds without RTCP from it "
-                            "while frames flow).",
+                            "while frames flow, or without its connection ever completing).",
             ),
-            "options": {**_preflight("POST"), "description": "Also announces webrtc.ice_servers as Link headers "
-                                                             "to an allowed Origin."},
+            "options": {**_preflight("POST"), "parameters": [_ref("parameters", "token")],
+                        "description": "Also announces webrtc.ice_servers as Link headers, for a session that "
+                                       "exists, with its viewer token where tokens are on (as the POST's 201 does)."},
         },
         "/stream/{sessionId}/whep/{resourceId}": {
             "parameters": [*_SESSION_PARAM, {"name": "resourceId", "in": "path", "required": True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import tornado.web
 
@@ -58,9 +57,20 @@ class WhepHandler(JsonHandler):
         super().set_default_headers()
         self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
 
-    def options(self, *args: Any, **kwargs: Any) -> None:
-        super().options(*args, **kwargs)
-        for link in ice_server_links(self.config.webrtc.ice_servers) if self.origin_allowed() else ():
+    async def options(self, session_id: str) -> None:  # type: ignore[override]
+        super().options(session_id)
+        # The ICE servers may carry TURN credentials: the preflight names them only to whoever may
+        # watch this session (it exists, and the request has its viewer token when tokens are on),
+        # as the POST's answer does. Anyone else gets a plain preflight, never an error: the POST
+        # that follows says what is wrong.
+        if not self.config.webrtc.ice_servers:
+            return
+        try:
+            await self.sessions.lookup(session_id)
+            self.require_viewer(session_id)
+        except ClientError:
+            return
+        for link in ice_server_links(self.config.webrtc.ice_servers):
             self.add_header("Link", link)
 
     async def post(self, session_id: str) -> None:

@@ -129,6 +129,12 @@ def reachable(candidate: Any) -> bool:
     return candidate.protocol.lower() == "udp" and candidate.type in ("host", "srflx", "relay")
 
 
+# A browser offers a handful of candidates (one per interface and protocol, a relay or two). The
+# ICE agent sends connectivity checks to every one it can reach, so an offer with thousands would
+# have this server send STUN packets to whatever addresses a client lists.
+MAX_OFFER_CANDIDATES = 32
+
+
 def check_offer(sdp: str) -> None:
     """BadOffer unless `sdp` is an SDP offer with a video section that offers H.264 in
     packetization mode 1 (what aiortc sends: STAP-A and FU-A), and, where it ends its
@@ -152,6 +158,8 @@ def check_offer(sdp: str) -> None:
     if not any(m.ice and m.ice.usernameFragment and m.dtls and m.dtls.fingerprints for m in videos):
         raise BadOffer("The SDP offer's video section lacks ICE credentials or a DTLS fingerprint")
     media = description.media  # bundled: the first section's transport carries all; be lenient
+    if sum(reachable(c) for m in media for c in m.ice_candidates) > MAX_OFFER_CANDIDATES:
+        raise BadOffer(f"The SDP offer has more than {MAX_OFFER_CANDIDATES} ICE candidates vsproxy would check")
     if all(m.ice_candidates_complete for m in media) and not any(reachable(c) for m in media for c in m.ice_candidates):
         raise BadOffer("The SDP offer ends its ICE candidates (a=end-of-candidates) with none vsproxy can "
                        "reach: it takes UDP candidates at an IP address (host, srflx or relay), not TCP")
@@ -207,7 +215,8 @@ class WhepPeer:
         self.stats = stats
         self._on_close = on_close
         self._request_keyframe = request_keyframe
-        self.connected_at = time.monotonic()
+        self.connected_at = time.monotonic()  # when the offer was answered
+        self.ice_connected = False  # ICE and DTLS have completed (connectionState "connected")
         self.last_taken = self.connected_at  # the sender last took an access unit
         self.last_rtcp = self.connected_at  # the peer last sent RTCP about our stream (or the start)
         self.frames_sent = 0
@@ -269,9 +278,13 @@ class WhepPeer:
     def stalled_for(self, now: float) -> float:
         """Seconds the peer has not taken what is queued for it, or (a receiver gone without a
         DELETE) has sent no RTCP about our stream while it flows; receivers send RTCP at least
-        every few seconds while they get packets."""
+        every few seconds while they get packets. A peer that never connected (a client that
+        posted an offer and went away, or whose ICE checks never arrive) has stalled since its
+        answer, whether frames flow or not: it holds a viewer's place."""
+        if not self.ice_connected:
+            return now - self.connected_at
         queue_stall = now - self.last_taken if self._queue else 0.0
-        flowing = now - self.last_taken <= self.PAUSE_SECONDS
+        flowing = self.frames_sent > 0 and now - self.last_taken <= self.PAUSE_SECONDS
         return max(queue_stall, now - self.last_rtcp if flowing else 0.0)
 
     def close(self, reason: str) -> None:
@@ -409,7 +422,9 @@ class WhepPeers:
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected":
+                peer.ice_connected = True
+            elif pc.connectionState in ("failed", "closed"):
                 peer.close(f"connection {pc.connectionState}")
 
         self.peers[peer.id] = peer
