@@ -388,9 +388,13 @@ scrape_configs:
 
 async def prom_get(prom, path: str, **params: str) -> Any:
     url = f"{prom.url}{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
-    response = await AsyncHTTPClient().fetch(HTTPRequest(url, request_timeout=5), raise_error=False)
+    try:
+        # raise_error=False covers HTTP statuses only: a refused connection still raises.
+        response = await AsyncHTTPClient().fetch(HTTPRequest(url, request_timeout=5), raise_error=False)
+    except OSError:
+        response = None  # not listening yet
     assert prom.proc.poll() is None, f"prometheus exited:\n{prom.log.read_text()}"
-    if response.code in (599, 503):
+    if response is None or response.code in (599, 503):
         return None  # not listening yet, or listening but still starting (a plain-text 503)
     assert response.code == 200, (path, params, response.code, response.body[:500])
     return json.loads(response.body)["data"]
