@@ -496,3 +496,27 @@ async def test_an_offer_with_too_many_candidates_is_refused(api, proxy, whep_cli
     assert not proxy.whep.peers and proxy.connections.open == 0
     playing = await new_client(api, whep_clients, session_id)
     assert await playing.connect() == 201  # a client's own few candidates are fine
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_a_delete_just_after_the_connection_closed_is_a_200(api, proxy, whep_clients):
+    """A page that unloads closes its connection and sends its DELETE at once, in either order:
+    a DELETE finding its peer already ended is a 200 (DELETE is idempotent), not a 404 warning
+    in the operator's log. Another session's path for it stays a 404."""
+    session_id = (await api.create_session())["sessionId"]
+    other_id = (await api.create_session(user="someone-else"))["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    assert await client.connect() == 201
+    await client.frames(3)
+    await client.close()
+    await wait_until(lambda: not proxy.whep.peers, "the peer to end with its connection")
+    resource = client.location.rsplit("/", 1)[1]
+    code, _, _ = await api.call("DELETE", f"/stream/{other_id}/whep/{resource}")
+    assert code == 404
+    code, _, _ = await api.call("DELETE", client.location)
+    assert code == 200
+    code, _, _ = await api.call("DELETE", client.location)  # a second DELETE: nothing left
+    assert code == 404
+    code, _, _ = await api.call("DELETE", f"/stream/{session_id}/whep/never-made")
+    assert code == 404

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -362,12 +362,18 @@ class WhepPeers:
     """Every WHEP peer of the proxy by resource id: answers offers, finds peers for DELETE, and
     waits for their connections to close on shutdown."""
 
+    MAX_ENDED = 4096  # ended peers remembered for a late DELETE (about 100 bytes each)
+
     def __init__(self, ice_servers: list[dict], connections: ConnectionCount) -> None:
         self.ice_servers = ice_servers
         # Each peer takes a place among limits.max_connections, as a TCP viewer does: it holds
         # UDP sockets (one per local address) however few HTTP connections made it.
         self.connections = connections
         self.peers: dict[str, WhepPeer] = {}
+        # Peers ended lately, not by a DELETE (resource id -> session id): the first DELETE that
+        # arrives after its connection closed (a page unloading sends it and closes at once) is a
+        # 200, not a 404 warning. Bounded: the oldest are forgotten.
+        self._ended: OrderedDict[str, str] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
         # In a cluster, which node holds each peer (vsproxy.cluster.whep.WhepDirectory), so that
         # a DELETE of its resource on any node ends it; None: this node's peers are all there is.
@@ -442,6 +448,10 @@ class WhepPeers:
         peer = self.peers.get(resource_id)
         if peer is not None and peer.session_id == session_id:
             peer.close(reason)
+            self._ended.pop(resource_id, None)  # a second DELETE finds nothing: 404
+            return True
+        if self._ended.get(resource_id) == session_id:
+            del self._ended[resource_id]  # its first DELETE, after its connection ended it
             return True
         if self.directory is not None:
             return await self.directory.end(session_id, resource_id)
@@ -449,6 +459,9 @@ class WhepPeers:
 
     def _closed(self, peer: WhepPeer) -> None:
         if self.peers.pop(peer.id, None) is not None:
+            self._ended[peer.id] = peer.session_id
+            if len(self._ended) > self.MAX_ENDED:
+                self._ended.popitem(last=False)
             self.connections.open -= 1
             if self.directory is not None:
                 self.directory.removed(peer)
