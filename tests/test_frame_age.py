@@ -4,10 +4,12 @@ JPEG byte for byte."""
 
 from __future__ import annotations
 
+import asyncio
+import struct
 import time
 
 import pytest
-from helpers import recv, wait_until
+from helpers import next_message, recv, spawn, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from vsproxy import render
@@ -88,3 +90,44 @@ async def test_posted_frames_take_their_capture_time_from_a_header(api, ws_conne
         raise AssertionError("the posted frame never reached the viewer")
     buckets = await age_buckets(api)
     assert buckets["1.0"] == 0 and buckets["+Inf"] >= 1, buckets  # about 2 s old
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_capture_times_that_are_no_numbers_or_far_off_our_clock_count_as_arrival_times(api, ws_connect):
+    """A publisher's capture time is its word, not a trusted one: a stamp of "nan" or "inf", one
+    days ahead or behind our clock, or beyond the year 2262. Each such frame is still published
+    (200, not a 500), and H.264 viewers' presentation times stay on the clock: a frame stamped
+    a day ahead would otherwise have left every later one a microsecond after it."""
+    session_id = (await api.create_session())["sessionId"]
+    conn = await ws_connect(f"/stream/{session_id}?format=h264")
+    headers = {"Content-Type": "image/jpeg", "Authorization": f"Bearer {TOKEN}"}
+    pattern = render.TestPattern(160, 120, "age")
+    now = time.time()
+    odd = [("stamp", now + 86_400), ("stamp", float("nan")), ("stamp", float("inf")), ("stamp", now - 86_400),
+           ("header", "1e13"), ("header", f"{now + 86_400:.3f}"), ("header", "-5")]
+    units: list[int] = []  # presentation times of the access units received
+
+    async def read() -> None:
+        while (message := await next_message(conn, timeout=None)) is not None:
+            if isinstance(message, bytes):
+                units.append(struct.unpack("!BQ", message[:9])[1])
+
+    reader = spawn(read())
+    for i in range(40):
+        how, value = odd[i % len(odd)] if i % 2 else ("none", None)
+        jpeg = pattern.render(i, time.time())
+        extra = {}
+        if how == "stamp":
+            jpeg = render.with_capture_time(jpeg, value)
+        elif how == "header":
+            extra = {"X-Capture-Timestamp": value}
+        code, body, _ = await api.call("POST", "/ingest/replicator/frame", raw=jpeg, headers={**headers, **extra})
+        assert code == 200, (how, value, body)
+        await asyncio.sleep(0.05)
+    await wait_until(lambda: len(units) >= 10, "access units")
+    reader.cancel()
+    latest = time.time()
+    assert all(now - 5 <= pts / 1e6 <= latest + 1 for pts in units), [pts / 1e6 - now for pts in units]
+    assert len(units) >= 10 and units == sorted(units)
+    steps = [b - a for a, b in zip(units, units[1:], strict=False)]
+    assert max(steps) < 2_000_000 and sum(steps) > 1_000_000, steps  # on the clock: 50+ ms apart, not 1 µs

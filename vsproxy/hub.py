@@ -20,7 +20,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import render
 from .codec.encoder import H264Config, H264Encoder
-from .codec.h264 import AccessUnit, H264Parser, StreamConfig, frame_age_offset
+from .codec.h264 import AccessUnit, H264Parser, StreamConfig, capture_time, frame_age_offset
 from .errors import describe_error
 from .outputs.viewer import TransportStats, Viewer
 from .outputs.wire import (
@@ -57,9 +57,9 @@ class Frame(WireCached):
         self.seq = seq
         self.arrived = time.monotonic()  # for latency and fps caps
         self.timestamp = time.time()  # wall clock, sent as X-Timestamp
-        # When the picture was taken (the publisher's word, where it gives one), and how much
-        # older than its arrival that is: frame age = write latency + age_offset.
-        self.captured = captured if captured is not None else self.timestamp
+        # When the picture was taken (the publisher's word, where it gives a plausible one), and
+        # how much older than its arrival that is: frame age = write latency + age_offset.
+        self.captured = capture_time(captured, self.timestamp)
         # The offline picture is no camera frame: it has no age (None: not counted).
         self.age_offset = None if offline else frame_age_offset(self.timestamp, self.captured)
         self.offline = offline  # a generated "upstream offline" picture, not upstream content

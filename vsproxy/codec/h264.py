@@ -250,6 +250,18 @@ def has_b_slice(data: bytes) -> bool:
 
 
 MAX_FRAME_AGE_OFFSET = 60.0  # a capture time further back is a clock problem, not an age
+CLOCK_AHEAD_LIMIT_SECONDS = 10.0  # one further ahead of our clock is one too
+
+
+def capture_time(stated: float | None, arrived_wall: float) -> float:
+    """A frame's capture time (wall clock): the one its upstream states, where our clock could
+    agree with it (at most CLOCK_AHEAD_LIMIT_SECONDS ahead of the frame's arrival, at most
+    MAX_FRAME_AGE_OFFSET behind), else its arrival. An upstream's word is not trusted: a NaN, an
+    infinity or a time days off would break the frame's H.264 presentation time, and with it
+    every later one (they must increase)."""
+    if stated is not None and arrived_wall - MAX_FRAME_AGE_OFFSET <= stated <= arrived_wall + CLOCK_AHEAD_LIMIT_SECONDS:
+        return stated
+    return arrived_wall
 
 
 def frame_age_offset(arrived_wall: float, captured_wall: float) -> float:

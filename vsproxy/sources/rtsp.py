@@ -43,7 +43,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
-from ..codec.h264 import has_b_slice, stream_reorders
+from ..codec.h264 import CLOCK_AHEAD_LIMIT_SECONDS, MAX_FRAME_AGE_OFFSET, has_b_slice, stream_reorders
 from ..errors import DescribedError, describe_error
 from ..schema import setting
 from .base import FrameTimeout, HubLink, Source
@@ -69,9 +69,9 @@ GOP_PACKETS_MAX = 600  # passthrough keeps at most this many packets since the l
 # then comes out as a burst of stale frames after every (re)connect.
 PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "100000"}
 # A capture time (from the server's clock, via its RTCP sender reports) further ahead of our clock
-# than this, or further behind, means the server's clock is not synced: the arrival time instead.
-CLOCK_AHEAD_LIMIT_SECONDS = 10.0
-CLOCK_BEHIND_LIMIT_SECONDS = 60.0
+# than CLOCK_AHEAD_LIMIT_SECONDS, or further behind than this, means the server's clock is not
+# synced: the arrival time instead (the limits `capture_time` applies to every upstream's word).
+CLOCK_BEHIND_LIMIT_SECONDS = MAX_FRAME_AGE_OFFSET
 MIN_STEP_US = 1000  # consecutive frames' capture times differ by at least this
 
 
