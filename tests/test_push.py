@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import tornado.websocket
-from helpers import CONNECTED, next_message, wait_until
+from helpers import CONNECTED, next_message, small_buffer_ws, wait_until, write_buffer_bytes
 from PIL import Image
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
@@ -524,3 +524,32 @@ async def test_a_viewer_cannot_pass_for_the_server(api, ws_connect, ingest_url, 
         await viewer.conn.write_message('{"type": "error", "message": "forged"}')
         await wait_until(lambda: len([m for m in messages if '"viewer"' in m]) == 2, "the viewer's messages")
         assert pub.active is True and pub.frames_refused == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_publisher_text_a_viewer_does_not_read_is_not_held_without_bound(api, ws_connect, hub, proxy,
+                                                                               http_port):
+    """A publisher that sends telemetry as fast as it can, and a viewer that reads none of it (a
+    stalled tab, a slow link): what the proxy holds for that viewer stays bounded (its messages
+    beyond about 1 MiB unread are dropped, not buffered: no frame flows, so the stall timeout
+    never comes), while a viewer that reads gets the publisher's text."""
+    reader = await open_viewer(api, ws_connect)
+    session_id = (await api.create_session())["sessionId"]
+    stalled = await small_buffer_ws(http_port, f"/stream/{session_id}", rcvbuf=4096)
+    try:
+        await wait_until(lambda: hub.viewers["ws_json"], "the viewer that reads nothing to attach")
+        (viewer,) = hub.viewers["ws_json"]  # the reading one is a binary viewer
+        conn = await raw_publisher(ws_connect)
+        await wait_until(lambda: hub.connected, "the publisher to attach")
+        telemetry = json.dumps({"type": "telemetry", "pad": "x" * 60_000})
+        largest = 0
+        for _ in range(300):  # 18 MB
+            await conn.write_message(telemetry)
+            largest = max(largest, write_buffer_bytes(viewer.stream))
+        conn.write_message('{"type": "telemetry", "last": true}')
+        await wait_until(lambda: reader.has_text(lambda t: t.get("last") is True), "the reading viewer's last text")
+        largest = max(largest, write_buffer_bytes(viewer.stream))
+        assert largest < 2 << 20, f"the proxy held {largest} bytes for a viewer that reads nothing"
+        assert sum(t["type"] == "telemetry" for t in reader.texts) > 10
+    finally:
+        stalled.close()

@@ -21,6 +21,7 @@ from ..outputs import CONNECTED_MESSAGE, MJPEG, WS_FORMATS, Viewer, mjpeg_respon
 from ..outputs.viewer import H264Viewer
 from ..outputs.wire import H264_TRANSPORTS, MP4, mp4_response_head
 from ..sessions import Session, iso_utc
+from ..sources.base import RelayBudget
 from .base import JsonHandler, WebSocketMixin
 
 log = logging.getLogger("vsproxy.stream")
@@ -94,6 +95,7 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         if connection is None or connection.is_closing():  # the client left meanwhile (or hung up at once)
             self.sessions.unreserve_viewer(self.session)
             return
+        self._text = RelayBudget()  # text written to this viewer that it has not read yet
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
         self.byte_bucket = TokenBucket(limits.viewer_input_bytes_rate, limits.viewer_input_bytes_burst)
@@ -224,13 +226,10 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         self._detach_viewer()
 
     def _send_text(self, text: str) -> None:
-        try:
-            written = self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
-            return
-        # A connection that drops while the message is on its way fails this future: retrieved
-        # here, it is not logged as "Task exception was never retrieved".
-        written.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # Within a budget of text the viewer has not read yet: the upstream's text (telemetry,
+        # as fast as a publisher sends it) beyond it is dropped for this viewer, not buffered
+        # without bound (with no frame flowing, no stall timeout would ever end it).
+        self._text.send(self.write_message, text)
 
     def _close_viewer(self, reason: str) -> None:
         # Off the hub first: no frame may follow our Close frame (RFC 6455 5.5.1), even while

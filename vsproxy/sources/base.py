@@ -60,9 +60,10 @@ class HubLink(Protocol):
 
 
 class RelayBudget:
-    """Viewer messages relayed to an upstream connection that its socket has not taken yet, in
-    bytes, capped: a peer that stops reading makes relaying fail ("not delivered") instead of
-    growing memory without bound."""
+    """Messages relayed over one WebSocket connection that its socket has not taken yet, in
+    bytes, capped: a peer that stops reading makes relaying fail (viewer input to an upstream:
+    "not delivered"; upstream text to a viewer: dropped) instead of growing memory without
+    bound."""
 
     LIMIT = 1 << 20
 
