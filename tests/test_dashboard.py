@@ -423,3 +423,57 @@ async def test_dashboard_needs_the_operator_login_and_destroys_without_an_api_to
         assert not problems, problems
     code, _, _ = await api.call("GET", f"/session/{session}", headers=BEARER)
     assert code == 404
+
+
+PUBLISH_TOKEN = "publish-token-0123"
+
+
+def with_claimed_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with its SOF header rewritten to claim another picture size (a few bytes that say
+    60000x60000)."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9:]
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.config({"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+async def test_a_publishers_huge_or_bogus_picture_costs_the_thumbnail_not_the_event_loop(api, proxy, monkeypatch):
+    """A publisher (or a camera) that sends a picture of 64 megapixels costs the dashboard's
+    thumbnail a few hundred milliseconds of a worker thread, once, while the proxy goes on
+    answering; one whose header claims 60000x60000 gets a 503 naming the thumbnail, not a 500.
+    Before, the decode ran on the event loop (every viewer and request waited for it) and the
+    claimed size raised Pillow's DecompressionBombError out of the handler."""
+    from vsproxy import monitor as monitor_module
+
+    decodes = []
+    make = monitor_module.make_thumbnail
+    monkeypatch.setattr(monitor_module, "make_thumbnail", lambda jpeg: decodes.append(len(jpeg)) or make(jpeg))
+    headers = {"Content-Type": "image/jpeg", "Authorization": f"Bearer {PUBLISH_TOKEN}"}
+    small = io.BytesIO()
+    Image.new("L", (64, 48), 128).save(small, "JPEG")
+    bogus = with_claimed_size(small.getvalue(), 60000, 60000)
+    code, _, _ = await api.call("POST", "/ingest/pub/frame", raw=bogus, headers=headers)
+    assert code in (200, 204)
+    code, body, _ = await api.call("GET", "/dashboard/api/thumbnail/pub.jpg")
+    assert code == 503 and body["success"] is False and "thumbnail" in body["error"], body
+
+    huge = io.BytesIO()
+    picture = Image.new("L", (8000, 8000), 40)
+    picture.paste(220, (2000, 2000, 6000, 6000))
+    picture.save(huge, "JPEG", quality=90)
+    code, _, _ = await api.call("POST", "/ingest/pub/frame", raw=huge.getvalue(), headers=headers)
+    assert code in (200, 204)
+    decodes.clear()
+    thumbnails = [asyncio.ensure_future(api.call("GET", "/dashboard/api/thumbnail/pub.jpg")) for _ in range(4)]
+    answered_meanwhile = 0
+    while not all(t.done() for t in thumbnails):
+        code, _, _ = await api.call("GET", "/health")
+        if not all(t.done() for t in thumbnails):
+            answered_meanwhile += 1
+    assert answered_meanwhile >= 3, f"the proxy answered {answered_meanwhile} requests while the thumbnail was made"
+    results = [t.result() for t in thumbnails]
+    assert all(code == 200 for code, _, _ in results)
+    assert len({response.body for _, _, response in results}) == 1
+    assert decodes == [len(huge.getvalue())], "four requests for one frame: one decode"
+    with Image.open(io.BytesIO(results[0][2].body)) as image:
+        assert image.size == (160, 160)

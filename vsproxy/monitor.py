@@ -7,6 +7,7 @@ push timer and thumbnails cost something only while a dashboard is open.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -92,10 +93,27 @@ class _Thumbnail:
         self.jpeg = jpeg
 
 
+class ThumbnailError(Exception):
+    """The upstream's picture cannot be made into a thumbnail (not decodable, or too large)."""
+
+
 def make_thumbnail(jpeg: bytes, width: int = THUMBNAIL_WIDTH, quality: int = 70) -> bytes:
-    """A JPEG `width` pixels wide (aspect kept), decoded at reduced size where JPEG allows it."""
+    """A JPEG `width` pixels wide (aspect kept), decoded at reduced size where JPEG allows it.
+    Costs milliseconds for a camera frame and up to a few hundred for the largest picture it
+    takes, so callers run it in a worker thread. ThumbnailError for a picture Pillow cannot
+    decode or one of more pixels than Pillow decodes without a warning (a few bytes can claim
+    60000x60000)."""
+    try:
+        return _make_thumbnail(jpeg, width, quality)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ThumbnailError(str(exc)) from None
+
+
+def _make_thumbnail(jpeg: bytes, width: int, quality: int) -> bytes:
     with Image.open(io.BytesIO(jpeg)) as image:
         w, h = image.size
+        if w * h > (Image.MAX_IMAGE_PIXELS or w * h):
+            raise ValueError(f"a picture of {w}x{h} is too large for a thumbnail")
         size = (width, max(1, round(h * width / w)))
         # draft() lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), still at least
         # `size`: a 1280x720 frame decodes as 160x90 instead of 0.9 megapixels.
@@ -123,6 +141,8 @@ class Monitor:
         self._hubs = {name: _HubTrack(hub) for name, hub in hubs.items()}
         self._sessions: dict[str, _SessionTrack] = {}
         self._thumbnails: dict[str, _Thumbnail] = {}
+        # upstream -> (frame key, its thumbnail being made in a worker thread): one decode a frame
+        self._making: dict[str, tuple[tuple[int, bool], asyncio.Future[bytes]]] = {}
         self._last_sample = clock()
         self._sampler: PeriodicCallback | None = None
         self._pusher: PeriodicCallback | None = None
@@ -367,11 +387,13 @@ class Monitor:
 
     async def thumbnail(self, upstream: str) -> bytes | None:
         """A small JPEG of the upstream's newest frame (or its offline picture); None if it has
-        sent none yet. Made at most once a second per upstream, shared by its sessions. An
-        upstream that runs on another cluster node (its origin) and not here is relayed from there
-        for it; one that runs nowhere is not started for a dashboard.
+        sent none yet. Made at most once a second per upstream, in a worker thread, shared by its
+        sessions and by requests that come while it is being made. An upstream that runs on
+        another cluster node (its origin) and not here is relayed from there for it; one that
+        runs nowhere is not started for a dashboard.
 
-        Raises KeyError for an unknown upstream.
+        Raises KeyError for an unknown upstream, ThumbnailError when its picture cannot be made
+        into one and there is no earlier thumbnail to show.
         """
         hub = self.hubs[upstream]
         now = self.clock()
@@ -386,12 +408,22 @@ class Monitor:
         if cached is not None and cached.key == key:
             cached.made = now  # the picture has not changed: nothing to decode
             return cached.jpeg
+        making = self._making.get(upstream)
+        made_here = making is None or making[0] != key
+        if made_here:
+            future = asyncio.get_running_loop().run_in_executor(None, make_thumbnail, frame.jpeg)
+            making = self._making[upstream] = (key, future)
+            future.add_done_callback(lambda _: self._making.pop(upstream, None)
+                                     if self._making.get(upstream) is making else None)
         try:
-            jpeg = make_thumbnail(frame.jpeg)
-        except (OSError, ValueError) as exc:  # a frame Pillow cannot decode; viewers still get it
-            log.warning("cannot make a thumbnail: %s", exc, extra={"upstream": upstream})
-            return cached.jpeg if cached is not None else None
-        self._thumbnails[upstream] = _Thumbnail(now, key, jpeg)
+            jpeg = await asyncio.shield(making[1])
+        except ThumbnailError as exc:  # a frame Pillow cannot decode; viewers still get it
+            if made_here:  # one warning a frame, however many asked
+                log.warning("cannot make a thumbnail: %s", exc, extra={"upstream": upstream})
+            if cached is not None:
+                return cached.jpeg
+            raise
+        self._thumbnails[upstream] = _Thumbnail(self.clock(), key, jpeg)
         return jpeg
 
 

@@ -691,7 +691,9 @@ def _dashboard_paths() -> dict[str, Any]:
                     "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                 }}),
                 operationId="dashboardThumbnail",
-                description="404: no such upstream; 503: no frame received from it yet."),
+                description="404: no such upstream; 503: no frame received from it yet, or its "
+                            "picture cannot be made into a thumbnail (not a JPEG Pillow decodes, "
+                            "or over 89 megapixels)."),
             "options": _preflight("GET"),
         },
         "/dashboard/api/sessions/{sessionId}": {

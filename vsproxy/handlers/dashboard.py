@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tornado.web
 
+from ..monitor import ThumbnailError
 from ..outputs.viewer import unsent_bytes
 from .base import HandlerMixin, JsonHandler
 
@@ -156,6 +157,8 @@ class DashboardThumbnailHandler(JsonHandler):
             jpeg = await self.monitor.thumbnail(upstream)
         except KeyError:
             raise tornado.web.HTTPError(404, reason="No such upstream") from None
+        except ThumbnailError:
+            raise tornado.web.HTTPError(503, reason="The upstream's picture cannot be made into a thumbnail") from None
         if jpeg is None:
             raise tornado.web.HTTPError(503, reason="No frame received from the upstream yet")
         self.set_header("Content-Type", "image/jpeg")
