@@ -326,10 +326,12 @@ async def ws_handshake(port: int, path: str, headers: dict | None = None,
     return response, stream
 
 
-async def small_buffer_ws(port: int, path: str, rcvbuf: int = 4096) -> socket.socket:
-    """A WebSocket handshake on a plain non-blocking socket whose receive buffer is `rcvbuf` bytes
-    (set before connecting, so the window stays small): the caller reads the frames itself, as
-    slowly as it likes (with `loop.sock_recv`), or never. Nothing past the handshake is read."""
+async def small_buffer_ws(port: int, path: str, rcvbuf: int = 4096, headers: dict[str, str] | None = None
+                          ) -> socket.socket:
+    """A WebSocket handshake (with `headers` besides its own) on a plain non-blocking socket whose
+    receive buffer is `rcvbuf` bytes (set before connecting, so the window stays small): the
+    caller reads the frames itself, as slowly as it likes (with `loop.sock_recv`), or never.
+    Nothing past the handshake is read."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -338,7 +340,8 @@ async def small_buffer_ws(port: int, path: str, rcvbuf: int = 4096) -> socket.so
         await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), QUICK)
         key = base64.b64encode(os.urandom(16)).decode()
         request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()) + "\r\n")
         await loop.sock_sendall(sock, request.encode())
         head = b""
         while not head.endswith(b"\r\n\r\n"):  # byte by byte: read nothing past the handshake

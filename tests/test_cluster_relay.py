@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 
@@ -15,7 +16,8 @@ import av
 import pytest
 import tornado.websocket
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
-from helpers import WhepClient, assert_json_error, free_port, raw_request, wait_until
+from helpers import WhepClient, assert_json_error, free_port, raw_request, small_buffer_ws, wait_until
+from test_cluster import TOKEN as CLUSTER_TOKEN
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
 from test_h264_rtsp import read_directly
@@ -336,3 +338,44 @@ async def test_an_edge_mp4_viewer_plays_on_when_the_edge_becomes_the_origin(make
         assert packets[0].is_keyframe
         decoded = [f for p in packets for f in video.codec_context.decode(p)]
     assert len(decoded) >= len(packets) - 2
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_upstream_text_an_edge_does_not_read_is_not_held_without_bound(make_nodes, slow_sim):
+    """Isaac Sim's telemetry (any text from the upstream) goes to every edge's relay connection
+    as to every viewer: an edge that stops reading (hung, or on a link slower than the text) gets
+    what is beyond about 1 MiB unread dropped, not buffered on the origin without bound; the
+    origin's own viewer that reads gets the text. Before, the origin held all 30 MB for it."""
+    (origin,) = await started(make_nodes(1, slow_sim.port))
+    sid = await create_session(origin)
+    reader = await origin.viewer(sid)
+    await real_frame(reader, slow_sim, 15)  # the node takes the upstream: the origin
+    loop = asyncio.get_running_loop()
+    stalled = await small_buffer_ws(origin.port, "/internal/relay/isaac", rcvbuf=4096,
+                                    headers={"Authorization": f"Bearer {CLUSTER_TOKEN}", "X-Vsproxy-Node": "hung"})
+    try:
+        telemetry = json.dumps({"type": "telemetry", "pad": "x" * 60_000})
+
+        async def texts_read(count: int) -> None:
+            while count:
+                message = await asyncio.wait_for(reader.read_message(), 30)
+                assert message is not None, "the reading viewer was closed"
+                count -= isinstance(message, str)
+
+        for _ in range(50):  # 30 MB, in batches the viewer that reads takes at once
+            for _ in range(10):
+                slow_sim.broadcast_text(telemetry)
+            await texts_read(10)
+        received = 0
+        while True:  # what the origin held for the edge that read nothing reaches it now
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(stalled, 1 << 16), 2)
+            except asyncio.TimeoutError:
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+        assert received < 10 << 20, f"the origin held {received} bytes for an edge that read nothing"
+        assert received > 60_000  # it got text until it stopped reading
+    finally:
+        stalled.close()

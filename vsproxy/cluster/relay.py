@@ -381,6 +381,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
     def open(self, upstream: str) -> None:
         self.set_nodelay(True)
         self.viewers = {}
+        self._text = RelayBudget()  # upstream text written to the edge that it has not read yet
         self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
         self.hub.text_listeners.append(self._send_text)
@@ -391,10 +392,9 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self.close(1001, reason[:120])
 
     def _send_text(self, text: str) -> None:
-        try:
-            self.write_message(text)
-        except tornado.websocket.WebSocketClosedError:
-            pass
+        # As to a viewer: within a budget of unread text, beyond it dropped for this edge (an
+        # edge that stops reading must not make the origin hold the upstream's telemetry).
+        self._text.send(self.write_message, text)
 
     def on_message(self, message: str | bytes) -> None:
         if self.demand is None:
