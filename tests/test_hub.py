@@ -418,3 +418,52 @@ async def test_after_an_upstream_reconnect_h264_viewers_continue_at_its_next_key
         await hub.stop()
         stream.close()
         client.close()
+
+
+class BrokenViewer(Viewer):
+    """An output with a bug: it raises on every frame it is offered."""
+
+    def offer(self, frame, data) -> None:
+        raise RuntimeError("a bug in an output")
+
+
+class BrokenH264Viewer(H264Viewer):
+    def offer(self, au, data) -> None:
+        raise RuntimeError("a bug in an output")
+
+
+@pytest.mark.allow_tracebacks  # the bug is logged with its traceback, as it should be
+@pytest.mark.gen_test(timeout=20)
+async def test_a_viewer_that_raises_costs_itself_not_the_viewers_after_it():
+    """A viewer that raises taking a frame (a bug in one output) is disconnected; the viewers
+    after it in the fan-out get the frame all the same. Before, the exception ended the fan-out
+    loop there and went up into the source's read loop, which took it for a lost upstream."""
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    keyframe = bytes(encoder.encode(av.VideoFrame(64, 48, "yuv420p"))[0])
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    pairs = [socket_pair() for _ in range(4)]
+    closed: list[str] = []
+    broken = BrokenViewer(pairs[0][0], WS_BINARY, hub.stats[WS_BINARY], close=closed.append)
+    healthy = Viewer(pairs[1][0], WS_BINARY, hub.stats[WS_BINARY], close=closed.append)
+    broken_h264 = BrokenH264Viewer(pairs[2][0], WS_H264, hub.stats[WS_H264], close=closed.append)
+    healthy_h264 = H264Viewer(pairs[3][0], WS_H264, hub.stats[WS_H264], close=closed.append)
+    try:
+        for viewer in (broken, healthy, broken_h264, healthy_h264):  # the broken ones first
+            hub.add_viewer(viewer)
+        hub.publish(JPEG)
+        expected = hub.latest.encoded(WS_BINARY)
+        assert await read_exactly(pairs[1][1], len(expected)) == expected
+        hub.publish_h264(keyframe, 1_000_000)
+        (au,) = hub.gop
+        expected = au.encoded(WS_H264)
+        assert await read_exactly(pairs[3][1], len(expected)) == expected
+        assert closed == ["Internal error", "Internal error"]
+        assert hub.viewers[WS_BINARY] == [healthy] and hub.viewers[WS_H264] == [healthy_h264]
+        assert pairs[0][0].closed() and pairs[2][0].closed()
+    finally:
+        for stream, client in pairs:
+            stream.close()
+            client.close()

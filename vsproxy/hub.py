@@ -326,7 +326,10 @@ class FrameHub:
             if viewers:
                 encoded = au.encoded(transport)
                 for viewer in tuple(viewers):
-                    viewer.offer(au, encoded)
+                    try:
+                        viewer.offer(au, encoded)
+                    except Exception:
+                        self._viewer_failed(viewer)
 
     @property
     def h264_config(self) -> StreamConfig | None:
@@ -429,7 +432,23 @@ class FrameHub:
             if viewers:
                 data = frame.encoded(transport)
                 for viewer in tuple(viewers):  # a failed send may remove the viewer
-                    viewer.offer(frame, data)
+                    try:
+                        viewer.offer(frame, data)
+                    except Exception:
+                        self._viewer_failed(viewer)
+
+    def _viewer_failed(self, viewer: Viewer) -> None:
+        """A viewer raised an unexpected error taking a frame (a bug in an output): that viewer
+        is disconnected and the error logged; the viewers after it in the fan-out still get the
+        frame, and the upstream connection (whose read loop publishes) is not torn down."""
+        log.exception("a %s viewer failed taking a frame; it is disconnected", viewer.transport,
+                      extra={"upstream": self.name})
+        self.remove_viewer(viewer)
+        try:
+            viewer.close("Internal error")
+            viewer.hang_up()
+        except Exception:
+            log.exception("closing the failed viewer failed too", extra={"upstream": self.name})
 
     def _offline_frame(self) -> Frame:
         # Plain ASCII: Pillow's built-in font has no em dash or ellipsis.
