@@ -47,6 +47,7 @@ from vsproxy.codec.h264 import (
     stream_reorders,
 )
 from vsproxy.outputs import TransportStats
+from vsproxy.outputs.fmp4 import init_segment
 from vsproxy.outputs.viewer import H264Viewer
 from vsproxy.outputs.wire import WS_H264
 from vsproxy.render import TestPattern
@@ -92,6 +93,58 @@ def test_parse_sps_gives_codec_string_and_cropped_size():
         assert codec.startswith("avc1.") and len(codec) == 11 and codec[5:7] == f"{sps[1]:02X}"
     with pytest.raises(ValueError):
         parse_sps(b"\x67\x64")
+
+
+def baseline_sps(width_mbs: int, height_mbs: int) -> bytes:
+    """An SPS NAL unit (Baseline, level 4) for a picture of width_mbs x height_mbs macroblocks."""
+    bits = "01000010" + "00000000" + "00101000"  # profile_idc 66, constraint flags, level_idc 40
+
+    def ue(value: int) -> str:
+        code = bin(value + 1)[2:]
+        return "0" * (len(code) - 1) + code
+
+    bits += ue(0) + ue(0) + ue(2) + ue(1) + "0"  # sps id, log2_max_frame_num-4, poc type 2, refs, gaps
+    bits += ue(width_mbs - 1) + ue(height_mbs - 1) + "1" + "1" + "0" + "0"  # frame_mbs_only, direct_8x8
+    bits += "1"  # rbsp stop bit
+    bits += "0" * (-len(bits) % 8)
+    rbsp = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    escaped, zeros = bytearray(), 0
+    for byte in rbsp:  # emulation prevention
+        if zeros >= 2 and byte <= 3:
+            escaped.append(3)
+            zeros = 0
+        escaped.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return b"\x67" + bytes(escaped)
+
+
+def test_an_sps_beyond_what_h264_allows_is_no_stream_configuration():
+    """An RTSP server or a cluster peer that sends a parameter set no H.264 level allows (a
+    picture of 70000 pixels a side, or a 70 KB PPS) gets its access units dropped, as before the
+    first SPS; before, the MP4 init segment for it raised inside the hub's fan-out."""
+    assert parse_sps(baseline_sps(80, 45))[1:] == (1280, 720)
+    assert parse_sps(baseline_sps(1055, 132))[1:] == (16880, 2112)  # 139260 macroblocks: level 6.2
+    for width_mbs, height_mbs in ((1056, 1), (1, 1056), (1055, 133), (4375, 4375)):
+        with pytest.raises(ValueError, match="larger than any H.264 level"):
+            parse_sps(baseline_sps(width_mbs, height_mbs))
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    first = bytes(encoder.encode(av.VideoFrame(64, 48, "yuv420p"))[0])
+    nals = split_nals(first)
+    slices = [n for n in nals if nal_type(n) not in (NAL_SPS, NAL_PPS)]
+    (pps,) = [n for n in nals if nal_type(n) == NAL_PPS]
+
+    def unit(sps: bytes, pps: bytes) -> bytes:
+        return b"".join(b"\x00\x00\x00\x01" + n for n in (sps, pps, *slices))
+
+    parser = H264Parser()
+    assert parser.accept(unit(baseline_sps(4375, 4375), pps), 1) is None
+    assert parser.accept(unit(baseline_sps(4, 3), pps + b"\xaa" * 70_000), 2) is None
+    au = parser.accept(first, 3)  # the stream's own parameter sets: it starts
+    assert au is not None and au.keyframe and (au.config.width, au.config.height) == (64, 48)
+    assert init_segment(au.config)[4:8] == b"ftyp"
 
 
 def moving_bar_packets(options: dict[str, str], count: int = 12) -> list[av.Packet]:
@@ -660,3 +713,41 @@ async def test_a_viewer_that_skipped_the_change_of_stream_parameters_is_told_the
     finally:
         server.close()
         client.close()
+
+
+@pytest.mark.allow_tracebacks  # the failure is logged with its traceback, as it should be
+@pytest.mark.gen_test(timeout=60)
+async def test_an_encoder_that_fails_unexpectedly_starts_anew_instead_of_freezing_its_viewers(monkeypatch):
+    """A codec error nobody foresaw (here libx264 failing to open once) used to end the worker
+    thread while the encoder still said it ran: its viewers waited for frames for ever. Now the
+    failure is counted, new codecs take over, and access units come again, a keyframe first."""
+    from vsproxy.codec import encoder as encoder_module
+
+    opened = []
+    real_open = encoder_module.open_x264
+
+    def failing_once(*args, **kwargs):
+        opened.append(1)
+        if len(opened) == 1:
+            raise RuntimeError("libx264 failed")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(encoder_module, "open_x264", failing_once)
+    pattern = TestPattern(320, 240, "restart", 80)
+    received: list[tuple[bytes, int]] = []
+    encoder = H264Encoder("restart", H264Config(preset="ultrafast"), lambda d, p: received.append((d, p)))
+    encoder.start()
+    try:
+        i = 0
+        deadline = time.monotonic() + 20
+        while not received:
+            assert time.monotonic() < deadline, f"no access unit after the failure ({encoder.restarts} restarts)"
+            encoder.submit(pattern.render(i, 1_700_000_000 + i / 30), 1_000_000 + i * 33_333)
+            i += 1
+            await asyncio.sleep(1 / 30)
+        assert encoder.running and encoder.restarts == 1 and len(opened) == 2
+        parser = H264Parser()
+        first = parser.accept(*received[0])
+        assert first is not None and first.keyframe
+    finally:
+        encoder.stop()

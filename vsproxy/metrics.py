@@ -88,13 +88,17 @@ class ProxyCollector(Collector):
                                              "Time the H.264 encoder spent decoding JPEG and encoding.",
                                              labels=["upstream"])
         starts = CounterMetricFamily("vsproxy_encoder_starts", "H.264 encoder (re)starts.", labels=["upstream"])
+        restarts = CounterMetricFamily("vsproxy_encoder_failures",
+                                       "Unexpected H.264 encoder errors, each followed by new codecs.",
+                                       labels=["upstream"])
         for hub in hubs:
             encoder = hub.encoder
             encoding.add_metric([hub.name], 1 if encoder is not None and encoder.running else 0)
             encoded.add_metric([hub.name], encoder.frames_encoded if encoder else 0)
             encode_seconds.add_metric([hub.name], encoder.encode_seconds if encoder else 0.0)
             starts.add_metric([hub.name], encoder.starts if encoder else 0)
-        yield from (encoding, encoded, encode_seconds, starts)
+            restarts.add_metric([hub.name], encoder.restarts if encoder else 0)
+        yield from (encoding, encoded, encode_seconds, starts, restarts)
 
         frames_sent = CounterMetricFamily("vsproxy_frames_sent", "Frames written to viewers.", labels=["transport"])
         bytes_sent = CounterMetricFamily("vsproxy_sent_bytes", "Bytes of frames written to viewers (wire format).",

@@ -29,6 +29,10 @@ log = logging.getLogger("vsproxy.encoder")
 THREAD_PREFIX = "vsproxy-h264"
 KEYFRAME_REQUEST_MIN_INTERVAL = 1.0  # seconds between keyframes forced on request
 FULL_RANGE, LIMITED_RANGE = 2, 1  # FFmpeg's AVCOL_RANGE_JPEG and AVCOL_RANGE_MPEG
+# After an unexpected error the thread opens new codecs and goes on, after a pause that doubles
+# with each failure in a row (no frame encoded between them), up to the maximum.
+RESTART_DELAY_SECONDS = 0.5
+RESTART_DELAY_MAX_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ class H264Encoder:
         self.frames_skipped = 0  # JPEGs replaced in the slot before the thread took them
         self.encode_seconds = 0.0
         self.starts = 0
-        self.errors = 0
+        self.errors = 0  # JPEGs the decoder could not take (damaged): skipped
+        self.restarts = 0  # unexpected errors in the thread, each followed by new codecs
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._slot: tuple[bytes, int] | None = None
@@ -147,6 +152,27 @@ class H264Encoder:
     # -- the worker thread ---------------------------------------------------------------------
 
     def _run(self, generation: int) -> None:
+        """The thread: encodes until stopped. An unexpected error (a codec or library failure on
+        some input) does not end it silently while viewers wait for frames that never come: it
+        is logged and counted, and new codecs take over after a pause (a keyframe first)."""
+        in_a_row = 0
+        while True:
+            encoded = self.frames_encoded
+            try:
+                self._encode(generation)
+                return  # stopped
+            except Exception:
+                self.restarts += 1
+                in_a_row = 1 if self.frames_encoded > encoded else in_a_row + 1
+                delay = min(RESTART_DELAY_MAX_SECONDS, RESTART_DELAY_SECONDS * 2 ** (in_a_row - 1))
+                log.exception("H.264 encoder failed; new codecs in %.1f s", delay, extra={"upstream": self.name})
+            with self._lock:
+                self._wake.wait_for(lambda: self._generation != generation, timeout=delay)
+                if self._generation != generation:
+                    return
+                self._slot = None  # the newest frame after the pause, not one from before it
+
+    def _encode(self, generation: int) -> None:
         import av  # PyAV: loaded with the first encoder
         from av.video.frame import PictureType
 

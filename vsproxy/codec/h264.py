@@ -104,6 +104,15 @@ class StreamConfig:
         return json.dumps({"type": "config", "codec": self.codec, "width": self.width, "height": self.height})
 
 
+# The largest picture any H.264 level allows (level 6.2, Table A-1: MaxFS 139264 macroblocks, and
+# no side longer than sqrt(8 * MaxFS)). Beyond them an SPS is not H.264 a decoder would take, and
+# its size would not fit the MP4 boxes either.
+MAX_FRAME_MBS = 139_264
+MAX_SIDE_MBS = 1_055
+# Parameter sets are stored with 16-bit lengths in MP4 (avcC); longer ones are no real encoder's.
+MAX_PARAMETER_SET_BYTES = 0xFFFF
+
+
 def parse_sps(sps: bytes) -> tuple[str, int, int]:
     """(RFC 6381 codec string, width, height) of an SPS NAL unit; ValueError if it is not one."""
     if len(sps) < 4 or nal_type(sps) != NAL_SPS:
@@ -155,11 +164,14 @@ def _read_sps(bits: _Bits) -> tuple[int, int]:
     width_mbs = bits.ue() + 1
     height_map_units = bits.ue() + 1
     frame_mbs_only = bits.u(1)
+    height_mbs = (2 - frame_mbs_only) * height_map_units
+    if max(width_mbs, height_mbs) > MAX_SIDE_MBS or width_mbs * height_mbs > MAX_FRAME_MBS:
+        raise ValueError("SPS gives a picture larger than any H.264 level allows")
     if not frame_mbs_only:
         bits.u(1)  # mb_adaptive_frame_field_flag
     bits.u(1)  # direct_8x8_inference_flag
     width = width_mbs * 16
-    height = (2 - frame_mbs_only) * height_map_units * 16
+    height = height_mbs * 16
     if bits.u(1):  # frame_cropping_flag
         left, right, top, bottom = bits.ue(), bits.ue(), bits.ue(), bits.ue()
         sub_w, sub_h = {0: (1, 1), 1: (2, 2), 2: (2, 1)}.get(chroma_format_idc, (1, 1))
@@ -334,6 +346,8 @@ class H264Parser:
             return None
         changed = False
         if self.config is None or self.config.sps != self.sps or self.config.pps != self.pps:
+            if max(len(self.sps), len(self.pps)) > MAX_PARAMETER_SET_BYTES:
+                return None
             try:
                 codec, width, height = parse_sps(self.sps)
             except ValueError:
