@@ -35,10 +35,13 @@ from PIL import Image
 
 from vsproxy.codec.encoder import H264Config, H264Encoder, encoded_size
 from vsproxy.codec.h264 import (
+    GOP_MAX_BYTES,
+    GOP_MAX_FRAMES,
     NAL_IDR,
     NAL_PPS,
     NAL_SPS,
     AccessUnit,
+    Gop,
     H264Parser,
     has_b_slice,
     nal_type,
@@ -145,6 +148,31 @@ def test_an_sps_beyond_what_h264_allows_is_no_stream_configuration():
     au = parser.accept(first, 3)  # the stream's own parameter sets: it starts
     assert au is not None and au.keyframe and (au.config.width, au.config.height) == (64, 48)
     assert init_segment(au.config)[4:8] == b"ftyp"
+
+
+def test_a_gop_is_kept_from_a_keyframe_within_its_frame_and_byte_limits():
+    """What the hub keeps for fast start and the RTSP source for its decoder: nothing before a
+    keyframe, everything since the last one, and nothing once a GOP outgrows either limit (an
+    upstream that hardly sends keyframes, or a 50 Mbit/s camera with 20 s between them) until the
+    next keyframe, so memory stays bounded whatever the upstream sends."""
+    gop: Gop[str] = Gop()
+    gop.add("p", 10, keyframe=False)
+    assert len(gop) == 0  # nothing decodable before a keyframe
+    gop.add("k", 10, keyframe=True)
+    for _ in range(GOP_MAX_FRAMES - 1):
+        gop.add("p", 10, keyframe=False)
+    assert len(gop) == GOP_MAX_FRAMES and gop[0] == "k"
+    gop.add("p", 10, keyframe=False)
+    assert len(gop) == 0 and gop.size == 0, "a GOP of more than GOP_MAX_FRAMES is not kept"
+    gop.add("p", 10, keyframe=False)
+    assert len(gop) == 0, "nor anything after it until the next keyframe"
+    gop.add("k", GOP_MAX_BYTES - 100, keyframe=True)
+    gop.add("p", 100, keyframe=False)
+    assert len(gop) == 2 and gop.size == GOP_MAX_BYTES
+    gop.add("p", 1, keyframe=False)
+    assert len(gop) == 0, "a GOP of more than GOP_MAX_BYTES is not kept"
+    gop.add("k", 5, keyframe=True)
+    assert gop.take() == ["k"] and len(gop) == 0
 
 
 def moving_bar_packets(options: dict[str, str], count: int = 12) -> list[av.Packet]:

@@ -20,7 +20,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import render
 from .codec.encoder import H264Config, H264Encoder
-from .codec.h264 import AccessUnit, H264Parser, StreamConfig, capture_time, frame_age_offset
+from .codec.h264 import AccessUnit, Gop, H264Parser, StreamConfig, capture_time, frame_age_offset
 from .errors import describe_error
 from .outputs.viewer import TransportStats, Viewer
 from .outputs.wire import (
@@ -134,8 +134,7 @@ class FrameHub:
         self._encoder_started = 0.0  # when (monotonic) the encoder last started
         self._encoder_stop_handle: asyncio.TimerHandle | None = None  # its stop, deferred (see below)
         self._h264 = H264Parser()
-        self.gop: list[AccessUnit] = []  # the access units since the last keyframe (fast start)
-        self._gop_bytes = 0
+        self.gop: Gop[AccessUnit] = Gop()  # the access units since the last keyframe (fast start)
         self._jpeg_wanted_until = 0.0  # a snapshot or thumbnail asked for JPEG until then
         self._jpeg_demand = False  # `jpeg_wanted` as the source was last told it
         self._frame_waiters: list[asyncio.Future] = []  # snapshots waiting for the next frame
@@ -275,7 +274,7 @@ class FrameHub:
         self.last_error = reason
         if self.source.produces_h264:  # passed through: the next connection's stream starts anew
             self._h264.restart()
-            self.gop, self._gop_bytes = [], 0
+            self.gop.clear()
         if was_connected:
             log.warning("upstream lost: %s", reason, extra={"upstream": self.name})
             self.notify("error", f"Upstream '{self.name}' lost: {reason}")
@@ -304,23 +303,13 @@ class FrameHub:
 
     # -- H.264 -------------------------------------------------------------------------------
 
-    GOP_MAX_FRAMES = 600  # an upstream whose keyframes are this far apart gets no fast start
-    GOP_MAX_BYTES = 16 << 20
-
     def publish_h264(self, data: bytes, pts_us: int) -> None:
         """An H.264 access unit (Annex-B) from the source or the encoder: keep it in the GOP
         cache and offer it to every H.264 viewer."""
         au = self._h264.accept(data, pts_us)
         if au is None:
             return  # nothing decodable yet: no parameter sets or keyframe so far
-        if au.keyframe:
-            self.gop = [au]
-            self._gop_bytes = len(au.data)
-        elif self.gop:
-            self.gop.append(au)
-            self._gop_bytes += len(au.data)
-            if len(self.gop) > self.GOP_MAX_FRAMES or self._gop_bytes > self.GOP_MAX_BYTES:
-                self.gop, self._gop_bytes = [], 0
+        self.gop.add(au, len(au.data), au.keyframe)
         for transport in H264_TRANSPORTS:
             viewers = self.viewers[transport]
             if viewers:
@@ -385,7 +374,7 @@ class FrameHub:
             self.encoder = H264Encoder(self.name, self.h264_settings, self.publish_h264)
         if not self.encoder.running:
             self._h264.restart()  # a new encoder: its own parameter sets, from its first keyframe
-            self.gop, self._gop_bytes = [], 0
+            self.gop.clear()
             self.encoder.start()
             self._encoder_started = time.monotonic()
             if seed and self.latest is not None and not self.latest.offline:
@@ -424,7 +413,7 @@ class FrameHub:
         self._cancel_encoder_stop()
         if self.encoder is not None and self.encoder.running:
             self.encoder.stop()
-            self.gop, self._gop_bytes = [], 0
+            self.gop.clear()
             self._jpeg_demand_changed()
 
     def _fan_out(self, frame: Frame, viewers_by_transport: dict[str, list[Viewer]]) -> None:

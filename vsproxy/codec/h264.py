@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from ..wirecache import WireCached
 
@@ -111,6 +113,53 @@ MAX_FRAME_MBS = 139_264
 MAX_SIDE_MBS = 1_055
 # Parameter sets are stored with 16-bit lengths in MP4 (avcC); longer ones are no real encoder's.
 MAX_PARAMETER_SET_BYTES = 0xFFFF
+
+
+# What is kept of one GOP anywhere (the hub's fast-start cache, RTSP's replay for its decoder, a
+# viewer's queue): an upstream whose keyframes are further apart, or whose GOP is larger, gets
+# its GOP dropped and waits for the next keyframe instead of holding memory without bound.
+GOP_MAX_FRAMES = 600
+GOP_MAX_BYTES = 16 << 20
+
+_Item = TypeVar("_Item")
+
+
+class Gop(Generic[_Item]):
+    """The items (access units, or RTSP packets) since the last keyframe, within GOP_MAX_FRAMES
+    and GOP_MAX_BYTES: beyond either, or before the first keyframe, it holds nothing."""
+
+    __slots__ = ("items", "size")
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.size = 0  # bytes
+
+    def add(self, item: _Item, size: int, keyframe: bool) -> None:
+        if keyframe:
+            self.items, self.size = [item], size
+        elif self.items:
+            self.items.append(item)
+            self.size += size
+            if len(self.items) > GOP_MAX_FRAMES or self.size > GOP_MAX_BYTES:
+                self.clear()
+
+    def clear(self) -> None:
+        self.items, self.size = [], 0
+
+    def take(self) -> list[_Item]:
+        """What it holds, emptying it."""
+        items = self.items
+        self.clear()
+        return items
+
+    def __iter__(self) -> Iterator[_Item]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _Item:
+        return self.items[index]
 
 
 def parse_sps(sps: bytes) -> tuple[str, int, int]:

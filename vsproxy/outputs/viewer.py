@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from tornado.iostream import IOStream, StreamClosedError
 
+from ..codec.h264 import GOP_MAX_BYTES, GOP_MAX_FRAMES
 from . import fmp4
 from .wire import MP4, ws_frame
 
@@ -271,8 +272,8 @@ class H264Viewer(Viewer):
     keyframe: the hub hands it the current GOP first (fast start), or it waits for the next one.
     """
 
-    MAX_QUEUE_FRAMES = 600  # a GOP longer than this (an upstream that never sends keyframes)...
-    MAX_QUEUE_BYTES = 16 << 20  # ...or larger than this: drop it and wait for the next keyframe
+    MAX_QUEUE_FRAMES = GOP_MAX_FRAMES  # a GOP longer than this (an upstream that never sends keyframes)...
+    MAX_QUEUE_BYTES = GOP_MAX_BYTES  # ...or larger than this: drop it and wait for the next keyframe
     FLUSH_US = 250_000  # a write of queued access units covers at most this much of the stream
 
     def __init__(self, stream: IOStream, transport: str, stats: TransportStats, *,

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from ..codec.h264 import GOP_MAX_BYTES, GOP_MAX_FRAMES
 from ..errors import BadOffer, ConnectionLimitReached
 from .viewer import LatencyBuckets
 from .wire import WEBRTC
@@ -203,8 +204,8 @@ class WhepPeer:
     # After a pause this long (the upstream down) their silence is no sign of absence: the ICE
     # consent checks (every ~5 s, RFC 7675) end a peer whose client went away meanwhile.
     PAUSE_SECONDS = 5.0
-    MAX_QUEUE_FRAMES = 600
-    MAX_QUEUE_BYTES = 16 << 20
+    MAX_QUEUE_FRAMES = GOP_MAX_FRAMES
+    MAX_QUEUE_BYTES = GOP_MAX_BYTES
 
     def __init__(self, resource_id: str, session_id: str, pc: Any, stats: TransportStats, *,
                  on_close: Callable[[WhepPeer, str], None], request_keyframe: Callable[[], None]) -> None:

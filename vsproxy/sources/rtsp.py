@@ -43,7 +43,7 @@ from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..auth import redact_url
-from ..codec.h264 import CLOCK_AHEAD_LIMIT_SECONDS, MAX_FRAME_AGE_OFFSET, has_b_slice, stream_reorders
+from ..codec.h264 import CLOCK_AHEAD_LIMIT_SECONDS, MAX_FRAME_AGE_OFFSET, Gop, has_b_slice, stream_reorders
 from ..errors import DescribedError, describe_error
 from ..schema import setting
 from .base import FrameTimeout, HubLink, Source
@@ -63,7 +63,6 @@ HOLD_ACCESS_UNITS = 3
 # A packet whose pts is this much or less behind the previous one's is a B-frame; a larger step
 # back is the stream's timestamps starting over (a server restarting its clock), not reordering.
 REORDER_WINDOW_SECONDS = 1.0
-GOP_PACKETS_MAX = 600  # passthrough keeps at most this many packets since the last keyframe
 # Almost no probing: the SDP describes the stream, and the decoder reads the H.264 parameter
 # sets in-band anyway. FFmpeg's default probing reads ~1 s of the stream before returning, which
 # then comes out as a burst of stale frames after every (re)connect.
@@ -428,7 +427,7 @@ class _Reader:
         last_pts: int | None = None
         # Passthrough also keeps the packets since the last keyframe (with their capture times):
         # should B-frames turn up, the decoder starts from them instead of waiting a whole GOP.
-        gop: list[tuple[Any, int]] = []
+        gop: Gop[tuple[Any, int]] = Gop()
         captured_us = time.time_ns() // 1000
         # Capture times of the packets being decoded, by pts: a decoder may return a picture
         # from an earlier packet (reordering, frame delay), and the picture keeps its pts.
@@ -462,20 +461,16 @@ class _Reader:
                     last_us = passed_us
                 held = None
                 if not decoding:  # the decoder starts at the last keyframe, not the next one
-                    replay, decoding = gop, bool(gop)
-                gop = []
+                    replay = gop.items
+                    decoding = bool(replay)
+                gop = Gop()
                 self.source.found_b_frames()
                 if not self._call_loop(self._set_format, False):
                     return
             if data:
                 if packet.pts is not None:
                     last_pts = packet.pts
-                if packet.is_keyframe:
-                    gop = [(packet, captured_us)]
-                elif gop and len(gop) < GOP_PACKETS_MAX:
-                    gop.append((packet, captured_us))
-                else:
-                    gop = []  # no keyframe seen yet, or a GOP too long to keep
+                gop.add((packet, captured_us), len(data), packet.is_keyframe)
                 last_picture = self._last_frame = now
                 counters["passed_through"] += 1
                 if held is None:
