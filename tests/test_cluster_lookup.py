@@ -117,3 +117,29 @@ async def test_a_whep_resource_of_a_node_that_died_is_a_404_on_the_others(cluste
         assert_json_error(code, body, 404)
     finally:
         await client.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_late_delete_of_a_peer_that_ended_is_a_200_once_on_any_node(cluster, sim):  # noqa: F811
+    """A page that unloads closes its peer connection and sends the DELETE at once; behind a load
+    balancer the DELETE lands on any node, after the holding node saw the connection end: it is
+    a 200 there as on the holding node (not a 404 warning in the operator's log), and a second
+    DELETE is a 404."""
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    client = WhepClient(node1.api, f"/stream/{sid}/whep")
+    try:
+        assert await client.connect() == 201
+        await client.frames(3, timeout=15)
+        await client.pc.close()  # the page went away; its DELETE comes late
+        await poll(lambda: node1.api.call("GET", f"/session/{sid}"),
+                   lambda r: r[1]["session"]["connections"] == 0, "node1 to see the peer's connection end",
+                   timeout=45)
+        code, _, _ = await node2.api.call("DELETE", client.location)
+        assert code == 200
+        for node in (node2, node1):
+            code, body, _ = await node.api.call("DELETE", client.location)
+            assert_json_error(code, body, 404)
+    finally:
+        await client.close()

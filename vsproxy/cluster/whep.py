@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .node import PREFIX, REDIS_ERRORS, Cluster, node_key
@@ -21,6 +22,8 @@ log = logging.getLogger("vsproxy.cluster")
 # finds that node gone, answers 404 and forgets the resource); a DELETE on another node of a peer
 # older than this is a 404, and the peer ends when its client leaves.
 RESOURCE_TTL_SECONDS = 24 * 3600
+# An ended peer is remembered this long for the DELETE its client may still send (to any node).
+ENDED_TTL_SECONDS = 300
 DELETE_OP = "whep-delete"
 
 
@@ -48,31 +51,48 @@ class WhepDirectory:
             self.cluster.failed(exc)
 
     def removed(self, peer: WhepPeer) -> None:
-        """A peer of this node ended (however): forget it, in the background."""
-        task = asyncio.ensure_future(self._forget(peer.id))
+        """A peer of this node ended (however), in the background: forgotten if its client
+        deleted it; otherwise remembered as ended for ENDED_TTL_SECONDS, so that the DELETE its
+        client may still send is a 200 on any node (a page that unloads sends it as its
+        connection closes), once."""
+        if peer.deleted:
+            self.forget(peer.id)
+            return
+        record = json.dumps({"ended": True, "session": peer.session_id})
+        self._background(lambda: self.cluster.redis.set(resource_key(peer.id), record, ex=ENDED_TTL_SECONDS))
+
+    def forget(self, resource_id: str) -> None:
+        """Forget a resource, in the background."""
+        self._background(lambda: self.cluster.redis.delete(resource_key(resource_id)))
+
+    def _background(self, command: Callable[[], Awaitable]) -> None:
+        task = asyncio.ensure_future(self._run(command))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forget(self, resource_id: str) -> None:
+    async def _run(self, command: Callable[[], Awaitable]) -> None:
         try:
-            await self.cluster.redis.delete(resource_key(resource_id))
+            await command()
         except REDIS_ERRORS as exc:
             self.cluster.failed(exc)
 
     async def end(self, session_id: str, resource_id: str) -> bool:
-        """End a peer of `session_id` held by another node: False if there is none (503 if Redis
-        cannot be reached to find out)."""
-        raw = await self.cluster.write(lambda: self.cluster.redis.get(resource_key(resource_id)))
+        """End a peer of `session_id` held by another node, or answer the first DELETE of one that
+        ended there: False if there is none (503 if Redis cannot be reached to find out)."""
+        key = resource_key(resource_id)
+        raw = await self.cluster.write(lambda: self.cluster.redis.get(key))
         if raw is None:
             return False
         record = json.loads(raw)
         if record.get("session") != session_id:
             return False
+        if record.get("ended"):  # its first DELETE wins the key; a second finds nothing: 404
+            return bool(await self.cluster.write(lambda: self.cluster.redis.delete(key)))
         # Its node process is gone (killed, or restarted since: another instance), and the peer
         # with it.
         holder = await self.cluster.write(lambda: self.cluster.redis.get(node_key(record["node"])))
         if holder is None or json.loads(holder).get("instance") != record.get("instance"):
-            await self._forget(resource_id)
+            self.forget(resource_id)
             return False
         await self.cluster.write(lambda: self.cluster.publish(
             {"op": DELETE_OP, "node": record["node"], "resource": resource_id, "session": session_id}))
@@ -83,4 +103,4 @@ class WhepDirectory:
             return
         peer = self.peers.get(event["resource"])
         if peer is not None and peer.session_id == event["session"]:
-            peer.close("ended by the client (DELETE on another node)")
+            self.peers.delete(peer, "ended by the client (DELETE on another node)")

@@ -228,6 +228,7 @@ class WhepPeer:
         self.pts_origin = 0
         self.waiting_for_keyframe = True
         self.closed = False
+        self.deleted = False  # ended by its client's DELETE
         self._queue: deque[AccessUnit] = deque()
         self._queued_bytes = 0
         self._waiter: asyncio.Future | None = None
@@ -448,21 +449,29 @@ class WhepPeers:
         holding it: False if there is none."""
         peer = self.peers.get(resource_id)
         if peer is not None and peer.session_id == session_id:
-            peer.close(reason)
-            self._ended.pop(resource_id, None)  # a second DELETE finds nothing: 404
+            self.delete(peer, reason)
             return True
         if self._ended.get(resource_id) == session_id:
             del self._ended[resource_id]  # its first DELETE, after its connection ended it
-            return True
+            if self.directory is None:
+                return True
+            # In a cluster its record in Redis decides: a DELETE on another node may have had it.
         if self.directory is not None:
             return await self.directory.end(session_id, resource_id)
         return False
 
+    def delete(self, peer: WhepPeer, reason: str) -> None:
+        """End `peer` for its client's DELETE: unlike a peer that ended otherwise, it is not
+        remembered for a later DELETE (a second one finds nothing: 404)."""
+        peer.deleted = True
+        peer.close(reason)
+
     def _closed(self, peer: WhepPeer) -> None:
         if self.peers.pop(peer.id, None) is not None:
-            self._ended[peer.id] = peer.session_id
-            if len(self._ended) > self.MAX_ENDED:
-                self._ended.popitem(last=False)
+            if not peer.deleted:  # its client may still send the DELETE: remembered for it
+                self._ended[peer.id] = peer.session_id
+                if len(self._ended) > self.MAX_ENDED:
+                    self._ended.popitem(last=False)
             self.connections.open -= 1
             if self.directory is not None:
                 self.directory.removed(peer)
