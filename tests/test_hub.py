@@ -281,6 +281,33 @@ async def test_an_absurd_frame_header_cannot_break_the_offline_picture():
 
 
 @pytest.mark.gen_test(timeout=20)
+async def test_a_frame_of_fill_bytes_costs_the_offline_picture_one_bounded_look(monkeypatch):
+    """Any upstream can send 8 MiB of JPEG fill bytes (FF D8, FF x 8M, FF D9): the size of the
+    offline picture is read from the latest frame once per frame, not on every offline picture,
+    snapshot and new viewer while the upstream is down, and the look stops after
+    JPEG_SIZE_MAX_STEPS markers. Before, each look walked all 8 million bytes in Python (1.1 s of
+    stalled event loop each, once a second and per snapshot request)."""
+    from vsproxy import render
+
+    filled = b"\xff\xd8" + b"\xff" * (8 << 20) + b"\xff\xd9"
+    assert jpeg_size(filled) is None
+    late_sof = b"\xff\xd8" + b"\xff\xfe\x00\x02" * render.JPEG_SIZE_MAX_STEPS + JPEG[2:]
+    assert jpeg_size(JPEG[:2] + b"\xff\xfe\x00\x02" * 3 + JPEG[2:]) == (64, 48)
+    assert jpeg_size(late_sof) is None  # beyond the steps it looks at
+    looks = []
+    real = render.jpeg_size
+    monkeypatch.setattr(render, "jpeg_size", lambda data: looks.append(len(data)) or real(data))
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    hub.publish(filled)
+    for _ in range(5):
+        assert hub._offline_frame().offline
+    assert looks == [len(filled)], "one look for the frame, however many offline pictures"
+    hub.publish(JPEG)
+    frame = hub._offline_frame()
+    assert jpeg_size(frame.jpeg) == (64, 48) and len(looks) == 2  # a new frame: looked at, drawn at its size
+
+
+@pytest.mark.gen_test(timeout=20)
 async def test_a_session_attaching_as_the_linger_expires_keeps_the_upstream():
     hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(linger_seconds=60), reconnect=ReconnectConfig())
     first, second = object(), object()

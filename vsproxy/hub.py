@@ -154,6 +154,7 @@ class FrameHub:
         self._offline_timer: PeriodicCallback | None = None
         self._offline_frames: dict[tuple[str, tuple[int, int]], bytes] = {}
         self._frame_size = (1280, 720)
+        self._sized_seq = -1  # the frame `_frame_size` was last read from
 
     # -- state -------------------------------------------------------------------------------
 
@@ -442,7 +443,8 @@ class FrameHub:
     def _offline_frame(self) -> Frame:
         # Plain ASCII: Pillow's built-in font has no em dash or ellipsis.
         text = "upstream offline - reconnecting" if self.connects else "connecting to upstream..."
-        if self.latest is not None:
+        if self.latest is not None and self._sized_seq != self.latest.seq:  # once a frame
+            self._sized_seq = self.latest.seq
             self._frame_size = _picture_size(render.jpeg_size(self.latest.jpeg)) or self._frame_size
         key = (text, self._frame_size)
         jpeg = self._offline_frames.get(key)

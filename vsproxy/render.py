@@ -92,14 +92,21 @@ def status_frame(width: int, height: int, upstream: str, message: str) -> bytes:
     return encode_jpeg(image, 70)
 
 
+# Where a JPEG's SOF marker may be looked for: after at most this many segments and fill bytes
+# (a real JPEG has a handful of APP, DQT and DHT segments before it). Any upstream can send any
+# bytes: a frame of 8 MiB of fill bytes must not cost a scan of 8 million steps.
+JPEG_SIZE_MAX_STEPS = 64
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's SOF marker, or None if there is none in a valid position."""
+    """(width, height) from a JPEG's SOF marker, or None if there is none in a valid position
+    within JPEG_SIZE_MAX_STEPS segments."""
     i = 2
     n = len(data)
     if data[:2] != b"\xff\xd8":
         return None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
+    for _ in range(JPEG_SIZE_MAX_STEPS):
+        if i + 4 > n or data[i] != 0xFF:
             return None
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
