@@ -553,3 +553,30 @@ async def test_publisher_text_a_viewer_does_not_read_is_not_held_without_bound(a
         assert sum(t["type"] == "telemetry" for t in reader.texts) > 10
     finally:
         stalled.close()
+
+
+@pytest.mark.config({"streaming": {"linger_seconds": 0},
+                     "reconnect": {"initial_delay_seconds": 5, "max_delay_seconds": 10}})
+@pytest.mark.gen_test(timeout=30)
+async def test_the_last_session_leaving_while_the_publisher_is_away_makes_the_upstream_inactive(
+        api, ws_connect, hub, frames):
+    """The publisher leaves (the hub waits a few seconds before looking for the next one) and the
+    last session is destroyed meanwhile: the next publisher, and a POST, are told that no session
+    wants frames. Before, the hub stopped in its reconnect wait, outside the source's run(), and
+    publishers were told "active": true, sending frames for nobody (found by review)."""
+    session_id = (await api.create_session())["sessionId"]
+    conn = await raw_publisher(ws_connect)
+    assert json.loads(await conn.read_message())["active"] is True
+    await conn.write_message(frames[0], binary=True)
+    await wait_until(lambda: hub.connected, "the publisher's frame")
+    conn.close()
+    await wait_until(lambda: not hub.connected, "the hub to see the publisher gone")
+    code, _, _ = await api.call("DELETE", f"/session/{session_id}")
+    assert code == 200
+    await wait_until(lambda: not hub.running, "the hub to stop (linger 0)")
+    conn = await raw_publisher(ws_connect)
+    told = json.loads(await conn.read_message())
+    assert told["type"] == "status" and told["active"] is False, told
+    conn.close()
+    code, body = await post_frame(api, frames[1])
+    assert code == 200 and body["active"] is False, body

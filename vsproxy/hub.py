@@ -230,6 +230,7 @@ class FrameHub:
         if self._task is None:  # unless a session attached while we waited, and restarted it
             if task is not None:
                 log.info("upstream closed (no sessions left)", extra={"upstream": self.name})
+                self.source.stopped()
             self.state = "idle"
 
     async def _supervise(self) -> None:

@@ -297,6 +297,9 @@ class ClusterSource(Source):
             return False
         return holder is not None and holder != self.cluster.node_id
 
+    def stopped(self) -> None:
+        self.inner.stopped()
+
     def close(self) -> None:
         self.inner.close()
 

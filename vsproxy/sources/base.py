@@ -165,5 +165,10 @@ class Source:
         """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
         return False
 
+    def stopped(self) -> None:
+        """The hub stopped (no sessions left): run() is over until it starts again. The hub may
+        stop between two runs (in its reconnect backoff), so a source whose state outlives
+        run() resets it here, not in run()."""
+
     def close(self) -> None:
         """The server is shutting down: close any connection the source holds outside `run()`."""

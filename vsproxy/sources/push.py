@@ -166,6 +166,9 @@ class PushSource(Source):
         link.disconnect(1001, reason)
         return True
 
+    def stopped(self) -> None:
+        self._set_active(False)  # no sessions left: the publisher is told so
+
     def close(self) -> None:
         # A publisher stays connected while no session wants frames, so run() does not own it.
         self.disconnect("server shutting down")
@@ -204,30 +207,26 @@ class PushSource(Source):
             self._changed = asyncio.Event()
         changed = self._changed
         self._set_active(True)
-        try:
-            while not self._present():
-                if hub.connected:  # marked connected during the backoff sleep, and gone again
-                    raise PublisherGone(self._gone_reason())
-                changed.clear()
+        while not self._present():
+            if hub.connected:  # marked connected during the backoff sleep, and gone again
+                raise PublisherGone(self._gone_reason())
+            changed.clear()
+            await changed.wait()
+        if not hub.connected:
+            hub.set_connected()
+        while True:
+            changed.clear()
+            if self.publisher is not None:
                 await changed.wait()
-            if not hub.connected:
-                hub.set_connected()
-            while True:
-                changed.clear()
-                if self.publisher is not None:
+                continue
+            remaining = self._post_until - time.monotonic()
+            if remaining <= 0:
+                raise PublisherGone(self._gone_reason())
+            try:
+                async with asyncio.timeout(remaining):  # not wait_for: see isaac.py
                     await changed.wait()
-                    continue
-                remaining = self._post_until - time.monotonic()
-                if remaining <= 0:
-                    raise PublisherGone(self._gone_reason())
-                try:
-                    async with asyncio.timeout(remaining):  # not wait_for: see isaac.py
-                        await changed.wait()
-                except TimeoutError:
-                    pass
-        except asyncio.CancelledError:
-            self._set_active(False)  # the hub stopped: no sessions left
-            raise
+            except TimeoutError:
+                pass
 
     def _gone_reason(self) -> str:
         if self._last_posted:
