@@ -102,13 +102,21 @@ async def test_credentials_never_appear_in_logs(api, http_port, proxy, all_logs)
 
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.config(ALL_AUTH)
-@pytest.mark.parametrize("case", ["path not utf-8", "api path not utf-8", "expiry not ascii digits"])
+@pytest.mark.parametrize("case", ["path not utf-8", "api path not utf-8", "expiry not ascii digits",
+                                  "publish token not utf-8", "embed token not utf-8"])
 async def test_credentials_never_appear_in_logs_of_failed_requests(api, http_port, all_logs, case):
     """Requests Tornado refuses before our handlers run, or that fail in them, get their request
-    line logged: it must not carry the ?token= query."""
+    line logged: it must not carry the ?token= query. A ?token= that is not UTF-8 is a wrong
+    token, not Tornado's "Invalid unicode in token: b'<the token>'" in the answer and the log."""
     body = await create(api, BEARER)
     session_id, viewer_token = body["sessionId"], body["viewerToken"]
-    if case == "path not utf-8":  # Tornado answers 400 and logs a warning with the request line
+    if case == "publish token not utf-8":
+        status, _, response = await api.call("POST", f"/ingest/pub/frame?token={PUBLISH_TOKEN}%FF", raw=b"x")
+        assert status == 401 and PUBLISH_TOKEN.encode() not in response.body, response.body
+    elif case == "embed token not utf-8":
+        status, _, response = await api.call("GET", f"/stream/{session_id}/embed?token={viewer_token}%FF")
+        assert status == 403 and viewer_token.encode() not in response.body, response.body
+    elif case == "path not utf-8":  # Tornado answers 400 and logs a warning with the request line
         status, _, _ = await api.call("GET", f"/stream/%FF/snapshot.jpg?token={viewer_token}")
         assert status == 400
     elif case == "api path not utf-8":
@@ -116,7 +124,7 @@ async def test_credentials_never_appear_in_logs_of_failed_requests(api, http_por
         assert status == 400
     else:  # an expiry str.isdigit() accepts and int() does not
         await api.call("GET", f"/stream/{session_id}/snapshot.jpg?token=%C2%B2.{viewer_token.split('.')[1]}")
-    assert secrets_in(all_logs, [viewer_token, API_TOKEN]) == []
+    assert secrets_in(all_logs, [viewer_token, API_TOKEN, PUBLISH_TOKEN]) == []
 
 
 SECRET = "Sup3r-Secret-Value-0123456789abcdefghij"

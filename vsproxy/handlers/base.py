@@ -12,6 +12,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import tornado.httputil
 import tornado.web
 from tornado.httputil import HTTPServerRequest
 from tornado.log import app_log
@@ -142,6 +143,13 @@ def write_json_error(handler: tornado.web.RequestHandler, status: int, error: st
     handler.finish(json.dumps({"success": False, "error": error}))
 
 
+def query_token(request: tornado.httputil.HTTPServerRequest) -> str | None:
+    """The request's `?token=` (the last one), None without one. Bytes that are not UTF-8 are
+    replaced, never refused: Tornado's "Invalid unicode in token: b'...'" error would echo the
+    token's first bytes in the response and the log."""
+    return request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
+
+
 def client_message(exc: tornado.web.HTTPError) -> str | None:
     """The message of a 4xx Tornado raised itself (e.g. "Invalid unicode in url: b'\\xff'" for a
     path that is not UTF-8), which it keeps for its log only."""
@@ -255,8 +263,7 @@ class HandlerMixin:
         """With viewer tokens on, raise AccessDenied unless the request has this session's token;
         returns what it grants (how long to watch, whether to control)."""
         request = self.request
-        token = request.query_arguments.get("token", [b""])[-1].decode("utf-8", "replace") or None
-        return self.access.require_viewer(session_id, token, request.headers.get("Authorization"))
+        return self.access.require_viewer(session_id, query_token(request), request.headers.get("Authorization"))
 
     def origin_allowed(self, origin: str | None = None) -> bool:
         """Is this request's Origin allowed (configured, or this server's own pages)?"""

@@ -28,14 +28,13 @@ from ..auth import bearer_token
 from ..outputs import status_message
 from ..sources.base import RelayBudget
 from ..sources.push import FrameRejected, PushSource
-from .base import JsonHandler, WebSocketMixin
+from .base import JsonHandler, WebSocketMixin, query_token
 
 if TYPE_CHECKING:
     from ..hub import FrameHub
 
 log = logging.getLogger("vsproxy.ingest")
 
-TOKEN_QUERY_ARGUMENT = "token"
 BEARER_CHALLENGE = 'Bearer realm="vsproxy ingest"'
 
 
@@ -59,7 +58,7 @@ def presented_token(handler: tornado.web.RequestHandler) -> str | None:
     header = handler.request.headers.get("Authorization")
     if header is not None:
         return bearer_token(header) or ""
-    return handler.get_query_argument(TOKEN_QUERY_ARGUMENT, None)
+    return query_token(handler.request)
 
 
 class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):

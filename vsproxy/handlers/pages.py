@@ -12,7 +12,7 @@ from typing import Any
 import tornado.web
 
 from ..errors import ClientError
-from .base import HandlerMixin, client_message
+from .base import HandlerMixin, client_message, query_token
 
 
 @lru_cache(maxsize=8)
@@ -110,7 +110,7 @@ class EmbedHandler(PageHandler):
             else choice("transport", "ws", ("auto", "ws")) and "ws",
             "ignored": ignored,
             "whepPath": f"/stream/{session.id}/whep",
-            "token": self.get_query_argument("token", None),
+            "token": query_token(self.request),
             # What ?control=1 can do here: the player says so quietly instead of sending in vain.
             "mayControl": grant.control,
             "acceptsInput": session.hub.accepts_input,
