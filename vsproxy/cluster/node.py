@@ -105,6 +105,7 @@ class Cluster:
         self.event_handlers: dict[str, Callable[[dict], None]] = {}
         self.reachable = False
         self.problem: str | None = "not connected to Redis yet"
+        self._problem_detail = ""
         self.nodes: dict[str, dict] = {}  # node ID -> what it registered, as of the last heartbeat
         self.relays: dict[str, set[Any]] = {}  # upstream -> relay connections of edges (origin side)
         self.sources: dict[str, Any] = {}  # upstream -> its ClusterSource
@@ -158,12 +159,16 @@ class Cluster:
 
     def failed(self, exc: BaseException) -> None:
         """Redis could not be reached: report once, then /health says degraded until it is back."""
-        problem = f"Redis unreachable ({type(exc).__name__}: {str(exc)[:120] or 'no detail'})"
-        if self.reachable or self.problem != problem:
-            log.warning("cluster: %s at %s; serving what this node has, writes answer 503", problem,
+        # /health, which anyone may read, gets the kind of failure; the log also the client's
+        # text, which names Redis's address ("Error 111 connecting to 10.0.0.5:6379").
+        problem = f"Redis unreachable ({type(exc).__name__})"
+        detail = f"{problem[:-1]}: {str(exc)[:120] or 'no detail'})"
+        if self.reachable or self._problem_detail != detail:
+            log.warning("cluster: %s at %s; serving what this node has, writes answer 503", detail,
                         self.redis_shown)
         self.reachable = False
         self.problem = problem
+        self._problem_detail = detail
 
     # -- leases ----------------------------------------------------------------------------------
 
