@@ -500,6 +500,33 @@ async def test_an_offer_with_too_many_candidates_is_refused(api, proxy, whep_cli
 
 @pytest.mark.config(SMALL_DEMO)
 @pytest.mark.gen_test(timeout=30)
+async def test_an_offer_with_too_many_media_sections_is_refused(api, proxy, whep_clients):
+    """aiortc builds a transceiver per media section on the event loop: an offer (under the body
+    limit) of hundreds of sections froze every viewer for a second and held 70 MB per peer (found
+    by review). Over MAX_OFFER_MEDIA_SECTIONS is a JSON 400, before aiortc sees it."""
+    from vsproxy.outputs.webrtc import MAX_OFFER_MEDIA_SECTIONS
+
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    start = sdp.index("m=video")
+    end = sdp.find("\r\nm=", start)
+    section = sdp[start:] if end == -1 else sdp[start:end + 2]
+    copies = "".join(re.sub(r"^a=mid:.*$", f"a=mid:extra{i}", section, flags=re.M)
+                     for i in range(MAX_OFFER_MEDIA_SECTIONS))
+    flooded = sdp + copies if end == -1 else sdp[:end + 2] + copies + sdp[end + 2:]
+    assert flooded.count("\r\nm=") > MAX_OFFER_MEDIA_SECTIONS
+    code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=flooded.encode(),
+                                   headers={"Content-Type": "application/sdp"})
+    assert_json_error(code, body, 400)
+    assert f"at most {MAX_OFFER_MEDIA_SECTIONS}" in body["error"]
+    assert not proxy.whep.peers and proxy.connections.open == 0
+    playing = await new_client(api, whep_clients, session_id)
+    assert await playing.connect() == 201  # a client's own sections are fine
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
 async def test_a_delete_just_after_the_connection_closed_is_a_200(api, proxy, whep_clients):
     """A page that unloads closes its connection and sends its DELETE at once, in either order:
     a DELETE finding its peer already ended is a 200 (DELETE is idempotent), not a 404 warning

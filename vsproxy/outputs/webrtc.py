@@ -134,6 +134,10 @@ def reachable(candidate: Any) -> bool:
 # ICE agent sends connectivity checks to every one it can reach, so an offer with thousands would
 # have this server send STUN packets to whatever addresses a client lists.
 MAX_OFFER_CANDIDATES = 32
+# A viewer offers a video section, perhaps audio and a data channel. aiortc builds a transceiver
+# for every section, on the event loop: a 64 KB offer of 500 tiny sections would take a second
+# of it and 70 MB for one peer.
+MAX_OFFER_MEDIA_SECTIONS = 4
 
 
 def check_offer(sdp: str) -> None:
@@ -149,6 +153,9 @@ def check_offer(sdp: str) -> None:
         description = aiortc_sdp.SessionDescription.parse(sdp)
     except Exception:  # aiortc's parser raises whatever a malformed line makes it raise
         raise BadOffer("The SDP offer could not be parsed") from None
+    if len(description.media) > MAX_OFFER_MEDIA_SECTIONS:
+        raise BadOffer(f"The SDP offer has {len(description.media)} media sections; vsproxy takes at most "
+                       f"{MAX_OFFER_MEDIA_SECTIONS} (one video, audio and data it leaves inactive)")
     videos = [m for m in description.media if m.kind == "video"]
     if not videos:
         raise BadOffer("The SDP offer has no video section (m=video)", status=406)
