@@ -779,3 +779,27 @@ async def test_an_encoder_that_fails_unexpectedly_starts_anew_instead_of_freezin
         assert first is not None and first.keyframe
     finally:
         encoder.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_stated_times_that_go_back_continue_at_the_frame_rate_not_1_us_apart():
+    """A publisher whose clock is 8 s behind ours (or steps back): its stated capture times fall
+    behind the encoder's first picture (seeded at our clock). The access units go on from there
+    spaced as the frames came, instead of 1 us after each other until its clock caught up (WebRTC
+    viewers in Chromium froze for 10 s on it; MP4 samples lasted 1 us; found by review)."""
+    pattern = TestPattern(160, 120, "clock", 80)
+    received: list[tuple[bytes, int]] = []
+    encoder = H264Encoder("clock", H264Config(preset="ultrafast"), lambda d, p: received.append((d, p)))
+    now_us = int(time.time() * 1_000_000)
+    encoder.start()
+    try:
+        for i in range(20):
+            stated = now_us if i == 0 else now_us - 8_000_000 + i * 33_333  # 8 s behind after the first
+            encoder.submit(pattern.render(i, 1_700_000_000 + i / 30), stated)
+            await wait_until(lambda i=i: len(received) > i, "the frame to be encoded")
+            await asyncio.sleep(1 / 30)
+    finally:
+        encoder.stop()
+    steps = [b - a for (_, a), (_, b) in zip(received, received[1:], strict=False)]
+    assert all(step >= 10_000 for step in steps), steps  # about a frame apart (33 ms), never 1 us
+    assert all(20_000 <= step <= 200_000 for step in steps[1:]), steps  # the publisher's own spacing

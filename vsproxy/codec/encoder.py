@@ -29,6 +29,9 @@ log = logging.getLogger("vsproxy.encoder")
 THREAD_PREFIX = "vsproxy-h264"
 KEYFRAME_REQUEST_MIN_INTERVAL = 1.0  # seconds between keyframes forced on request
 FULL_RANGE, LIMITED_RANGE = 2, 1  # FFmpeg's AVCOL_RANGE_JPEG and AVCOL_RANGE_MPEG
+# Presentation times that go back continue from the last one by the time between the frames, in
+# these bounds (microseconds).
+MIN_STEP_US, MAX_STEP_US = 1_000, 1_000_000
 # After an unexpected error the thread opens new codecs and goes on, after a pause that doubles
 # with each failure in a row (no frame encoded between them), up to the maximum.
 RESTART_DELAY_SECONDS = 0.5
@@ -183,6 +186,8 @@ class H264Encoder:
         last_keyframe = -1e9
         last_requested_keyframe = -1e9
         last_pts = -1
+        last_taken = time.monotonic()
+        shift = 0  # added to the stated times since they last went back
         while True:
             with self._lock:
                 while self._slot is None and self._generation == generation:
@@ -194,6 +199,7 @@ class H264Encoder:
                 requested = self._keyframe_requested
                 self._keyframe_requested = False
             started = time.perf_counter()
+            taken, last_taken = time.monotonic() - last_taken, time.monotonic()
             try:
                 pictures = decoder.decode(av.Packet(jpeg))
             except av.error.FFmpegError:
@@ -207,7 +213,16 @@ class H264Encoder:
                 # JPEGs are full range; H.264 decoders assume limited range unless told otherwise.
                 frame = picture.reformat(width=size[0], height=size[1], format="yuv420p",
                                          src_color_range=FULL_RANGE, dst_color_range=LIMITED_RANGE)
-                pts = max(pts_us, last_pts + 1)  # libx264 needs strictly increasing timestamps
+                pts = pts_us + shift
+                if pts <= last_pts:
+                    # The stated times went back (a publisher's clock stepped back, or is behind
+                    # ours, which the first picture's time may come from). libx264 needs them
+                    # increasing, and players pace by them: go on from the last one by the time
+                    # that passed here, and shift the ones after it alike (not 1 us apart: a
+                    # WebRTC or MP4 player would show them all at once, then freeze).
+                    step = min(max(int(taken * 1_000_000), MIN_STEP_US), MAX_STEP_US)
+                    shift += last_pts + step - pts
+                    pts = last_pts + step
                 last_pts = frame.pts = pts
                 now = time.monotonic()
                 keyframe = now - last_keyframe >= settings.keyframe_interval_seconds or (
