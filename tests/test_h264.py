@@ -98,15 +98,21 @@ def test_parse_sps_gives_codec_string_and_cropped_size():
         parse_sps(b"\x67\x64")
 
 
-def baseline_sps(width_mbs: int, height_mbs: int) -> bytes:
-    """An SPS NAL unit (Baseline, level 4) for a picture of width_mbs x height_mbs macroblocks."""
+def baseline_sps(width_mbs: int, height_mbs: int, poc_cycle: int | None = None) -> bytes:
+    """An SPS NAL unit (Baseline, level 4) for a picture of width_mbs x height_mbs macroblocks;
+    with `poc_cycle`, of pic_order_cnt_type 1 with a cycle of that many reference frames."""
     bits = "01000010" + "00000000" + "00101000"  # profile_idc 66, constraint flags, level_idc 40
 
     def ue(value: int) -> str:
         code = bin(value + 1)[2:]
         return "0" * (len(code) - 1) + code
 
-    bits += ue(0) + ue(0) + ue(2) + ue(1) + "0"  # sps id, log2_max_frame_num-4, poc type 2, refs, gaps
+    bits += ue(0) + ue(0)  # sps id, log2_max_frame_num-4
+    if poc_cycle is None:
+        bits += ue(2)
+    else:  # type 1: delta_pic_order_always_zero 0, two offsets se(0), the cycle, each offset se(0)
+        bits += ue(1) + "0" + ue(0) + ue(0) + ue(poc_cycle) + ue(0) * min(poc_cycle, 300)
+    bits += ue(1) + "0"  # max_num_ref_frames, gaps
     bits += ue(width_mbs - 1) + ue(height_mbs - 1) + "1" + "1" + "0" + "0"  # frame_mbs_only, direct_8x8
     bits += "1"  # rbsp stop bit
     bits += "0" * (-len(bits) % 8)
@@ -148,6 +154,33 @@ def test_an_sps_beyond_what_h264_allows_is_no_stream_configuration():
     au = parser.accept(first, 3)  # the stream's own parameter sets: it starts
     assert au is not None and au.keyframe and (au.config.width, au.config.height) == (64, 48)
     assert init_segment(au.config)[4:8] == b"ftyp"
+
+
+def test_an_sps_that_loops_beyond_its_limits_is_refused_at_once_and_once(monkeypatch):
+    """An RTSP server (or a cluster peer) can send an SPS whose pic_order_cnt cycle claims 2^31
+    entries in 64 KB of bits: refused at the standard's limit (255), not read bit by bit (0.4 s of
+    event loop), and the parser does not read the same refused SPS again with every access unit
+    (found by review)."""
+    from vsproxy.codec import h264
+
+    assert parse_sps(baseline_sps(80, 45, poc_cycle=255))[1:] == (1280, 720)
+    crafted = baseline_sps(80, 45, poc_cycle=2 ** 31)[:-1] + b"\xff" * 65_000
+    with pytest.raises(ValueError, match="cycle beyond 255"):
+        parse_sps(crafted)
+    encoder = av.CodecContext.create("libx264", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = 64, 48, "yuv420p"
+    encoder.time_base = Fraction(1, 30)
+    encoder.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    nals = split_nals(bytes(encoder.encode(av.VideoFrame(64, 48, "yuv420p"))[0]))
+    (pps,) = [n for n in nals if nal_type(n) == NAL_PPS]
+    idr = [n for n in nals if nal_type(n) == NAL_IDR]
+    reads = []
+    real = h264.parse_sps
+    parser = H264Parser()
+    monkeypatch.setattr(h264, "parse_sps", lambda sps: reads.append(1) or real(sps))
+    for i in range(5):
+        assert parser.accept(b"".join(b"\x00\x00\x00\x01" + n for n in (crafted, pps, *idr)), i) is None
+    assert len(reads) == 1, "the refused SPS was read again with each access unit"
 
 
 def test_a_gop_is_kept_from_a_keyframe_within_its_frame_and_byte_limits():

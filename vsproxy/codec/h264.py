@@ -206,7 +206,10 @@ def _read_sps(bits: _Bits) -> tuple[int, int]:
         bits.u(1)
         bits.se()
         bits.se()
-        for _ in range(bits.ue()):
+        cycle = bits.ue()  # num_ref_frames_in_pic_order_cnt_cycle: 0 to 255 (7.4.2.1.1)
+        if cycle > 255:
+            raise ValueError("bad SPS: pic_order_cnt cycle beyond 255")
+        for _ in range(cycle):
             bits.se()
     bits.ue()  # max_num_ref_frames
     bits.u(1)  # gaps_in_frame_num_value_allowed_flag
@@ -270,7 +273,9 @@ def _vui_max_num_reorder_frames(bits: _Bits) -> int | None:
     for _ in range(2):  # nal_hrd_parameters_present_flag, vcl_hrd_parameters_present_flag
         if bits.u(1):
             hrd += 1
-            count = bits.ue() + 1  # cpb_cnt_minus1
+            count = bits.ue() + 1  # cpb_cnt_minus1: 0 to 31 (E.2.2)
+            if count > 32:
+                raise ValueError("bad VUI: cpb_cnt beyond 32")
             bits.u(8)  # bit_rate_scale, cpb_size_scale
             for _ in range(count):
                 bits.ue()  # bit_rate_value_minus1
@@ -367,6 +372,7 @@ class H264Parser:
         self.sps: bytes | None = None
         self.pps: bytes | None = None
         self.config: StreamConfig | None = None
+        self._refused_sps: bytes | None = None  # the last SPS that could not be read
         self.seq = 0
         self._started = False
         self._start_us = 0
@@ -395,11 +401,12 @@ class H264Parser:
             return None
         changed = False
         if self.config is None or self.config.sps != self.sps or self.config.pps != self.pps:
-            if max(len(self.sps), len(self.pps)) > MAX_PARAMETER_SET_BYTES:
+            if max(len(self.sps), len(self.pps)) > MAX_PARAMETER_SET_BYTES or self.sps == self._refused_sps:
                 return None
             try:
                 codec, width, height = parse_sps(self.sps)
             except ValueError:
+                self._refused_sps = self.sps  # not read again with every access unit
                 return None
             changed = self.config is None or (codec, width, height) != (
                 self.config.codec, self.config.width, self.config.height)
