@@ -6,16 +6,18 @@ test_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
 from helpers import WhepClient, assert_json_error, poll, wait_until
-from test_cluster import cluster, started  # noqa: F401 - the fixture
+from test_cluster import Node, cluster, started  # noqa: F401 - the fixture
 
 from vsproxy.cluster.node import NODE_TTL_SECONDS
 from vsproxy.cluster.sessions import SESSIONS
@@ -47,17 +49,27 @@ async def test_a_session_only_in_redis_is_served_by_every_stream_url(cluster, re
     assert code == 404
 
 
+@contextlib.asynccontextmanager
+async def playing_peer(node: Node) -> AsyncIterator[tuple[str, WhepClient]]:
+    """(session id, WHEP client) of a new session on `node` with a peer there, playing."""
+    code, created, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    assert code == 200, created
+    sid = created["sessionId"]
+    client = WhepClient(node.api, f"/stream/{sid}/whep")
+    try:
+        assert await client.connect() == 201
+        await client.frames(3, timeout=15)
+        yield sid, client
+    finally:
+        await client.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noqa: F811
     """Behind a load balancer without stickiness a WHEP client's DELETE lands on any node: the node
     holding the peer ends it."""
     node1, node2 = await started(cluster(2))
-    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
-    sid = created["sessionId"]
-    client = WhepClient(node1.api, f"/stream/{sid}/whep")
-    try:
-        assert await client.connect() == 201
-        await client.frames(3, timeout=15)
+    async with playing_peer(node1) as (sid, client):
         code, body, _ = await node2.api.call("DELETE", f"/stream/{sid}/whep/not-a-resource")
         assert_json_error(code, body, 404)
         other = (await node2.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"}))[1]["sessionId"]
@@ -73,8 +85,6 @@ async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noq
                                 lambda r: r[1]["session"]["connections"] == 0, "node1's peer to leave")
         code, body, _ = await node2.api.call("DELETE", client.location)  # already ended
         assert_json_error(code, body, 404)
-    finally:
-        await client.close()
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -105,18 +115,11 @@ async def test_a_whep_resource_of_a_node_that_died_is_a_404_on_the_others(cluste
     """Its peer died with its node (kill -9, which deletes nothing): a DELETE on another node says
     it is not there (404), instead of 200 for a resource nobody ends."""
     node1, node2 = await started(cluster(2))
-    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
-    sid = created["sessionId"]
-    client = WhepClient(node1.api, f"/stream/{sid}/whep")
-    try:
-        assert await client.connect() == 201
-        await client.frames(3, timeout=15)
+    async with playing_peer(node1) as (sid, client):
         node1.kill(signal.SIGKILL)
         await asyncio.sleep(NODE_TTL_SECONDS + 1)  # its registration expires
         code, body, _ = await node2.api.call("DELETE", client.location)
         assert_json_error(code, body, 404)
-    finally:
-        await client.close()
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -126,12 +129,7 @@ async def test_the_late_delete_of_a_peer_that_ended_is_a_200_once_on_any_node(cl
     a 200 there as on the holding node (not a 404 warning in the operator's log), and a second
     DELETE is a 404."""
     node1, node2 = await started(cluster(2))
-    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
-    sid = created["sessionId"]
-    client = WhepClient(node1.api, f"/stream/{sid}/whep")
-    try:
-        assert await client.connect() == 201
-        await client.frames(3, timeout=15)
+    async with playing_peer(node1) as (sid, client):
         await client.pc.close()  # the page went away; its DELETE comes late
         await poll(lambda: node1.api.call("GET", f"/session/{sid}"),
                    lambda r: r[1]["session"]["connections"] == 0, "node1 to see the peer's connection end",
@@ -141,5 +139,3 @@ async def test_the_late_delete_of_a_peer_that_ended_is_a_200_once_on_any_node(cl
         for node in (node2, node1):
             code, body, _ = await node.api.call("DELETE", client.location)
             assert_json_error(code, body, 404)
-    finally:
-        await client.close()

@@ -475,40 +475,16 @@ async def test_an_offer_whose_candidates_cannot_be_reached_is_refused_not_answer
     assert len(await playing.frames(3)) == 3
 
 
-@pytest.mark.config(SMALL_DEMO)
-@pytest.mark.gen_test(timeout=30)
-async def test_an_offer_with_too_many_candidates_is_refused(api, proxy, whep_clients):
-    """vsproxy's ICE agent checks every candidate it can reach: an offer listing many would have
-    it send STUN packets wherever a client says. Over MAX_OFFER_CANDIDATES is a JSON 400."""
-    from vsproxy.outputs.webrtc import MAX_OFFER_CANDIDATES
+def flooded_offer(sdp: str, flood: str) -> tuple[str, str]:
+    """(`sdp` with too many of `flood`, the part of the error that says so)."""
+    from vsproxy.outputs.webrtc import MAX_OFFER_CANDIDATES, MAX_OFFER_MEDIA_SECTIONS
 
-    session_id = (await api.create_session())["sessionId"]
-    client = await new_client(api, whep_clients, session_id)
-    sdp = await client.offer()
-    extra = "".join(f"a=candidate:x{i} 1 udp 2130706431 127.0.1.{i} {40000 + i} typ host\r\n"
-                    for i in range(MAX_OFFER_CANDIDATES + 1))
-    flooded = re.sub(r"^(a=candidate:.*\r\n)", lambda m: m.group(1) + extra, sdp, count=1, flags=re.M)
-    assert flooded.count("a=candidate:") > MAX_OFFER_CANDIDATES + 1
-    code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=flooded.encode(),
-                                   headers={"Content-Type": "application/sdp"})
-    assert_json_error(code, body, 400)
-    assert f"more than {MAX_OFFER_CANDIDATES} ICE candidates" in body["error"]
-    assert not proxy.whep.peers and proxy.connections.open == 0
-    playing = await new_client(api, whep_clients, session_id)
-    assert await playing.connect() == 201  # a client's own few candidates are fine
-
-
-@pytest.mark.config(SMALL_DEMO)
-@pytest.mark.gen_test(timeout=30)
-async def test_an_offer_with_too_many_media_sections_is_refused(api, proxy, whep_clients):
-    """aiortc builds a transceiver per media section on the event loop: an offer (under the body
-    limit) of hundreds of sections froze every viewer for a second and held 70 MB per peer (found
-    by review). Over MAX_OFFER_MEDIA_SECTIONS is a JSON 400, before aiortc sees it."""
-    from vsproxy.outputs.webrtc import MAX_OFFER_MEDIA_SECTIONS
-
-    session_id = (await api.create_session())["sessionId"]
-    client = await new_client(api, whep_clients, session_id)
-    sdp = await client.offer()
+    if flood == "candidates":
+        extra = "".join(f"a=candidate:x{i} 1 udp 2130706431 127.0.1.{i} {40000 + i} typ host\r\n"
+                        for i in range(MAX_OFFER_CANDIDATES + 1))
+        flooded = re.sub(r"^(a=candidate:.*\r\n)", lambda m: m.group(1) + extra, sdp, count=1, flags=re.M)
+        assert flooded.count("a=candidate:") > MAX_OFFER_CANDIDATES + 1
+        return flooded, f"more than {MAX_OFFER_CANDIDATES} ICE candidates"
     start = sdp.index("m=video")
     end = sdp.find("\r\nm=", start)
     section = sdp[start:] if end == -1 else sdp[start:end + 2]
@@ -516,13 +492,28 @@ async def test_an_offer_with_too_many_media_sections_is_refused(api, proxy, whep
                      for i in range(MAX_OFFER_MEDIA_SECTIONS))
     flooded = sdp + copies if end == -1 else sdp[:end + 2] + copies + sdp[end + 2:]
     assert flooded.count("\r\nm=") > MAX_OFFER_MEDIA_SECTIONS
+    return flooded, f"at most {MAX_OFFER_MEDIA_SECTIONS}"
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("flood", ["candidates", "media sections"])
+async def test_an_offer_with_too_many_candidates_or_media_sections_is_refused(api, proxy, whep_clients, flood):
+    """vsproxy's ICE agent checks every candidate it can reach: an offer listing many would have
+    it send STUN packets wherever a client says. aiortc builds a transceiver per media section on
+    the event loop: an offer (under the body limit) of hundreds of sections froze every viewer for
+    a second and held 70 MB per peer (found by review). Over MAX_OFFER_CANDIDATES or
+    MAX_OFFER_MEDIA_SECTIONS is a JSON 400, before aiortc sees it."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    flooded, error = flooded_offer(await client.offer(), flood)
     code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=flooded.encode(),
                                    headers={"Content-Type": "application/sdp"})
     assert_json_error(code, body, 400)
-    assert f"at most {MAX_OFFER_MEDIA_SECTIONS}" in body["error"]
+    assert error in body["error"]
     assert not proxy.whep.peers and proxy.connections.open == 0
     playing = await new_client(api, whep_clients, session_id)
-    assert await playing.connect() == 201  # a client's own sections are fine
+    assert await playing.connect() == 201  # a client's own few candidates and sections are fine
 
 
 @pytest.mark.config(SMALL_DEMO)
