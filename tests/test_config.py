@@ -228,6 +228,24 @@ def test_bad_config_file_is_a_config_error_naming_the_key(tmp_path, yaml_text, e
     assert "\n" not in message
 
 
+def test_a_header_from_a_yaml_block_scalar_is_refused_without_showing_it(tmp_path):
+    """`|` keeps the final line break, which Tornado refuses on every connection attempt (and its
+    error quoted the header, token and all, into lastError)."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, """\
+            isaac_sim:
+              ip: 127.0.0.1
+              headers:
+                Authorization: |
+                  Bearer block-scalar-token-0123
+            """)
+    assert info.value.key == "isaac_sim.headers.Authorization"
+    assert "line break" in info.value.problem and "|-" in info.value.problem
+    assert "block-scalar-token" not in str(info.value)
+    config = load(tmp_path, "isaac_sim:\n  headers:\n    Authorization: |-\n      Bearer token\n")
+    assert config.isaac_sim.headers == {"Authorization": "Bearer token"}
+
+
 def test_empty_config_file_gives_defaults(tmp_path):
     assert load(tmp_path, "# nothing configured\n") == Config()
 

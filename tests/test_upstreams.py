@@ -130,6 +130,11 @@ async def test_upstreams_listing_and_degraded_health(api):
     ({"upstreams": {"x": {"kind": "ftp"}}}, "upstreams.x.kind"),
     ({"upstreams": {"x": {"kind": "mjpeg", "url": "ws://a/"}}}, "upstreams.x.url"),
     ({"upstreams": {"x": {"kind": "push", "token": "short"}}}, "upstreams.x.token"),
+    ({"upstreams": {"x": {"kind": "isaac", "url": "ws://a/", "headers": {"Authorization": "Bearer t\n"}}}},
+     "upstreams.x.headers.Authorization"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://a/", "headers": {"X-Key": "a\r\nX-Injected: 1"}}}},
+     "upstreams.x.headers.X-Key"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://a/", "headers": {"X Key": "a"}}}}, "upstreams.x.headers"),
 ])
 def test_bad_upstream_config_names_the_key(tree, key):
     with pytest.raises(ConfigError) as err:

@@ -23,7 +23,7 @@ import yaml
 from . import sources
 from .auth import redact_url
 from .codec.encoder import H264Config
-from .schema import ConfigError, check_not_placeholder, number_text, setting
+from .schema import ConfigError, check_headers, check_not_placeholder, number_text, setting
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
 
@@ -73,7 +73,9 @@ class IsaacSimConfig:
                                                        "(env ISAAC_SIM_WS_PORT)")
     ws_path: str = setting("/", doc="path of that WebSocket (env ISAAC_SIM_WS_PATH)")
     secure: bool = setting(False, doc="connect with `wss://` instead of `ws://`")
-    headers: dict = setting(factory=dict, doc="extra handshake headers, e.g. Authorization (never logged)")
+    headers: dict = setting(factory=dict, doc="extra handshake headers, e.g. Authorization (never logged); a "
+                                            "line break or NUL in one is refused (a YAML block scalar keeps its last "
+                                            "line break unless chomped with `-`)")
 
 
 @dataclass(frozen=True)
@@ -504,6 +506,7 @@ def _cross_checks(config: Config) -> None:
     if config.limits.viewer_input_bytes_burst < config.streaming.max_viewer_message_bytes:
         # Otherwise a message the size limit allows could never pass the byte rate limit.
         raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
+    check_headers("isaac_sim.headers", config.isaac_sim.headers)
     url = config.server.public_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
