@@ -208,6 +208,14 @@ BAD_YAML = [
                  id="string-for-list"),
     pytest.param("cors:\n  allowed_origins: [localhost:3000]\n", ["cors.allowed_origins"], id="origin-without-scheme"),
     pytest.param("server:\n  public_url: video.example.com\n", ["server.public_url"], id="public-url-without-scheme"),
+    pytest.param("server:\n  public_url: http://[video.example.com\n", ["server.public_url", "cannot be parsed"],
+                 id="public-url-unclosed-bracket"),
+    pytest.param("server:\n  public_url: https://video.example.com:99999\n", ["server.public_url", "port"],
+                 id="public-url-port-out-of-range"),
+    pytest.param("server:\n  public_url: https://video.example.com:https/\n", ["server.public_url", "port"],
+                 id="public-url-port-not-a-number"),
+    pytest.param("server:\n  public_url: https:///video\n", ["server.public_url", "host"],
+                 id="public-url-without-host"),
     pytest.param("reconnect:\n  initial_delay_seconds: 5\n  max_delay_seconds: 1\n",
                  ["reconnect.max_delay_seconds"], id="max-delay-below-initial"),
     pytest.param("isaac_sim:\n  headers: {Authorization: 5}\n", ["isaac_sim.headers"], id="non-string-header"),
@@ -246,6 +254,17 @@ def test_a_header_from_a_yaml_block_scalar_is_refused_without_showing_it(tmp_pat
     assert config.isaac_sim.headers == {"Authorization": "Bearer token"}
 
 
+def test_public_url_is_parsed_as_each_request_will_parse_it(tmp_path):
+    """Every request's Host check takes public_url's host name: a URL urlsplit refuses made every
+    request fail (Tornado's "Uncaught exception" and no answer); a good one is accepted."""
+    for url in ("https://video.example.com", "http://[::1]:8889/video", "http://10.0.0.5:8889"):
+        assert load(tmp_path, f"server:\n  public_url: '{url}'\n").server.public_url == url
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "server:\n  public_url: 'https://admin:hunter2-secret@[video.example.com/'\n")
+    assert info.value.key == "server.public_url"
+    assert "hunter2-secret" not in str(info.value) and "***@[video.example.com" in str(info.value)
+
+
 def test_empty_config_file_gives_defaults(tmp_path):
     assert load(tmp_path, "# nothing configured\n") == Config()
 
@@ -265,6 +284,7 @@ def test_missing_config_file_is_an_error(tmp_path):
     ("ISAAC_SIM_PORT", "eighty", "isaac_sim.port"),
     ("ISAAC_SIM_WS_PORT", "99999", "isaac_sim.ws_port"),
     ("VIDEO_PROXY_PUBLIC_URL", "video.example.com", "server.public_url"),
+    ("VIDEO_PROXY_PUBLIC_URL", "http://[video.example.com", "server.public_url"),
 ])
 def test_bad_environment_variable_names_the_variable(tmp_path, variable, value, key):
     with pytest.raises(ConfigError) as info:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -507,9 +508,8 @@ def _cross_checks(config: Config) -> None:
         # Otherwise a message the size limit allows could never pass the byte rate limit.
         raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
     check_headers("isaac_sim.headers", config.isaac_sim.headers)
-    url = config.server.public_url
-    if url and not url.startswith(("http://", "https://")):
-        raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
+    if config.server.public_url:
+        check_url("server.public_url", config.server.public_url, ("http://", "https://"))
     for i, server in enumerate(config.webrtc.ice_servers):
         urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
         for url in urls:
@@ -570,17 +570,42 @@ def _check_cluster(config: Config) -> None:
     if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("cluster.redis_url", f"expected a redis://, rediss:// or unix:// URL, got "
                                                f"{redact_url(cluster.redis_url)!r}")
+    if not cluster.redis_url.startswith("unix://"):  # the Redis client parses it when vsproxy starts
+        check_url("cluster.redis_url", cluster.redis_url, ("redis://", "rediss://"), host_required=False)
     if not cluster.token:
         raise ConfigError("cluster.token", "required when cluster.redis_url is set (the nodes authenticate to "
                                            "each other with it)")
     check_not_placeholder("cluster.token", cluster.token)
     if len(cluster.token) < 16:
         raise ConfigError("cluster.token", "expected a token of at least 16 characters")
-    url = cluster.advertise_url
-    if url and not url.startswith(("http://", "https://")):
-        raise ConfigError("cluster.advertise_url", f"expected an http:// or https:// URL, got {url!r}")
+    if cluster.advertise_url:
+        check_url("cluster.advertise_url", cluster.advertise_url, ("http://", "https://"))
     if config.sessions.store != "memory":
         raise ConfigError("sessions.store", "must be memory in a cluster (cluster.redis_url): sessions live in Redis")
+
+
+def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bool = True) -> None:
+    """Raise ConfigError naming `key` unless `url` has one of `schemes` ("http://", ...), parses,
+    and names a host (unless not `host_required`) with a valid port, if any: what every use of it
+    parses again (the Host check on every request, each connection attempt), where a ValueError
+    would fail each of them. The message shows the URL without credentials or query."""
+    expected = ("an " if schemes[0][0] in "aeiou" else "a ") + " or ".join(schemes) + " URL"
+    shown = redact_url(url)
+    if not url.startswith(schemes):
+        raise ConfigError(key, f"expected {expected}, got {shown!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its text may quote the netloc, password included
+        raise ConfigError(key, f"expected {expected}, got {shown!r}, which cannot be parsed (an IPv6 "
+                               "address needs its closing ']')") from None
+    if host_required and not parts.hostname:
+        raise ConfigError(key, f"expected {expected} with a host, got {shown!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(key, f"expected {expected} whose port is a number from 1 to 65535, got {shown!r}")
 
 
 def valid_allowed_host(host: str) -> bool:
