@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vsproxy.config import Config, ConfigError, load_config, read_dotenv
+from vsproxy import sources
+from vsproxy.codec.encoder import H264Config
+from vsproxy.config import Config, ConfigError, config_from_dict, load_config, read_dotenv
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -216,6 +220,13 @@ BAD_YAML = [
                  id="public-url-port-not-a-number"),
     pytest.param("server:\n  public_url: https:///video\n", ["server.public_url", "host"],
                  id="public-url-without-host"),
+    pytest.param("sessions:\n  cleanup_interval_seconds: .nan\n",
+                 ["sessions.cleanup_interval_seconds", "expected a number from 0.05 to 3600, got nan"], id="nan"),
+    pytest.param("auth:\n  viewer_tokens: {ttl_seconds: .inf}\n",
+                 ["auth.viewer_tokens.ttl_seconds", "expected a number from 10 to 2592000"], id="inf"),
+    pytest.param("streaming:\n  stall_timeout_seconds: -.inf\n", ["streaming.stall_timeout_seconds"], id="minus-inf"),
+    pytest.param("sessions:\n  idle_timeout_seconds: 1" + "0" * 400 + "\n", ["sessions.idle_timeout_seconds"],
+                 id="integer-beyond-any-float"),
     pytest.param("reconnect:\n  initial_delay_seconds: 5\n  max_delay_seconds: 1\n",
                  ["reconnect.max_delay_seconds"], id="max-delay-below-initial"),
     pytest.param("isaac_sim:\n  headers: {Authorization: 5}\n", ["isaac_sim.headers"], id="non-string-header"),
@@ -263,6 +274,62 @@ def test_public_url_is_parsed_as_each_request_will_parse_it(tmp_path):
         load(tmp_path, "server:\n  public_url: 'https://admin:hunter2-secret@[video.example.com/'\n")
     assert info.value.key == "server.public_url"
     assert "hunter2-secret" not in str(info.value) and "***@[video.example.com" in str(info.value)
+
+
+def _numeric_keys(cls: type, prefix: str) -> list[tuple[str, type]]:
+    """(dotted key, type) of every int and float setting of a settings dataclass, nested ones too."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _numeric_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float):
+            keys.append((f"{prefix}{f.name}", hints[f.name]))
+    return keys
+
+
+# What each upstream kind needs besides the key under test.
+_REQUIRED = {"isaac": {"url": "ws://127.0.0.1/"}, "mjpeg": {"url": "http://127.0.0.1/"},
+             "rtsp": {"url": "rtsp://127.0.0.1/"}, "push": {"token": "publish-token-1"}}
+
+
+def _every_numeric_setting() -> list:
+    cases = [(key, ftype, key) for key, ftype in _numeric_keys(Config, "")]
+    for kind in sources.KINDS:
+        for key, ftype in _numeric_keys(sources.source_class(kind).settings_class, f"upstreams.x[{kind}]."):
+            cases.append((key, ftype, key.replace(f"[{kind}]", "")))
+    cases += [(f"upstreams.x[demo].h264.{key}", ftype, f"upstreams.x.h264.{key}")
+              for key, ftype in _numeric_keys(H264Config, "")]
+    return [pytest.param(path, ftype, key, id=path) for path, ftype, key in cases]
+
+
+def _tree(path: str, value: object) -> dict:
+    """The config tree setting `path` (a dotted key; `upstreams.x[kind].` for an upstream's) to `value`."""
+    head, _, leaf = path.rpartition(".")
+    tree: dict = {}
+    node = tree
+    for part in head.split(".") if head else []:
+        name, _, kind = part.partition("[")
+        node[name] = {"kind": kind[:-1], **_REQUIRED.get(kind[:-1], {})} if kind else {}
+        node = node[name]
+    node[leaf] = value
+    return tree
+
+
+@pytest.mark.parametrize(("path", "ftype", "key"), _every_numeric_setting())
+def test_no_numeric_setting_takes_nan_or_infinity(path, ftype, key):
+    """NaN passes any `value < min or value > max` check (it compares false both ways): a NaN
+    cleanup interval stopped start-up with a traceback, a NaN token lifetime made every POST
+    /session/create a 500, NaN idle and stall timeouts never fired. Every int and float setting,
+    of every section, upstream kind and per-upstream h264, refuses it, and infinity."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(_tree(path, value))
+        assert info.value.key == key
+        assert info.value.problem.startswith("expected an integer" if ftype is int else "expected a number"), \
+            info.value.problem
 
 
 def test_empty_config_file_gives_defaults(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import re
 import typing
@@ -418,7 +419,15 @@ def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
     elif ftype is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        value = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad() from None
+        # NaN and infinity are refused whatever the bounds: NaN compares false with both of them
+        # (a NaN timer interval, expiry or timeout breaks whatever uses it).
+        if not math.isfinite(number):
+            raise bad()
+        value = number
     elif ftype is str:
         if value is None:
             value = ""
