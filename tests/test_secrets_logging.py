@@ -141,6 +141,12 @@ SECRET_CONFIGS = {
     "camera header with a NUL": {"upstreams": {"cam": {"kind": "mjpeg", "url": "http://cam/",
                                                        "headers": {"X-Api-Key": f"{SECRET}\0"}}}},
     "header written as one string": {"isaac_sim": {"headers": {f"Authorization: Bearer {SECRET}": ""}}},
+    "unparseable camera URL with a password": {"upstreams": {"cam": {"kind": "mjpeg",
+                                                                     "url": f"http://admin:{SECRET}@[::1/stream"}}},
+    "unparseable isaac URL with a password": {"upstreams": {"sim": {"kind": "isaac",
+                                                                    "url": f"ws://admin:{SECRET}@[::1:8211/"}}},
+    "RTSP URL with a password and a bad port": {"upstreams": {"cam": {"kind": "rtsp",
+                                                                      "url": f"rtsp://admin:{SECRET}@cam:99999/"}}},
     "camera URL with a password": {"upstreams": {"cam": {"kind": "mjpeg", "url": f"rtsp://admin:{SECRET}@cam/"}}},
 }
 

@@ -290,7 +290,8 @@ class Config:
             return None
         scheme = "wss" if sim.secure else "ws"
         path = sim.ws_path if sim.ws_path.startswith("/") else "/" + sim.ws_path
-        return f"{scheme}://{sim.ip}:{sim.ws_port}{path}"
+        host = f"[{sim.ip}]" if ":" in sim.ip and not sim.ip.startswith("[") else sim.ip  # an IPv6 address
+        return f"{scheme}://{host}:{sim.ws_port}{path}"
 
 
 # Environment variables of the original Node service (and a few more), mapped onto config keys.
@@ -500,10 +501,8 @@ def _build_upstreams(data: Any, prefix: str, h264: H264Config) -> tuple[dict[str
             built = _build(H264Config, entry["h264"], f"{key}.h264")
             encoders[name] = dataclasses.replace(h264, **{k: getattr(built, k) for k in given})
         settings = _build(source.settings_class, {k: v for k, v in entry.items() if k not in ("kind", "h264")}, key)
-        schemes = source.url_schemes
-        if schemes and not settings.url.startswith(schemes):
-            got = redact_url(settings.url)
-            raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
+        if source.url_schemes:  # parsed now, not when the source first connects (or is built, at start-up)
+            check_url(f"{key}.url", settings.url, source.url_schemes)
         source.check_settings(settings, key)
         upstreams[name] = settings
     return upstreams, encoders
@@ -517,6 +516,8 @@ def _cross_checks(config: Config) -> None:
         # Otherwise a message the size limit allows could never pass the byte rate limit.
         raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
     check_headers("isaac_sim.headers", config.isaac_sim.headers)
+    if config.isaac_ws_url is not None:
+        check_url("isaac_sim.ip", config.isaac_ws_url, ("ws://", "wss://"))
     if config.server.public_url:
         check_url("server.public_url", config.server.public_url, ("http://", "https://"))
     for i, server in enumerate(config.webrtc.ice_servers):
@@ -598,7 +599,7 @@ def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bo
     and names a host (unless not `host_required`) with a valid port, if any: what every use of it
     parses again (the Host check on every request, each connection attempt), where a ValueError
     would fail each of them. The message shows the URL without credentials or query."""
-    expected = ("an " if schemes[0][0] in "aeiou" else "a ") + " or ".join(schemes) + " URL"
+    expected = "a " + " or ".join(schemes) + " URL"
     shown = redact_url(url)
     if not url.startswith(schemes):
         raise ConfigError(key, f"expected {expected}, got {shown!r}")

@@ -70,11 +70,16 @@ class MjpegSource(Source):
         self.parts_skipped = 0  # parts that were not JPEG (all runs)
         self._request = b""
         self._config_error: str | None = None  # makes every attempt fail, with this lastError
-        url = urlsplit(settings.url)
-        self._secure = url.scheme == "https"
-        self._host = url.hostname or ""
         # Userinfo and query strings carry secrets: never logged.
         self.safe_url = redact_url(settings.url)
+        self._secure = settings.url.startswith("https://")
+        self._host, self._port = "", 0
+        try:
+            url = urlsplit(settings.url)
+        except ValueError:  # configuration refuses such a URL; its text may quote the password
+            self._config_error = f"the URL {self.safe_url!r} cannot be parsed"
+            return
+        self._host = url.hostname or ""
         try:
             port = url.port
             self._port = port or (443 if self._secure else 80)
