@@ -332,6 +332,32 @@ def test_no_numeric_setting_takes_nan_or_infinity(path, ftype, key):
             info.value.problem
 
 
+@pytest.mark.parametrize(("server", "key"), [
+    ({"urls": "stun:[2001:db8::1]:3478"}, "webrtc.ice_servers[0].urls"),  # aiortc takes no IPv6 address
+    ({"urls": "stun:stun.example:port"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "stun:stun.example?transport=udp"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "stun:stun.example>; rel=x"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "turn:turn.example", "username": "user", "credential": "pass\n"}, "webrtc.ice_servers[0].credential"),
+    ({"urls": "turn:turn.example", "username": 'us"er', "credential": "pass"}, "webrtc.ice_servers[0].username"),
+    ({"urls": "turn:turn.example", "username": ["a", "b"], "credential": "pass"}, "webrtc.ice_servers[0].username"),
+])
+def test_ice_servers_are_parsed_as_every_webrtc_peer_and_whep_answer_uses_them(server, key):
+    """aiortc parses each URL for every peer (one it cannot parse failed every WHEP offer), and the
+    URLs and credentials go into a `Link` header of every WHEP answer and preflight (a line break
+    made each a 500 whose logged traceback quoted the TURN credential)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"webrtc": {"ice_servers": [server]}})
+    assert info.value.key == key
+    assert "pass" not in info.value.problem
+
+
+def test_usual_ice_servers_are_accepted():
+    servers = [{"urls": ["stun:stun.example:3478", "stun:192.0.2.1"]},
+               {"urls": ["turn:turn.example:3478?transport=tcp", "turns:turn.example"], "username": "user",
+                "credential": "p@ss:w0rd/+="}]
+    assert config_from_dict({"webrtc": {"ice_servers": servers}}).webrtc.ice_servers == servers
+
+
 def test_empty_config_file_gives_defaults(tmp_path):
     assert load(tmp_path, "# nothing configured\n") == Config()
 

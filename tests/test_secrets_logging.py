@@ -147,6 +147,8 @@ SECRET_CONFIGS = {
                                                                     "url": f"ws://admin:{SECRET}@[::1:8211/"}}},
     "RTSP URL with a password and a bad port": {"upstreams": {"cam": {"kind": "rtsp",
                                                                       "url": f"rtsp://admin:{SECRET}@cam:99999/"}}},
+    "TURN credential with a line break": {"webrtc": {"ice_servers": [
+        {"urls": "turn:turn.example:3478", "username": "user", "credential": f"{SECRET}\n"}]}},
     "camera URL with a password": {"upstreams": {"cam": {"kind": "mjpeg", "url": f"rtsp://admin:{SECRET}@cam/"}}},
 }
 

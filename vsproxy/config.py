@@ -220,9 +220,10 @@ class WebRtcConfig:
     enabled: bool = setting(True, doc="serve WHEP; `false`: the endpoint answers 501")
     ice_servers: list = setting(factory=list, item_keys=("urls", "username", "credential"),
                                 values="list of `{urls, username, credential}`",
-                                doc="STUN/TURN servers (`stun:`, `turn:`, `turns:` URLs) the server "
-                                    "uses and announces to WHEP clients (`Link` headers); behind NAT "
-                                    "a TURN server, e.g. coturn (see WebRTC)")
+                                doc="STUN/TURN servers (`stun:`, `turn:`, `turns:` URLs of a host name or "
+                                    "IPv4 address: aiortc takes no IPv6 one) the server uses and announces "
+                                    "to WHEP clients (`Link` headers, so no line break or `\"` in a "
+                                    "credential); behind NAT a TURN server, e.g. coturn (see WebRTC)")
 
 
 @dataclass(frozen=True)
@@ -520,14 +521,7 @@ def _cross_checks(config: Config) -> None:
         check_url("isaac_sim.ip", config.isaac_ws_url, ("ws://", "wss://"))
     if config.server.public_url:
         check_url("server.public_url", config.server.public_url, ("http://", "https://"))
-    for i, server in enumerate(config.webrtc.ice_servers):
-        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
-        for url in urls:
-            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
-                raise ConfigError(f"webrtc.ice_servers[{i}].urls",
-                                  f"expected stun:, stuns:, turn: or turns: URLs, got {redact_url(url)!r}")
-        if any(url.startswith("turn") for url in urls) and not (server.get("username") and server.get("credential")):
-            raise ConfigError(f"webrtc.ice_servers[{i}]", "a TURN server needs username and credential")
+    _check_ice_servers(config.webrtc.ice_servers)
     auth = config.auth
     for i, token in enumerate(auth.api_tokens):
         check_not_placeholder(f"auth.api_tokens[{i}]", token)
@@ -571,6 +565,42 @@ def _cross_checks(config: Config) -> None:
     for origin in config.cors.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')
+
+
+# What may stand inside a quoted parameter of the WHEP `Link` header announcing an ICE server
+# (printable ASCII and Latin-1, no quote or backslash): anything else makes Tornado refuse the header
+# on every WHEP request, quoting it (TURN credential and all) in a logged traceback.
+_LINK_PARAMETER = re.compile(r'[\x20-\x21\x23-\x5b\x5d-\x7e\xa0-\xff]*')
+
+
+def _check_ice_servers(ice_servers: list[dict]) -> None:
+    """Every ICE server's URLs parse as aiortc will parse them for each WebRTC peer (before, one
+    it could not parse made every WHEP offer fail), and its URLs and credentials fit in the `Link`
+    header announcing them."""
+    from aiortc.rtcicetransport import parse_stun_turn_uri  # imported only where ICE servers are set
+
+    for i, server in enumerate(ice_servers):
+        key = f"webrtc.ice_servers[{i}]"
+        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
+        for url in urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ConfigError(f"{key}.urls",
+                                  f"expected stun:, stuns:, turn: or turns: URLs, got {redact_url(url)!r}")
+            try:
+                parse_stun_turn_uri(url)
+                valid = re.fullmatch(r"[\x21-\x7e]+", url) is not None and not any(c in url for c in '<>"\\')
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ConfigError(f"{key}.urls", f"expected scheme:host[:port][?transport=udp|tcp] (a host name or "
+                                                 f"IPv4 address), got {redact_url(url, keep_query=True)!r}")
+        for name in ("username", "credential"):
+            value = server.get(name, "")
+            if not isinstance(value, str) or not _LINK_PARAMETER.fullmatch(value):
+                raise ConfigError(f"{key}.{name}", "expected a string without line breaks, control characters, '\"' "
+                                                   "or '\\' (it is announced in a quoted Link header parameter)")
+        if any(url.startswith("turn") for url in urls) and not (server.get("username") and server.get("credential")):
+            raise ConfigError(key, "a TURN server needs username and credential")
 
 
 def _check_cluster(config: Config) -> None:
