@@ -24,6 +24,7 @@ def test_redis_url_from_the_environment(tmp_path):
 @pytest.mark.parametrize(("tree", "key"), [
     ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0"}}, "cluster.token"),
     ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": "short"}}, "cluster.token"),
+    ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": TOKEN + "\n"}}, "cluster.token"),
     ({"cluster": {"redis_url": "http://127.0.0.1:6379/", "token": TOKEN}}, "cluster.redis_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN, "advertise_url": "10.0.0.5:8889"}},
      "cluster.advertise_url"),
@@ -38,6 +39,7 @@ def test_bad_cluster_settings_name_the_key(tree, key):
     with pytest.raises(ConfigError) as info:
         config_from_dict(tree)
     assert info.value.key == key
+    assert TOKEN not in str(info.value)
 
 
 @pytest.mark.parametrize("url", ["http://:hunter2-secret@127.0.0.1:6379/", "redis://:hunter2-secret@[::1:6379/0",

@@ -25,7 +25,7 @@ import yaml
 from . import sources
 from .auth import redact_url
 from .codec.encoder import H264Config
-from .schema import ConfigError, check_headers, check_not_placeholder, number_text, setting
+from .schema import ConfigError, check_headers, check_not_placeholder, header_problem, number_text, setting
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
 
@@ -618,6 +618,11 @@ def _check_cluster(config: Config) -> None:
     check_not_placeholder("cluster.token", cluster.token)
     if len(cluster.token) < 16:
         raise ConfigError("cluster.token", "expected a token of at least 16 characters")
+    if header_problem("Authorization", f"Bearer {cluster.token}") is not None:
+        # Sent by edges in an Authorization header, which Tornado refuses to send (every relay
+        # connection failed as "origin ... unreachable (ValueError)").
+        raise ConfigError("cluster.token", "expected a token without line breaks, NUL or characters beyond Latin-1 "
+                                           "(a YAML block scalar keeps its last line break unless chomped with `-`)")
     if cluster.advertise_url:
         check_url("cluster.advertise_url", cluster.advertise_url, ("http://", "https://"))
     if config.sessions.store != "memory":
