@@ -12,11 +12,17 @@ import socket
 import time
 
 import pytest
-from helpers import CREATE, assert_json_error, wait_until, ws_handshake
+from helpers import CREATE, PUBLISH_TOKEN, WS_UPGRADE, assert_json_error, raw_request, wait_until, ws_handshake
 from tornado.httputil import HTTPHeaders
 
 from vsproxy.config import ConfigError, ServerConfig, config_from_dict
-from vsproxy.handlers.base import allowed_hosts, host_allowed, host_name, post_content_type_error
+from vsproxy.handlers.base import (
+    allowed_hosts,
+    host_allowed,
+    host_name,
+    post_content_type_error,
+    websocket_handshake_error,
+)
 from vsproxy.outputs.viewer import unsent_bytes
 
 REBOUND = "rebind.attacker.example"  # a domain whose DNS now points at this server
@@ -425,3 +431,36 @@ async def test_requests_that_are_no_websocket_handshake_get_a_json_error_that_sa
         assert says in body["error"], (headers, body)
     response, _ = await ws_handshake(http_port, path, headers={"Sec-WebSocket-Version": "99"})
     assert response.headers["Sec-WebSocket-Version"] == "13"
+
+
+@pytest.mark.config({"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_handshake_without_sec_websocket_key_gets_the_json_400_on_every_socket(api, http_port):
+    """Tornado answers a handshake without Sec-WebSocket-Key "400 Missing/Invalid WebSocket
+    headers" in plain text; every vsproxy socket answers it in its JSON error, saying why."""
+    session_id = (await api.call("POST", "/session/create", CREATE, headers=JSON_TYPE))[1]["sessionId"]
+    without_key = {k: v for k, v in WS_UPGRADE.items() if k != "Sec-WebSocket-Key"}
+    for path in (f"/stream/{session_id}", f"/ingest/pub?token={PUBLISH_TOKEN}"):
+        for response, stream in [await raw_request(http_port, path, headers=without_key),
+                                 await ws_handshake(http_port, path, headers={"Sec-WebSocket-Key": ""})]:
+            stream.close()
+            assert response.headers.get("Content-Type", "").startswith("application/json"), (path, response.body)
+            body = json.loads(response.body)
+            assert_json_error(response.status, body, 400)
+            assert "Sec-WebSocket-Key" in body["error"], (path, body)
+        response, stream = await ws_handshake(http_port, path)  # the same handshake with its key: accepted
+        stream.close()
+        assert response.status == 101, (path, response.body)
+
+
+def test_the_handshake_check_is_tornados_in_its_order():
+    """The one check of every socket endpoint (viewers, publishers, the cluster relay)."""
+    def check(**headers: str) -> tuple | None:
+        return websocket_handshake_error(HTTPHeaders({**WS_UPGRADE, "Host": "h", **headers}), lambda origin: False)
+
+    assert check() is None
+    assert check(Origin="http://evil.example")[0] == 403
+    assert check(**{"Sec-WebSocket-Version": ""})[0] == 426
+    no_key = "Not a WebSocket handshake (it needs a Sec-WebSocket-Key header)"
+    assert check(**{"Sec-WebSocket-Key": ""}) == (400, no_key, None)
+    assert check(Host="") == (400, "Not a WebSocket handshake (it needs a Host header)", None)

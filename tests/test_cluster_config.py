@@ -24,8 +24,13 @@ def test_redis_url_from_the_environment(tmp_path):
 @pytest.mark.parametrize(("tree", "key"), [
     ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0"}}, "cluster.token"),
     ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": "short"}}, "cluster.token"),
+    ({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": TOKEN + "\n"}}, "cluster.token"),
     ({"cluster": {"redis_url": "http://127.0.0.1:6379/", "token": TOKEN}}, "cluster.redis_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN, "advertise_url": "10.0.0.5:8889"}},
+     "cluster.advertise_url"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN, "advertise_url": "http://[10.0.0.5:8889"}},
+     "cluster.advertise_url"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN, "advertise_url": "http://10.0.0.5:88890"}},
      "cluster.advertise_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "sessions": {"store": "sqlite:/tmp/x.db"}},
      "sessions.store"),
@@ -34,11 +39,16 @@ def test_bad_cluster_settings_name_the_key(tree, key):
     with pytest.raises(ConfigError) as info:
         config_from_dict(tree)
     assert info.value.key == key
+    assert TOKEN not in str(info.value)
 
 
-def test_a_bad_redis_url_does_not_show_its_password():
+@pytest.mark.parametrize("url", ["http://:hunter2-secret@127.0.0.1:6379/", "redis://:hunter2-secret@[::1:6379/0",
+                                 "redis://:hunter2-secret@127.0.0.1:99999/0"])
+def test_a_bad_redis_url_does_not_show_its_password(url):
+    """Not a Redis URL, or one the Redis client cannot parse (before, a traceback at start-up)."""
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"cluster": {"redis_url": "http://:hunter2-secret@127.0.0.1:6379/", "token": TOKEN}})
+        config_from_dict({"cluster": {"redis_url": url, "token": TOKEN}})
+    assert info.value.key == "cluster.redis_url"
     assert "hunter2-secret" not in str(info.value)
 
 

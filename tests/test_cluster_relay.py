@@ -379,3 +379,20 @@ async def test_upstream_text_an_edge_does_not_read_is_not_held_without_bound(mak
         assert received > 60_000  # it got text until it stopped reading
     finally:
         stalled.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_relay_handshake_without_sec_websocket_key_gets_the_json_400(make_nodes, slow_sim):
+    """The relay endpoint answers a handshake Tornado would refuse in plain text ("Missing/Invalid
+    WebSocket headers") as every other socket does: JSON, saying what is missing."""
+    (origin,) = await started(make_nodes(1, slow_sim.port))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), slow_sim, 15)  # the node takes the upstream: the origin
+    headers = {"Authorization": f"Bearer {CLUSTER_TOKEN}", "Upgrade": "websocket", "Connection": "Upgrade",
+               "Sec-WebSocket-Version": "13"}
+    response, stream = await raw_request(origin.port, "/internal/relay/isaac", headers=headers)
+    stream.close()
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.body
+    body = json.loads(response.body)
+    assert_json_error(response.status, body, 400)
+    assert "Sec-WebSocket-Key" in body["error"], body

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from vsproxy.config import Config, ConfigError, load_config, read_dotenv
+from vsproxy import sources
+from vsproxy.codec.encoder import H264Config
+from vsproxy.config import Config, ConfigError, config_from_dict, load_config, read_dotenv
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
@@ -208,6 +212,21 @@ BAD_YAML = [
                  id="string-for-list"),
     pytest.param("cors:\n  allowed_origins: [localhost:3000]\n", ["cors.allowed_origins"], id="origin-without-scheme"),
     pytest.param("server:\n  public_url: video.example.com\n", ["server.public_url"], id="public-url-without-scheme"),
+    pytest.param("server:\n  public_url: http://[video.example.com\n", ["server.public_url", "cannot be parsed"],
+                 id="public-url-unclosed-bracket"),
+    pytest.param("server:\n  public_url: https://video.example.com:99999\n", ["server.public_url", "port"],
+                 id="public-url-port-out-of-range"),
+    pytest.param("server:\n  public_url: https://video.example.com:https/\n", ["server.public_url", "port"],
+                 id="public-url-port-not-a-number"),
+    pytest.param("server:\n  public_url: https:///video\n", ["server.public_url", "host"],
+                 id="public-url-without-host"),
+    pytest.param("sessions:\n  cleanup_interval_seconds: .nan\n",
+                 ["sessions.cleanup_interval_seconds", "expected a number from 0.05 to 3600, got nan"], id="nan"),
+    pytest.param("auth:\n  viewer_tokens: {ttl_seconds: .inf}\n",
+                 ["auth.viewer_tokens.ttl_seconds", "expected a number from 10 to 2592000"], id="inf"),
+    pytest.param("streaming:\n  stall_timeout_seconds: -.inf\n", ["streaming.stall_timeout_seconds"], id="minus-inf"),
+    pytest.param("sessions:\n  idle_timeout_seconds: 1" + "0" * 400 + "\n", ["sessions.idle_timeout_seconds"],
+                 id="integer-beyond-any-float"),
     pytest.param("reconnect:\n  initial_delay_seconds: 5\n  max_delay_seconds: 1\n",
                  ["reconnect.max_delay_seconds"], id="max-delay-below-initial"),
     pytest.param("isaac_sim:\n  headers: {Authorization: 5}\n", ["isaac_sim.headers"], id="non-string-header"),
@@ -226,6 +245,117 @@ def test_bad_config_file_is_a_config_error_naming_the_key(tmp_path, yaml_text, e
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
     assert "\n" not in message
+
+
+def test_a_header_from_a_yaml_block_scalar_is_refused_without_showing_it(tmp_path):
+    """`|` keeps the final line break, which Tornado refuses on every connection attempt (and its
+    error quoted the header, token and all, into lastError)."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, """\
+            isaac_sim:
+              ip: 127.0.0.1
+              headers:
+                Authorization: |
+                  Bearer block-scalar-token-0123
+            """)
+    assert info.value.key == "isaac_sim.headers.Authorization"
+    assert "line break" in info.value.problem and "|-" in info.value.problem
+    assert "block-scalar-token" not in str(info.value)
+    config = load(tmp_path, "isaac_sim:\n  headers:\n    Authorization: |-\n      Bearer token\n")
+    assert config.isaac_sim.headers == {"Authorization": "Bearer token"}
+
+
+def test_public_url_is_parsed_as_each_request_will_parse_it(tmp_path):
+    """Every request's Host check takes public_url's host name: a URL urlsplit refuses made every
+    request fail (Tornado's "Uncaught exception" and no answer); a good one is accepted."""
+    for url in ("https://video.example.com", "http://[::1]:8889/video", "http://10.0.0.5:8889"):
+        assert load(tmp_path, f"server:\n  public_url: '{url}'\n").server.public_url == url
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "server:\n  public_url: 'https://admin:hunter2-secret@[video.example.com/'\n")
+    assert info.value.key == "server.public_url"
+    assert "hunter2-secret" not in str(info.value) and "***@[video.example.com" in str(info.value)
+
+
+def _numeric_keys(cls: type, prefix: str) -> list[tuple[str, type]]:
+    """(dotted key, type) of every int and float setting of a settings dataclass, nested ones too."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _numeric_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float):
+            keys.append((f"{prefix}{f.name}", hints[f.name]))
+    return keys
+
+
+# What each upstream kind needs besides the key under test.
+_REQUIRED = {"isaac": {"url": "ws://127.0.0.1/"}, "mjpeg": {"url": "http://127.0.0.1/"},
+             "rtsp": {"url": "rtsp://127.0.0.1/"}, "push": {"token": "publish-token-1"}}
+
+
+def _every_numeric_setting() -> list:
+    cases = [(key, ftype, key) for key, ftype in _numeric_keys(Config, "")]
+    for kind in sources.KINDS:
+        for key, ftype in _numeric_keys(sources.source_class(kind).settings_class, f"upstreams.x[{kind}]."):
+            cases.append((key, ftype, key.replace(f"[{kind}]", "")))
+    cases += [(f"upstreams.x[demo].h264.{key}", ftype, f"upstreams.x.h264.{key}")
+              for key, ftype in _numeric_keys(H264Config, "")]
+    return [pytest.param(path, ftype, key, id=path) for path, ftype, key in cases]
+
+
+def _tree(path: str, value: object) -> dict:
+    """The config tree setting `path` (a dotted key; `upstreams.x[kind].` for an upstream's) to `value`."""
+    head, _, leaf = path.rpartition(".")
+    tree: dict = {}
+    node = tree
+    for part in head.split(".") if head else []:
+        name, _, kind = part.partition("[")
+        node[name] = {"kind": kind[:-1], **_REQUIRED.get(kind[:-1], {})} if kind else {}
+        node = node[name]
+    node[leaf] = value
+    return tree
+
+
+@pytest.mark.parametrize(("path", "ftype", "key"), _every_numeric_setting())
+def test_no_numeric_setting_takes_nan_or_infinity(path, ftype, key):
+    """NaN passes any `value < min or value > max` check (it compares false both ways): a NaN
+    cleanup interval stopped start-up with a traceback, a NaN token lifetime made every POST
+    /session/create a 500, NaN idle and stall timeouts never fired. Every int and float setting,
+    of every section, upstream kind and per-upstream h264, refuses it, and infinity."""
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(_tree(path, value))
+        assert info.value.key == key
+        assert info.value.problem.startswith("expected an integer" if ftype is int else "expected a number"), \
+            info.value.problem
+
+
+@pytest.mark.parametrize(("server", "key"), [
+    ({"urls": "stun:[2001:db8::1]:3478"}, "webrtc.ice_servers[0].urls"),  # aiortc takes no IPv6 address
+    ({"urls": "stun:stun.example:port"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "stun:stun.example?transport=udp"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "stun:stun.example>; rel=x"}, "webrtc.ice_servers[0].urls"),
+    ({"urls": "turn:turn.example", "username": "user", "credential": "pass\n"}, "webrtc.ice_servers[0].credential"),
+    ({"urls": "turn:turn.example", "username": 'us"er', "credential": "pass"}, "webrtc.ice_servers[0].username"),
+    ({"urls": "turn:turn.example", "username": ["a", "b"], "credential": "pass"}, "webrtc.ice_servers[0].username"),
+])
+def test_ice_servers_are_parsed_as_every_webrtc_peer_and_whep_answer_uses_them(server, key):
+    """aiortc parses each URL for every peer (one it cannot parse failed every WHEP offer), and the
+    URLs and credentials go into a `Link` header of every WHEP answer and preflight (a line break
+    made each a 500 whose logged traceback quoted the TURN credential)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"webrtc": {"ice_servers": [server]}})
+    assert info.value.key == key
+    assert "pass" not in info.value.problem
+
+
+def test_usual_ice_servers_are_accepted():
+    servers = [{"urls": ["stun:stun.example:3478", "stun:192.0.2.1"]},
+               {"urls": ["turn:turn.example:3478?transport=tcp", "turns:turn.example"], "username": "user",
+                "credential": "p@ss:w0rd/+="}]
+    assert config_from_dict({"webrtc": {"ice_servers": servers}}).webrtc.ice_servers == servers
 
 
 def test_empty_config_file_gives_defaults(tmp_path):
@@ -247,6 +377,7 @@ def test_missing_config_file_is_an_error(tmp_path):
     ("ISAAC_SIM_PORT", "eighty", "isaac_sim.port"),
     ("ISAAC_SIM_WS_PORT", "99999", "isaac_sim.ws_port"),
     ("VIDEO_PROXY_PUBLIC_URL", "video.example.com", "server.public_url"),
+    ("VIDEO_PROXY_PUBLIC_URL", "http://[video.example.com", "server.public_url"),
 ])
 def test_bad_environment_variable_names_the_variable(tmp_path, variable, value, key):
     with pytest.raises(ConfigError) as info:

@@ -492,8 +492,9 @@ async def test_credentials_reach_the_camera_but_never_the_logs_or_the_api(camera
 async def test_settings_that_cannot_work_fail_every_attempt_without_connecting(camera):
     reconnect = ReconnectConfig()
     for url, headers, message in [
-        (camera.url("/stream"), {"X-Key": "v\r\nX-Injected: 1"}, "header 'X-Key' has an invalid name or a line break"),
+        (camera.url("/stream"), {"X-Key": "v\r\nX-Injected: 1"}, "header 'X-Key' has a line break"),
         ("http://127.0.0.1:99999/stream", {}, "Port out of range"),
+        ("http://viewer:pw-0123456789@[::1/stream", {}, r"URL 'http://\*\*\*@\[::1/stream' cannot be parsed"),
     ]:
         source = MjpegSource("cam", MjpegUpstream(url=url, headers=headers), reconnect)
         with pytest.raises(ValueError, match=message):

@@ -142,6 +142,21 @@ SECRET_CONFIGS = {
     "publish token too short": {"upstreams": {"pub": {"kind": "push", "token": SECRET[:6]}}},
     "publish token a number": {"upstreams": {"pub": {"kind": "push", "token": int("7" * 30)}}},
     "upstream header not a string": {"isaac_sim": {"headers": {"Authorization": ["Bearer", SECRET]}}},
+    "isaac_sim header from a block scalar": {"isaac_sim": {"ip": "127.0.0.1",
+                                                           "headers": {"Authorization": f"Bearer {SECRET}\n"}}},
+    "isaac header with a line break": {"upstreams": {"sim": {"kind": "isaac", "url": "ws://127.0.0.1:8211/",
+                                                             "headers": {"Authorization": f"Bearer {SECRET}\r\n"}}}},
+    "camera header with a NUL": {"upstreams": {"cam": {"kind": "mjpeg", "url": "http://cam/",
+                                                       "headers": {"X-Api-Key": f"{SECRET}\0"}}}},
+    "header written as one string": {"isaac_sim": {"headers": {f"Authorization: Bearer {SECRET}": ""}}},
+    "unparseable camera URL with a password": {"upstreams": {"cam": {"kind": "mjpeg",
+                                                                     "url": f"http://admin:{SECRET}@[::1/stream"}}},
+    "unparseable isaac URL with a password": {"upstreams": {"sim": {"kind": "isaac",
+                                                                    "url": f"ws://admin:{SECRET}@[::1:8211/"}}},
+    "RTSP URL with a password and a bad port": {"upstreams": {"cam": {"kind": "rtsp",
+                                                                      "url": f"rtsp://admin:{SECRET}@cam:99999/"}}},
+    "TURN credential with a line break": {"webrtc": {"ice_servers": [
+        {"urls": "turn:turn.example:3478", "username": "user", "credential": f"{SECRET}\n"}]}},
     "camera URL with a password": {"upstreams": {"cam": {"kind": "mjpeg", "url": f"rtsp://admin:{SECRET}@cam/"}}},
 }
 

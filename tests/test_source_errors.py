@@ -30,8 +30,10 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.websocket import WebSocketProtocol13, websocket_connect
 
+from vsproxy.config import ReconnectConfig
+from vsproxy.errors import describe_error
 from vsproxy.sources import source_class
-from vsproxy.sources.isaac import IsaacUpstream
+from vsproxy.sources.isaac import IsaacSource, IsaacUpstream
 
 # A port bound but never listening: connecting to it is refused, and nothing else can take it.
 _DEAD = socket.socket()
@@ -260,6 +262,29 @@ async def test_a_bad_sec_websocket_accept_is_one_line_per_attempt_without_traceb
     # One line per attempt: nothing from Tornado (it logged "Uncaught exception" and a traceback).
     assert [r.getMessage() for r in caplog.records if r.name.startswith("tornado")] == []
     assert_no_tracebacks(caplog.records)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_header_that_cannot_be_sent_never_puts_its_value_in_last_error():
+    """Configuration refuses such headers; a source built without it (or a header Tornado refuses
+    for a reason of its own) still fails without quoting the value: Tornado's ValueError quotes the
+    whole header line, and lastError is shown on /health, /upstreams, the dashboard and to viewers."""
+    secret = "Sup3r-Secret-Bearer-0123456789"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # the TCP connection succeeds: Tornado fails writing the request
+    try:
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+        for headers, says in [({"Authorization": f"Bearer {secret}\n"}, "'Authorization' has a line break"),
+                              ({"X-Token": f"{secret}\u20ac"}, "'X-Token' has characters")]:
+            source = IsaacSource("sim", IsaacUpstream(url=url, headers=headers), ReconnectConfig())
+            with pytest.raises(Exception) as info:
+                await source.run(None)  # type: ignore[arg-type]
+            text = describe_error(info.value)
+            assert secret not in text and secret not in repr(info.value), text
+            assert text.startswith("cannot send the WebSocket handshake") and says in text, text
+    finally:
+        listener.close()
 
 
 async def fill_relay(ws_url: str) -> Any:

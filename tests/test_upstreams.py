@@ -130,11 +130,31 @@ async def test_upstreams_listing_and_degraded_health(api):
     ({"upstreams": {"x": {"kind": "ftp"}}}, "upstreams.x.kind"),
     ({"upstreams": {"x": {"kind": "mjpeg", "url": "ws://a/"}}}, "upstreams.x.url"),
     ({"upstreams": {"x": {"kind": "push", "token": "short"}}}, "upstreams.x.token"),
+    ({"upstreams": {"x": {"kind": "isaac", "url": "ws://a/", "headers": {"Authorization": "Bearer t\n"}}}},
+     "upstreams.x.headers.Authorization"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://a/", "headers": {"X-Key": "a\r\nX-Injected: 1"}}}},
+     "upstreams.x.headers.X-Key"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://a/", "headers": {"X Key": "a"}}}}, "upstreams.x.headers"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://[::1/stream"}}}, "upstreams.x.url"),
+    ({"upstreams": {"x": {"kind": "mjpeg", "url": "http://cam:99999/stream"}}}, "upstreams.x.url"),
+    ({"upstreams": {"x": {"kind": "isaac", "url": "ws://[::1/stream"}}}, "upstreams.x.url"),
+    ({"upstreams": {"x": {"kind": "isaac", "url": "ws:///stream"}}}, "upstreams.x.url"),
+    ({"upstreams": {"x": {"kind": "rtsp", "url": "rtsp://[::1/stream"}}}, "upstreams.x.url"),
+    ({"upstreams": {"x": {"kind": "rtsp", "url": "rtsp://cam:port/stream"}}}, "upstreams.x.url"),
+    ({"isaac_sim": {"ip": "[::1"}}, "isaac_sim.ip"),
 ])
 def test_bad_upstream_config_names_the_key(tree, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict(tree)
     assert err.value.key == key
+
+
+def test_upstream_urls_that_parse_are_accepted_and_an_ipv6_isaac_sim_ip_gets_brackets():
+    config = config_from_dict({"upstreams": {
+        "a": {"kind": "mjpeg", "url": "http://user:pw@[::1]:8080/stream?topic=/x"},
+        "b": {"kind": "isaac", "url": "wss://sim.example/stream"},
+        "c": {"kind": "rtsp", "url": "rtsps://10.0.0.5:322/live"}}, "isaac_sim": {"ip": "::1"}})
+    assert config.isaac_ws_url == "ws://[::1]:8211/"
 
 
 def test_isaac_sim_ip_defines_the_default_isaac_upstream():

@@ -80,8 +80,12 @@ def redact_url(url: str, *, keep_query: bool = False) -> str:
     query (which may carry a token) is dropped unless `keep_query`."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
+    except ValueError:  # e.g. an unclosed IPv6 '[': the same, by text
+        before, _, query = url.partition("#")[0].partition("?")
+        scheme, sep, rest = before.rpartition("://")
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        return scheme + sep + rest + (f"?{query}" if keep_query and query else "")
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]

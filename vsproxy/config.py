@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 import os
 import re
 import typing
@@ -17,13 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from . import sources
 from .auth import redact_url
 from .codec.encoder import H264Config
-from .schema import ConfigError, check_not_placeholder, number_text, setting
+from .schema import ConfigError, check_headers, check_not_placeholder, header_problem, number_text, setting
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
 
@@ -73,7 +75,9 @@ class IsaacSimConfig:
                                                        "(env ISAAC_SIM_WS_PORT)")
     ws_path: str = setting("/", doc="path of that WebSocket (env ISAAC_SIM_WS_PATH)")
     secure: bool = setting(False, doc="connect with `wss://` instead of `ws://`")
-    headers: dict = setting(factory=dict, doc="extra handshake headers, e.g. Authorization (never logged)")
+    headers: dict = setting(factory=dict, doc="extra handshake headers, e.g. Authorization (never logged); a "
+                                            "line break or NUL in one is refused (a YAML block scalar keeps its last "
+                                            "line break unless chomped with `-`)")
 
 
 @dataclass(frozen=True)
@@ -216,9 +220,10 @@ class WebRtcConfig:
     enabled: bool = setting(True, doc="serve WHEP; `false`: the endpoint answers 501")
     ice_servers: list = setting(factory=list, item_keys=("urls", "username", "credential"),
                                 values="list of `{urls, username, credential}`",
-                                doc="STUN/TURN servers (`stun:`, `turn:`, `turns:` URLs) the server "
-                                    "uses and announces to WHEP clients (`Link` headers); behind NAT "
-                                    "a TURN server, e.g. coturn (see WebRTC)")
+                                doc="STUN/TURN servers (`stun:`, `turn:`, `turns:` URLs of a host name or "
+                                    "IPv4 address: aiortc takes no IPv6 one) the server uses and announces "
+                                    "to WHEP clients (`Link` headers, so no line break or `\"` in a "
+                                    "credential); behind NAT a TURN server, e.g. coturn (see WebRTC)")
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,8 @@ class Config:
             return None
         scheme = "wss" if sim.secure else "ws"
         path = sim.ws_path if sim.ws_path.startswith("/") else "/" + sim.ws_path
-        return f"{scheme}://{sim.ip}:{sim.ws_port}{path}"
+        host = f"[{sim.ip}]" if ":" in sim.ip and not sim.ip.startswith("[") else sim.ip  # an IPv6 address
+        return f"{scheme}://{host}:{sim.ws_port}{path}"
 
 
 # Environment variables of the original Node service (and a few more), mapped onto config keys.
@@ -415,7 +421,15 @@ def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
     elif ftype is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
-        value = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise bad() from None
+        # NaN and infinity are refused whatever the bounds: NaN compares false with both of them
+        # (a NaN timer interval, expiry or timeout breaks whatever uses it).
+        if not math.isfinite(number):
+            raise bad()
+        value = number
     elif ftype is str:
         if value is None:
             value = ""
@@ -488,10 +502,8 @@ def _build_upstreams(data: Any, prefix: str, h264: H264Config) -> tuple[dict[str
             built = _build(H264Config, entry["h264"], f"{key}.h264")
             encoders[name] = dataclasses.replace(h264, **{k: getattr(built, k) for k in given})
         settings = _build(source.settings_class, {k: v for k, v in entry.items() if k not in ("kind", "h264")}, key)
-        schemes = source.url_schemes
-        if schemes and not settings.url.startswith(schemes):
-            got = redact_url(settings.url)
-            raise ConfigError(f"{key}.url", f"expected a {' or '.join(schemes)} URL, got {got!r}")
+        if source.url_schemes:  # parsed now, not when the source first connects (or is built, at start-up)
+            check_url(f"{key}.url", settings.url, source.url_schemes)
         source.check_settings(settings, key)
         upstreams[name] = settings
     return upstreams, encoders
@@ -504,17 +516,12 @@ def _cross_checks(config: Config) -> None:
     if config.limits.viewer_input_bytes_burst < config.streaming.max_viewer_message_bytes:
         # Otherwise a message the size limit allows could never pass the byte rate limit.
         raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
-    url = config.server.public_url
-    if url and not url.startswith(("http://", "https://")):
-        raise ConfigError("server.public_url", f"expected an http:// or https:// URL, got {url!r}")
-    for i, server in enumerate(config.webrtc.ice_servers):
-        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
-        for url in urls:
-            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
-                raise ConfigError(f"webrtc.ice_servers[{i}].urls",
-                                  f"expected stun:, stuns:, turn: or turns: URLs, got {redact_url(url)!r}")
-        if any(url.startswith("turn") for url in urls) and not (server.get("username") and server.get("credential")):
-            raise ConfigError(f"webrtc.ice_servers[{i}]", "a TURN server needs username and credential")
+    check_headers("isaac_sim.headers", config.isaac_sim.headers)
+    if config.isaac_ws_url is not None:
+        check_url("isaac_sim.ip", config.isaac_ws_url, ("ws://", "wss://"))
+    if config.server.public_url:
+        check_url("server.public_url", config.server.public_url, ("http://", "https://"))
+    _check_ice_servers(config.webrtc.ice_servers)
     auth = config.auth
     for i, token in enumerate(auth.api_tokens):
         check_not_placeholder(f"auth.api_tokens[{i}]", token)
@@ -560,6 +567,42 @@ def _cross_checks(config: Config) -> None:
             raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')
 
 
+# What may stand inside a quoted parameter of the WHEP `Link` header announcing an ICE server
+# (printable ASCII and Latin-1, no quote or backslash): anything else makes Tornado refuse the header
+# on every WHEP request, quoting it (TURN credential and all) in a logged traceback.
+_LINK_PARAMETER = re.compile(r'[\x20-\x21\x23-\x5b\x5d-\x7e\xa0-\xff]*')
+
+
+def _check_ice_servers(ice_servers: list[dict]) -> None:
+    """Every ICE server's URLs parse as aiortc will parse them for each WebRTC peer (before, one
+    it could not parse made every WHEP offer fail), and its URLs and credentials fit in the `Link`
+    header announcing them."""
+    from aiortc.rtcicetransport import parse_stun_turn_uri  # imported only where ICE servers are set
+
+    for i, server in enumerate(ice_servers):
+        key = f"webrtc.ice_servers[{i}]"
+        urls = [server["urls"]] if isinstance(server["urls"], str) else server["urls"]
+        for url in urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise ConfigError(f"{key}.urls",
+                                  f"expected stun:, stuns:, turn: or turns: URLs, got {redact_url(url)!r}")
+            try:
+                parse_stun_turn_uri(url)
+                valid = re.fullmatch(r"[\x21-\x7e]+", url) is not None and not any(c in url for c in '<>"\\')
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ConfigError(f"{key}.urls", f"expected scheme:host[:port][?transport=udp|tcp] (a host name or "
+                                                 f"IPv4 address), got {redact_url(url, keep_query=True)!r}")
+        for name in ("username", "credential"):
+            value = server.get(name, "")
+            if not isinstance(value, str) or not _LINK_PARAMETER.fullmatch(value):
+                raise ConfigError(f"{key}.{name}", "expected a string without line breaks, control characters, '\"' "
+                                                   "or '\\' (it is announced in a quoted Link header parameter)")
+        if any(url.startswith("turn") for url in urls) and not (server.get("username") and server.get("credential")):
+            raise ConfigError(key, "a TURN server needs username and credential")
+
+
 def _check_cluster(config: Config) -> None:
     cluster = config.cluster
     if not cluster.redis_url:
@@ -567,17 +610,47 @@ def _check_cluster(config: Config) -> None:
     if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("cluster.redis_url", f"expected a redis://, rediss:// or unix:// URL, got "
                                                f"{redact_url(cluster.redis_url)!r}")
+    if not cluster.redis_url.startswith("unix://"):  # the Redis client parses it when vsproxy starts
+        check_url("cluster.redis_url", cluster.redis_url, ("redis://", "rediss://"), host_required=False)
     if not cluster.token:
         raise ConfigError("cluster.token", "required when cluster.redis_url is set (the nodes authenticate to "
                                            "each other with it)")
     check_not_placeholder("cluster.token", cluster.token)
     if len(cluster.token) < 16:
         raise ConfigError("cluster.token", "expected a token of at least 16 characters")
-    url = cluster.advertise_url
-    if url and not url.startswith(("http://", "https://")):
-        raise ConfigError("cluster.advertise_url", f"expected an http:// or https:// URL, got {url!r}")
+    if header_problem("Authorization", f"Bearer {cluster.token}") is not None:
+        # Sent by edges in an Authorization header, which Tornado refuses to send (every relay
+        # connection failed as "origin ... unreachable (ValueError)").
+        raise ConfigError("cluster.token", "expected a token without line breaks, NUL or characters beyond Latin-1 "
+                                           "(a YAML block scalar keeps its last line break unless chomped with `-`)")
+    if cluster.advertise_url:
+        check_url("cluster.advertise_url", cluster.advertise_url, ("http://", "https://"))
     if config.sessions.store != "memory":
         raise ConfigError("sessions.store", "must be memory in a cluster (cluster.redis_url): sessions live in Redis")
+
+
+def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bool = True) -> None:
+    """Raise ConfigError naming `key` unless `url` has one of `schemes` ("http://", ...), parses,
+    and names a host (unless not `host_required`) with a valid port, if any: what every use of it
+    parses again (the Host check on every request, each connection attempt), where a ValueError
+    would fail each of them. The message shows the URL without credentials or query."""
+    expected = "a " + " or ".join(schemes) + " URL"
+    shown = redact_url(url)
+    if not url.startswith(schemes):
+        raise ConfigError(key, f"expected {expected}, got {shown!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its text may quote the netloc, password included
+        raise ConfigError(key, f"expected {expected}, got {shown!r}, which cannot be parsed (an IPv6 "
+                               "address needs its closing ']')") from None
+    if host_required and not parts.hostname:
+        raise ConfigError(key, f"expected {expected} with a host, got {shown!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(key, f"expected {expected} whose port is a number from 1 to 65535, got {shown!r}")
 
 
 def valid_allowed_host(host: str) -> bool:

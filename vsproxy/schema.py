@@ -9,7 +9,8 @@ from the docs (`python -m vsproxy.config`; a test keeps the README equal to it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -48,3 +49,33 @@ def check_not_placeholder(key: str, secret: str) -> None:
     if secret.startswith("<") and secret.endswith(">"):
         raise ConfigError(key, "replace the example's placeholder with a random value (e.g. "
                                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+
+
+# An HTTP field name (RFC 9110 `token`).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why `name: value` cannot be sent as an HTTP request header, or None. Never quotes the
+    value (headers are where tokens live), nor a name that may hold one (`Name: value` written as
+    one string)."""
+    if not _HEADER_NAME.fullmatch(name):
+        shown = "a header name with ':' in it" if ":" in name else f"header name {name[:64]!r}"
+        return f"{shown} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+    if any(c in value for c in "\r\n\0"):
+        return (f"the value of header {name!r} has a line break or NUL in it (a YAML block scalar, `|` or `>`, "
+                "ends with a line break: use a quoted string or `|-`)")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"the value of header {name!r} has characters HTTP headers cannot carry (beyond Latin-1)"
+    return None
+
+
+def check_headers(key: str, headers: Mapping[str, str]) -> None:
+    """Raise ConfigError naming `key` (and the header, if its name is valid) for a header that
+    cannot be sent: see header_problem."""
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise ConfigError(f"{key}.{name}" if _HEADER_NAME.fullmatch(name) else key, problem)

@@ -52,6 +52,7 @@ from tornado.httpclient import HTTPRequest
 
 from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
+from ..handlers.base import websocket_handshake_error, write_json_error
 from ..hub import Demand, Frame
 from ..outputs import Viewer
 from ..outputs.viewer import H264Viewer
@@ -372,14 +373,16 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         if source.role != "origin" or cluster.draining:
             self._refuse(409, "this node is not the origin of that upstream")
             return
+        error = websocket_handshake_error(self.request.headers, self.check_origin)
+        if error is not None:
+            self._refuse(*error)
+            return
         self.hub = hub
         self.edge = self.request.headers.get("X-Vsproxy-Node", "?")[:128]
         await super().get(upstream, *args, **kwargs)
 
-    def _refuse(self, status: int, error: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish({"success": False, "error": error})
+    def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        write_json_error(self, status, error, headers)
 
     def open(self, upstream: str) -> None:
         self.set_nodelay(True)

@@ -8,13 +8,14 @@ the Tornado application settings, the jupyter_server way), never through module 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import tornado.httputil
 import tornado.web
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.log import app_log
 
 from ..errors import ClientError
@@ -158,6 +159,29 @@ def client_message(exc: tornado.web.HTTPError) -> str | None:
     return exc.log_message % exc.args if exc.args else exc.log_message
 
 
+WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
+
+
+def websocket_handshake_error(headers: HTTPHeaders, check_origin: Callable[[str], bool]
+                              ) -> tuple[int, str, dict[str, str] | None] | None:
+    """(status, error, headers) where a request is no WebSocket handshake Tornado takes: its own
+    checks, in its order, for every socket endpoint to answer as JSON (Tornado answers them in
+    plain text); None for a handshake it will complete."""
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return 400, "Not a WebSocket handshake (it needs 'Upgrade: websocket')", None
+    if "upgrade" not in (part.strip().lower() for part in headers.get("Connection", "").split(",")):
+        return 400, "Not a WebSocket handshake (it needs 'Connection: Upgrade')", None
+    origin = headers.get("Origin")
+    if origin is not None and not check_origin(origin):
+        return 403, "This Origin may not open WebSockets here (see cors.allowed_origins)", None
+    if headers.get("Sec-WebSocket-Version") not in WEBSOCKET_VERSIONS:
+        return 426, "Unsupported Sec-WebSocket-Version (this server speaks 13)", {"Sec-WebSocket-Version": "13"}
+    for name in ("Sec-WebSocket-Key", "Host"):
+        if not headers.get(name):
+            return 400, f"Not a WebSocket handshake (it needs a {name} header)", None
+    return None
+
+
 class HandlerMixin:
     """Typed accessors for the app's collaborators (properties, because Tornado calls
     set_default_headers before initialize), the Host check, credential checks, JSON errors and
@@ -279,8 +303,6 @@ class WebSocketMixin(HandlerMixin):
     (frames are pre-built once for every viewer, and JPEG does not compress), and refusals
     answered before the upgrade with a JSON body so a client sees why."""
 
-    WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
-
     def check_origin(self, origin: str) -> bool:
         return self.origin_allowed(origin)
 
@@ -297,17 +319,7 @@ class WebSocketMixin(HandlerMixin):
 
     def handshake_error(self) -> tuple[int, str, dict[str, str] | None] | None:
         """(status, error, headers) where the request is no WebSocket handshake vsproxy takes."""
-        headers = self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket":
-            return 400, "Not a WebSocket handshake (it needs 'Upgrade: websocket')", None
-        if "upgrade" not in (part.strip().lower() for part in headers.get("Connection", "").split(",")):
-            return 400, "Not a WebSocket handshake (it needs 'Connection: Upgrade')", None
-        origin = headers.get("Origin")
-        if origin is not None and not self.check_origin(origin):
-            return 403, "This Origin may not open WebSockets here (see cors.allowed_origins)", None
-        if headers.get("Sec-WebSocket-Version") not in self.WEBSOCKET_VERSIONS:
-            return 426, "Unsupported Sec-WebSocket-Version (this server speaks 13)", {"Sec-WebSocket-Version": "13"}
-        return None
+        return websocket_handshake_error(self.request.headers, self.check_origin)
 
     def refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
         """Answer the upgrade request with an HTTP error instead of switching protocols."""

@@ -17,7 +17,8 @@ from tornado import httpclient, httputil
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, WebSocketProtocol13
 
-from ..schema import setting
+from ..errors import DescribedError
+from ..schema import check_headers, header_problem, setting
 from .base import FrameTimeout, HubLink, RelayBudget, Source
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ class IsaacUpstream:
     """An Isaac Sim WebSocket stream (binary JPEG messages, or {"type": "frame", "data": base64})."""
 
     url: str = setting("", doc="`ws://` or `wss://` URL of the stream")
-    headers: dict = setting(factory=dict, doc="extra handshake headers (never logged)")
+    headers: dict = setting(factory=dict, doc="extra handshake headers (never logged; no line breaks: "
+                                                   "as `isaac_sim.headers`)")
 
 
 class IsaacSource(Source):
@@ -37,6 +39,10 @@ class IsaacSource(Source):
     settings_class = IsaacUpstream
     url_schemes = ("ws://", "wss://")
     accepts_input = True
+
+    @classmethod
+    def check_settings(cls, settings: IsaacUpstream, key: str) -> None:
+        check_headers(f"{key}.headers", settings.headers)
 
     def __init__(self, name: str, settings: IsaacUpstream, reconnect: ReconnectConfig) -> None:
         super().__init__(name, settings, reconnect)
@@ -54,12 +60,17 @@ class IsaacSource(Source):
             request_timeout=rc.connect_timeout_seconds,
         )
         ping = rc.ping_interval_seconds or None
-        conn = await _websocket_connect(
-            request,
-            ping_interval=ping,
-            ping_timeout=ping,  # Tornado caps the timeout at the interval
-            max_message_size=rc.max_message_bytes,
-        )
+        try:
+            conn = await _websocket_connect(
+                request,
+                ping_interval=ping,
+                ping_timeout=ping,  # Tornado caps the timeout at the interval
+                max_message_size=rc.max_message_bytes,
+            )
+        except (ValueError, UnicodeError) as exc:
+            if isinstance(exc, OSError):  # ssl.SSLCertVerificationError is a ValueError too
+                raise
+            raise self._request_error(exc) from None
         self._conn = conn
         try:
             hub.set_connected()
@@ -69,6 +80,17 @@ class IsaacSource(Source):
                 self._conn = None
             self._relay.abandon(conn.protocol.stream if conn.protocol is not None else None)
             conn.close()
+
+    def _request_error(self, exc: Exception) -> DescribedError:
+        """What made the handshake request impossible to send, in words that never quote a header
+        value: Tornado's own error quotes the offending header line, token and all, and it
+        would become lastError (shown on /health, /upstreams, the dashboard and to viewers)."""
+        for name, value in self.headers.items():
+            problem = header_problem(name, value)
+            if problem is not None:
+                return DescribedError(f"cannot send the WebSocket handshake: {problem}")
+        return DescribedError(f"cannot send the WebSocket handshake ({type(exc).__name__}; its message is not "
+                              "shown, as it may quote a header)")
 
     async def _read_loop(self, conn: WebSocketClientConnection, hub: HubLink, frame_timeout: float) -> None:
         last_frame = time.monotonic()

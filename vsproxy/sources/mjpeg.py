@@ -25,7 +25,7 @@ from tornado.tcpclient import TCPClient
 
 from .. import __version__
 from ..auth import redact_url
-from ..schema import setting
+from ..schema import check_headers, header_problem, setting
 from .base import FrameTimeout, HubLink, Source
 from .multipart import MultipartParser, boundary_from_content_type
 
@@ -50,7 +50,8 @@ class MjpegUpstream:
     """An HTTP(S) multipart/x-mixed-replace camera (ROS web_video_server, IP cameras)."""
 
     url: str = setting("", doc="`http://` or `https://` URL of the multipart stream")
-    headers: dict = setting(factory=dict, doc="extra request headers (never logged)")
+    headers: dict = setting(factory=dict, doc="extra request headers (never logged; no line breaks: as "
+                                                   "`isaac_sim.headers`)")
     max_part_bytes: int = setting(8 * 1024 * 1024, min=1024, max=256 * 1024 * 1024, doc="largest JPEG part "
                                   "accepted")
 
@@ -60,16 +61,25 @@ class MjpegSource(Source):
     settings_class = MjpegUpstream
     url_schemes = ("http://", "https://")
 
+    @classmethod
+    def check_settings(cls, settings: MjpegUpstream, key: str) -> None:
+        check_headers(f"{key}.headers", settings.headers)
+
     def __init__(self, name: str, settings: MjpegUpstream, reconnect: ReconnectConfig) -> None:
         super().__init__(name, settings, reconnect)
         self.parts_skipped = 0  # parts that were not JPEG (all runs)
         self._request = b""
         self._config_error: str | None = None  # makes every attempt fail, with this lastError
-        url = urlsplit(settings.url)
-        self._secure = url.scheme == "https"
-        self._host = url.hostname or ""
         # Userinfo and query strings carry secrets: never logged.
         self.safe_url = redact_url(settings.url)
+        self._secure = settings.url.startswith("https://")
+        self._host, self._port = "", 0
+        try:
+            url = urlsplit(settings.url)
+        except ValueError:  # configuration refuses such a URL; its text may quote the password
+            self._config_error = f"the URL {self.safe_url!r} cannot be parsed"
+            return
+        self._host = url.hostname or ""
         try:
             port = url.port
             self._port = port or (443 if self._secure else 80)
@@ -210,9 +220,9 @@ def _request_head(target: str, host: str, port: int | None, username: str | None
         headers["Authorization"] = "Basic " + base64.b64encode(userinfo).decode("ascii")
     lowered = {k.lower(): k for k in headers}
     for name, value in extra.items():
-        if any(c in name + value for c in "\r\n\0") or not name.strip() or ":" in name:
-            # Never echo the value: headers are where tokens live.
-            raise ValueError(f"header {name[:64]!r} has an invalid name or a line break in its value")
+        problem = header_problem(name, value)  # never quotes the value: headers are where tokens live
+        if problem is not None:
+            raise ValueError(problem)
         headers.pop(lowered.get(name.lower(), name), None)
         headers[name] = value
     lines = [f"GET {target} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
