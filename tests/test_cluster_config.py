@@ -34,6 +34,8 @@ def test_redis_url_from_the_environment(tmp_path):
      "cluster.advertise_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "sessions": {"store": "sqlite:/tmp/x.db"}},
      "sessions.store"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN},
+      "upstreams": {"pub": {"kind": "push", "token": "publish-token-0123"}}}, "upstreams.pub.kind"),
 ])
 def test_bad_cluster_settings_name_the_key(tree, key):
     with pytest.raises(ConfigError) as info:

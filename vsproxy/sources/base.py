@@ -120,6 +120,9 @@ class Source:
     url_schemes: ClassVar[tuple[str, ...]] = ()  # the `url` key must start with one of these
     accepts_input: ClassVar[bool] = False  # can viewers' messages be relayed to this upstream?
     produces_h264: ClassVar[bool] = False  # publishes H.264 itself (else the hub encodes its JPEGs)
+    # Can run in a cluster: the node holding the upstream's lease connects to it, others relay.
+    # Not where the upstream comes to a node (a push publisher reaches one node, whichever).
+    in_cluster: ClassVar[bool] = True
     # Its H.264 has B-frames, so the hub re-encodes it instead of passing it through (rtsp).
     b_frames: bool = False
 

@@ -80,6 +80,7 @@ class PushSource(Source):
     kind = "push"
     settings_class = PushUpstream
     accepts_input = True
+    in_cluster = False  # a publisher reaches one node; nothing yet makes that node the origin
 
     # A POSTed frame keeps the upstream "connected" this long (a POST-only publisher has no
     # connection whose end would say it stopped).
