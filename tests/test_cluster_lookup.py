@@ -139,3 +139,33 @@ async def test_the_late_delete_of_a_peer_that_ended_is_a_200_once_on_any_node(cl
         for node in (node2, node1):
             code, body, _ = await node.api.call("DELETE", client.location)
             assert_json_error(code, body, 404)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_burst_of_lookups_waits_for_redis_instead_of_calling_it_down(cluster, sim):  # noqa: F811
+    """300 requests at once for sessions the node does not hold (viewers of a drained node coming
+    back, or anyone asking for made-up IDs), each a Redis lookup: answered 404 for the made-up
+    ones, the real session's viewer admitted, and Redis still "connected" in /health. Before,
+    redis-py's pool raised MaxConnectionsError beyond 100 calls in flight, which the node took for
+    Redis being down: 503s, viewers closed with 1013, /health degraded (found by review)."""
+    node1, node2 = await started(cluster(2))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+
+    async def snapshot(session_id: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node2.port)
+        try:
+            writer.write(f"GET /stream/{session_id}/snapshot.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            return int((await reader.readline()).split()[1])
+        finally:
+            writer.close()
+
+    made_up = [f"stream_{int(time.time() * 1000)}_{secrets.token_hex(16)}" for _ in range(300)]
+    codes = await asyncio.gather(*(snapshot(s) for s in made_up))
+    assert set(codes) == {404}, sorted(set(codes))
+    health = (await node2.api.call("GET", "/health"))[1]
+    assert health["cluster"]["redis"] == "connected", health
+    assert "problem" not in health["cluster"], health
+    viewer = await node2.viewer(sid)  # admitted: its place counted in Redis
+    assert viewer.close_code is None

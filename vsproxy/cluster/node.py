@@ -49,6 +49,8 @@ NODE_TTL_SECONDS = 5.0
 LEASE_TTL_SECONDS = 3.0  # a dead origin's lease is gone this long after its last renewal
 RESYNC_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 5.0
+REDIS_CONNECTIONS = 64  # at most this many Redis calls at once; the others wait for one...
+REDIS_POOL_WAIT_SECONDS = 5.0  # ...this long at most (Redis answers in well under a millisecond)
 # Errors that mean "Redis is not reachable (now)": the client's own, and the socket's.
 REDIS_ERRORS = (RedisError, OSError)
 
@@ -95,9 +97,14 @@ class Cluster:
         self.instance = secrets.token_hex(8)
         self.token = cc.token
         self.redis_shown = redact_url(cc.redis_url)  # the URL without its password, for logs
-        # No retries inside the client: a write fails fast (503) and the loops below retry.
-        self.redis = aioredis.Redis.from_url(cc.redis_url, decode_responses=True, socket_timeout=2,
-                                             socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        # No retries inside the client: a write fails fast (503) and the loops below retry. A
+        # blocking pool: a burst of requests (300 viewers reconnecting at once, lookups of made-up
+        # session IDs) waits for a free connection; redis-py's default pool would raise
+        # MaxConnectionsError beyond 100 in flight, which looks like Redis being down.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            cc.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_WAIT_SECONDS,
+            decode_responses=True, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+        self.redis = aioredis.Redis.from_pool(pool)
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self.sessions: ClusterSessionManager | None = None  # set by ClusterSessionManager
