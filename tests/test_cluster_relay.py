@@ -16,7 +16,7 @@ import av
 import pytest
 import tornado.websocket
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
-from helpers import WhepClient, assert_json_error, free_port, raw_request, small_buffer_ws, wait_until
+from helpers import WhepClient, assert_json_error, free_port, poll, raw_request, small_buffer_ws, wait_until
 from test_cluster import TOKEN as CLUSTER_TOKEN
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
@@ -396,3 +396,20 @@ async def test_a_relay_handshake_without_sec_websocket_key_gets_the_json_400(mak
     body = json.loads(response.body)
     assert_json_error(response.status, body, 400)
     assert "Sec-WebSocket-Key" in body["error"], body
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_upstream_that_refuses_is_reported_as_such_not_as_redis(make_nodes):
+    """The origin's upstream refusing its connection is the upstream's error in /upstreams, and
+    Redis, which answers, stays "connected" in /health. Before, the origin's run was inside the
+    handler of Redis errors (OSError among them): the node logged and showed "Redis unreachable:
+    cannot find the origin of this upstream" and marked Redis down (found by review)."""
+    (node,) = await started(make_nodes(1, free_port()))  # nothing listens there
+    sid = await create_session(node)
+    conn = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{node.port}/stream/{sid}?format=binary")
+    node.viewers.append(conn)
+    status = await poll(lambda: upstream(node, "isaac"), lambda s: s["lastError"] is not None,
+                        "the upstream's first failure")
+    assert "Redis" not in status["lastError"] and "refused" in status["lastError"].lower(), status["lastError"]
+    health = (await node.api.call("GET", "/health"))[1]
+    assert health["cluster"]["redis"] == "connected" and "problem" not in health["cluster"], health

@@ -117,15 +117,19 @@ class ClusterSource(Source):
             if self.cluster.draining:
                 raise ConnectionError("node shutting down")
             self.role = "searching"
+            holder = url = None
             try:
-                if await self.cluster.claim(self.name):
-                    await self._run_origin(hub)
-                    return
-                holder = await self.cluster.holder(self.name)
-                url = await self.cluster.node_url(holder) if holder else None
+                claimed = await self.cluster.claim(self.name)
+                if not claimed:
+                    holder = await self.cluster.holder(self.name)
+                    url = await self.cluster.node_url(holder) if holder else None
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
                 raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+            if claimed:
+                # Its failures are the upstream's (connection refused, closed), not Redis's.
+                await self._run_origin(hub)
+                return
             if holder and url:
                 try:
                     conn = await self._connect(url)
