@@ -36,6 +36,10 @@ def test_redis_url_from_the_environment(tmp_path):
      "sessions.store"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN},
       "upstreams": {"pub": {"kind": "push", "token": "publish-token-0123"}}}, "upstreams.pub.kind"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "server": {"host": "0.0.0.0"}},
+     "cluster.advertise_url"),
+    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "server": {"host": "::"}},
+     "cluster.advertise_url"),
 ])
 def test_bad_cluster_settings_name_the_key(tree, key):
     with pytest.raises(ConfigError) as info:
@@ -68,3 +72,21 @@ def test_node_settings_and_token_from_the_environment(tmp_path):
                          dotenv_path=tmp_path / "none.env")
     assert (config.cluster.node_id, config.cluster.advertise_url, config.cluster.token) == (
         "node2", "http://node2:8889", TOKEN)
+
+
+@pytest.mark.parametrize(("server", "advertise_url", "node_id", "url"), [
+    ({"host": "0.0.0.0", "port": 8889}, "http://10.0.0.5:8889/", "10.0.0.5:8889", "http://10.0.0.5:8889"),
+    ({"host": "127.0.0.1", "port": 9000}, "", "127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ({"host": "::1", "port": 9000}, "", "[::1]:9000", "http://[::1]:9000"),
+])
+def test_a_node_is_named_by_where_the_others_reach_it(server, advertise_url, node_id, url):
+    """Without cluster.node_id a node is named by its advertised host:port, unique in the cluster.
+    Before, every node listening on a wildcard address (as in containers) was named
+    127.0.0.1:<port> and advertised http://127.0.0.1:<port>: the nodes took themselves for one,
+    each holding every lease at once (found by review); now such a node needs advertise_url."""
+    from vsproxy.cluster.node import Cluster
+
+    config = config_from_dict({"server": server, "cluster": {"redis_url": "redis://127.0.0.1:1/0", "token": TOKEN,
+                                                            "advertise_url": advertise_url}})
+    node = Cluster(config)
+    assert (node.node_id, node.advertise_url) == (node_id, url)

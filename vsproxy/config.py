@@ -29,6 +29,9 @@ from .schema import ConfigError, check_headers, check_not_placeholder, header_pr
 from .sources.demo import DemoConfig
 from .sources.isaac import IsaacUpstream
 
+# server.host values that mean "every interface".
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -232,11 +235,11 @@ class ClusterConfig:
 
     redis_url: str = setting("", doc="`redis://[:password@]host:port/db` (or `rediss://`) of the Redis the nodes "
                              "share (env VSPROXY_REDIS_URL); empty: a single node, sessions in this process")
-    node_id: str = setting("", doc="this node's name in the cluster, unique (env VSPROXY_NODE_ID); empty: "
-                           "`host:port`")
+    node_id: str = setting("", doc="this node's name in the cluster, unique (env VSPROXY_NODE_ID); empty: the "
+                           "`host:port` of `cluster.advertise_url`")
     advertise_url: str = setting("", doc="base URL the other nodes reach this one at (env VSPROXY_ADVERTISE_URL), e.g. "
-                                 "`http://10.0.0.5:8889`; empty: `http://<server.host>:<server.port>` "
-                                 "(`127.0.0.1` for a wildcard host)")
+                                 "`http://10.0.0.5:8889`; empty: `http://<server.host>:<server.port>`; required "
+                                 "where `server.host` is a wildcard (`0.0.0.0`, `::`)")
     token: str = setting("", doc="shared secret the nodes authenticate to each other with (16+ characters; "
                          "required with redis_url; never logged; env VSPROXY_CLUSTER_TOKEN)")
 
@@ -625,6 +628,11 @@ def _check_cluster(config: Config) -> None:
                                            "(a YAML block scalar keeps its last line break unless chomped with `-`)")
     if cluster.advertise_url:
         check_url("cluster.advertise_url", cluster.advertise_url, ("http://", "https://"))
+    elif config.server.host in WILDCARD_HOSTS:
+        # Its default, http://127.0.0.1:<port>, reaches no other node; and every such node would
+        # default to the same node ID, 127.0.0.1:<port>, all of them holding each lease at once.
+        raise ConfigError("cluster.advertise_url", f"required when server.host is {config.server.host or 'empty'} "
+                                                   "(every interface): the URL the other nodes reach this one at")
     if config.sessions.store != "memory":
         raise ConfigError("sessions.store", "must be memory in a cluster (cluster.redis_url): sessions live in Redis")
     for name, settings in config.upstreams.items():

@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -89,9 +90,10 @@ class Cluster:
     def __init__(self, config: Config) -> None:
         cc = config.cluster
         host, port = config.server.host, config.server.port
-        shown_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-        self.node_id = cc.node_id or f"{shown_host}:{port}"
-        self.advertise_url = (cc.advertise_url or f"http://{shown_host}:{port}").rstrip("/")
+        # With a wildcard host the configuration has an advertise_url: its host:port names the node.
+        bracketed = f"[{host}]" if ":" in host else host  # an IPv6 address
+        self.advertise_url = (cc.advertise_url or f"http://{bracketed}:{port}").rstrip("/")
+        self.node_id = cc.node_id or urlsplit(self.advertise_url).netloc
         # This process, as opposed to the node ID (which a restarted node keeps): what a node holds in
         # Redis under its instance dies with the process, even if the node is back within NODE_TTL.
         self.instance = secrets.token_hex(8)

@@ -18,6 +18,7 @@ import tornado.web
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.log import app_log
 
+from ..config import WILDCARD_HOSTS
 from ..errors import ClientError
 from ..metrics import method_name
 
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 
 
-# Addresses that mean "every interface": no host name to allow from them.
-WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 # Always allowed: a rebinding attack's page carries its own domain name as Host, never these.
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -56,7 +55,7 @@ def allowed_hosts(server: ServerConfig) -> frozenset[str] | None:
     if "*" in server.allowed_hosts:
         return None
     names = [*LOOPBACK_HOSTS, *server.allowed_hosts]
-    if host_name(server.host) not in WILDCARD_ADDRESSES:
+    if host_name(server.host) not in WILDCARD_HOSTS:  # every interface: no host name to allow from it
         names.append(server.host)
     if server.public_url:
         names.append(urlsplit(server.public_url).hostname or "")
