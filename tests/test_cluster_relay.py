@@ -126,11 +126,16 @@ async def test_an_h264_only_edge_gets_no_jpeg_and_a_new_jpeg_viewer_the_origins_
     frame = await real_frame(jpeg_on_edge, slow_sim, 3)
     assert time.monotonic() - started_at < 2
     assert slow_sim.frames_sent == sent and frame == slow_sim.frames[-1]
-    assert (await origin.upstream())["viewers"]["ws_binary"] == 2  # the edge's relay wants JPEG now
+    status = await origin.upstream()
+    assert status["source"]["edgesWant"] == {"jpeg": 1, "h264": 1}  # the edge's relay wants JPEG now
+    assert status["viewers"]["ws_binary"] == 1 and status["sessions"] == 1  # ...and counts as no viewer
+    metrics = await origin.metrics()
+    viewers = metrics["vsproxy_viewers"]
+    assert viewers[(("transport", "ws_binary"),)] == 1 and viewers[(("transport", "ws_h264"),)] == 0
 
     jpeg_on_edge.close()  # the edge wants H.264 only again: the origin stops sending it JPEG
     deadline = time.monotonic() + 5
-    while (await origin.upstream())["viewers"]["ws_binary"] != 1:
+    while (await origin.upstream())["source"]["edgesWant"]["jpeg"]:
         assert time.monotonic() < deadline, "the edge's relay still wants JPEG"
         await asyncio.sleep(0.1)
     frames_in = (await edge.upstream())["framesIn"]
@@ -225,7 +230,7 @@ async def test_rtsp_passthrough_over_the_relay_byte_for_byte_without_decoding(ma
     assert (await upstream(origin, "cam"))["source"]["decoded"] > 0
     jpeg.close()
     deadline = time.monotonic() + 5
-    while (await upstream(origin, "cam"))["viewers"]["ws_binary"]:
+    while (await upstream(origin, "cam"))["source"]["edgesWant"]["jpeg"]:
         assert time.monotonic() < deadline, "the edge still wants JPEG"
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)

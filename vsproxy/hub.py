@@ -602,6 +602,16 @@ class FrameHub:
                     viewer.flush_pending()
         return dropped
 
+    @property
+    def session_count(self) -> int:
+        """Sessions attached: not the demands of snapshot requests or cluster edges."""
+        return sum(1 for s in self.sessions if not isinstance(s, Demand))
+
+    def viewer_counts(self) -> dict[str, int]:
+        """Viewers by transport, as people count them: a cluster edge's relay connection, a viewer
+        here for its viewers (counted on their node), is not one."""
+        return {t: sum(1 for v in viewers if not v.relay) for t, viewers in self.viewers.items()}
+
     def describe_state(self) -> str:
         if self.connected:
             return f"Upstream '{self.name}' connected"
@@ -621,8 +631,8 @@ class FrameHub:
             "framesIn": self.rate_in.total_events,
             "connects": self.connects,
             "failures": self.failures,
-            "sessions": len(self.sessions),
-            "viewers": {t: len(v) for t, v in self.viewers.items()},
+            "sessions": self.session_count,
+            "viewers": self.viewer_counts(),
             "encoder": self.encoder is not None and self.encoder.running,
             **({"source": source} if (source := self.source.status()) else {}),
         }

@@ -54,8 +54,9 @@ class ProxyCollector(Collector):
         yield destroyed
 
         viewers = GaugeMetricFamily("vsproxy_viewers", "Connected viewers, by transport.", labels=["transport"])
+        counts = [h.viewer_counts() for h in hubs]
         for transport in TRANSPORTS:
-            viewers.add_metric([transport], sum(len(h.viewers[transport]) for h in hubs))
+            viewers.add_metric([transport], sum(c[transport] for c in counts))
         yield viewers
 
         connected = GaugeMetricFamily("vsproxy_upstream_connected",

@@ -275,7 +275,8 @@ class Monitor:
         hubs = list(self.hubs.values())
         upstreams = [self._upstream_json(hub) for hub in hubs]
         sessions = [self._session_json(s, now) for s in self.sessions.all()]
-        viewers = {t: sum(len(h.viewers[t]) for h in hubs) for t in TRANSPORTS}
+        counts = [h.viewer_counts() for h in hubs]
+        viewers = {t: sum(c[t] for c in counts) for t in TRANSPORTS}
         totals = {
             "sessions": len(sessions),
             "maxSessions": self.config.limits.max_sessions,
@@ -322,8 +323,8 @@ class Monitor:
             "fpsIn": round(fps, 1),
             "bytesPerSecondIn": round(bps),
             "framesIn": hub.rate_in.total_events,
-            "sessions": len(hub.sessions),
-            "viewers": {t: len(v) for t, v in hub.viewers.items()},
+            "sessions": hub.session_count,
+            "viewers": hub.viewer_counts(),
             "encoder": hub.encoder is not None and hub.encoder.running,  # its shared H.264 encoder
             "bFrames": hub.source.b_frames,  # why an H.264 upstream has one: it sends B-frames
             "fpsHistory": list(track.fps_in) if track else [],

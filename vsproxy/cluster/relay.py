@@ -314,8 +314,13 @@ class ClusterSource(Source):
         return self.role == "origin" and self._hub is not None and self._hub.connected
 
     def status(self) -> dict:
-        edges = sorted(getattr(relay, "edge", "?") for relay in self.cluster.relays.get(self.name, ()))
+        relays = self.cluster.relays.get(self.name, ())
+        edges = sorted(getattr(relay, "edge", "?") for relay in relays)
+        # What the edges' relays take now (each is one viewer of that kind here, not counted as one).
+        wants = {"jpeg": sum(RELAY_JPEG in relay.viewers for relay in relays),
+                 "h264": sum(RELAY_H264 in relay.viewers for relay in relays)}
         return {"role": self.role, "origin": self.origin, "edges": edges,
+                **({"edgesWant": wants} if relays else {}),
                 **({"relayBytesIn": self.relay_bytes} if self.relay_bytes else {}),
                 **self.inner.status()}
 
@@ -323,6 +328,8 @@ class ClusterSource(Source):
 class RelayViewer(Viewer):
     """An edge's relay connection as a JPEG viewer of the origin's hub, while the edge wants JPEG:
     real frames only (each edge draws its own offline picture)."""
+
+    relay = True
 
     def offer(self, frame: Frame, data: bytes) -> None:
         if not frame.offline:
@@ -333,6 +340,8 @@ class RelayH264Viewer(H264Viewer):
     """An edge's relay connection as an H.264 viewer of the origin's hub, while the edge has H.264
     viewers: each access unit as a binary message; no config text (the edge reads the parameter
     sets from the keyframes, as its hub does from any source)."""
+
+    relay = True
 
     def _stream_start(self, au: AccessUnit) -> bytes:
         return b""

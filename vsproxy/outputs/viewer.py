@@ -15,7 +15,7 @@ import fcntl
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from tornado.iostream import IOStream, StreamClosedError
 
@@ -100,6 +100,8 @@ class Viewer:
     (latest-frame-wins). `close` is how the owning handler disconnects the viewer (WebSocket close
     or end of the MJPEG response); `send_text` delivers status/error/relayed text (None for MJPEG).
     """
+
+    relay: ClassVar[bool] = False  # a cluster edge's relay connection, not a person watching
 
     def __init__(
         self,

@@ -204,6 +204,8 @@ class WhepPeer:
     until the next keyframe.
     """
 
+    relay = False  # always a person watching (see Viewer.relay)
+
     transport = WEBRTC
     send_text = None  # status messages have no channel here
     BEHIND_FRAMES = 3  # a keyframe finding this many frames queued: the sender is behind
