@@ -343,14 +343,13 @@ class ClusterSessionManager(SessionManager):
             pass
 
     async def lookup(self, session_id: str) -> Session:
+        """This node's copy of the session, else Redis's (created on another node a moment ago, its
+        control message not here yet, or while this node was cut off): SessionNotFound if Redis has
+        none either, ClusterUnavailable (503) if Redis cannot be asked (it may well exist)."""
         session = self._sessions.get(session_id)
         if session is not None:
             return session
-        try:  # created on another node a moment ago, its control message not here yet
-            raw = await self.cluster.redis.hget(SESSIONS, session_id)
-        except REDIS_ERRORS as exc:
-            self.cluster.failed(exc)
-            raw = None
+        raw = await self.cluster.write(lambda: self.cluster.redis.hget(SESSIONS, session_id))
         if raw is None:
             raise SessionNotFound(session_id)
         session = self._mirror(SessionRecord(**json.loads(raw)))
