@@ -194,6 +194,10 @@ class NoRateLimit:
 class ClusterSessionManager(SessionManager):
     """SessionManager whose sessions live in Redis (see the module docstring)."""
 
+    # No "shutdown": a node shutting down leaves its sessions in Redis. "abandoned": a create
+    # answered 503 that a stalled Redis ran later (`_abandon_later`).
+    DESTROY_REASONS = ("api", "idle", "abandoned")
+
     def __init__(self, *args: Any, cluster: Cluster, create_rate: float, create_burst: float,
                  cleanup_interval: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
