@@ -43,7 +43,7 @@ from helpers import (
 from tornado.httpclient import AsyncHTTPClient
 
 from vsproxy.app import Proxy
-from vsproxy.auth import ViewerTokens
+from vsproxy.auth import ViewerTokens, redact_url
 from vsproxy.config import config_from_dict
 
 # -- API tokens -----------------------------------------------------------------------------------
@@ -370,3 +370,43 @@ async def test_dashboard_is_no_back_door_when_only_api_tokens_are_set(api):
     code, _, _ = await api.call("GET", "/dashboard/api/state",
                                 headers={"Authorization": "Bearer frontend-backend-token-1234"})
     assert code == 200
+
+
+# -- URLs in logs and error messages ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    # A password with an unescaped '/', '?', '#' or '@': before, a URL parser ended the authority
+    # at the first of them and the password went out whole as path, or cut as query.
+    ("redis://:s3cr/et-password@127.0.0.1:16379/0", "redis://***@127.0.0.1:16379/0"),
+    ("rtsp://admin:pa/ss@cam.local:554/live?x=1", "rtsp://***@cam.local:554/live"),
+    ("redis://:p@ss@word@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    # A hidden '?' or '#': what follows the last '@' may be the end of a query or fragment.
+    ("redis://:s3cr?et@h", "redis://***"),
+    ("redis://:s3cr#et@h:6379/0", "redis://***"),
+    ("http://cam/video?user=me@secret.example", "http://***"),
+    # As ever: no password, no userinfo, escaped characters, query and fragment dropped.
+    ("rtsps://user@cam.local/stream", "rtsps://***@cam.local/stream"),
+    ("rtsp://us%40er:p%3Ass@10.0.0.2/s", "rtsp://***@10.0.0.2/s"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("http://cam.local/mjpeg?token=t0ken#frag", "http://cam.local/mjpeg"),
+    ("stun:stun.example.org:3478", "stun:stun.example.org:3478"),
+    # Unparseable (an unclosed IPv6 '['), or without a scheme.
+    ("http://user:hunter2@[::1/stream?t=x", "http://***@[::1/stream"),
+    ("http://[::1/stream", "http://[::1/stream"),
+    ("user:hunter2@cam.local:554/s", "***@cam.local:554/s"),
+    ("", ""),
+])
+def test_redact_url_hides_userinfo_and_query(url, expected):
+    assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("turn:turn.example.org:3478?transport=tcp", "turn:turn.example.org:3478?transport=tcp"),
+    ("https://u:p@h/x?a=1#f", "https://***@h/x?a=1"),
+    ("redis://:s3cr?et@h/0?q=1", "redis://***@h/0?q=1"),  # the query is shown anyway
+    ("redis://:s3cr#et@h/0?q=1", "redis://***"),
+])
+def test_redact_url_keeping_the_query(url, expected):
+    assert redact_url(url, keep_query=True) == expected
+

@@ -169,3 +169,40 @@ async def test_a_burst_of_lookups_waits_for_redis_instead_of_calling_it_down(clu
     assert "problem" not in health["cluster"], health
     viewer = await node2.viewer(sid)  # admitted: its place counted in Redis
     assert viewer.close_code is None
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_session_unknown_here_while_redis_is_down_is_a_503_not_a_404(cluster, redis_server):  # noqa: F811
+    """Redis stopped: a node without its own copy of a session (started meanwhile; or the session
+    was created elsewhere a moment before) cannot tell whether it exists. It says so (503, try again)
+    where the node holding it answers 200. Before, it answered 404 "Session not found", and the embed
+    player gave up for good on a session that exists."""
+    (node1,) = await started(cluster(1))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    assert code == 200, created
+    sid = created["sessionId"]
+    redis_server.stop()
+    (node2,) = cluster(1)  # its view of the sessions is empty
+
+    async def health() -> tuple:
+        try:
+            return await node2.api.call("GET", "/health")
+        except OSError:  # not listening yet
+            return (None, None, None)
+
+    await poll(health, lambda r: r[0] == 200 and r[1]["status"] == "degraded", "node2 to serve, Redis unreachable",
+               timeout=15)
+    code, body, _ = await node1.api.call("GET", f"/session/{sid}")
+    assert code == 200, body
+    for path in (f"/session/{sid}", f"/stream/{sid}/mjpeg", f"/stream/{sid}/snapshot.jpg"):
+        code, body, _ = await node2.api.call("GET", path)
+        assert_json_error(code, body, 503)
+        assert "Redis cannot be reached" in body["error"], (path, body)
+    code, _, page = await node2.api.call("GET", f"/stream/{sid}/embed")
+    assert code == 503 and b"Redis cannot be reached" in page.body, (code, page.body[:300])
+
+    redis_server.start()  # empty: node1 writes its session back, node2 then finds it there
+    await node2.wait_healthy()
+    await poll(lambda: node2.api.call("GET", f"/session/{sid}"), lambda r: r[0] == 200, "node2 to find the session")
+    code, body, _ = await node2.api.call("GET", "/session/stream_0_00000000000000000000000000000000")
+    assert_json_error(code, body, 404)  # Redis answers again: an unknown session is a 404

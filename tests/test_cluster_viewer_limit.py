@@ -215,3 +215,6 @@ async def test_a_session_refused_while_redis_hung_does_not_appear_afterwards(clu
     for node in (node1, node2):
         code, listed, _ = await node.api.call("GET", "/sessions")
         assert code == 200 and listed["sessions"] == [], listed
+    # Counted where it was abandoned, as the README says (/metrics once left this reason out).
+    destroyed = (await node1.metrics())["vsproxy_sessions_destroyed"]
+    assert destroyed == {(("reason", "abandoned"),): 1, (("reason", "api"),): 1, (("reason", "idle"),): 0}, destroyed

@@ -26,6 +26,9 @@ from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
 
+from vsproxy.app import Proxy
+from vsproxy.config import config_from_dict
+from vsproxy.metrics import ProxyCollector
 from vsproxy.outputs import TRANSPORTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,6 +172,33 @@ async def test_openmetrics_when_accept_asks_for_it(sim, proxy, api, ws_connect, 
     # A browser-like Accept without OpenMetrics gets the classic text format.
     content_type, _ = await scrape(base_url, "text/html,*/*;q=0.8")
     assert content_type.startswith("text/plain; version=0.0.4")
+
+
+@pytest.mark.parametrize("tree", [
+    {},
+    {"cluster": {"redis_url": "redis://127.0.0.1:1/0", "token": "cluster-test-token-0123456789"}},
+], ids=["single", "cluster"])
+@pytest.mark.gen_test(timeout=30)
+async def test_every_destroy_reason_counted_is_exported_and_documented(tree):
+    """vsproxy_sessions_destroyed_total has a sample for each reason the sessions count, and the
+    README names them. Before, the collector had a list of its own, without a cluster's abandoned
+    (found by review)."""
+    proxy = Proxy(config_from_dict(tree))
+    try:
+        sessions = proxy.sessions
+        assert ("abandoned" in sessions.DESTROY_REASONS) == bool(tree)
+        for count, reason in enumerate(sessions.DESTROY_REASONS, 1):
+            sessions.destroyed_total[reason] = count
+        (family,) = [f for f in ProxyCollector(sessions, proxy.hubs, 100).collect()
+                     if f.name == "vsproxy_sessions_destroyed"]
+        assert {s.labels["reason"]: s.value for s in family.samples} == {
+            reason: count for count, reason in enumerate(sessions.DESTROY_REASONS, 1)}
+        (row,) = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+                  if line.startswith("| `vsproxy_sessions_destroyed_total` |")]
+        assert all(reason in row for reason in sessions.DESTROY_REASONS), row
+    finally:
+        if proxy.cluster is not None:
+            await proxy.cluster.redis.aclose()
 
 
 @pytest.mark.gen_test(timeout=30)

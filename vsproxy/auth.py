@@ -9,12 +9,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import AccessDenied, ClientError
 
@@ -75,21 +75,28 @@ def operator_allowed(credentials: tuple[str, str] | None, operators: dict[str, s
     return ok
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def redact_url(url: str, *, keep_query: bool = False) -> str:
-    """The URL as logs and error messages may show it: user:password@ becomes ***@, and the
-    query (which may carry a token) is dropped unless `keep_query`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed IPv6 '[': the same, by text
-        before, _, query = url.partition("#")[0].partition("?")
-        scheme, sep, rest = before.rpartition("://")
-        if "@" in rest:
-            rest = "***@" + rest.rpartition("@")[2]
-        return scheme + sep + rest + (f"?{query}" if keep_query and query else "")
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query if keep_query else "", ""))
+    """The URL as logs and error messages may show it: user:password@ becomes ***@, the query
+    (which may carry a token) is dropped unless `keep_query`, the fragment always.
+
+    By its text, not by a URL parser: a password with an unescaped '/', '?' or '#' ends the
+    authority there for a parser, which then takes the rest of the password for path, query or
+    fragment (and an unclosed IPv6 '[' does not parse at all). So everything from after the
+    scheme's '://' (from the start without one) to the last '@' is hidden. Where that hides a '?'
+    or '#', what follows the '@' may be the end of a query or fragment (an '@' in it) rather
+    than the host: it is hidden too (but for a '?' with `keep_query`)."""
+    scheme = _SCHEME.match(url)
+    shown, rest = (scheme.group(), url[scheme.end():]) if scheme else ("", url)
+    if "@" in rest:
+        hidden, _, rest = rest.rpartition("@")
+        if "#" in hidden or ("?" in hidden and not keep_query):
+            return shown + "***"
+        shown += "***@"
+    rest = rest.partition("#")[0]
+    return shown + (rest if keep_query else rest.partition("?")[0])
 
 
 class InvalidToken(Exception):

@@ -48,8 +48,9 @@ class ProxyCollector(Collector):
                                 value=self.max_sessions)
         yield CounterMetricFamily("vsproxy_sessions_created", "Sessions created.", value=sessions.created_total)
         destroyed = CounterMetricFamily("vsproxy_sessions_destroyed",
-                                        "Sessions destroyed, by reason (api, idle, shutdown).", labels=["reason"])
-        for reason in ("api", "idle", "shutdown"):
+                                        f"Sessions destroyed, by reason ({', '.join(sessions.DESTROY_REASONS)}).",
+                                        labels=["reason"])
+        for reason in sessions.DESTROY_REASONS:
             destroyed.add_metric([reason], sessions.destroyed_total[reason])
         yield destroyed
 

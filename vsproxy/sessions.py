@@ -134,6 +134,9 @@ class Session:
 class SessionManager:
     """Creates, finds, lists and destroys sessions; reaps idle ones."""
 
+    # Why sessions are destroyed, as `destroyed_total` counts them (and /metrics exports them).
+    DESTROY_REASONS: tuple[str, ...] = ("api", "idle", "shutdown")
+
     def __init__(
         self,
         hubs: Mapping[str, FrameHub],
@@ -160,7 +163,7 @@ class SessionManager:
         self._stored_activity: dict[str, float] = {}  # session ID -> last activity the store has
         # Read by the metrics collector at scrape time.
         self.created_total = 0
-        self.destroyed_total: Counter[str] = Counter()  # by reason: api, idle, shutdown (a cluster: abandoned)
+        self.destroyed_total: Counter[str] = Counter()  # by reason: those of DESTROY_REASONS
 
     def __len__(self) -> int:
         return len(self._sessions)

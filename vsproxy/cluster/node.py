@@ -71,9 +71,33 @@ return 0
 
 
 class ClusterUnavailable(ClientError):
-    """A write needs Redis and Redis cannot be reached: try again shortly."""
+    """A write needs Redis and Redis cannot be reached: try again shortly. `sent`: the command may
+    have reached Redis (a stalled Redis may still run it); False where it certainly did not (no
+    connection could be had: refused, timed out connecting, the pool exhausted)."""
 
     status = 503
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """The client's connection pool. An error while it hands out a connection (none free in
+    time, the connect refused or timed out, the connection's handshake failing) comes before the
+    command is sent: it is marked so (`never_sent`)."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            exc.vsproxy_never_sent = True  # type: ignore[union-attr]
+            raise
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Did this Redis error come before the command was sent (see `_Pool`)?"""
+    return getattr(exc, "vsproxy_never_sent", False)
 
 
 def lease_key(upstream: str) -> str:
@@ -103,10 +127,9 @@ class Cluster:
         # blocking pool: a burst of requests (300 viewers reconnecting at once, lookups of made-up
         # session IDs) waits for a free connection; redis-py's default pool would raise
         # MaxConnectionsError beyond 100 in flight, which looks like Redis being down.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self.redis = aioredis.Redis.from_pool(_Pool.from_url(
             cc.redis_url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_POOL_WAIT_SECONDS,
-            decode_responses=True, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-        self.redis = aioredis.Redis.from_pool(pool)
+            decode_responses=True, socket_timeout=2, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)))
         self._claim = self.redis.register_script(_CLAIM)
         self._release = self.redis.register_script(_RELEASE)
         self.sessions: ClusterSessionManager | None = None  # set by ClusterSessionManager
@@ -164,7 +187,7 @@ class Cluster:
         except REDIS_ERRORS as exc:
             self.failed(exc)
             raise ClusterUnavailable("Session registry unavailable (Redis cannot be reached); try again "
-                                     "shortly") from None
+                                     "shortly", sent=not never_sent(exc)) from None
 
     def failed(self, exc: BaseException) -> None:
         """Redis could not be reached: report once, then /health says degraded until it is back."""

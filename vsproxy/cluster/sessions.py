@@ -49,7 +49,10 @@ log = logging.getLogger("vsproxy.sessions")
 
 SESSIONS = PREFIX + "sessions"
 ABANDONED_TTL_SECONDS = 300  # a create marked abandoned stays refused this long (a stall ends before)
-RETRY_FIRST_SECONDS = 0.5  # an abandon waiting for Redis tries again after this, doubling...
+# Creates waiting to be abandoned (see `_abandon_later`), at most. Beyond, a refused create is not
+# abandoned: should a stalled Redis run it later, its session idles out (sessions.idle_timeout_seconds).
+ABANDON_MAX = 10000
+RETRY_FIRST_SECONDS = 0.5  # abandoning, Redis unreachable: try again after this, doubling...
 RETRY_MAX_SECONDS = 10.0  # ...up to this
 USERS = PREFIX + "users"  # user ID -> how many sessions
 ACTIVITY = PREFIX + "activity"  # session ID -> last activity (epoch seconds), as nodes last flushed it
@@ -191,6 +194,10 @@ class NoRateLimit:
 class ClusterSessionManager(SessionManager):
     """SessionManager whose sessions live in Redis (see the module docstring)."""
 
+    # No "shutdown": a node shutting down leaves its sessions in Redis. "abandoned": a create
+    # answered 503 that a stalled Redis ran later (`_abandon_later`).
+    DESTROY_REASONS = ("api", "idle", "abandoned")
+
     def __init__(self, *args: Any, cluster: Cluster, create_rate: float, create_burst: float,
                  cleanup_interval: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -208,7 +215,11 @@ class ClusterSessionManager(SessionManager):
         self._count = redis.register_script(_COUNT)
         self._write_places = redis.register_script(_PLACES)
         self._reaping: asyncio.Future | None = None
-        self._abandoning: set[asyncio.Task] = set()  # creates their clients were told failed (`_abandon`)
+        # Creates their clients were told failed, to abandon (`_abandon_later`), oldest first, and the
+        # one task abandoning them.
+        self._to_abandon: dict[str, None] = {}
+        self._abandoner: asyncio.Task | None = None
+        self._abandon_full = False  # the cap was reached since the set was last empty (warned once)
         # Viewer places (see the module docstring). `_places`: session ID -> what this node holds in
         # Redis, as of the calls sent. An entry is dropped only by the heartbeat that wrote it at 0:
         # a call that timed out may still run in Redis later (a stalled Redis runs it when it goes
@@ -277,10 +288,9 @@ class ClusterSessionManager(SessionManager):
                 keys=[SESSIONS, USERS, f"{PREFIX}rate:{address}", abandoned_key(record.id)],
                 args=[record.id, user_id, self._record_json(record), self.max_sessions, per_user,
                       self.create_rate, self.create_burst, EVENTS, event]))
-        except ClusterUnavailable:
-            task = asyncio.ensure_future(self._abandon(record.id))
-            self._abandoning.add(task)
-            task.add_done_callback(self._abandoning.discard)
+        except ClusterUnavailable as exc:
+            if exc.sent:  # else it never reached Redis: nothing to undo
+                self._abandon_later(record.id)
             raise
         if result[0] == "rate":
             raise RateLimited("Too many sessions created from this address; retry later", float(result[1]))
@@ -295,32 +305,55 @@ class ClusterSessionManager(SessionManager):
                  extra={"session": session.id, "upstream": hub.name})
         return session
 
-    async def _abandon(self, session_id: str) -> None:
+    def _abandon_later(self, session_id: str) -> None:
         """The client of this create was told it failed (Redis did not answer in time), but a
-        stalled Redis runs the create once it goes on: once Redis answers, mark the session
-        abandoned (a create still to come does nothing) and destroy it if it was made."""
+        stalled Redis runs the create once it goes on: abandon it once Redis answers. One task
+        works through them all, one at a time, whatever their number (ABANDON_MAX at most)."""
+        if len(self._to_abandon) >= ABANDON_MAX:
+            if not self._abandon_full:
+                log.warning("cluster: %d refused creates wait to be abandoned; more are not (should Redis "
+                            "run them, their sessions idle out)", ABANDON_MAX)
+                self._abandon_full = True
+            return
+        self._to_abandon[session_id] = None
+        if self._abandoner is None or self._abandoner.done():
+            self._abandoner = asyncio.ensure_future(self._abandon_all())
+
+    async def _abandon_all(self) -> None:
         delay = RETRY_FIRST_SECONDS
-        while True:
+        while self._to_abandon:
+            session_id = next(iter(self._to_abandon))
             try:
-                await self.cluster.write(lambda: self.cluster.redis.set(abandoned_key(session_id), 1,
-                                                                        ex=ABANDONED_TTL_SECONDS))
-                await self.destroy_async(session_id, "abandoned")
-                return
-            except SessionNotFound:  # the create did nothing
-                return
+                await self._abandon(session_id)
             except ClusterUnavailable:  # still unreachable (already reported)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            except Exception:  # noqa: BLE001 - a bug: not this one again, the others still
+                log.warning("cluster: abandoning a refused create failed", exc_info=True,
+                            extra={"session": session_id})
+            del self._to_abandon[session_id]
+            delay = RETRY_FIRST_SECONDS
+        self._abandon_full = False
+
+    async def _abandon(self, session_id: str) -> None:
+        """Mark the session abandoned (a create still to come does nothing) and destroy it if it
+        was made. ClusterUnavailable if Redis cannot be reached."""
+        await self.cluster.write(lambda: self.cluster.redis.set(abandoned_key(session_id), 1,
+                                                                ex=ABANDONED_TTL_SECONDS))
+        try:
+            await self.destroy_async(session_id, "abandoned")
+        except SessionNotFound:  # the create did nothing
+            pass
 
     async def lookup(self, session_id: str) -> Session:
+        """This node's copy of the session, else Redis's (created on another node a moment ago, its
+        control message not here yet, or while this node was cut off): SessionNotFound if Redis has
+        none either, ClusterUnavailable (503) if Redis cannot be asked (it may well exist)."""
         session = self._sessions.get(session_id)
         if session is not None:
             return session
-        try:  # created on another node a moment ago, its control message not here yet
-            raw = await self.cluster.redis.hget(SESSIONS, session_id)
-        except REDIS_ERRORS as exc:
-            self.cluster.failed(exc)
-            raw = None
+        raw = await self.cluster.write(lambda: self.cluster.redis.hget(SESSIONS, session_id))
         if raw is None:
             raise SessionNotFound(session_id)
         session = self._mirror(SessionRecord(**json.loads(raw)))
@@ -488,8 +521,8 @@ class ClusterSessionManager(SessionManager):
 
     async def close_store(self) -> None:
         """Shutdown, after close_all: let the places of the viewers just closed go back to Redis."""
-        for task in tuple(self._abandoning):  # Redis still unreachable: the idle reaper gets those
-            task.cancel()
+        if self._abandoner is not None:  # Redis still unreachable: the idle reaper gets those
+            self._abandoner.cancel()
         if self._place_tasks:
             await asyncio.gather(*tuple(self._place_tasks), return_exceptions=True)
         self._places_closed = True
