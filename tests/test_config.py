@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import textwrap
 import typing
 from pathlib import Path
@@ -414,3 +416,14 @@ def test_empty_environment_variable_counts_as_unset(tmp_path):
                          dotenv_path=tmp_path / "none.env")
     assert config.server.port == 8889
     assert config.isaac_ws_url is None
+
+
+def test_a_proxy_without_webrtc_or_h264_viewers_does_not_load_pyav_or_aiortc():
+    """PyAV and aiortc (35 MB of the 39 MB a fresh proxy takes on its own) load with the first
+    H.264 viewer, WHEP offer or RTSP upstream, not at start-up: a JPEG-only deployment does not
+    pay for them. Before, the start-up check of webrtc.ice_servers imported aiortc even with none
+    set (idle RSS 74 MB instead of 39 MB in bench/fanout.py)."""
+    script = ("import sys; from vsproxy.config import config_from_dict; from vsproxy.app import Proxy; "
+              "Proxy(config_from_dict({})); print(sorted(m for m in ('av', 'aiortc') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

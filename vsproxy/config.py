@@ -580,7 +580,9 @@ def _check_ice_servers(ice_servers: list[dict]) -> None:
     """Every ICE server's URLs parse as aiortc will parse them for each WebRTC peer (before, one
     it could not parse made every WHEP offer fail), and its URLs and credentials fit in the `Link`
     header announcing them."""
-    from aiortc.rtcicetransport import parse_stun_turn_uri  # imported only where ICE servers are set
+    if not ice_servers:
+        return  # aiortc (and PyAV with it, 35 MB) is imported only where ICE servers are set
+    from aiortc.rtcicetransport import parse_stun_turn_uri
 
     for i, server in enumerate(ice_servers):
         key = f"webrtc.ice_servers[{i}]"
