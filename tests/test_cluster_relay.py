@@ -401,6 +401,9 @@ async def test_a_relay_handshake_without_sec_websocket_key_gets_the_json_400(mak
     body = json.loads(response.body)
     assert_json_error(response.status, body, 400)
     assert "Sec-WebSocket-Key" in body["error"], body
+    code, body, response = await origin.api.call("POST", "/internal/relay/isaac", raw=b"x")  # not even GET
+    assert response.headers.get("Content-Type", "").startswith("application/json"), response.body
+    assert_json_error(code, body, 405)
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -397,6 +397,12 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
     def _refuse(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
         write_json_error(self, status, error, headers)
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # What Tornado refuses itself (a method other than GET: 405) as the one JSON error body.
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        reason = exc.reason if isinstance(exc, tornado.web.HTTPError) and exc.reason else self._reason
+        write_json_error(self, status_code, reason)
+
     def open(self, upstream: str) -> None:
         self.set_nodelay(True)
         self.viewers = {}
