@@ -199,7 +199,8 @@ class H264Encoder:
                 requested = self._keyframe_requested
                 self._keyframe_requested = False
             started = time.perf_counter()
-            taken, last_taken = time.monotonic() - last_taken, time.monotonic()
+            now = time.monotonic()
+            taken, last_taken = now - last_taken, now  # since the frame before (pts that go back)
             try:
                 pictures = decoder.decode(av.Packet(jpeg))
             except av.error.FFmpegError:
@@ -224,7 +225,6 @@ class H264Encoder:
                     shift += last_pts + step - pts
                     pts = last_pts + step
                 last_pts = frame.pts = pts
-                now = time.monotonic()
                 keyframe = now - last_keyframe >= settings.keyframe_interval_seconds or (
                     requested and now - last_requested_keyframe >= KEYFRAME_REQUEST_MIN_INTERVAL)
                 if keyframe:
