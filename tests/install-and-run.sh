@@ -6,8 +6,8 @@
 #
 # Debian packages: chromium (browser tests), prometheus with promtool (metrics tests), GStreamer's
 # RTSP server under Debian's python3 (rtsp upstream tests), ffmpeg (a real MJPEG camera),
-# redis-server (cluster tests: a real Redis on a loopback port) and python3-venv. The tests fail,
-# never skip, when one of these is missing.
+# redis-server (cluster tests: a real Redis on a loopback port), faketime (a cluster node whose
+# clock is off) and python3-venv. The tests fail, never skip, when one of these is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ apt_get() { "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "$@"; }
 
 apt_get update -q
 apt_get install -y -q chromium
-apt_get install -y -q --no-install-recommends python3-venv prometheus ffmpeg redis-server \
+apt_get install -y -q --no-install-recommends python3-venv prometheus ffmpeg redis-server faketime \
     python3-gi python3-gst-1.0 gir1.2-gst-rtsp-server-1.0 \
     gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,8 +36,10 @@ TOKEN = "cluster-test-token-0123456789"
 class Node:
     """One `python -m vsproxy` cluster node on 127.0.0.1:`port`."""
 
-    def __init__(self, workdir: Path, name: str, redis_url: str, sim_port: int, extra: dict | None = None) -> None:
+    def __init__(self, workdir: Path, name: str, redis_url: str, sim_port: int, extra: dict | None = None,
+                 clock: str | None = None) -> None:
         self.name = name
+        self.clock = clock  # this node's wall clock off by this (libfaketime's "+120s" / "-120s")
         self.port = free_port()
         self.workdir = workdir
         tree = {
@@ -60,9 +63,13 @@ class Node:
         if self.process is not None:  # started again (a restart): the old process has exited
             self._log.close()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)],
-            cwd=self.workdir, env=clean_env(), stdout=subprocess.DEVNULL, stderr=self._log)
+        command = [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)]
+        env = clean_env()
+        if self.clock is not None:  # the wall clock only: timers and timeouts run on the monotonic one
+            command = [faketime(), "-f", self.clock, *command]
+            env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+        self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=subprocess.DEVNULL,
+                                        stderr=self._log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -121,9 +128,9 @@ def cluster(tmp_path, redis_server, sim):  # noqa: F811 - the fixture imported a
     """A factory of started nodes (all stopped at the end)."""
     nodes: list[Node] = []
 
-    def make(count: int, extra: dict | None = None) -> list[Node]:
+    def make(count: int, extra: dict | None = None, clock: str | None = None) -> list[Node]:
         for _ in range(count):
-            node = Node(tmp_path, f"node{len(nodes) + 1}", redis_server.url, sim.port, extra)
+            node = Node(tmp_path, f"node{len(nodes) + 1}", redis_server.url, sim.port, extra, clock)
             node.start()
             nodes.append(node)
         return nodes[-count:]
@@ -152,6 +159,14 @@ async def assert_health_documented(node: Node) -> None:
     contract.check("GET", "/health", code, response.headers, response.body)
     assert not contract.problems, contract.problems
     assert set(body["cluster"]) >= {"node", "nodes", "redis"}
+
+
+def faketime() -> str:
+    """Debian's libfaketime wrapper, to run a node whose wall clock is off (fails when missing)."""
+    binary = shutil.which("faketime")
+    if binary is None:
+        pytest.fail("faketime is not installed (Debian package faketime; tests/install-and-run.sh installs it)")
+    return binary
 
 
 async def started(nodes: list[Node]) -> list[Node]:
@@ -352,6 +367,39 @@ async def test_idle_sessions_are_reaped_once_for_the_whole_cluster(cluster):
         reaped += [float(line.split()[-1]) for line in metrics.splitlines()
                    if line.startswith('vsproxy_sessions_destroyed_total{reason="idle"}')]
     assert sum(reaped) == 3, reaped  # each session reaped by one node only, not once per node
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_session_activity_is_kept_on_redis_clock_not_a_nodes(cluster, sim):
+    """Nodes' clocks differ (NTP off or drifting on one of them). A session watched on a node
+    whose clock is 2 minutes behind is not reaped by the others as idle, and an idle session
+    created on a node 2 minutes ahead is reaped on time, not 2 minutes late."""
+    settings = {"sessions": {"idle_timeout_seconds": 2, "cleanup_interval_seconds": 0.2}}
+    nodes = cluster(1, settings)
+    behind, ahead = cluster(1, settings, clock="-120s")[0], cluster(1, settings, clock="+120s")[0]
+    await started([*nodes, behind, ahead])
+    created = []
+    for node in (nodes[0], behind, ahead):
+        code, body, _ = await node.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+        assert code == 200, body
+        created.append(body["sessionId"])
+    reference, watched, idle = created
+    millis = [int(session_id.split("_")[1]) for session_id in created]  # stream_<creator's epoch ms>_...
+    assert millis[1] + 100_000 < millis[0] < millis[2] - 100_000, millis  # the nodes' clocks really are off
+    viewer = await behind.viewer(watched)
+    await real_frame(viewer, sim, timeout=10)
+    started_at = time.monotonic()
+    idle_gone = None
+    while time.monotonic() - started_at < 8:  # four idle timeouts; every node reaps in some rounds
+        await real_frame(viewer, sim, timeout=5)  # fails if the watched session's viewer was closed
+        listed = (await nodes[0].api.call("GET", "/sessions"))[1]["sessions"]  # a GET of one would touch it
+        if idle_gone is None and idle not in [s["id"] for s in listed]:
+            idle_gone = time.monotonic() - started_at
+    listed = [s["id"] for s in (await nodes[0].api.call("GET", "/sessions"))[1]["sessions"]]
+    assert watched in listed
+    assert reference not in listed  # idle, created on the node whose clock is right
+    assert idle_gone is not None, "an idle session created on a node 2 minutes ahead was not reaped in 8 s"
+    print(f"idle session of the node ahead reaped after {idle_gone:.1f} s (idle timeout 2 s)")
 
 
 @pytest.mark.gen_test(timeout=150)

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -55,13 +54,16 @@ ABANDON_MAX = 10000
 RETRY_FIRST_SECONDS = 0.5  # abandoning, Redis unreachable: try again after this, doubling...
 RETRY_MAX_SECONDS = 10.0  # ...up to this
 USERS = PREFIX + "users"  # user ID -> how many sessions
-ACTIVITY = PREFIX + "activity"  # session ID -> last activity (epoch seconds), as nodes last flushed it
+# Session ID -> last activity, as nodes last flushed it: epoch seconds on Redis's clock (TIME), never a
+# node's, so that a node whose clock is off neither gets watched sessions reaped nor keeps idle ones.
+# A node sends how long ago (its own clock's difference); the script places that on Redis's clock.
+ACTIVITY = PREFIX + "activity"
 REAPER = PREFIX + "reaper"
 
-# KEYS: sessions, users, rate bucket of the address, the session's abandoned mark. ARGV: id, user,
-# record, max sessions, per-user limit (-1: none), rate, burst, channel, event. The rate token is
-# spent first, as the single node's handler spends it before creating. A create its client was told
-# failed (see `_abandon`) does nothing.
+# KEYS: sessions, users, rate bucket of the address, the session's abandoned mark, activity. ARGV: id,
+# user, record, max sessions, per-user limit (-1: none), rate, burst, channel, event. The rate token
+# is spent first, as the single node's handler spends it before creating. A create its client was
+# told failed (see `_abandon`) does nothing.
 _CREATE = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return {'abandoned'} end
 local t = redis.call('TIME')
@@ -79,12 +81,14 @@ local per = tonumber(ARGV[5])
 if per >= 0 and (tonumber(redis.call('HGET', KEYS[2], ARGV[2])) or 0) >= per then return {'user'} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+redis.call('HSET', KEYS[5], ARGV[1], tostring(now))
 redis.call('PUBLISH', ARGV[8], ARGV[9])
 return {'ok'}
 """
 
 # KEYS: sessions, users, activity, the session's viewer places. ARGV: id, channel, event, idle cutoff
-# (epoch seconds; empty: destroy whatever its activity; else only if the session's last activity is older).
+# (epoch seconds on Redis's clock; empty: destroy whatever its activity; else only if the session's
+# last activity is older).
 _DESTROY = """
 local record = redis.call('HGET', KEYS[1], ARGV[1])
 if not record then return 0 end
@@ -101,14 +105,24 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: sessions, users, activity. ARGV: id, record, user, activity. Idempotent.
+# KEYS: sessions, users, activity. ARGV: id, record, user, seconds since its last activity. Idempotent.
 _RESTORE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[4])
+  local t = redis.call('TIME')
+  redis.call('HSETNX', KEYS[3], ARGV[1], tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[4])))
   return 1
 end
 return 0
+"""
+
+# KEYS: activity. ARGV: session ID and seconds-since-last-activity pairs (see ACTIVITY).
+_ACTIVITY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], tostring(now - tonumber(ARGV[i + 1])))
+end
 """
 
 
@@ -210,6 +224,7 @@ class ClusterSessionManager(SessionManager):
         self._create = redis.register_script(_CREATE)
         self._destroy = redis.register_script(_DESTROY)
         self._restore = redis.register_script(_RESTORE)
+        self._write_activity = redis.register_script(_ACTIVITY)
         self._admit = redis.register_script(_ADMIT)
         self._leave = redis.register_script(_LEAVE)
         self._count = redis.register_script(_COUNT)
@@ -285,7 +300,7 @@ class ClusterSessionManager(SessionManager):
         per_user = -1 if self.max_sessions_per_user is None else self.max_sessions_per_user
         try:
             result = await self.cluster.write(lambda: self._create(
-                keys=[SESSIONS, USERS, f"{PREFIX}rate:{address}", abandoned_key(record.id)],
+                keys=[SESSIONS, USERS, f"{PREFIX}rate:{address}", abandoned_key(record.id), ACTIVITY],
                 args=[record.id, user_id, self._record_json(record), self.max_sessions, per_user,
                       self.create_rate, self.create_burst, EVENTS, event]))
         except ClusterUnavailable as exc:
@@ -556,14 +571,15 @@ class ClusterSessionManager(SessionManager):
         for session in tuple(self._sessions.values()):
             count += await self._restore(keys=[SESSIONS, USERS, ACTIVITY],
                                          args=[session.id, self._record_json(session.record()), session.user_id,
-                                               session.last_activity(now)])
+                                               now - session.last_activity(now)])
         return count
 
     def flush_activity(self) -> int:
         return 0  # the cluster's heartbeat writes activity (flush_activity_async)
 
     async def flush_activity_async(self) -> int:
-        """Tell Redis the last activity of sessions that changed here (viewers here, API touches)."""
+        """Tell Redis the last activity of sessions that changed here (viewers here, API touches),
+        as how long ago: Redis places it on its own clock (see ACTIVITY)."""
         now = self.clock()
         changed = {}
         for session in self._sessions.values():
@@ -571,7 +587,8 @@ class ClusterSessionManager(SessionManager):
             if self._stored_activity.get(session.id) != when:
                 changed[session.id] = when
         if changed:
-            await self.cluster.redis.hset(ACTIVITY, mapping=changed)
+            ages = [item for session_id, when in changed.items() for item in (session_id, repr(now - when))]
+            await self._write_activity(keys=[ACTIVITY], args=ages)
             self._stored_activity.update(changed)
         return len(changed)
 
@@ -590,8 +607,8 @@ class ClusterSessionManager(SessionManager):
             await self.flush_activity_async()
             stored = await redis.hgetall(SESSIONS)
             activity = await redis.hgetall(ACTIVITY)
-            now = time.time()
-            cutoff = now - self.idle_timeout
+            seconds, microseconds = await redis.time()  # the activity's clock (see ACTIVITY)
+            cutoff = seconds + microseconds / 1e6 - self.idle_timeout
             reaped = 0
             for session_id, raw in stored.items():
                 last = float(activity.get(session_id) or json.loads(raw)["last_activity"])
