@@ -225,6 +225,35 @@ async def test_viewer_endpoints_refuse_bad_tokens_with_403(api, proxy, http_port
 
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.config(VIEWER_AUTH)
+@pytest.mark.parametrize("endpoint", [*VIEWER_ENDPOINTS, "mp4", "whep"])
+async def test_without_its_token_nobody_learns_whether_a_session_exists(api, proxy, http_port, endpoint):
+    """The token is checked before the session is looked up: a request without it, or with another
+    session's, gets the same 401 / 403 for a session that exists and one that does not; only its
+    own token's holder learns that it has ended (404)."""
+    body = await create(api)
+    live, token = body["sessionId"], body["viewerToken"]
+    ended = (await create(api))["sessionId"]
+    ended_token = proxy.access.viewer_tokens.issue(ended)
+    assert (await api.call("DELETE", f"/session/{ended}"))[0] == 200
+    made_up = "stream_1700000000000_" + "0" * 32
+
+    async def status(session_id: str, query: str = "") -> int:
+        if endpoint in VIEWER_ENDPOINTS:
+            return (await viewer_request(http_port, session_id, endpoint, query)).status
+        method, suffix = ("GET", "/stream.mp4") if endpoint == "mp4" else ("POST", "/whep")
+        response, stream = await raw_request(http_port, f"/stream/{session_id}{suffix}{query}", method,
+                                             headers={"Connection": "close", "Content-Type": "application/sdp"})
+        stream.close()
+        return response.status
+
+    for session_id in (live, ended, made_up):
+        assert await status(session_id) == 401, session_id
+        assert await status(session_id, f"?token={token if session_id != live else ended_token}") == 403, session_id
+    assert await status(ended, f"?token={ended_token}") == 404
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.config(VIEWER_AUTH)
 @pytest.mark.parametrize("token", ["\u00b2.abc", "\u00b9\u00b2\u00b3.AAAA", "\u0663.x", "\uff11\uff12.x",
                                    "1" * 13 + ".x", "-1.x", "+1.x", " 1.x", "1_000.x"],
                          ids=["superscript", "superscripts", "arabic-indic", "fullwidth", "13 digits", "negative",

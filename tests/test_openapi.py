@@ -378,12 +378,14 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
         await call("GET", path, expect=401)
         await call("GET", path, raw=BIG, headers=BEARER, expect=413)
 
-    # Streams of a1 (viewer token) and of the upstream that never delivers.
+    # Streams of a1 (viewer token) and of the upstream that never delivers. A 404 goes only to the
+    # holder of the (ended) session's token: without it, a 401 or 403 whether the session exists or not.
+    ended = proxy.access.viewer_tokens.issue(UNKNOWN)
     snap = "/stream/{sessionId}/snapshot.jpg"
     await first_frame(call, snap, f"/stream/{sid}/snapshot.jpg?token={token}")
     await call("GET", snap, f"/stream/{sid}/snapshot.jpg", expect=401)
     await call("GET", snap, f"/stream/{sid}/snapshot.jpg?token={b1['viewerToken']}", expect=403)
-    await call("GET", snap, f"/stream/{UNKNOWN}/snapshot.jpg", expect=404)
+    await call("GET", snap, f"/stream/{UNKNOWN}/snapshot.jpg?token={ended}", expect=404)
     await call("GET", snap, f"/stream/{BAD}/snapshot.jpg", expect=400)
     await call("GET", snap, f"/stream/{sid}/snapshot.jpg?token={token}", raw=BIG, expect=413)
     await call("GET", snap, f"/stream/{dead['sessionId']}/snapshot.jpg?token={dead['viewerToken']}", expect=503)
@@ -392,7 +394,7 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call.raw("GET", mjpeg, f"/stream/{sid}/mjpeg?token={token}&fps=abc", expect=400)
     await call.raw("GET", mjpeg, f"/stream/{sid}/mjpeg", expect=401)
     await call.raw("GET", mjpeg, f"/stream/{sid}/mjpeg?token={b1['viewerToken']}", expect=403)
-    await call.raw("GET", mjpeg, f"/stream/{UNKNOWN}/mjpeg", expect=404)
+    await call.raw("GET", mjpeg, f"/stream/{UNKNOWN}/mjpeg?token={ended}", expect=404)
     await call.raw("GET", mjpeg, f"/stream/{BAD}/mjpeg", expect=400)
     await call("GET", mjpeg, f"/stream/{sid}/mjpeg?token={token}", raw=BIG, expect=413)
     viewer = await Mjpeg.open(call.port, f"/stream/{sid}/mjpeg?token={token}")
@@ -409,7 +411,7 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4?token={token}&fps=5", expect=400)
     await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4", expect=401)
     await call.raw("GET", mp4, f"/stream/{sid}/stream.mp4?token={b1['viewerToken']}", expect=403)
-    await call.raw("GET", mp4, f"/stream/{UNKNOWN}/stream.mp4", expect=404)
+    await call.raw("GET", mp4, f"/stream/{UNKNOWN}/stream.mp4?token={ended}", expect=404)
     await call.raw("GET", mp4, f"/stream/{BAD}/stream.mp4", expect=400)
     await call("GET", mp4, f"/stream/{sid}/stream.mp4?token={token}", raw=BIG, expect=413)
     head, stream = await raw_request(call.port, f"/stream/{sid}/stream.mp4?token={token}")
@@ -427,7 +429,7 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call.raw("GET", ws, f"/stream/{b1_id}?token={token}", websocket=True, expect=403)
     await call.raw("GET", ws, f"/stream/{b1_id}?token={b1_token}", websocket=True,
                    headers={"Origin": "http://evil.example"}, expect=403)
-    await call.raw("GET", ws, f"/stream/{UNKNOWN}", websocket=True, expect=404)
+    await call.raw("GET", ws, f"/stream/{UNKNOWN}?token={ended}", websocket=True, expect=404)
     await call.raw("GET", ws, f"/stream/{b1_id}?token={b1_token}", websocket=True,
                    headers={"Sec-WebSocket-Version": "99"}, expect=426)
     await call.raw("GET", ws, f"/stream/{BAD}", websocket=True, expect=400)
@@ -435,7 +437,7 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     embed = "/stream/{sessionId}/embed"
     await call("GET", embed, f"/stream/{b1_id}/embed?token={b1_token}", expect=200)
     await call("GET", embed, f"/stream/{b1_id}/embed?token={token}", expect=403)
-    await call("GET", embed, f"/stream/{UNKNOWN}/embed", expect=404)
+    await call("GET", embed, f"/stream/{UNKNOWN}/embed?token={ended}", expect=404)
     await call("GET", embed, "/stream//embed", expect=404)
     await call("GET", embed, f"/stream/{BAD}/embed", expect=400)
 

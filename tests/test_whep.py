@@ -326,7 +326,9 @@ async def test_whep_responses_conform_to_the_document(call, contract, api, proxy
     path = f"/stream/{sid}/whep?token={token}"
     await call("POST", WHEP, f"/stream/{sid}/whep", raw=offer, headers=SDP, expect=401)
     await call("POST", WHEP, f"/stream/{sid}/whep?token={b['viewerToken']}", raw=offer, headers=SDP, expect=403)
-    await call("POST", WHEP, f"/stream/stream_1700000000000_{'0' * 32}/whep", raw=offer, headers=SDP, expect=404)
+    ended = f"stream_1700000000000_{'0' * 32}"  # with its token: only its holder learns that it is gone
+    await call("POST", WHEP, f"/stream/{ended}/whep?token={proxy.access.viewer_tokens.issue(ended)}", raw=offer,
+               headers=SDP, expect=404)
     await call("POST", WHEP, "/stream/%FF/whep", raw=offer, headers=SDP, expect=400)
     await call("POST", WHEP, path, raw=offer, headers={"Content-Type": "application/json"}, expect=415)
     big = b"v=0\r\n" + b"a=x\r\n" * (proxy.config.limits.max_body_bytes // 5)

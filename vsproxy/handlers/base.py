@@ -284,7 +284,9 @@ class HandlerMixin:
 
     def require_viewer(self, session_id: str) -> ViewerGrant:
         """With viewer tokens on, raise AccessDenied unless the request has this session's token;
-        returns what it grants (how long to watch, whether to control)."""
+        returns what it grants (how long to watch, whether to control). Call it before looking the
+        session up: a request without the token learns nothing of whether the session exists
+        (the token is checked against the ID alone)."""
         request = self.request
         return self.access.require_viewer(session_id, query_token(request), request.headers.get("Authorization"))
 

@@ -76,8 +76,8 @@ class EmbedHandler(PageHandler):
 
     async def get(self, session_id: str) -> None:
         try:
-            session = await self.sessions.lookup(session_id)
             grant = self.require_viewer(session_id)
+            session = await self.sessions.lookup(session_id)
         except ClientError as exc:
             text = "Session not found. It may have expired; create a new one." if exc.status == 404 else str(exc)
             for name, value in exc.headers.items():

@@ -69,8 +69,8 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
 
     async def get(self, session_id: str, *args: Any, **kwargs: Any) -> None:
         try:
-            self.session = await self.sessions.lookup(session_id)
             self.grant = self.require_viewer(session_id)
+            self.session = await self.sessions.lookup(session_id)
         except ClientError as exc:
             return self.refuse_client_error(exc)
         fmt = self.get_query_argument("format", "json")
@@ -261,8 +261,8 @@ class DetachedStreamHandler(JsonHandler):
         raise NotImplementedError
 
     async def get(self, session_id: str) -> None:
-        session = await self.sessions.lookup(session_id)
         grant = self.require_viewer(session_id)
+        session = await self.sessions.lookup(session_id)
         await self.sessions.reserve_viewer(session)  # 503 if there is no room; in a cluster: in Redis
         cors = [f"Access-Control-Allow-Origin: {self.request.headers['Origin']}", "Vary: Origin"] \
             if self.origin_allowed() else []
@@ -355,8 +355,8 @@ class SnapshotHandler(JsonHandler):
     """GET /stream/{sessionId}/snapshot.jpg: the latest frame as one JPEG."""
 
     async def get(self, session_id: str) -> None:
-        session = await self.sessions.lookup(session_id)
         self.require_viewer(session_id)
+        session = await self.sessions.lookup(session_id)
         session.touch()
         # A snapshot wants the upstream as a viewer would: run here for it if nothing else does
         # (a cluster node with no viewers of it relays it from the origin, or becomes the origin).

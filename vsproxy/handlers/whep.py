@@ -66,8 +66,8 @@ class WhepHandler(JsonHandler):
         if not self.config.webrtc.ice_servers:
             return
         try:
-            await self.sessions.lookup(session_id)
             self.require_viewer(session_id)
+            await self.sessions.lookup(session_id)
         except ClientError:
             return
         for link in ice_server_links(self.config.webrtc.ice_servers):
@@ -76,8 +76,8 @@ class WhepHandler(JsonHandler):
     async def post(self, session_id: str) -> None:
         if not self.config.webrtc.enabled:
             raise WebRtcDisabled("WebRTC is disabled on this server (webrtc.enabled: false)")
-        session = await self.sessions.lookup(session_id)
         grant = self.require_viewer(session_id)
+        session = await self.sessions.lookup(session_id)
         await self.sessions.reserve_viewer(session)  # 503 if there is no room; in a cluster: in Redis
         try:
             try:
