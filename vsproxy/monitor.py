@@ -143,6 +143,8 @@ class Monitor:
         self._thumbnails: dict[str, _Thumbnail] = {}
         # upstream -> (frame key, its thumbnail being made in a worker thread): one decode a frame
         self._making: dict[str, tuple[tuple[int, bool], asyncio.Future[bytes]]] = {}
+        # upstream -> (key of the newest frame that could not be made into one, why): not tried again
+        self._failed: dict[str, tuple[tuple[int, bool], str]] = {}
         self._last_sample = clock()
         self._sampler: PeriodicCallback | None = None
         self._pusher: PeriodicCallback | None = None
@@ -409,6 +411,11 @@ class Monitor:
         if cached is not None and cached.key == key:
             cached.made = now  # the picture has not changed: nothing to decode
             return cached.jpeg
+        failed = self._failed.get(upstream)
+        if failed is not None and failed[0] == key:  # this frame cannot be decoded: once is enough
+            if cached is not None:
+                return cached.jpeg
+            raise ThumbnailError(failed[1])
         making = self._making.get(upstream)
         made_here = making is None or making[0] != key
         if made_here:
@@ -421,6 +428,7 @@ class Monitor:
         except ThumbnailError as exc:  # a frame Pillow cannot decode; viewers still get it
             if made_here:  # one warning a frame, however many asked
                 log.warning("cannot make a thumbnail: %s", exc, extra={"upstream": upstream})
+                self._failed[upstream] = (key, str(exc))
             if cached is not None:
                 return cached.jpeg
             raise
