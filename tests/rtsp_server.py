@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import IO
 
+from clock_off import FaketimeMissing, clock_off
+
 APT_PACKAGES = (
     "python3-gi python3-gst-1.0 gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base "
     "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly"
@@ -81,7 +83,7 @@ class RtspTestServer:
 
     def __init__(self, port: int, *, codec: str = "h264", width: int = 640, height: int = 360,
                  fps: int = 30, path: str = "/stream", pattern: str = "ball", shared: bool = False,
-                 sender_reports: str = "send", file: str = "") -> None:
+                 sender_reports: str = "send", file: str = "", clock: str = "") -> None:
         self.port = port
         self.file = file
         self.codec = codec
@@ -90,6 +92,7 @@ class RtspTestServer:
         self.pattern = pattern
         self.shared = shared
         self.sender_reports = sender_reports
+        self.clock = clock  # its wall clock off by this (libfaketime's "-5s"): sender reports say so
         self.process: subprocess.Popen | None = None
         self._stderr: IO[str] | None = None
         self.starts = 0
@@ -107,8 +110,14 @@ class RtspTestServer:
                    ["--shared"] if self.shared else []) + (["--file", self.file] if self.file else [])
         # stderr goes to a file, not a pipe nobody reads (a full pipe would freeze the server).
         self._stderr = tempfile.TemporaryFile(mode="w+")
+        env = None
+        if self.clock:
+            try:
+                cmd, env = clock_off(cmd, self.clock)
+            except FaketimeMissing as exc:
+                raise RtspServerUnavailable(str(exc)) from None
         self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=self._stderr, text=True)
+                                        stderr=self._stderr, text=True, env=env)
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

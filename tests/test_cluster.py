@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import tornado.websocket
 import yaml
+from clock_off import FaketimeMissing, clock_off
 from cluster_fixtures import RedisServer, redis_server  # noqa: F401 - the fixture
 from conftest import Api
 from helpers import free_port
@@ -65,9 +65,11 @@ class Node:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "vsproxy", "--config", str(self.config_path), "--port", str(self.port)]
         env = clean_env()
-        if self.clock is not None:  # the wall clock only: timers and timeouts run on the monotonic one
-            command = [faketime(), "-f", self.clock, *command]
-            env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+        if self.clock is not None:
+            try:
+                command, env = clock_off(command, self.clock, env)
+            except FaketimeMissing as exc:
+                pytest.fail(str(exc))
         self.process = subprocess.Popen(command, cwd=self.workdir, env=env, stdout=subprocess.DEVNULL,
                                         stderr=self._log)
 
@@ -159,14 +161,6 @@ async def assert_health_documented(node: Node) -> None:
     contract.check("GET", "/health", code, response.headers, response.body)
     assert not contract.problems, contract.problems
     assert set(body["cluster"]) >= {"node", "nodes", "redis"}
-
-
-def faketime() -> str:
-    """Debian's libfaketime wrapper, to run a node whose wall clock is off (fails when missing)."""
-    binary = shutil.which("faketime")
-    if binary is None:
-        pytest.fail("faketime is not installed (Debian package faketime; tests/install-and-run.sh installs it)")
-    return binary
 
 
 async def started(nodes: list[Node]) -> list[Node]:

@@ -21,6 +21,7 @@ from test_cluster import TOKEN as CLUSTER_TOKEN
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
 from test_h264_rtsp import read_directly
+from test_rtsp_capture_time import SENDER_REPORT_WAIT, age_buckets
 from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixture
 
 from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
@@ -238,6 +239,39 @@ async def test_rtsp_passthrough_over_the_relay_byte_for_byte_without_decoding(ma
     for _ in range(30):  # a second of video later
         await next_unit(on_edge, 10)
     assert (await upstream(origin, "cam"))["source"]["decoded"] == decoded, "decoding stopped"
+
+
+@pytest.mark.parametrize("rtsp_server", [{"clock": "-5s"}], indirect=True)
+@pytest.mark.gen_test(timeout=150)
+async def test_an_edges_jpeg_frames_keep_the_capture_time_of_the_origin(make_nodes, rtsp_server):  # noqa: F811
+    """An RTSP server whose clock is 5 s behind ours: its sender reports time each frame 5 s before
+    it arrives, and frame age counts from that capture on the origin. The JPEG frames it relays
+    keep that time, so frame age on an edge counts from the capture too (5 s), not from their
+    arrival at the edge (milliseconds)."""
+    extra = {"upstreams": {"cam": {"kind": "rtsp", "url": rtsp_server.url}},
+             "reconnect": {"connect_timeout_seconds": 5, "frame_timeout_seconds": 5}}
+    origin, edge = await started(make_nodes(2, free_port(), extra))
+    sid = await create_session(origin, "cam")
+    await next_unit(await h264_viewer(origin, sid), 30)  # node1 takes the upstream: the origin
+    deadline = time.monotonic() + SENDER_REPORT_WAIT
+    while (source := (await upstream(origin, "cam"))["source"]).get("captureTime") != "rtcp":
+        assert time.monotonic() < deadline, f"no sender report in {SENDER_REPORT_WAIT:g} s: {source}"
+        await asyncio.sleep(0.5)
+    assert 4.5 < source["captureOffsetSeconds"] < 6, source
+    # Switching from arrival to the server's times steps back 5 s, which the source spreads over
+    # the next 5 s of frames (times strictly increase); after that each one is 5 s old.
+    await asyncio.sleep(7)
+
+    jpeg = await edge.viewer(sid)
+    frames = 0
+    while frames < 30:
+        message = await asyncio.wait_for(jpeg.read_message(), 10)
+        assert message is not None, f"edge viewer closed: {jpeg.close_code} {jpeg.close_reason}"
+        frames += isinstance(message, bytes) and message[:2] == b"\xff\xd8" and len(message) > 2000
+    assert (await upstream(edge, "cam"))["source"]["role"] == "edge"
+    ages = await age_buckets(edge.api, "ws_binary")
+    assert ages["+Inf"] >= 25, ages  # (the first picture may be the edge's own "connecting" one)
+    assert ages["2.5"] == 0, ages  # each one 5 s old
 
 
 @pytest.mark.gen_test(timeout=90)

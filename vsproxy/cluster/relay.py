@@ -8,13 +8,14 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
 - held by another node: this node is an edge. It opens ONE WebSocket to the origin,
   /internal/relay/{upstream} (authenticated with cluster.token), whatever its number of viewers,
   and publishes what arrives into its own hub, which fans out as usual. Origin to edge: binary
-  messages are the origin's JPEG frames, byte for byte (a JPEG starts with FF D8), or H.264 access
-  units in the `format=h264` binary form (first byte 0 or 1: the keyframe flag; then the
-  presentation time and the Annex-B unit); text messages are the upstream's text (telemetry, and
-  the origin's status messages). Edge to origin: text messages are viewer input for the origin's
-  upstream; binary messages start with a type byte: RELAY_INPUT (the rest is a viewer's binary
-  input), RELAY_JPEG or RELAY_H264 (one more byte, 1 or 0: this edge wants JPEG frames / H.264
-  access units now, or no longer), RELAY_KEYFRAME (an edge viewer needs a keyframe).
+  messages are H.264 access units in the `format=h264` binary form (first byte 0 or 1: the keyframe
+  flag; then the presentation time and the Annex-B unit) or the origin's JPEG frames, byte for
+  byte, in the same form (first byte 2, wire.CLUSTER_JPEG_TYPE; then the capture time); text
+  messages are the upstream's text (telemetry, and the origin's status messages). Edge to origin:
+  text messages are viewer input for the origin's upstream; binary messages start with a type
+  byte: RELAY_INPUT (the rest is a viewer's binary input), RELAY_JPEG or RELAY_H264 (one more
+  byte, 1 or 0: this edge wants JPEG frames / H.264 access units now, or no longer),
+  RELAY_KEYFRAME (an edge viewer needs a keyframe).
 
 Demand: the origin sends an edge only what it asked for, nothing until it asks. An edge wants
 JPEG while its hub's `jpeg_wanted` is true (JPEG viewers, a snapshot or thumbnail in the last
@@ -56,7 +57,7 @@ from ..handlers.base import websocket_handshake_error, write_json_error
 from ..hub import Demand, Frame
 from ..outputs import Viewer
 from ..outputs.viewer import H264Viewer
-from ..outputs.wire import WS_BINARY, WS_H264, ws_h264_message
+from ..outputs.wire import CLUSTER_JPEG, CLUSTER_JPEG_TYPE, WS_BINARY, WS_H264, ws_h264_message
 from ..sources.base import FrameTimeout, HubLink, RelayBudget, Source
 from ..sources.isaac import _websocket_connect
 from .node import HEARTBEAT_SECONDS, REDIS_ERRORS, Cluster
@@ -72,7 +73,7 @@ RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary i
 RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
 RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0 (no longer)
 RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
-_AU_HEAD = struct.Struct("!BQ")  # origin to edge: an access unit's flags and presentation time
+_AU_HEAD = struct.Struct("!BQ")  # origin to edge: the type (H.264 keyframe flag, or JPEG) and time
 
 
 class ClusterSource(Source):
@@ -228,11 +229,12 @@ class ClusterSource(Source):
                             connected = True
                         self.relay_bytes += len(message)
                         self.relay_frames += 1
-                        if message[:1] in (b"\x00", b"\x01") and len(message) > _AU_HEAD.size:
-                            _, pts_us = _AU_HEAD.unpack_from(message)
-                            hub.publish_h264(message[_AU_HEAD.size:], pts_us)
-                        else:
-                            hub.publish(message)
+                        if len(message) > _AU_HEAD.size:
+                            kind, time_us = _AU_HEAD.unpack_from(message)
+                            if kind == CLUSTER_JPEG_TYPE:
+                                hub.publish(message[_AU_HEAD.size:], time_us / 1_000_000)
+                            elif kind in (0, 1):
+                                hub.publish_h264(message[_AU_HEAD.size:], time_us)
                     else:
                         hub.relay_text(message)
         except TimeoutError:  # the frame timeout expired between two reads
@@ -332,8 +334,8 @@ class RelayViewer(Viewer):
     relay = True
 
     def offer(self, frame: Frame, data: bytes) -> None:
-        if not frame.offline:
-            super().offer(frame, data)
+        if not frame.offline:  # the relay's form, with the capture time (built once for every edge)
+            super().offer(frame, frame.encoded(CLUSTER_JPEG))
 
 
 class RelayH264Viewer(H264Viewer):

@@ -92,6 +92,17 @@ def _encode_ws_h264(au: AccessUnit) -> bytes:
     return message
 
 
+# Not a viewer transport: a JPEG frame as a cluster origin relays it to its edges (cluster/relay.py),
+# a binary WebSocket message: CLUSTER_JPEG_TYPE, 8 bytes of capture time (microseconds since the
+# Unix epoch, big-endian), then the JPEG, so that frame age on an edge counts from the capture too.
+CLUSTER_JPEG = "cluster_jpeg"
+CLUSTER_JPEG_TYPE = 2  # the first byte; the H.264 form's is its keyframe flag, 0 or 1
+
+
+def _encode_cluster_jpeg(frame: Frame) -> bytes:
+    return ws_frame(0x2, struct.pack("!BQ", CLUSTER_JPEG_TYPE, max(0, int(frame.captured * 1_000_000))) + frame.jpeg)
+
+
 def _encode_webrtc(au: AccessUnit) -> bytes:
     # The access unit itself: aiortc splits it into RTP packets (STAP-A/FU-A) for each peer's
     # own SRTP session, so nothing of the wire form can be shared between peers.
@@ -105,6 +116,7 @@ ENCODERS: dict[str, Callable[[Any], bytes]] = {
     WS_H264: _encode_ws_h264,
     MP4: fmp4.fragment,
     WEBRTC: _encode_webrtc,
+    CLUSTER_JPEG: _encode_cluster_jpeg,
 }
 
 
