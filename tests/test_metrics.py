@@ -30,6 +30,7 @@ from vsproxy.app import Proxy
 from vsproxy.config import config_from_dict
 from vsproxy.metrics import ProxyCollector
 from vsproxy.outputs import TRANSPORTS
+from vsproxy.sessions import CLOSE_REASONS
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -196,6 +197,7 @@ async def test_every_destroy_reason_counted_is_exported_and_documented(tree):
         (row,) = [line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
                   if line.startswith("| `vsproxy_sessions_destroyed_total` |")]
         assert all(reason in row for reason in sessions.DESTROY_REASONS), row
+        assert set(sessions.DESTROY_REASONS) <= CLOSE_REASONS.keys()  # what its viewers are told
     finally:
         if proxy.cluster is not None:
             await proxy.cluster.redis.aclose()

@@ -88,6 +88,8 @@ CLOSE_REASONS = {
     # Shutdown with a persistent store: the session stays, so no "session" in the reason (the embed
     # player ends on a 1001 whose reason names the session; this one it reconnects after).
     "restart": "Server shutting down; reconnect to resume",
+    # A cluster's create answered 503 that a stalled Redis ran later: nobody was given its ID.
+    "abandoned": "Session destroyed",
 }
 
 
