@@ -34,8 +34,6 @@ def test_redis_url_from_the_environment(tmp_path):
      "cluster.advertise_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "sessions": {"store": "sqlite:/tmp/x.db"}},
      "sessions.store"),
-    ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN},
-      "upstreams": {"pub": {"kind": "push", "token": "publish-token-0123"}}}, "upstreams.pub.kind"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "server": {"host": "0.0.0.0"}},
      "cluster.advertise_url"),
     ({"cluster": {"redis_url": "redis://h:6379/0", "token": TOKEN}, "server": {"host": "::"}},

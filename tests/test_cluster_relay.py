@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import threading
 import time
+from typing import Any
 
 import av
 import pytest
@@ -21,9 +23,12 @@ from test_cluster import TOKEN as CLUSTER_TOKEN
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
 from test_h264_rtsp import read_directly
+from test_openapi import Contract
 from test_rtsp_capture_time import SENDER_REPORT_WAIT, age_buckets
 from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixture
+from tornado.httpclient import HTTPClientError, HTTPRequest
 
+from vsproxy import render
 from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
 from vsproxy.simulate import SimulatedIsaacSim
 
@@ -455,3 +460,136 @@ async def test_an_upstream_that_refuses_is_reported_as_such_not_as_redis(make_no
     assert "Redis" not in status["lastError"] and "refused" in status["lastError"].lower(), status["lastError"]
     health = (await node.api.call("GET", "/health"))[1]
     assert health["cluster"]["redis"] == "connected" and "problem" not in health["cluster"], health
+
+
+PUBLISH_TOKEN = "publish-token-0123"
+
+
+async def publisher(node: Node, name: str = "pub") -> tornado.websocket.WebSocketClientConnection:
+    return await tornado.websocket.websocket_connect(HTTPRequest(
+        f"ws://127.0.0.1:{node.port}/ingest/{name}", headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"}))
+
+
+async def refused_publisher(node: Node) -> tuple[int, dict, Any]:
+    """The status, JSON body and response of a refused publisher handshake."""
+    with pytest.raises(HTTPClientError) as info:
+        await publisher(node)
+    assert info.value.response is not None
+    return info.value.code, json.loads(info.value.response.body), info.value.response
+
+
+async def role_is(node: Node, role: str) -> None:
+    """Wait until the node's source of the push upstream has `role` (frames flow a moment before
+    a node that was looking for the origin has said it is one)."""
+    await poll(lambda: upstream(node, "pub"), lambda status: status["source"]["role"] == role,
+               f"{node.name} to be the push upstream's {role}", timeout=5)
+
+
+async def post_frame(node: Node, frame: bytes) -> tuple[int, Any, Any]:
+    return await node.api.call("POST", "/ingest/pub/frame", raw=frame, headers={
+        "Content-Type": "image/jpeg", "Authorization": f"Bearer {PUBLISH_TOKEN}"})
+
+
+async def frames_until(conn: tornado.websocket.WebSocketClientConnection, wanted: set[bytes],
+                       timeout: float = 15) -> bytes:
+    """Read a viewer until one of `wanted` (a published frame) arrives; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, bytes) and message in wanted:
+            return message
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_nodes, redis_server):  # noqa: F811
+    """A push upstream in a cluster: its publisher may reach any node, which becomes the origin;
+    the others relay from it, and their viewers' input reaches the publisher. A second publisher
+    on another node gets a 409 naming the node that has it. When the publisher leaves and comes
+    back to another node, that node is the origin and the viewers everywhere get its frames."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
+             "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5}}
+    a, b, c = await started(make_nodes(3, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "cluster push")
+    frames = [pattern.render(i) for i in range(40)]
+    sid = await create_session(a, "pub")
+    on_a, on_b = await a.viewer(sid), await b.viewer(sid)
+
+    pub = await publisher(c)  # the node with no viewers
+    for frame in frames[:20]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.03)
+    await frames_until(on_a, set(frames[:20]))
+    await frames_until(on_b, set(frames[:20]))
+    await role_is(c, "origin")
+    await role_is(a, "edge")
+    await role_is(b, "edge")
+    statuses = []
+    while not statuses or not statuses[-1]["active"]:  # someone watches (the edges): it may not pause
+        statuses.append(json.loads(await asyncio.wait_for(pub.read_message(), 10)))
+    contract = Contract(json.loads((await c.api.call("GET", "/openapi.json"))[2].body))
+    code, body, response = await refused_publisher(a)
+    assert code == 409 and "node3" in body["error"], body
+    contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
+    code, body, response = await post_frame(b, frames[0])
+    assert code == 409 and "node3" in body["error"], body
+    contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+    on_b.write_message(json.dumps({"type": "input", "event": "keydown", "key": "w"}))
+    while True:  # a viewer's input on an edge reaches the publisher, wrapped as the viewer's
+        message = json.loads(await asyncio.wait_for(pub.read_message(), 10))
+        if message["type"] == "viewer":
+            assert json.loads(message["data"])["key"] == "w"
+            break
+
+    pub.close()  # the publisher moves to node1 (a reconnect through a load balancer, say)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            pub = await publisher(a)
+            break
+        except HTTPClientError as exc:  # 409 until node3 has given the lease back
+            assert exc.code == 409 and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.2)
+    for frame in frames[20:]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.03)
+    await frames_until(on_a, set(frames[20:30]))
+    await frames_until(on_b, set(frames[20:30]), timeout=20)
+    await role_is(a, "origin")
+    await role_is(b, "edge")
+
+    # node1 shuts down (SIGTERM): its publisher is told to go on elsewhere and gives the lease up
+    # at once, so it is taken at its first try on node3.
+    a.kill(signal.SIGTERM)
+    while await asyncio.wait_for(pub.read_message(), 10) is not None:
+        pass
+    pub.close()
+    pub = await publisher(c)  # no 409: node1 gave the lease back before it went
+    for frame in frames[30:35]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.03)
+    await frames_until(on_b, set(frames[30:35]), timeout=20)
+    await role_is(c, "origin")
+
+    # A publisher that POSTs its frames (curl, a camera bridge) to node2 instead: node2 is the origin.
+    pub.close()
+    deadline = time.monotonic() + 15
+    while (code := (await post_frame(b, frames[35]))[0]) == 409:  # until node3 has given the lease back
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    assert code == 200
+    for frame in frames[36:]:
+        assert (await post_frame(b, frame))[0] == 200
+        await asyncio.sleep(0.03)
+    await frames_until(on_b, set(frames[35:]))
+    await role_is(b, "origin")
+
+    # Without Redis, a node cannot know whether another has the publisher: 503, not a guess.
+    redis_server.stop()
+    code, body, response = await post_frame(c, frames[0])
+    assert code == 503, body
+    contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+    code, body, response = await refused_publisher(c)
+    assert code == 503, body
+    contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
+    contract.assert_ok()

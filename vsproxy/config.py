@@ -637,13 +637,6 @@ def _check_cluster(config: Config) -> None:
                                                    "(every interface): the URL the other nodes reach this one at")
     if config.sessions.store != "memory":
         raise ConfigError("sessions.store", "must be memory in a cluster (cluster.redis_url): sessions live in Redis")
-    for name, settings in config.upstreams.items():
-        kind = sources.kind_of(settings)
-        if not sources.source_class(kind).in_cluster:
-            # Before, the node answered its publisher 404 "No push upstream named ..." while
-            # /upstreams listed it.
-            raise ConfigError(f"upstreams.{name}.kind", f"{kind} upstreams cannot run in a cluster (cluster.redis_url) "
-                                                        "yet: a publisher reaches one node; run it on a single node")
 
 
 def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bool = True) -> None:

@@ -71,6 +71,12 @@ class ConnectionLimitReached(ClientError):
     status = 503
 
 
+class PublishedElsewhere(ClientError):
+    """In a cluster, a push upstream's publisher is connected to another node (one at a time)."""
+
+    status = 409
+
+
 class WebRtcDisabled(ClientError):
     """WHEP is switched off (webrtc.enabled: false)."""
 

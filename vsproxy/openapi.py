@@ -602,6 +602,11 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# A publisher makes its node a push upstream's origin in a cluster; which node has it is in Redis.
+_CLUSTER_PUBLISHER_UNKNOWN = "In a cluster: Redis cannot be reached to know whether another node has this " \
+    "upstream's publisher; try again shortly."
+
+
 def _ingest_paths() -> dict[str, Any]:
     """The publisher side of `push` upstreams."""
     not_push = "No push upstream of that name (the same answer for an unknown name and another kind)."
@@ -616,8 +621,10 @@ def _ingest_paths() -> dict[str, Any]:
                     "401": _ref("responses", "Unauthorized"),
                     "403": _error("An Origin not in cors.allowed_origins."),
                     "404": _error(not_push),
-                    "409": _error("Another publisher is connected to this upstream (one at a time)."),
+                    "409": _error("Another publisher is connected to this upstream (one at a time; in a "
+                                  "cluster, the error names the node that has it)."),
                     "426": _WS_VERSION_ERROR,
+                    "503": _error(_CLUSTER_PUBLISHER_UNKNOWN),
                 },
                 operationId="ingestWebSocket",
                 description=(
@@ -648,7 +655,10 @@ def _ingest_paths() -> dict[str, Any]:
                     "400": _error("An empty body, or one that is not a JPEG."),
                     "401": _ref("responses", "Unauthorized"),
                     "404": _error(not_push),
+                    "409": _error("In a cluster: another node has this upstream's publisher (one at a time); "
+                                  "the error names it."),
                     "413": _error("The frame is larger than the upstream's max_frame_bytes."),
+                    "503": _error(_CLUSTER_PUBLISHER_UNKNOWN),
                 },
                 operationId="ingestFrame",
                 parameters=[{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},

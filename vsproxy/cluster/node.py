@@ -260,9 +260,9 @@ class Cluster:
         await self.redis.set(node_key(self.node_id), json.dumps({"url": self.advertise_url, "at": time.time(),
                                                                 "instance": self.instance, "connected": connected}),
                              px=int(NODE_TTL_SECONDS * 1000))
-        for upstream, source in self.sources.items():
-            if source.role == "origin" and not self._draining:
-                await self.claim(upstream)  # a lease lost with Redis's data comes back at once
+        if not self._draining:
+            for source in self.sources.values():
+                await source.renew()  # a lease lost with Redis's data comes back at once
         keys = [key async for key in self.redis.scan_iter(match=node_key("*"), count=100)]
         values = await self.redis.mget(keys) if keys else []
         self.nodes = {key.removeprefix(node_key("")): json.loads(value)

@@ -95,7 +95,53 @@ class ClusterSource(Source):
         self._keyframe_asked = -1e9  # when the origin was last asked for a keyframe (monotonic)
         self.relay_bytes = 0  # received from the origin, as an edge (metrics read these)
         self.relay_frames = 0
+        # A push upstream's publisher is here and this node holds the lease for it, whether or not
+        # the hub runs (`publisher_arriving`; renewed by `renew`, given back when it leaves).
+        self._publisher_lease = False
         cluster.sources[inner.name] = self
+
+    @property
+    def underlying(self) -> Source:
+        return self.inner
+
+    def publisher_present(self) -> bool:
+        return self.inner.publisher_present()
+
+    @property
+    def serves_edges(self) -> bool:
+        """Edges may relay from this node: it is the origin, or it has a push upstream's
+        publisher (a relay's demand starts its hub, which then runs as the origin)."""
+        return self.role == "origin" or self._publisher_lease
+
+    async def publisher_arriving(self) -> str | None:
+        """A push publisher comes to this node: it takes the upstream's lease (this node becomes
+        the origin the others relay from) unless another node has the upstream's publisher."""
+        if not self.inner.origin_where_published:
+            return None
+        if self._publisher_lease:
+            return None
+        if self.cluster.draining:
+            return "this node is shutting down; publish to another node"
+        if await self.cluster.write(lambda: self.cluster.claim(self.name)):
+            self._publisher_lease = True
+            return None
+        holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
+        return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
+                "there (one publisher at a time)")
+
+    async def renew(self) -> None:
+        """Heartbeat: renew the lease this node holds (as the origin, or for a push publisher
+        here); a publisher gone from this node gives it back."""
+        if self._publisher_lease and not self.inner.publisher_present():
+            self._publisher_lease = False
+            if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
+                await self.cluster.release(self.name)
+            return
+        if self.role == "origin" or self._publisher_lease:
+            if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
+                # Another node took it (this one was cut off from Redis): its publisher is the one.
+                self._publisher_lease = False
+                self.inner.disconnect("another node has this upstream's publisher now")
 
     @property
     def produces_h264(self) -> bool:  # type: ignore[override]
@@ -119,14 +165,20 @@ class ClusterSource(Source):
                 raise ConnectionError("node shutting down")
             self.role = "searching"
             holder = url = None
+            # A push upstream's origin is where its publisher is: without one here, only look.
+            published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
             try:
-                claimed = await self.cluster.claim(self.name)
+                claimed = not published_elsewhere and await self.cluster.claim(self.name)
                 if not claimed:
                     holder = await self.cluster.holder(self.name)
+                    if holder == self.cluster.node_id:  # its publisher just left here: not an origin
+                        holder = None
                     url = await self.cluster.node_url(holder) if holder else None
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
                 raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+            if claimed and self.inner.origin_where_published:
+                self._publisher_lease = True
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
@@ -141,6 +193,8 @@ class ClusterSource(Source):
                     return
             elif holder:
                 last_problem = f"origin {holder} not registered (dead?); waiting for its lease to expire"
+            elif published_elsewhere:
+                last_problem = "no publisher is connected to any node"
             if time.monotonic() > deadline:
                 raise ConnectionError(last_problem)
             await asyncio.sleep(RETRY_SECONDS)
@@ -161,12 +215,17 @@ class ClusterSource(Source):
             raise ConnectionError(keeper.result())
         finally:
             # The lease first: the hub's stop() cancels again after 0.5 s, and another node should
-            # not wait for the lease to expire.
-            try:
-                await self.cluster.release(self.name)
-                log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
-            except REDIS_ERRORS:
-                pass  # it expires by itself
+            # not wait for the lease to expire. A push upstream's stays while its publisher is here.
+            if not self.inner.publisher_present():
+                self._publisher_lease = False
+                try:
+                    await self.cluster.release(self.name)
+                    log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
+                except REDIS_ERRORS:
+                    pass  # it expires by itself
+            if self.inner.origin_where_published:  # its publisher left: edges look for the next one
+                for relay in tuple(self.cluster.relays.get(self.name, ())):
+                    relay.close(1001, "the publisher left this node")
             for task in (keeper, inner):
                 while not task.done():
                     task.cancel()
@@ -190,6 +249,13 @@ class ClusterSource(Source):
         """Drain: stop being the origin now (the hub's run ends, the lease is released)."""
         if self.role == "origin" and self._hub is not None:
             await self._hub.stop()
+        if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
+            self._publisher_lease = False
+            self.inner.disconnect("node shutting down; publish to another node")
+            try:
+                await self.cluster.release(self.name)
+            except REDIS_ERRORS:
+                pass  # it expires by itself
 
     # -- edge ----------------------------------------------------------------------------------------
 
@@ -385,7 +451,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         if hub is None or source is None:
             self._refuse(404, "unknown upstream")
             return
-        if source.role != "origin" or cluster.draining:
+        if not source.serves_edges or cluster.draining:
             self._refuse(409, "this node is not the origin of that upstream")
             return
         error = websocket_handshake_error(self.request.headers, self.check_origin)

@@ -5,7 +5,9 @@ Both authenticate with the upstream's publish token, `Authorization: Bearer <tok
 token never reaches a log line (the access log has the path only, and so do the request
 summaries below, which Tornado puts in its exception logs). Checks, in order: 404 no push
 upstream of that name, 401 missing or wrong token, 409 (WebSocket) another publisher attached,
-413 frame larger than the upstream's `max_frame_bytes`, 400 not a JPEG.
+413 frame larger than the upstream's `max_frame_bytes`, 400 not a JPEG. In a cluster, a publisher
+makes its node the upstream's origin: 409 when another node has the upstream's publisher (one at a
+time, cluster-wide), 503 when Redis cannot be reached to know.
 
 WebSocket publishers send binary JPEG messages; a frame that is not a JPEG is dropped with a
 `{"type": "error", "message": ...}` text message (the connection stays open), an oversized one
@@ -25,6 +27,7 @@ import tornado.web
 import tornado.websocket
 
 from ..auth import bearer_token
+from ..errors import ClientError, PublishedElsewhere
 from ..outputs import status_message
 from ..sources.base import RelayBudget
 from ..sources.push import FrameRejected, PushSource
@@ -40,9 +43,17 @@ BEARER_CHALLENGE = 'Bearer realm="vsproxy ingest"'
 
 def find_push_upstream(hubs: dict[str, FrameHub], name: str) -> tuple[FrameHub, PushSource] | None:
     hub = hubs.get(name)
-    if hub is None or not isinstance(hub.source, PushSource):
+    if hub is None or not isinstance(hub.source.underlying, PushSource):
         return None
-    return hub, hub.source
+    return hub, hub.source.underlying
+
+
+async def check_publisher_here(hub: FrameHub) -> None:
+    """In a cluster, a publisher makes its node the upstream's origin: PublishedElsewhere (409)
+    when another node has the upstream's publisher, ClusterUnavailable (503) when Redis cannot say."""
+    problem = await hub.source.publisher_arriving()
+    if problem is not None:
+        raise PublishedElsewhere(problem)
 
 
 def not_found_message(name: str) -> str:
@@ -84,6 +95,11 @@ class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             log.warning("publisher refused from %s: missing or wrong token", self.request.remote_ip,
                         extra={"upstream": hub.name})
             return self.refuse(401, "Missing or wrong publish token", {"WWW-Authenticate": BEARER_CHALLENGE})
+        try:
+            await check_publisher_here(hub)
+        except ClientError as exc:
+            log.warning("publisher refused from %s: %s", self.request.remote_ip, exc, extra={"upstream": hub.name})
+            return self.refuse_client_error(exc)
         if source.publisher is not None:
             log.warning("publisher refused from %s: another publisher is connected", self.request.remote_ip,
                         extra={"upstream": hub.name})
@@ -184,7 +200,7 @@ class IngestFrameHandler(JsonHandler):
             self.set_header("WWW-Authenticate", BEARER_CHALLENGE)
         super().write_error(status_code, **kwargs)
 
-    def post(self, upstream: str) -> None:
+    async def post(self, upstream: str) -> None:
         frame = self.body()
         if not frame:
             raise tornado.web.HTTPError(400, reason="Request body must be one JPEG frame (Content-Type: image/jpeg)")
@@ -196,6 +212,7 @@ class IngestFrameHandler(JsonHandler):
                                                     "1764558000.123") from None
         if stamp is not None and not math.isfinite(stamp):
             raise tornado.web.HTTPError(400, reason="X-Capture-Timestamp must be a finite number")
+        await check_publisher_here(self.hub)
         try:
             seq = self.source.publish(self.hub, frame, posted=True, captured=stamp)
         except FrameRejected as exc:

@@ -120,9 +120,10 @@ class Source:
     url_schemes: ClassVar[tuple[str, ...]] = ()  # the `url` key must start with one of these
     accepts_input: ClassVar[bool] = False  # can viewers' messages be relayed to this upstream?
     produces_h264: ClassVar[bool] = False  # publishes H.264 itself (else the hub encodes its JPEGs)
-    # Can run in a cluster: the node holding the upstream's lease connects to it, others relay.
-    # Not where the upstream comes to a node (a push publisher reaches one node, whichever).
-    in_cluster: ClassVar[bool] = True
+    # In a cluster, the node holding an upstream's lease connects to it and the others relay from
+    # that node. An upstream that comes to a node (a push publisher reaches one node, whichever)
+    # has its origin where it is published: the lease goes with the publisher (cluster/relay.py).
+    origin_where_published: ClassVar[bool] = False
     # Its H.264 has B-frames, so the hub re-encodes it instead of passing it through (rtsp).
     b_frames: bool = False
 
@@ -130,6 +131,21 @@ class Source:
         self.name = name
         self.settings = settings
         self.reconnect = reconnect
+
+    @property
+    def underlying(self) -> Source:
+        """The upstream's own source (in a cluster, the one the cluster's source wraps)."""
+        return self
+
+    def publisher_present(self) -> bool:
+        """A publisher sends to this node now (kinds with origin_where_published)."""
+        return False
+
+    async def publisher_arriving(self) -> str | None:
+        """A publisher wants to send this upstream's frames to this node: None if it may, else
+        why not (in a cluster: its publisher is on another node). ClusterUnavailable (503) when
+        that cannot be known."""
+        return None
 
     @classmethod
     def check_settings(cls, settings: Any, key: str) -> None:

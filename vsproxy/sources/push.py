@@ -80,7 +80,7 @@ class PushSource(Source):
     kind = "push"
     settings_class = PushUpstream
     accepts_input = True
-    in_cluster = False  # a publisher reaches one node; nothing yet makes that node the origin
+    origin_where_published = True  # in a cluster: the node its publisher reaches
 
     # A POSTed frame keeps the upstream "connected" this long (a POST-only publisher has no
     # connection whose end would say it stopped).
@@ -137,7 +137,7 @@ class PushSource(Source):
         if posted:
             self._post_until = time.monotonic() + self.post_hold_seconds
             self._last_posted = self.publisher is None
-            self._publisher_present(hub)
+            self._publisher_came(hub)
         # The publisher's capture stamp is taken out again: viewers get its JPEG byte for byte.
         jpeg, stamped = render.split_capture_time(bytes(data))
         return hub.publish(jpeg, captured if captured is not None else stamped)
@@ -149,7 +149,7 @@ class PushSource(Source):
         self.publisher = link
         self._last_posted = False
         self.publishers_total += 1
-        self._publisher_present(hub)
+        self._publisher_came(hub)
         link.send_to_publisher(self._active_message())
         return True
 
@@ -187,10 +187,10 @@ class PushSource(Source):
             message = json.dumps({"type": "viewer", "data": message}, ensure_ascii=False)
         return link.send_to_publisher(message)
 
-    def _present(self) -> bool:
+    def publisher_present(self) -> bool:
         return self.publisher is not None or time.monotonic() < self._post_until
 
-    def _publisher_present(self, hub: HubLink) -> None:
+    def _publisher_came(self, hub: HubLink) -> None:
         # Connected at once while the hub wants frames, even if run() is in the supervisor's
         # backoff sleep (see the module docstring); run() itself covers the other cases.
         if hub.running and not hub.connected:
@@ -208,7 +208,7 @@ class PushSource(Source):
             self._changed = asyncio.Event()
         changed = self._changed
         self._set_active(True)
-        while not self._present():
+        while not self.publisher_present():
             if hub.connected:  # marked connected during the backoff sleep, and gone again
                 raise PublisherGone(self._gone_reason())
             changed.clear()
