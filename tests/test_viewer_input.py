@@ -99,6 +99,23 @@ def expiring_token(proxy: Any, session_id: str, in_seconds: float, *, control: b
     return proxy.access.viewer_tokens.issue(session_id, now=time.time() - TTL + in_seconds, control=control)
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_every_viewer_is_told_when_it_may_send_input(sim, api, ws_connect):
+    """The README's rule, send after "Connected to upstream": a viewer that comes while the
+    upstream is connected is told so right after the proxy's hello, in every WebSocket format, and
+    its input sent then reaches the simulator. Before, only the viewers already there when the
+    upstream connected were told, so a frontend following the README never sent anything."""
+    sid = (await connected(api))["sessionId"]
+    for fmt in ("json", "binary", "h264"):
+        conn = await ws_connect(f"/stream/{sid}?format={fmt}")
+        texts = [text_of(await recv(conn)), text_of(await recv(conn))]
+        assert texts == [{"type": "status", "message": "\u2705 Connected to video stream proxy"},
+                         {"type": "status", "message": "\u2705 Connected to upstream 'isaac'"}], (fmt, texts)
+        await conn.write_message(f"hello from {fmt}")
+        await wait_until(lambda fmt=fmt: f"hello from {fmt}" in inputs(sim), "the input at the simulator")
+        conn.close()
+
+
 # -- 1. input by size and by byte rate --------------------------------------------------------------
 
 

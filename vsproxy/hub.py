@@ -267,7 +267,12 @@ class FrameHub:
         self.connects += 1
         self.last_error = None
         log.info("upstream connected", extra={"upstream": self.name})
-        self.notify("status", f"✅ Connected to upstream '{self.name}'")
+        self.notify("status", self._connected_text())
+
+    def _connected_text(self) -> str:
+        # The status a viewer may send input after: to every viewer when the upstream connects,
+        # and to each one that comes while it is connected (`add_viewer`).
+        return f"✅ Connected to upstream '{self.name}'"
 
     def _lost(self, reason: str) -> None:
         was_connected = self.state == "connected"
@@ -506,6 +511,8 @@ class FrameHub:
     def add_viewer(self, viewer: Viewer) -> None:
         current = self._latest_current()  # before this viewer wants JPEG
         self.viewers[viewer.transport].append(viewer)
+        if self.connected and viewer.send_text:
+            viewer.send_text(status_message("status", self._connected_text()))
         if viewer.transport in H264_TRANSPORTS:
             self._add_h264_viewer(viewer)
             return
