@@ -22,6 +22,7 @@ import pytest
 from helpers import WhepClient, free_port, raw_request, read_until_closed, spawn, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from test_docs_match_code import readme_metrics
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.tcpclient import TCPClient
@@ -239,7 +240,7 @@ def grafana_exprs() -> list[str]:
 async def test_deploy_prometheus_config_and_rules_pass_promtool():
     rc, out = await promtool("check", "rules", str(DEPLOY / "alerts.yml"))
     assert rc == 0, out
-    assert "SUCCESS: 4 rules found" in out, out
+    assert "SUCCESS: 5 rules found" in out, out
     rc, out = await promtool("check", "config", str(DEPLOY / "prometheus.yml"))
     assert rc == 0, out
     assert "valid prometheus config file syntax" in out and "1 rule files found" in out, out
@@ -291,6 +292,11 @@ tests:
         values: '50x60'
       - series: 'vsproxy_sessions_max{{instance="q:8889",job="vsproxy"}}'
         values: '100x60'
+      # Cluster nodes: p:8889 loses Redis at 30 s for good; q:8889 for 15 s only (a blip).
+      - series: 'vsproxy_cluster_redis_up{{instance="p:8889",job="vsproxy"}}'
+        values: '1 1 0x60'
+      - series: 'vsproxy_cluster_redis_up{{instance="q:8889",job="vsproxy"}}'
+        values: '1 0 1x60'
     alert_rule_test:
       - eval_time: 1m  # isaac down for 30 s: pending, not firing
         alertname: VsproxyUpstreamDown
@@ -337,6 +343,18 @@ tests:
               description: >-
                 p:8889 has over 90% of limits.max_sessions in use; new sessions are refused with 503
                 once it is full.
+      - eval_time: 45s  # lost for 15 s: pending
+        alertname: VsproxyClusterRedisUnreachable
+        exp_alerts: []
+      - eval_time: 2m
+        alertname: VsproxyClusterRedisUnreachable
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: "p:8889", job: vsproxy}}
+            exp_annotations:
+              summary: "vsproxy node p:8889 cannot reach Redis"
+              description: >-
+                p:8889 has not reached the cluster's Redis for over 30 s; it serves the viewers it
+                has, and session creates and destroys answer 503.
 """
 
 
@@ -376,7 +394,10 @@ async def test_every_metric_the_deploy_files_use_is_exported(sim, proxy, api, ws
         busy.close()
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     used = referenced_metrics((DEPLOY / "alerts.yml").read_text()) | referenced_metrics(" ".join(grafana_exprs()))
-    assert used - exported == set(), f"not exported: {sorted(used - exported)}"
+    # A cluster node's own metrics: the README's cluster table, which test_cluster.py checks a node exports.
+    cluster = {name for name in used if name.startswith("vsproxy_cluster_")}
+    assert cluster <= readme_metrics("| Cluster metric | Labels | What |").keys(), cluster
+    assert used - cluster - exported == set(), f"not exported: {sorted(used - cluster - exported)}"
 
 
 # -- a real Prometheus scraping the proxy ----------------------------------------------------------
@@ -473,7 +494,8 @@ async def test_real_prometheus_scrapes_rising_frame_counter(sim, proxy, api, ws_
 
         rules = await poll(prometheus, "rules evaluated", rules_evaluated)
         assert {r["name"] for r in rules} == {"VsproxyUpstreamDown", "VsproxyUpstreamLowFrameRate",
-                                              "VsproxyFrameDropRatioHigh", "VsproxySessionsNearLimit"}
+                                              "VsproxyFrameDropRatioHigh", "VsproxySessionsNearLimit",
+                                              "VsproxyClusterRedisUnreachable"}
         # Nothing fires on a healthy, busy proxy. (`pending` is allowed: in a series' first minute
         # rate(...[1m]) extrapolates from a few seconds of samples and reads low; `for: 2m` absorbs it.)
         assert not any(r["state"] == "firing" for r in rules), [(r["name"], r["state"]) for r in rules]
