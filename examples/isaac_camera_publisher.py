@@ -6,14 +6,14 @@ after installing vsproxy's publisher dependencies into it (tornado and Pillow; n
 
     cd ~/isaacsim                                  # your Isaac Sim install
     ./python.sh -m pip install tornado pillow      # or: ./python.sh -m pip install /path/to/vsproxy
-    export VSPROXY_PUBLISH_TOKEN=change-me-long-random-token
+    export VSPROXY_PUBLISH_TOKEN=example-publish-token-0123
     PYTHONPATH=/path/to/vsproxy ./python.sh /path/to/vsproxy/examples/isaac_camera_publisher.py \\
         --url ws://VSPROXY_HOST:8889/ingest/replicator --camera /World/Robot/head_camera --usd scene.usd
 
 vsproxy side (config.yaml)::
 
     upstreams:
-      replicator: {kind: push, token: change-me-long-random-token}
+      replicator: {kind: push, token: example-publish-token-0123}
 
 Without --camera the script creates a camera looking at a small demo scene. The simulation keeps
 its own pace: `publish_rgb` only copies the pixels (the JPEG encoding and the network happen on

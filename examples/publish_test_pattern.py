@@ -5,12 +5,12 @@
        upstreams:
          replicator:
            kind: push
-           token: change-me-long-random-token
+           token: example-publish-token-0123
        default_upstream: replicator
 
 2. Run this script (the token from the environment keeps it out of `ps` and shell history)::
 
-       VSPROXY_PUBLISH_TOKEN=change-me-long-random-token python examples/publish_test_pattern.py
+       VSPROXY_PUBLISH_TOKEN=example-publish-token-0123 python examples/publish_test_pattern.py
 
 3. Open http://127.0.0.1:8889/ and create a session (or use the REST API): the pattern plays.
 

@@ -87,3 +87,23 @@ def test_the_security_example_copied_as_it_stands_is_refused_until_its_placehold
         assert info.value.key == secret_key and "placeholder" in str(info.value)
         replace_it()
     config_from_dict(tree)
+
+
+def test_the_cluster_examples_copied_as_they_stand_are_refused():
+    """The README's cluster example and deploy/.env.example name a cluster token everyone has
+    read: a node started with either as it stands exits naming cluster.token (before, both
+    were accepted as real secrets: found by a new-user walkthrough)."""
+    import re
+
+    from vsproxy.config import ConfigError, config_from_dict
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### Running a cluster\n.*?```yaml\n(.*?)```", readme, re.S)
+    assert block, "README.md lacks the cluster example"
+    env = dict(line.split("=", 1) for line in (ROOT / "deploy" / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    for token in (yaml.safe_load(block.group(1))["cluster"]["token"], env["VSPROXY_CLUSTER_TOKEN"]):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": token}})
+        assert info.value.key == "cluster.token" and "placeholder" in str(info.value), token
+    config_from_dict({"cluster": {"redis_url": "redis://127.0.0.1:6379/0", "token": "r4nd0m-" * 4}})

@@ -44,9 +44,9 @@ def number_text(value: float) -> str:
 
 
 def check_not_placeholder(key: str, secret: str) -> None:
-    """A secret copied from an example as it stands ("<32+ random characters>") is refused: it is
-    long enough, and known to everyone who read the example."""
-    if secret.startswith("<") and secret.endswith(">"):
+    """A secret copied from an example as it stands ("<32+ random characters>", deploy/.env.example's
+    "change-me-...") is refused: it is long enough, and known to everyone who read the example."""
+    if (secret.startswith("<") and secret.endswith(">")) or secret.lower().startswith(("change-me", "changeme")):
         raise ConfigError(key, "replace the example's placeholder with a random value (e.g. "
                                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
 
