@@ -422,6 +422,9 @@ async def test_requests_that_are_no_websocket_handshake_get_a_json_error_that_sa
         ({"Connection": "keep-alive"}, 400, "Connection: Upgrade"),
         ({"Origin": "http://evil.example"}, 403, "cors.allowed_origins"),
         ({"Sec-WebSocket-Version": "99"}, 426, "13"),
+        # Drafts 7 and 8 (hybi), which Tornado no longer speaks: before, they got its empty 426.
+        ({"Sec-WebSocket-Version": "8"}, 426, "13"),
+        ({"Sec-WebSocket-Version": "7"}, 426, "13"),
     ]
     for headers, status, says in cases:
         response, _ = await ws_handshake(http_port, path, headers=headers)

@@ -158,7 +158,7 @@ def client_message(exc: tornado.web.HTTPError) -> str | None:
     return exc.log_message % exc.args if exc.args else exc.log_message
 
 
-WEBSOCKET_VERSIONS = ("7", "8", "13")  # what Tornado speaks
+WEBSOCKET_VERSIONS = ("13",)  # what Tornado speaks (WebSocketHandler.get_websocket_protocol)
 
 
 def websocket_handshake_error(headers: HTTPHeaders, check_origin: Callable[[str], bool]
