@@ -10,7 +10,7 @@
 
 2. Run this script (the token from the environment keeps it out of `ps` and shell history)::
 
-       VSPROXY_PUBLISH_TOKEN=example-publish-token-0123 python examples/publish_test_pattern.py
+       VSPROXY_PUBLISH_TOKEN=example-publish-token-0123 .venv/bin/python examples/publish_test_pattern.py
 
 3. Open http://127.0.0.1:8889/ and create a session (or use the REST API): the pattern plays.
 

@@ -331,6 +331,23 @@ async def test_dashboard_page_live_in_chromium(sim, proxy, api, ws_connect, base
         assert await phone.evaluate("document.documentElement.scrollWidth") <= 390
         await phone.screenshot(path=artifact("dashboard-phone.png"), full_page=True)
         await phone.close()
+        # A 1280 px laptop, and a window narrower than the table: every action button is whole and
+        # in view, the table scrolling under the Actions column where it must (before, "Open embed"
+        # and "Copy URLs" were cut off at the right edge: found by a new-user walkthrough).
+        for width in (1280, 1000):
+            laptop = await browser.new_page(viewport={"width": width, "height": 800})
+            await laptop.goto(base_url + "/dashboard")
+            await laptop.locator(row(alice)).wait_for(timeout=2000)
+            cut = await laptop.evaluate("""() => {
+                const view = document.querySelector('#sessions').closest('.scroll').getBoundingClientRect();
+                return [...document.querySelectorAll('tr.session td.actions-cell .actions > *')]
+                    .map(b => [b.textContent, b.getBoundingClientRect(), b.scrollWidth - b.clientWidth])
+                    .filter(([, r, hidden]) => r.left < view.left || r.right > view.right || hidden > 0)
+                    .map(([text]) => text);
+            }""")
+            assert cut == [], (width, cut)
+            await laptop.screenshot(path=artifact(f"dashboard-{width}.png"), full_page=True)
+            await laptop.close()
 
         # Destroy asks first, then the session is gone from the page and the API.
         await page.locator(row(bob)).locator("button.destroy").click()

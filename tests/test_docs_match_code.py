@@ -89,6 +89,17 @@ def test_simulate_help_describes_the_command_and_every_option():
 
 # == the dashboard's upstream columns ============================================================
 
+def test_the_readme_lists_every_environment_variable_in_its_precedence():
+    """Every variable vsproxy reads (config.ENV_KEYS) is in the README's precedence list (before,
+    the three cluster ones were missing: found by a new-user walkthrough)."""
+    from vsproxy.config import ENV_KEYS
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"\n2\. environment variables: (.*?)\n3\. ", text, re.S)
+    assert listed, "README.md lacks the precedence list"
+    assert set(re.findall(r"`([A-Z_]+)`", listed.group(1))) == set(ENV_KEYS)
+
+
 def test_dashboard_failures_column_is_named_for_what_it_counts():
     """The column shows `failures` (failed attempts and lost connections, not reconnects)."""
     html = (ROOT / "dashboard" / "index.html").read_text(encoding="utf-8")

@@ -264,4 +264,6 @@ def test_mismatched_key_exits_2(tmp_path, ca, cert_files):
     other.private_key_pem.write_to_path(str(other_key))
     result = run_vsproxy(tmp_path, {"tls": {"cert_file": cert_file, "key_file": str(other_key)}})
     assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "tls." in result.stderr
+    (line,) = result.stderr.strip().splitlines()  # one line, in the form of every configuration error
+    assert line.startswith("vsproxy: configuration error: tls.cert_file/tls.key_file: "), line
+    assert "key must belong to the certificate" in line, line

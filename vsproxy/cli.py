@@ -99,8 +99,9 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     host, port = config.server.host, config.server.port
     try:
         server = proxy.listen(port, address=host)
-    except ssl.SSLError as exc:
-        log.error("cannot load tls.cert_file/tls.key_file: %s", exc.reason or exc)
+    except ssl.SSLError as exc:  # as every configuration error: one line naming the keys, exit 2
+        print(f"vsproxy: configuration error: tls.cert_file/tls.key_file: cannot load them as a PEM certificate "
+              f"and its private key ({exc.reason or exc}; the key must belong to the certificate)", file=sys.stderr)
         return 2
     except OSError as exc:
         log.error("%s", _cannot_listen(host, port, exc))
