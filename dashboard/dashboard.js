@@ -156,13 +156,9 @@
     if (!window.confirm(`Destroy session ${session.id} (${label})?\nIts viewers are disconnected.`)) return;
     let response;
     try {
-      const id = encodeURIComponent(session.id);
-      response = await fetch("/session/" + id, { method: "DELETE" });
-      if (response.status === 401 || response.status === 403) {
-        // The API wants a token (auth.api_tokens) this browser does not have: operators destroy
-        // through the dashboard's own endpoint, under their dashboard login.
-        response = await fetch("/dashboard/api/sessions/" + id, { method: "DELETE" });
-      }
+      // The dashboard's own endpoint, under the dashboard's login (the API's may want a token,
+      // auth.api_tokens, this browser does not have).
+      response = await fetch("/dashboard/api/sessions/" + encodeURIComponent(session.id), { method: "DELETE" });
     } catch (err) {
       toast("Destroy failed: " + err.message, true);
       return;

@@ -422,6 +422,7 @@ async def test_dashboard_needs_the_operator_login_and_destroys_without_an_api_to
         page = await context.new_page()
         problems: list[str] = []
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.on("console", lambda msg: msg.type == "error" and problems.append(f"console: {msg.text}"))
         page.on("dialog", lambda dialog: dialog.accept())
         await page.goto(base_url + "/dashboard")
         await page.locator(row(session)).wait_for(timeout=2000)
@@ -433,8 +434,9 @@ async def test_dashboard_needs_the_operator_login_and_destroys_without_an_api_to
         assert "?token=" in href
         embed = await context.request.get(href)
         assert embed.status == 200, await embed.text()
-        # DELETE /session/{id} needs the API token the browser does not have: the page falls back
-        # to the operator endpoint.
+        # DELETE /session/{id} needs the API token the browser does not have: the page destroys
+        # through the operator endpoint, with no refused request first (before, a 401 in the
+        # console and the operator's log: found by a new-user walkthrough).
         await page.locator(row(session)).locator("button.destroy").click()
         await page.locator(row(session)).wait_for(state="detached", timeout=3000)
         assert not problems, problems
