@@ -225,3 +225,17 @@ INGEST_IN_A_CLUSTER = {
     (path, method, status): "test_cluster_relay.py::test_a_push_upstreams_origin_is_the_node_its_publisher_reaches"
     for path, method in (("/ingest/{upstream}", "GET"), ("/ingest/{upstream}/frame", "POST"))
     for status in ("409", "503")}
+
+
+def test_the_landing_page_lists_every_endpoint():
+    """The page at / names every path of the API (the OpenAPI document's), but for the dashboard's
+    own API and a WHEP resource (its Location): before, it lacked H.264, fMP4, WHEP, /upstreams,
+    the token and the ingest endpoints (found by a new-user walkthrough)."""
+    from vsproxy.openapi import openapi_document
+
+    page = (ROOT / "vsproxy" / "web" / "index.html").read_text(encoding="utf-8")
+    listed = " ".join(re.findall(r"<code>(?:[A-Z]+ )?(/[^<]*)</code>", page))
+    missing = [path for path in openapi_document("http://127.0.0.1:8889")["paths"]
+               if path != "/" and not path.startswith("/dashboard/api/") and "{resourceId}" not in path
+               and path.replace("{sessionId}", "{id}") not in listed.split()]
+    assert not missing, missing
