@@ -177,8 +177,12 @@ class ClusterSource(Source):
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
                 raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
-            if claimed and self.inner.origin_where_published:
-                self._publisher_lease = True
+            if self.inner.origin_where_published and not published_elsewhere:
+                if claimed:
+                    self._publisher_lease = True
+                else:  # another node's publisher has it (this one's came while cut off): one at a time
+                    self._publisher_lease = False
+                    self.inner.disconnect("another node has this upstream's publisher")
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
