@@ -4,6 +4,7 @@ SessionManager with it, and real `vsproxy` processes restarted (SIGTERM and kill
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -462,4 +463,39 @@ async def test_a_failed_write_is_logged_once_and_retried(db, caplog):
     await store.close()
     store, loaded = await reopen(db)
     assert loaded.records == [record(1)]  # the create was not lost
+    await store.close()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_sessions_that_come_and_go_while_the_file_cannot_be_written_leave_nothing_to_retry(db):
+    """While writes fail, a session created and destroyed meanwhile needs no write at all: what
+    waits for the next write stays within the sessions that exist or were destroyed (before, each
+    such session kept its create and its destroy, about 400 bytes, for as long as the file was
+    unwritable)."""
+    store = SqliteStore(db, busy_timeout=0.01)
+    store.load()
+    store.add(record(1))  # committed: its destroy during the outage must wait
+    await asyncio.wrap_future(store.flush())
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    store.remove(record(1).id)
+    for n in range(100, 2100):  # created and destroyed while the file is locked
+        store.add(record(n))
+        store.remove(record(n).id)
+        if n % 500 == 0:
+            store.update_activity({})  # the flush timer's writes, failing
+            await asyncio.wrap_future(store.flush())
+    store.add(record(2))  # still there when the file is writable again
+    store.update_activity({})
+    await asyncio.wrap_future(store.flush())
+    assert store.failed
+    assert store._retry == [("remove", record(1).id), ("add", dataclasses.astuple(record(2)))]
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    store.update_activity({})
+    await asyncio.wrap_future(store.flush())
+    assert not store.failed and store._retry == []
+    await store.close()
+    store, loaded = await reopen(db)
+    assert loaded.records == [record(2)]
     await store.close()

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 
 import pytest
+import tornado.web
 from helpers import (
     SIM_SIZE,
     as_frame,
     assert_sent_in_order,
     connected_session,
+    free_port,
     read_frames,
     read_until,
     session_json,
@@ -25,7 +28,8 @@ from helpers import (
 )
 
 from vsproxy import render
-from vsproxy.simulate import SimulatedIsaacSim
+from vsproxy.simulate import SimulatedIsaacSim, _SimSocket
+from vsproxy.sources.isaac import IsaacUpstream
 
 WAIT = 10.0  # generous bound for anything that should take well under a second
 
@@ -104,6 +108,66 @@ async def test_upstream_closes_when_the_last_session_ends_while_frames_pour_in(s
             assert time.monotonic() < deadline, f"upstream state stayed {state!r} (cycle {cycle})"
             await asyncio.sleep(0.05)
     assert sim.connections_total == 3
+
+
+class SlowHandshakeSim(SimulatedIsaacSim):
+    """A simulated Isaac Sim that answers the WebSocket handshake `delay` seconds after the request
+    (`requests` counts those), and never pings its clients."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(width=SIM_SIZE[0], height=SIM_SIZE[1], fps=30)
+        self.delay = delay
+        self.requests = 0
+
+    def make_app(self) -> tornado.web.Application:
+        sim = self
+
+        class SlowSocket(_SimSocket):
+            async def get(self, *args, **kwargs) -> None:
+                sim.requests += 1
+                await asyncio.sleep(sim.delay)
+                await super().get(*args, **kwargs)
+
+        return tornado.web.Application([(r"/.*", SlowSocket, {"sim": self})])
+
+
+@pytest.fixture
+def slow_sim(io_loop):
+    simulator = SlowHandshakeSim(delay=0.5)
+    simulator.port = free_port()
+    simulator.listen(simulator.port)
+    yield simulator
+    io_loop.run_sync(simulator.stop)
+
+
+@pytest.fixture
+def proxy_config(request, proxy_config):
+    """conftest's, plus upstream "slow" at the `slow_sim` when the test uses it."""
+    if "slow_sim" not in request.fixturenames:
+        return proxy_config
+    port = request.getfixturevalue("slow_sim").port
+    upstreams = {**proxy_config.upstreams, "slow": IsaacUpstream(url=f"ws://127.0.0.1:{port}/")}
+    return dataclasses.replace(proxy_config, upstreams=upstreams)
+
+
+@pytest.mark.config({"streaming": {"linger_seconds": 0}, "reconnect": {"ping_interval_seconds": 0}})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_connection_the_upstream_answers_after_the_hub_stopped_is_closed(slow_sim, api):
+    """The last session ends while the upstream is still answering the handshake: the hub stops
+    (its connect is cancelled), and the connection the upstream completes afterwards is closed,
+    not left open (before: held until a ping timed out, for ever with pings off; Isaac Sim
+    serves one client)."""
+    for cycle in range(1, 4):
+        code, body, _ = await api.call("POST", "/session/create",
+                                       {"userId": "user123", "robotName": "demo-robot", "upstream": "slow"})
+        assert code == 200, body
+        await wait_until(lambda n=cycle: slow_sim.requests == n, what=f"handshake request {cycle}")
+        code, _, _ = await api.call("DELETE", f"/session/{body['sessionId']}")
+        assert code == 200
+        await wait_until(lambda n=cycle: slow_sim.connections_total == n, what=f"handshake {cycle} answered")
+        await wait_until(lambda: not slow_sim.clients, timeout=WAIT,
+                         what=f"the upstream connection of cycle {cycle} to be closed")
+        assert await upstream_state(api, "slow") == "idle"
 
 
 # -- 4. messages both ways -------------------------------------------------------------------------------

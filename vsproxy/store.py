@@ -113,6 +113,17 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 _STOP = object()
 
 
+def _still_to_write(ops: list[tuple]) -> list[tuple]:
+    """The creates and destroys of a failed write that the next one must make: not a session
+    created and destroyed within them (its create was never committed: a session is added once,
+    when it is created), so that sessions coming and going while the file cannot be written
+    leave nothing behind, and what waits stays within the sessions that exist or were destroyed."""
+    created = {args[0] for op, args in ops if op == "add"}
+    gone = {args for op, args in ops if op == "remove" and args in created}
+    return [(op, args) for op, args in ops
+            if op != "activity" and (args[0] if op == "add" else args) not in gone]
+
+
 class SqliteStore:
     """Sessions in a SQLite file (WAL mode), written by one worker thread that owns the connection.
 
@@ -250,7 +261,7 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             # Creates and destroys are tried again with the next write (the flush timer makes one
             # every few seconds); activity updates are not: the next flush has newer ones.
-            self._retry = [op for op in ops if op[0] != "activity"]
+            self._retry = _still_to_write(ops)
             if not self.failed:
                 log.error("cannot write the session store %s: %s (sessions changed now may not survive a "
                           "restart)", self.path, exc)

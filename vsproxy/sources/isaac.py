@@ -143,6 +143,11 @@ class _CheckedConnection(WebSocketClientConnection):
                 self.connection.detach().close()
                 return
         await super().headers_received(start_line, headers)
+        if self.connect_future.cancelled():
+            # Nobody waits for this connection any more (the hub stopped while the upstream was
+            # answering): nothing would read or close it, and it would hold the upstream's one
+            # client place until a ping timed out (forever with pings off).
+            self.close()
 
 
 def _handshake_problem(key: bytes, headers: httputil.HTTPHeaders) -> str | None:
