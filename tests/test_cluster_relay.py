@@ -593,3 +593,68 @@ async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_no
     assert code == 503, body
     contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
     contract.assert_ok()
+
+
+async def publisher_taken(node: Node, timeout: float = 15) -> tornado.websocket.WebSocketClientConnection:
+    """A publisher on `node`, retried while another node still has the upstream's lease (409)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await publisher(node)
+        except HTTPClientError as exc:
+            assert exc.code == 409 and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_publisher_moving_between_nodes_makes_no_relay_loop(make_nodes):
+    """A node relays from another only while that one is the origin or has the publisher, and
+    never from an edge. Before, a node that had the publisher for a moment during its hub's
+    reconnect backoff kept its edges' relays after the publisher left; the publisher came to one
+    of those edges, which went on relaying and was relayed from: two nodes each an edge of the
+    other, every frame going round between them for ever (50,000 frames a second to the viewers,
+    and the two hubs kept running with no viewer left)."""
+    push = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    # node2 reconnects after 2 to 4 s: the publisher comes and goes while its hub waits.
+    (a,) = make_nodes(1, free_port(), {**push, "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.2}})
+    (b,) = make_nodes(1, free_port(), {**push, "reconnect": {"initial_delay_seconds": 4, "max_delay_seconds": 4}})
+    await started([a, b])
+    pattern = render.TestPattern(160, 120, "no loop")
+    frames = [pattern.render(i) for i in range(30)]
+    sid = await create_session(a, "pub")
+    on_a, on_b = await a.viewer(sid), await b.viewer(sid)
+    pub = await publisher(a)
+    pub.write_message(frames[0], binary=True)
+    await frames_until(on_b, {frames[0]})
+    await role_is(b, "edge")
+
+    pub.close()  # node2's relay ends: its hub waits 2 to 4 s before it looks again
+    pub = await publisher_taken(b)  # meanwhile the publisher is on node2, and node1 relays from it
+    for frame in frames[1:10]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.05)
+    await frames_until(on_a, set(frames[1:10]))
+    pub.close()  # and leaves node2 before its hub ran again
+    await asyncio.sleep(4)  # node2's hub looks for the origin again
+
+    pub = await publisher_taken(a)  # the publisher comes back to node1
+    for frame in frames[10:20]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.05)
+    await frames_until(on_b, set(frames[10:20]))
+    await role_is(a, "origin")
+    await role_is(b, "edge")
+    received = []
+    for frame in frames[20:]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # each frame once, not again and again
+        try:
+            message = await asyncio.wait_for(on_b.read_message(), max(0.05, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if isinstance(message, bytes) and message in frames:
+            received.append(frames.index(message))
+    assert len(received) == len(set(received)), received
+    pub.close()

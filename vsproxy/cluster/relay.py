@@ -110,8 +110,15 @@ class ClusterSource(Source):
     @property
     def serves_edges(self) -> bool:
         """Edges may relay from this node: it is the origin, or it has a push upstream's
-        publisher (a relay's demand starts its hub, which then runs as the origin)."""
-        return self.role == "origin" or self._publisher_lease
+        publisher (a relay's demand starts its hub, which then runs as the origin). Never while
+        it relays from another node itself: edges of an edge make chains, and loops where a frame
+        goes round for ever."""
+        return self.role == "origin" or (self._publisher_lease and self.role != "edge")
+
+    def _close_relays(self, reason: str) -> None:
+        """This node is no longer the one to relay from: its edges look for the origin again."""
+        for relay in tuple(self.cluster.relays.get(self.name, ())):
+            relay.close(1001, reason)
 
     async def publisher_arriving(self) -> str | None:
         """A push publisher comes to this node: it takes the upstream's lease (this node becomes
@@ -124,6 +131,8 @@ class ClusterSource(Source):
             return "this node is shutting down; publish to another node"
         if await self.cluster.write(lambda: self.cluster.claim(self.name)):
             self._publisher_lease = True
+            if self._conn is not None:  # an edge of the node the publisher left: the origin now
+                self._conn.close(1001, "the publisher came to this node")
             return None
         holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
         return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
@@ -135,12 +144,14 @@ class ClusterSource(Source):
         if self._publisher_lease and not self.inner.publisher_present():
             self._publisher_lease = False
             if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
+                self._close_relays("the publisher left this node")
                 await self.cluster.release(self.name)
             return
         if self.role == "origin" or self._publisher_lease:
             if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
                 # Another node took it (this one was cut off from Redis): its publisher is the one.
                 self._publisher_lease = False
+                self._close_relays("another node has this upstream's publisher now")
                 self.inner.disconnect("another node has this upstream's publisher now")
 
     @property
@@ -224,8 +235,7 @@ class ClusterSource(Source):
                 except REDIS_ERRORS:
                     pass  # it expires by itself
             if self.inner.origin_where_published:  # its publisher left: edges look for the next one
-                for relay in tuple(self.cluster.relays.get(self.name, ())):
-                    relay.close(1001, "the publisher left this node")
+                self._close_relays("the publisher left this node")
             for task in (keeper, inner):
                 while not task.done():
                     task.cancel()
@@ -273,6 +283,8 @@ class ClusterSource(Source):
         self.role, self.origin = "edge", origin
         self._conn = conn
         log.info("cluster: relaying upstream %s from origin %s", self.name, origin, extra={"upstream": self.name})
+        # Edges that came while this node was the origin or had the publisher: not from an edge.
+        self._close_relays(f"this node relays from origin {origin} now")
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
         connected = False
