@@ -658,3 +658,32 @@ async def test_a_publisher_moving_between_nodes_makes_no_relay_loop(make_nodes):
             received.append(frames.index(message))
     assert len(received) == len(set(received)), received
     pub.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_viewers_waiting_for_a_publisher_get_it_at_once_however_long_they_waited(make_nodes):
+    """While no node has the publisher, a node with viewers keeps looking for it (as a push
+    upstream waits on one node) instead of giving up and backing off: the publisher's frames
+    reach them within a moment whenever it comes. Before, the search gave up after 15 s and the
+    hub waited its reconnect delay (up to reconnect.max_delay_seconds, 10 s by default) before it
+    looked again, again and again: viewers got the frames up to that long after the publisher came."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
+             "reconnect": {"initial_delay_seconds": 10, "max_delay_seconds": 10}}
+    a, b = await started(make_nodes(2, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "late publisher")
+    frames = [pattern.render(i) for i in range(60)]
+    sid = await create_session(a, "pub")
+    on_b = await b.viewer(sid)
+    await asyncio.sleep(17)  # more than the 15 s an edge looks for an origin
+    pub = await publisher(a)
+
+    async def publish() -> None:
+        for frame in frames:
+            pub.write_message(frame, binary=True)
+            await asyncio.sleep(0.05)
+
+    publishing = asyncio.ensure_future(publish())
+    await frames_until(on_b, set(frames), timeout=3)
+    await publishing
+    await role_is(b, "edge")
+    pub.close()

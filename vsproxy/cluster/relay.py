@@ -205,7 +205,10 @@ class ClusterSource(Source):
             elif holder:
                 last_problem = f"origin {holder} not registered (dead?); waiting for its lease to expire"
             elif published_elsewhere:
+                # Nothing to reconnect to: wait for a publisher to come to any node, as a push
+                # upstream waits on one node (no backoff that would keep viewers from it later).
                 last_problem = "no publisher is connected to any node"
+                deadline = time.monotonic() + FIND_ORIGIN_SECONDS
             if time.monotonic() > deadline:
                 raise ConnectionError(last_problem)
             await asyncio.sleep(RETRY_SECONDS)
