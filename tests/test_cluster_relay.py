@@ -687,3 +687,34 @@ async def test_viewers_waiting_for_a_publisher_get_it_at_once_however_long_they_
     await publishing
     await role_is(b, "edge")
     pub.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_edges_message_arriving_as_the_origin_closes_its_relay_is_ignored(make_nodes):
+    """The origin closes its edges' relays when its publisher leaves (and on drain); what an edge
+    sent before it saw the close still arrives and is ignored. Before, a 'JPEG wanted' among them
+    was an AttributeError traceback on the origin (the closed connection has no stream)."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    (a,) = await started(make_nodes(1, free_port(), extra))
+    pub = await publisher(a)
+    pub.write_message(render.TestPattern(160, 120, "closing").render(0), binary=True)
+    edge = await tornado.websocket.websocket_connect(HTTPRequest(
+        f"ws://127.0.0.1:{a.port}/internal/relay/pub",
+        headers={"Authorization": f"Bearer {CLUSTER_TOKEN}", "X-Vsproxy-Node": "edge"}))
+    await role_is(a, "origin")
+
+    async def toggle_jpeg() -> None:  # an edge whose JPEG viewers come and go
+        wanted = True
+        while True:
+            await edge.write_message(bytes((2, 1 if wanted else 0)), binary=True)  # RELAY_JPEG
+            wanted = not wanted
+
+    toggling = asyncio.ensure_future(toggle_jpeg())
+    await asyncio.sleep(0.3)
+    pub.close()  # the publisher leaves: the origin closes the relay amid the edge's messages
+    while await asyncio.wait_for(edge.read_message(), 10) is not None:
+        pass
+    toggling.cancel()
+    edge.close()
+    await asyncio.sleep(0.5)
+    assert "Traceback" not in a.log(), a.log()[-3000:]

@@ -505,7 +505,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self._text.send(self.write_message, text)
 
     def on_message(self, message: str | bytes) -> None:
-        if self.demand is None:
+        if self.demand is None or self.ws_connection is None:  # closed here: what was in flight is ignored
             return
         if isinstance(message, str):
             self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already
