@@ -718,3 +718,50 @@ async def test_an_edges_message_arriving_as_the_origin_closes_its_relay_is_ignor
     edge.close()
     await asyncio.sleep(0.5)
     assert "Traceback" not in a.log(), a.log()[-3000:]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_node_whose_publisher_lease_was_taken_mixes_no_frames(make_nodes, redis_server):  # noqa: F811
+    """Redis lost the lease (a restart without data) and a second publisher took the upstream on
+    another node before this node renewed it: this node's publisher is not the upstream's any
+    more. It is disconnected as this node finds the lease taken, and this node's viewers get the
+    other publisher's frames only. Before, the node relayed the new origin's frames and published
+    its own publisher's into the same hub until its next heartbeat, and went on publishing what
+    that publisher sent until it had answered the close (up to 5 s): two streams mixed."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    a, b = await started(make_nodes(2, free_port(), extra))
+    mine = [render.TestPattern(160, 120, "first").render(i) for i in range(20)]
+    theirs = [render.TestPattern(160, 120, "second").render(i) for i in range(20)]
+    sid = await create_session(a, "pub")
+    on_a = await a.viewer(sid)
+    first = await publisher(a)
+    stop = False
+
+    async def publish(conn: tornado.websocket.WebSocketClientConnection, frames: list[bytes]) -> None:
+        i = 0
+        while not stop:
+            try:
+                await conn.write_message(frames[i % len(frames)], binary=True)
+            except tornado.websocket.WebSocketClosedError:
+                return
+            i += 1
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.ensure_future(publish(first, mine))]
+    await frames_until(on_a, set(mine))
+    await role_is(a, "origin")
+    redis_server.command("DEL", "vsproxy:lease:pub")
+    second = await publisher(b)
+    tasks.append(asyncio.ensure_future(publish(second, theirs)))
+    await frames_until(on_a, set(theirs), timeout=10)
+    after = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        message = await asyncio.wait_for(on_a.read_message(), 5)
+        if isinstance(message, bytes) and message in mine:
+            after.append(time.monotonic())
+    assert not after, f"{len(after)} frames of the first publisher after the second's"
+    stop = True
+    await asyncio.gather(*tasks)
+    first.close()
+    second.close()

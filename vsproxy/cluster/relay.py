@@ -190,6 +190,11 @@ class ClusterSource(Source):
                 raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
             if claimed and self.inner.origin_where_published:
                 self._publisher_lease = True
+            elif self._publisher_lease and not published_elsewhere:
+                # Another node took the lease (this one was cut off from Redis): its publisher is
+                # the one; this node's would mix its frames into the relayed ones (as `renew`).
+                self._publisher_lease = False
+                self.inner.disconnect("another node has this upstream's publisher now")
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
