@@ -593,3 +593,175 @@ async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_no
     assert code == 503, body
     contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
     contract.assert_ok()
+
+
+async def publisher_taken(node: Node, timeout: float = 15) -> tornado.websocket.WebSocketClientConnection:
+    """A publisher on `node`, retried while another node still has the upstream's lease (409)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await publisher(node)
+        except HTTPClientError as exc:
+            assert exc.code == 409 and time.monotonic() < deadline, exc
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_publisher_moving_between_nodes_makes_no_relay_loop(make_nodes):
+    """A node relays from another only while that one is the origin or has the publisher, and
+    never from an edge. Before, a node that had the publisher for a moment during its hub's
+    reconnect backoff kept its edges' relays after the publisher left; the publisher came to one
+    of those edges, which went on relaying and was relayed from: two nodes each an edge of the
+    other, every frame going round between them for ever (50,000 frames a second to the viewers,
+    and the two hubs kept running with no viewer left)."""
+    push = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    # node2 reconnects after 2 to 4 s: the publisher comes and goes while its hub waits.
+    (a,) = make_nodes(1, free_port(), {**push, "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.2}})
+    (b,) = make_nodes(1, free_port(), {**push, "reconnect": {"initial_delay_seconds": 4, "max_delay_seconds": 4}})
+    await started([a, b])
+    pattern = render.TestPattern(160, 120, "no loop")
+    frames = [pattern.render(i) for i in range(30)]
+    sid = await create_session(a, "pub")
+    on_a, on_b = await a.viewer(sid), await b.viewer(sid)
+    pub = await publisher(a)
+    pub.write_message(frames[0], binary=True)
+    await frames_until(on_b, {frames[0]})
+    await role_is(b, "edge")
+
+    pub.close()  # node2's relay ends: its hub waits 2 to 4 s before it looks again
+    pub = await publisher_taken(b)  # meanwhile the publisher is on node2, and node1 relays from it
+    for frame in frames[1:10]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.05)
+    await frames_until(on_a, set(frames[1:10]))
+    pub.close()  # and leaves node2 before its hub ran again
+    await asyncio.sleep(4)  # node2's hub looks for the origin again
+
+    pub = await publisher_taken(a)  # the publisher comes back to node1
+    for frame in frames[10:20]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.05)
+    await frames_until(on_b, set(frames[10:20]))
+    await role_is(a, "origin")
+    await role_is(b, "edge")
+    received = []
+    for frame in frames[20:]:
+        pub.write_message(frame, binary=True)
+        await asyncio.sleep(0.1)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # each frame once, not again and again
+        try:
+            message = await asyncio.wait_for(on_b.read_message(), max(0.05, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            break
+        if isinstance(message, bytes) and message in frames:
+            received.append(frames.index(message))
+    assert len(received) == len(set(received)), received
+    pub.close()
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_viewers_waiting_for_a_publisher_get_it_at_once_however_long_they_waited(make_nodes):
+    """While no node has the publisher, a node with viewers keeps looking for it (as a push
+    upstream waits on one node) instead of giving up and backing off: the publisher's frames
+    reach them within a moment whenever it comes. Before, the search gave up after 15 s and the
+    hub waited its reconnect delay (up to reconnect.max_delay_seconds, 10 s by default) before it
+    looked again, again and again: viewers got the frames up to that long after the publisher came."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
+             "reconnect": {"initial_delay_seconds": 10, "max_delay_seconds": 10}}
+    a, b = await started(make_nodes(2, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "late publisher")
+    frames = [pattern.render(i) for i in range(60)]
+    sid = await create_session(a, "pub")
+    on_b = await b.viewer(sid)
+    await asyncio.sleep(17)  # more than the 15 s an edge looks for an origin
+    pub = await publisher(a)
+
+    async def publish() -> None:
+        for frame in frames:
+            pub.write_message(frame, binary=True)
+            await asyncio.sleep(0.05)
+
+    publishing = asyncio.ensure_future(publish())
+    await frames_until(on_b, set(frames), timeout=3)
+    await publishing
+    await role_is(b, "edge")
+    pub.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_edges_message_arriving_as_the_origin_closes_its_relay_is_ignored(make_nodes):
+    """The origin closes its edges' relays when its publisher leaves (and on drain); what an edge
+    sent before it saw the close still arrives and is ignored. Before, a 'JPEG wanted' among them
+    was an AttributeError traceback on the origin (the closed connection has no stream)."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    (a,) = await started(make_nodes(1, free_port(), extra))
+    pub = await publisher(a)
+    pub.write_message(render.TestPattern(160, 120, "closing").render(0), binary=True)
+    edge = await tornado.websocket.websocket_connect(HTTPRequest(
+        f"ws://127.0.0.1:{a.port}/internal/relay/pub",
+        headers={"Authorization": f"Bearer {CLUSTER_TOKEN}", "X-Vsproxy-Node": "edge"}))
+    await role_is(a, "origin")
+
+    async def toggle_jpeg() -> None:  # an edge whose JPEG viewers come and go
+        wanted = True
+        while True:
+            await edge.write_message(bytes((2, 1 if wanted else 0)), binary=True)  # RELAY_JPEG
+            wanted = not wanted
+
+    toggling = asyncio.ensure_future(toggle_jpeg())
+    await asyncio.sleep(0.3)
+    pub.close()  # the publisher leaves: the origin closes the relay amid the edge's messages
+    while await asyncio.wait_for(edge.read_message(), 10) is not None:
+        pass
+    toggling.cancel()
+    edge.close()
+    await asyncio.sleep(0.5)
+    assert "Traceback" not in a.log(), a.log()[-3000:]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_node_whose_publisher_lease_was_taken_mixes_no_frames(make_nodes, redis_server):  # noqa: F811
+    """Redis lost the lease (a restart without data) and a second publisher took the upstream on
+    another node before this node renewed it: this node's publisher is not the upstream's any
+    more. It is disconnected as this node finds the lease taken, and this node's viewers get the
+    other publisher's frames only. Before, the node relayed the new origin's frames and published
+    its own publisher's into the same hub until its next heartbeat, and went on publishing what
+    that publisher sent until it had answered the close (up to 5 s): two streams mixed."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    a, b = await started(make_nodes(2, free_port(), extra))
+    mine = [render.TestPattern(160, 120, "first").render(i) for i in range(20)]
+    theirs = [render.TestPattern(160, 120, "second").render(i) for i in range(20)]
+    sid = await create_session(a, "pub")
+    on_a = await a.viewer(sid)
+    first = await publisher(a)
+    stop = False
+
+    async def publish(conn: tornado.websocket.WebSocketClientConnection, frames: list[bytes]) -> None:
+        i = 0
+        while not stop:
+            try:
+                await conn.write_message(frames[i % len(frames)], binary=True)
+            except tornado.websocket.WebSocketClosedError:
+                return
+            i += 1
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.ensure_future(publish(first, mine))]
+    await frames_until(on_a, set(mine))
+    await role_is(a, "origin")
+    redis_server.command("DEL", "vsproxy:lease:pub")
+    second = await publisher(b)
+    tasks.append(asyncio.ensure_future(publish(second, theirs)))
+    await frames_until(on_a, set(theirs), timeout=10)
+    after = []
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        message = await asyncio.wait_for(on_a.read_message(), 5)
+        if isinstance(message, bytes) and message in mine:
+            after.append(time.monotonic())
+    assert not after, f"{len(after)} frames of the first publisher after the second's"
+    stop = True
+    await asyncio.gather(*tasks)
+    first.close()
+    second.close()

@@ -110,8 +110,15 @@ class ClusterSource(Source):
     @property
     def serves_edges(self) -> bool:
         """Edges may relay from this node: it is the origin, or it has a push upstream's
-        publisher (a relay's demand starts its hub, which then runs as the origin)."""
-        return self.role == "origin" or self._publisher_lease
+        publisher (a relay's demand starts its hub, which then runs as the origin). Never while
+        it relays from another node itself: edges of an edge make chains, and loops where a frame
+        goes round for ever."""
+        return self.role == "origin" or (self._publisher_lease and self.role != "edge")
+
+    def _close_relays(self, reason: str) -> None:
+        """This node is no longer the one to relay from: its edges look for the origin again."""
+        for relay in tuple(self.cluster.relays.get(self.name, ())):
+            relay.close(1001, reason)
 
     async def publisher_arriving(self) -> str | None:
         """A push publisher comes to this node: it takes the upstream's lease (this node becomes
@@ -124,6 +131,8 @@ class ClusterSource(Source):
             return "this node is shutting down; publish to another node"
         if await self.cluster.write(lambda: self.cluster.claim(self.name)):
             self._publisher_lease = True
+            if self._conn is not None:  # an edge of the node the publisher left: the origin now
+                self._conn.close(1001, "the publisher came to this node")
             return None
         holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
         return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
@@ -135,12 +144,14 @@ class ClusterSource(Source):
         if self._publisher_lease and not self.inner.publisher_present():
             self._publisher_lease = False
             if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
+                self._close_relays("the publisher left this node")
                 await self.cluster.release(self.name)
             return
         if self.role == "origin" or self._publisher_lease:
             if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
                 # Another node took it (this one was cut off from Redis): its publisher is the one.
                 self._publisher_lease = False
+                self._close_relays("another node has this upstream's publisher now")
                 self.inner.disconnect("another node has this upstream's publisher now")
 
     @property
@@ -177,12 +188,13 @@ class ClusterSource(Source):
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
                 raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
-            if self.inner.origin_where_published and not published_elsewhere:
-                if claimed:
-                    self._publisher_lease = True
-                else:  # another node's publisher has it (this one's came while cut off): one at a time
-                    self._publisher_lease = False
-                    self.inner.disconnect("another node has this upstream's publisher")
+            if claimed and self.inner.origin_where_published:
+                self._publisher_lease = True
+            elif self._publisher_lease and not published_elsewhere:
+                # Another node took the lease (this one was cut off from Redis): its publisher is
+                # the one; this node's would mix its frames into the relayed ones (as `renew`).
+                self._publisher_lease = False
+                self.inner.disconnect("another node has this upstream's publisher now")
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
@@ -198,7 +210,10 @@ class ClusterSource(Source):
             elif holder:
                 last_problem = f"origin {holder} not registered (dead?); waiting for its lease to expire"
             elif published_elsewhere:
+                # Nothing to reconnect to: wait for a publisher to come to any node, as a push
+                # upstream waits on one node (no backoff that would keep viewers from it later).
                 last_problem = "no publisher is connected to any node"
+                deadline = time.monotonic() + FIND_ORIGIN_SECONDS
             if time.monotonic() > deadline:
                 raise ConnectionError(last_problem)
             await asyncio.sleep(RETRY_SECONDS)
@@ -228,8 +243,7 @@ class ClusterSource(Source):
                 except REDIS_ERRORS:
                     pass  # it expires by itself
             if self.inner.origin_where_published:  # its publisher left: edges look for the next one
-                for relay in tuple(self.cluster.relays.get(self.name, ())):
-                    relay.close(1001, "the publisher left this node")
+                self._close_relays("the publisher left this node")
             for task in (keeper, inner):
                 while not task.done():
                     task.cancel()
@@ -277,6 +291,8 @@ class ClusterSource(Source):
         self.role, self.origin = "edge", origin
         self._conn = conn
         log.info("cluster: relaying upstream %s from origin %s", self.name, origin, extra={"upstream": self.name})
+        # Edges that came while this node was the origin or had the publisher: not from an edge.
+        self._close_relays(f"this node relays from origin {origin} now")
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
         connected = False
@@ -494,7 +510,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self._text.send(self.write_message, text)
 
     def on_message(self, message: str | bytes) -> None:
-        if self.demand is None:
+        if self.demand is None or self.ws_connection is None:  # closed here: what was in flight is ignored
             return
         if isinstance(message, str):
             self.hub.send_upstream(message)  # an edge viewer's input, checked by the edge already

@@ -119,7 +119,7 @@ class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         log.info("publisher connected from %s", self.request.remote_ip, extra={"upstream": self.hub.name})
 
     def on_message(self, message: str | bytes) -> None:
-        if not self.attached:
+        if not self.attached or self.source.publisher is not self:  # disconnected by the server
             return
         if isinstance(message, bytes):
             try:
