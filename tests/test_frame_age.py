@@ -59,7 +59,9 @@ async def test_frame_age_counts_from_the_publishers_capture_time(api, ws_connect
     buckets = await age_buckets(api)
     assert buckets["+Inf"] >= 1
     assert buckets["0.25"] == 0, buckets  # none younger than its 0.4 s
-    assert buckets["1.0"] == buckets["+Inf"], buckets
+    # Not counted from a wrong clock (hours or years): all within seconds. Not a timing bound: a
+    # CI run once saw one frame written 0.6 s late (a pause of the shared test process).
+    assert buckets["2.5"] == buckets["+Inf"], buckets
     proxy.monitor.sample()
     state = proxy.monitor.state()
     (session,) = [s for s in state["sessions"] if s["id"] == session_id]
