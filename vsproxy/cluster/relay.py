@@ -73,6 +73,8 @@ RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary i
 RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
 RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0 (no longer)
 RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
+# Why a node's push publisher is disconnected when another node has the upstream's lease.
+PUBLISHED_ELSEWHERE = "another node has this upstream's publisher now"
 _AU_HEAD = struct.Struct("!BQ")  # origin to edge: the type (H.264 keyframe flag, or JPEG) and time
 
 
@@ -150,9 +152,23 @@ class ClusterSource(Source):
         if self.role == "origin" or self._publisher_lease:
             if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
                 # Another node took it (this one was cut off from Redis): its publisher is the one.
-                self._publisher_lease = False
-                self._close_relays("another node has this upstream's publisher now")
-                self.inner.disconnect("another node has this upstream's publisher now")
+                self._close_relays(PUBLISHED_ELSEWHERE)
+                self._drop_publisher(PUBLISHED_ELSEWHERE)
+
+    def _drop_publisher(self, reason: str) -> None:
+        """This node no longer holds the lease for its push publisher: disconnect it (it may
+        reconnect, to whichever node)."""
+        self._publisher_lease = False
+        self.inner.disconnect(reason)
+
+    async def _give_back_lease(self) -> bool:
+        """Release the lease now, so another node need not wait for it to expire; False if Redis
+        could not be reached (it expires by itself)."""
+        try:
+            await self.cluster.release(self.name)
+        except REDIS_ERRORS:
+            return False
+        return True
 
     @property
     def produces_h264(self) -> bool:  # type: ignore[override]
@@ -193,8 +209,7 @@ class ClusterSource(Source):
             elif self._publisher_lease and not published_elsewhere:
                 # Another node took the lease (this one was cut off from Redis): its publisher is
                 # the one; this node's would mix its frames into the relayed ones (as `renew`).
-                self._publisher_lease = False
-                self.inner.disconnect("another node has this upstream's publisher now")
+                self._drop_publisher(PUBLISHED_ELSEWHERE)
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
@@ -237,11 +252,8 @@ class ClusterSource(Source):
             # not wait for the lease to expire. A push upstream's stays while its publisher is here.
             if not self.inner.publisher_present():
                 self._publisher_lease = False
-                try:
-                    await self.cluster.release(self.name)
+                if await self._give_back_lease():
                     log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
-                except REDIS_ERRORS:
-                    pass  # it expires by itself
             if self.inner.origin_where_published:  # its publisher left: edges look for the next one
                 self._close_relays("the publisher left this node")
             for task in (keeper, inner):
@@ -268,12 +280,8 @@ class ClusterSource(Source):
         if self.role == "origin" and self._hub is not None:
             await self._hub.stop()
         if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
-            self._publisher_lease = False
-            self.inner.disconnect("node shutting down; publish to another node")
-            try:
-                await self.cluster.release(self.name)
-            except REDIS_ERRORS:
-                pass  # it expires by itself
+            self._drop_publisher("node shutting down; publish to another node")
+            await self._give_back_lease()
 
     # -- edge ----------------------------------------------------------------------------------------
 
