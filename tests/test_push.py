@@ -555,6 +555,41 @@ async def test_publisher_text_a_viewer_does_not_read_is_not_held_without_bound(a
         stalled.close()
 
 
+@pytest.mark.config({"streaming": {"max_unread_text_bytes": 262144}})
+@pytest.mark.gen_test(timeout=60)
+async def test_text_many_stalled_viewers_do_not_read_is_capped_all_together(api, ws_connect, hub, proxy,
+                                                                             http_port):
+    """Many stalled viewers (a crowd of dead tabs) and a publisher's telemetry: together they hold
+    no more than streaming.max_unread_text_bytes (plus a message each), not 1 MiB each (at
+    limits.max_connections 4096 that would be 4 GiB), while a viewer that reads still gets the
+    text, the last message included."""
+    reader = await open_viewer(api, ws_connect)
+    session_id = (await api.create_session())["sessionId"]
+    stalled = [await small_buffer_ws(http_port, f"/stream/{session_id}", rcvbuf=4096) for _ in range(8)]
+    try:
+        await wait_until(lambda: len(hub.viewers["ws_json"]) == 8, "the viewers that read nothing to attach")
+        viewers = list(hub.viewers["ws_json"])  # the reading one is a binary viewer
+        conn = await raw_publisher(ws_connect)
+        await wait_until(lambda: hub.connected, "the publisher to attach")
+        telemetry = json.dumps({"type": "telemetry", "pad": "x" * 60_000})
+
+        def held() -> int:
+            return sum(write_buffer_bytes(viewer.stream) for viewer in viewers)
+
+        largest = 0
+        for _ in range(200):  # 12 MB
+            await conn.write_message(telemetry)
+            largest = max(largest, held())
+        conn.write_message('{"type": "telemetry", "last": true}')
+        await wait_until(lambda: reader.has_text(lambda t: t.get("last") is True), "the reading viewer's last text")
+        largest = max(largest, held())
+        assert largest < 262144 + 8 * 61_000, f"8 viewers that read nothing held {largest} bytes together"
+        assert sum(t["type"] == "telemetry" for t in reader.texts) > 10
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
 @pytest.mark.config({"streaming": {"linger_seconds": 0},
                      "reconnect": {"initial_delay_seconds": 5, "max_delay_seconds": 10}})
 @pytest.mark.gen_test(timeout=30)

@@ -22,6 +22,7 @@ from .outputs.webrtc import WhepPeers
 from .server import ConnectionCount, ProxyServer
 from .sessions import SessionManager
 from .sources import create_source
+from .sources.base import UnreadTotal
 from .store import open_store
 
 log = logging.getLogger("vsproxy.app")
@@ -79,6 +80,8 @@ class Proxy:
                                started_at=self.started_at, cluster=self.cluster)
         # Open client connections against limits.max_connections: every port's, and WebRTC peers.
         self.connections = ConnectionCount(config.limits.max_connections)
+        # Text written to viewers (and cluster edges) that their sockets have not taken yet, together.
+        self.unread_text = UnreadTotal(config.streaming.max_unread_text_bytes)
         self.whep = WhepPeers(config.webrtc.ice_servers, self.connections)  # WebRTC peers (WHEP), by resource id
         if self.cluster is not None:  # a DELETE of a WHEP resource works on every node
             self.whep.directory = cluster.WhepDirectory(self.cluster, self.whep)
@@ -127,6 +130,7 @@ class Proxy:
             "vsproxy_whep": self.whep,
             "vsproxy_session_create_limiter": self.session_create_limiter,
             "vsproxy_cluster": self.cluster,
+            "vsproxy_unread_text": self.unread_text,
         }
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:

@@ -111,6 +111,11 @@ class StreamingConfig:
     max_viewer_message_bytes: int = setting(65536, min=16, max=16 * 1024 * 1024, doc="largest viewer "
                                             "message relayed upstream; a larger one closes the viewer's "
                                             "WebSocket with 1009")
+    max_unread_text_bytes: int = setting(64 * 1024 * 1024, min=65536, max=1 << 40, doc="text (statuses, "
+                                         "upstream telemetry) written to viewers and not yet taken by "
+                                         "their sockets, all viewers together; beyond it a viewer with "
+                                         "more than 64 KiB unread misses text until it reads (each "
+                                         "viewer also has 1 MiB of its own)")
 
 
 @dataclass(frozen=True)

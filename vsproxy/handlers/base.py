@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..monitor import Monitor
     from ..outputs.webrtc import WhepPeers
     from ..sessions import SessionManager
+    from ..sources.base import UnreadTotal
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"
 
@@ -223,6 +224,10 @@ class HandlerMixin:
     @property
     def session_create_limiter(self) -> RateLimiter:
         return self.settings["vsproxy_session_create_limiter"]
+
+    @property
+    def unread_text(self) -> UnreadTotal:
+        return self.settings["vsproxy_unread_text"]
 
     def public_base_url(self) -> str:
         return public_base_url(self.config, self.request)

@@ -95,7 +95,7 @@ class StreamSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
         if connection is None or connection.is_closing():  # the client left meanwhile (or hung up at once)
             self.sessions.unreserve_viewer(self.session)
             return
-        self._text = RelayBudget()  # text written to this viewer that it has not read yet
+        self._text = RelayBudget(self.unread_text)  # text written to this viewer that it has not read yet
         limits = self.config.limits
         self.message_bucket = TokenBucket(limits.viewer_message_rate, limits.viewer_message_burst)
         self.byte_bucket = TokenBucket(limits.viewer_input_bytes_rate, limits.viewer_input_bytes_burst)

@@ -59,33 +59,56 @@ class HubLink(Protocol):
         """How many viewers of an H.264 transport are attached right now."""
 
 
+class UnreadTotal:
+    """What many connections' sockets have not taken yet, all together (the app has one, for the
+    text written to viewers): `RelayBudget`s that share it stop adding once it would exceed
+    `limit`, except on a connection that keeps up (nothing unread, or under FLOOR with the
+    message), so thousands of stalled viewers cannot hold their 1 MiB each, while viewers that
+    read keep getting text."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.outstanding = 0
+
+
 class RelayBudget:
     """Messages relayed over one WebSocket connection that its socket has not taken yet, in
-    bytes, capped: a peer that stops reading makes relaying fail (viewer input to an upstream:
-    "not delivered"; upstream text to a viewer: dropped) instead of growing memory without
-    bound."""
+    bytes (characters for text), capped: a peer that stops reading makes relaying fail (viewer
+    input to an upstream: "not delivered"; upstream text to a viewer: dropped) instead of growing
+    memory without bound. With a `shared` total, the cap is also on all its connections together
+    (beyond it only one that keeps up may add more: nothing unread, or under FLOOR with the
+    message)."""
 
     LIMIT = 1 << 20
+    FLOOR = 64 << 10
 
-    def __init__(self) -> None:
+    def __init__(self, shared: UnreadTotal | None = None) -> None:
         self.outstanding = 0
+        self.shared = shared
 
     def send(self, write_message: Callable[..., Awaitable[None]], message: str | bytes, *,
              control: bool = False) -> bool:
-        """Write `message` unless LIMIT bytes wait; a `control` message (a few bytes, sent only
-        when a state changes, such as what a cluster edge wants relayed) is written regardless: it
-        must not be lost to viewers' input."""
-        if self.outstanding > self.LIMIT and not control:
-            return False
+        """Write `message` unless LIMIT bytes wait (or the shared total is spent); a `control`
+        message (a few bytes, sent only when a state changes, such as what a cluster edge wants
+        relayed) is written regardless: it must not be lost to viewers' input."""
         size = len(message)
+        shared = self.shared
+        if not control and (self.outstanding > self.LIMIT or (
+                shared is not None and shared.outstanding + size > shared.limit
+                and self.outstanding and self.outstanding + size > self.FLOOR)):
+            return False
         try:
             future = asyncio.ensure_future(write_message(message, binary=isinstance(message, bytes)))
         except WebSocketClosedError:
             return False
         self.outstanding += size
+        if shared is not None:
+            shared.outstanding += size
 
         def written(done: asyncio.Future) -> None:
             self.outstanding -= size
+            if shared is not None:
+                shared.outstanding -= size
             if not done.cancelled():
                 done.exception()  # retrieved: a closed connection is the reader's business
 
