@@ -206,3 +206,39 @@ async def test_a_session_unknown_here_while_redis_is_down_is_a_503_not_a_404(clu
     await poll(lambda: node2.api.call("GET", f"/session/{sid}"), lambda r: r[0] == 200, "node2 to find the session")
     code, body, _ = await node2.api.call("GET", "/session/stream_0_00000000000000000000000000000000")
     assert_json_error(code, body, 404)  # Redis answers again: an unknown session is a 404
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_peer_that_ends_while_its_record_is_written_is_remembered_as_ended(redis_server):  # noqa: F811
+    """A WHEP peer that ends the moment it is made (its connection fails at once): the "ended"
+    record must not be overwritten by the "live" one still on its way to Redis on another
+    connection of the pool. Before, the live one could land last and stay for 24 hours: every
+    DELETE of the resource on any node was a 200, where the first is a 200 and the next a 404."""
+    from types import SimpleNamespace
+
+    from vsproxy.cluster.node import Cluster
+    from vsproxy.cluster.whep import WhepDirectory
+    from vsproxy.config import config_from_dict
+
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "token": "t" * 32}})
+    node = Cluster(config)
+    directory = WhepDirectory(node, peers=SimpleNamespace())
+    real_set = node.redis.set
+
+    async def slow_set(key, value, **kwargs):
+        if '"ended"' not in value:  # the live record: held up on its way (a busy connection)
+            await asyncio.sleep(0.3)
+        return await real_set(key, value, **kwargs)
+
+    node.redis.set = slow_set
+    peer = SimpleNamespace(id=secrets.token_hex(8), session_id="stream_1", deleted=False)
+    try:
+        adding = asyncio.ensure_future(directory.added(peer))
+        await asyncio.sleep(0.05)  # the live record's SET under way
+        directory.removed(peer)  # the peer ended meanwhile
+        await adding
+        await wait_until(lambda: not directory._tasks, "the ended record to be written")
+        assert await directory.end("stream_1", peer.id) is True  # its client's first DELETE
+        assert await directory.end("stream_1", peer.id) is False  # a second one: 404
+    finally:
+        await node.redis.aclose()

@@ -38,6 +38,9 @@ class WhepDirectory:
         self.cluster = cluster
         self.peers = peers
         self._tasks: set[asyncio.Task] = set()
+        # The peers whose record is being written (`added`): what follows for one waits for it, or
+        # the two commands, on different connections of the pool, could land in either order.
+        self._adding: dict[str, asyncio.Future] = {}
         cluster.event_handlers[DELETE_OP] = self._on_delete
 
     async def added(self, peer: WhepPeer) -> None:
@@ -45,10 +48,14 @@ class WhepDirectory:
         unreachable: the peer still works, and only a DELETE on this node ends it early."""
         record = json.dumps({"node": self.cluster.node_id, "instance": self.cluster.instance,
                              "session": peer.session_id})
+        written = self._adding[peer.id] = asyncio.get_running_loop().create_future()
         try:
             await self.cluster.redis.set(resource_key(peer.id), record, ex=RESOURCE_TTL_SECONDS)
         except REDIS_ERRORS as exc:
             self.cluster.failed(exc)
+        finally:
+            del self._adding[peer.id]
+            written.set_result(None)
 
     def removed(self, peer: WhepPeer) -> None:
         """A peer of this node ended (however), in the background: forgotten if its client
@@ -59,18 +66,22 @@ class WhepDirectory:
             self.forget(peer.id)
             return
         record = json.dumps({"ended": True, "session": peer.session_id})
-        self._background(lambda: self.cluster.redis.set(resource_key(peer.id), record, ex=ENDED_TTL_SECONDS))
+        self._background(peer.id, lambda: self.cluster.redis.set(resource_key(peer.id), record,
+                                                                 ex=ENDED_TTL_SECONDS))
 
     def forget(self, resource_id: str) -> None:
         """Forget a resource, in the background."""
-        self._background(lambda: self.cluster.redis.delete(resource_key(resource_id)))
+        self._background(resource_id, lambda: self.cluster.redis.delete(resource_key(resource_id)))
 
-    def _background(self, command: Callable[[], Awaitable]) -> None:
-        task = asyncio.ensure_future(self._run(command))
+    def _background(self, resource_id: str, command: Callable[[], Awaitable]) -> None:
+        # After the resource's record is written, if that is under way (a peer that ended at once).
+        task = asyncio.ensure_future(self._run(self._adding.get(resource_id), command))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, command: Callable[[], Awaitable]) -> None:
+    async def _run(self, after: asyncio.Future | None, command: Callable[[], Awaitable]) -> None:
+        if after is not None:
+            await after
         try:
             await command()
         except REDIS_ERRORS as exc:
