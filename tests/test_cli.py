@@ -170,6 +170,53 @@ def test_out_of_range_port_flag_exits_2(tmp_path):
     assert_one_line_config_error(result, "server.port")
 
 
+def test_check_prints_what_would_be_served_without_secrets_and_exits_0(tmp_path):
+    """`vsproxy check` loads the configuration as serving would (the file, the environment, the
+    flags), opens the session store, and exits 0 with a summary that names every upstream but
+    shows no secret: no password, query token, API token or push token. It listens on nothing."""
+    port = free_port()
+    (tmp_path / "prod.yaml").write_text(json.dumps({
+        "server": {"host": "0.0.0.0"},
+        "upstreams": {"cam": {"kind": "mjpeg", "url": "http://admin:hunter2-pass@127.0.0.1:1/video?key=qs-secret"},
+                      "pub": {"kind": "push", "token": "push-secret-token-1"}},
+        "default_upstream": "cam",
+        "auth": {"api_tokens": ["api-secret-token-0123456789"]},
+        "sessions": {"store": "sqlite:sessions.db"},
+    }))
+    result = run_vsproxy(["check", "--config", "prod.yaml"], tmp_path,
+                         env=clean_env(VIDEO_PROXY_PORT=str(port), ISAAC_SIM_IP="127.0.0.1"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("vsproxy: configuration OK\n"), out
+    assert f"listen: http://0.0.0.0:{port}/" in out  # the environment applies, as when serving
+    assert "upstream cam: mjpeg http://***@127.0.0.1:1/video (default)" in out
+    assert "upstream pub: push" in out and "upstream isaac: isaac ws://127.0.0.1:8211/" in out
+    assert "sessions: sqlite:sessions.db (0 stored)" in out and "API tokens: 1;" in out
+    for secret in ("hunter2", "qs-secret", "push-secret", "api-secret"):
+        assert secret not in out + result.stderr, secret
+    assert "warning" not in out  # beyond this machine, but with API tokens
+    with socket.create_server(("127.0.0.1", port)):  # nothing took the port
+        pass
+
+
+def test_check_exits_2_with_the_one_line_error_serving_would_print(tmp_path):
+    """The same one line and exit 2 as `vsproxy` itself: the configuration, and what start-up
+    opens before listening (a session store that cannot be used)."""
+    (tmp_path / "bad.yaml").write_text("server:\n  prot: 9000\n")
+    assert_one_line_config_error(run_vsproxy(["--config", "bad.yaml", "check"], tmp_path), "server.prot")
+    (tmp_path / "store.yaml").write_text("sessions:\n  store: sqlite:missing-dir/s.db\n")
+    serve = run_vsproxy(["--config", "store.yaml"], tmp_path)
+    check = run_vsproxy(["check", "--config", "store.yaml"], tmp_path)
+    assert_one_line_config_error(check, "sessions.store")
+    assert check.stderr == serve.stderr and check.stdout == ""
+
+
+def test_check_warns_of_a_wildcard_host_without_api_tokens(tmp_path):
+    result = run_vsproxy(["--host", "0.0.0.0", "check"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: listening on 0.0.0.0, beyond this machine, with auth.api_tokens empty" in result.stdout
+
+
 def test_port_in_use_exits_1_without_traceback(tmp_path):
     """A busy port is reported in one log line that says what to do, and the process exits 1; the
     simulator's likewise."""

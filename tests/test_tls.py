@@ -212,10 +212,10 @@ async def test_metrics_port_speaks_tls_too(io_loop, cert_files, client_ssl):
 # -- configuration errors -------------------------------------------------------------------------
 
 
-def run_vsproxy(tmp_path, tree: dict) -> subprocess.CompletedProcess:
+def run_vsproxy(tmp_path, tree: dict, *command: str) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": free_port()}, **tree}))
-    return subprocess.run([sys.executable, "-m", "vsproxy", "--config", str(path)], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "vsproxy", "--config", str(path), *command], cwd=tmp_path,
                           capture_output=True, text=True, timeout=30)
 
 
@@ -257,12 +257,14 @@ def test_unreadable_certificate_exits_2_naming_the_key(tmp_path, cert_files):
 
 
 @pytest.mark.slow
-def test_mismatched_key_exits_2(tmp_path, ca, cert_files):
+@pytest.mark.parametrize("command", [(), ("check",)], ids=["serve", "check"])
+def test_mismatched_key_exits_2(tmp_path, ca, cert_files, command):
+    """Serving, and `vsproxy check` (which loads the certificate as serving would)."""
     cert_file, _ = cert_files
     other = ca.issue_cert("127.0.0.1")
     other_key = tmp_path / "other.key"
     other.private_key_pem.write_to_path(str(other_key))
-    result = run_vsproxy(tmp_path, {"tls": {"cert_file": cert_file, "key_file": str(other_key)}})
+    result = run_vsproxy(tmp_path, {"tls": {"cert_file": cert_file, "key_file": str(other_key)}}, *command)
     assert result.returncode == 2, (result.returncode, result.stderr)
     (line,) = result.stderr.strip().splitlines()  # one line, in the form of every configuration error
     assert line.startswith("vsproxy: configuration error: tls.cert_file/tls.key_file: "), line

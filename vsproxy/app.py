@@ -29,6 +29,18 @@ log = logging.getLogger("vsproxy.app")
 access_log = logging.getLogger("vsproxy.access")
 
 
+def ssl_context(config: Config) -> ssl.SSLContext | None:
+    """A server TLS context from tls.cert_file/key_file, or None for plain HTTP (ssl.SSLError if
+    they cannot be loaded)."""
+    tls = config.tls
+    if not tls.cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
 class Proxy:
     """The application object: everything with state hangs off it (no module-level state)."""
 
@@ -167,21 +179,11 @@ class Proxy:
         for hub in self.hubs.values():
             hub.tick(now)
 
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A server TLS context from tls.cert_file/key_file, or None for plain HTTP."""
-        tls = self.config.tls
-        if not tls.cert_file:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-        return context
-
     def listen(self, port: int, address: str = "127.0.0.1") -> ProxyServer:
         """Serve on `port` (HTTPS/WSS when TLS is configured); /metrics also on server.metrics_port.
 
         Both ports share one `limits.max_connections` count (see vsproxy/server.py)."""
-        context = self.ssl_context()
+        context = ssl_context(self.config)
         connections = self.connections
         self._server = ProxyServer(self.make_app(), server_config=self.config.server, connections=connections,
                                    ssl_options=context)

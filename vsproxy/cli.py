@@ -1,4 +1,5 @@
-"""Command line: `vsproxy` serves; `vsproxy simulate` runs a simulated Isaac Sim upstream."""
+"""Command line: `vsproxy` serves; `vsproxy check` checks the configuration; `vsproxy simulate` runs a
+simulated Isaac Sim upstream."""
 
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="port to listen on (server.port, default 8889)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging.level (default info)")
     parser.add_argument("--log-format", choices=("text", "json"), help="logging.format (default text)")
-    commands = parser.add_subparsers(dest="command", metavar="{simulate}")
+    commands = parser.add_subparsers(dest="command", metavar="{check,simulate}")
+    check = commands.add_parser(
+        "check", help="check the configuration and exit (0: good, 2: a configuration error)",
+        description="Load the configuration as `vsproxy` would (flags, environment, .env, config file), "
+                    "open the session store and load the TLS certificate, then print what it would serve "
+                    "and exit without listening: 0 if it would start, 2 with the one-line configuration "
+                    "error if not. No secret is printed, and nothing is contacted (upstreams, Redis).",
+        epilog="Example: vsproxy check --config /etc/vsproxy/config.yaml")
+    check.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="as vsproxy --config")
     sim = commands.add_parser(
         "simulate", help="run a simulated Isaac Sim WebSocket server",
         description="A stand-in for Isaac Sim's WebSocket stream, for work without a GPU host: serves a "
@@ -66,8 +75,70 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vsproxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        return _check(config)
     configure_logging(config.logging.level, config.logging.format)
     return asyncio.run(_serve(config))
+
+
+def _tls_error(exc: ssl.SSLError) -> str:
+    return ("tls.cert_file/tls.key_file: cannot load them as a PEM certificate and its private key "
+            f"({exc.reason or exc}; the key must belong to the certificate)")
+
+
+def _exposure_warning(hosts: list[str], config) -> str | None:  # noqa: ANN001 - Config
+    """The warning for listening beyond this machine without API tokens, None if it does not apply."""
+    from .server import is_loopback
+
+    exposed = [host for host in hosts if not is_loopback(host)]
+    if not exposed or config.auth.api_tokens:
+        return None
+    return (f"listening on {', '.join(exposed)}, beyond this machine, with auth.api_tokens empty: anyone who "
+            "can reach it can create sessions and send input to the simulator (set auth.api_tokens, or "
+            "--host 127.0.0.1)")
+
+
+def _check(config) -> int:  # noqa: ANN001 - Config, imported lazily with the app
+    """`vsproxy check`: what start-up checks before it listens, without listening or contacting
+    anything; a summary on stdout (no secrets: URLs without credentials or query)."""
+    from .app import ssl_context
+    from .auth import redact_url
+    from .server import url_for
+    from .sources import kind_of
+    from .store import open_store
+
+    try:
+        store = open_store(config.sessions.store)
+        stored = store.load()
+        asyncio.run(store.close())
+        ssl_context(config)
+    except ConfigError as exc:
+        print(f"vsproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ssl.SSLError as exc:
+        print(f"vsproxy: configuration error: {_tls_error(exc)}", file=sys.stderr)
+        return 2
+    server, auth = config.server, config.auth
+    scheme = "https" if config.tls.cert_file else "http"
+    upstreams, default = config.upstream_configs()
+    lines = [f"listen: {url_for(scheme, server.host, server.port)}"
+             + (f", /metrics on port {server.metrics_port}" if server.metrics_port else "")]
+    for name, settings in upstreams.items():
+        url = getattr(settings, "url", "")
+        lines.append(f"upstream {name}: {kind_of(settings)}" + (f" {redact_url(url)}" if url else "")
+                     + (" (default)" if name == default else ""))
+    lines.append(f"sessions: {config.sessions.store} ({len(stored.records)} stored)")
+    lines.append("cluster: " + (f"Redis {redact_url(config.cluster.redis_url)}" if config.cluster.redis_url
+                                else "off (one node)"))
+    lines.append(f"API tokens: {len(auth.api_tokens) or 'none'}; viewer tokens: "
+                 + ("on" if auth.viewer_tokens.enabled else "off"))
+    print("vsproxy: configuration OK")
+    for line in lines:
+        print(f"  {line}")
+    warning = _exposure_warning([server.host], config)
+    if warning is not None:
+        print(f"  warning: {warning}")
+    return 0
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> str:
@@ -88,7 +159,7 @@ async def _wait_for_signal() -> None:
 
 async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with the app
     from .app import Proxy
-    from .server import is_loopback, raise_open_file_limit, url_for
+    from .server import raise_open_file_limit, url_for
 
     raise_open_file_limit(config.limits.max_connections)
     try:
@@ -100,8 +171,7 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     try:
         server = proxy.listen(port, address=host)
     except ssl.SSLError as exc:  # as every configuration error: one line naming the keys, exit 2
-        print(f"vsproxy: configuration error: tls.cert_file/tls.key_file: cannot load them as a PEM certificate "
-              f"and its private key ({exc.reason or exc}; the key must belong to the certificate)", file=sys.stderr)
+        print(f"vsproxy: configuration error: {_tls_error(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         log.error("%s", _cannot_listen(host, port, exc))
@@ -112,11 +182,9 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     scheme = "https" if config.tls.cert_file else "http"
     urls = ", ".join(url_for(scheme, bound_host, bound_port) for bound_host, bound_port in addresses)
     log.info("vsproxy %s listening on %s (upstream: %s)", __version__, urls, upstream)
-    exposed = [bound_host for bound_host, _ in addresses if not is_loopback(bound_host)]
-    if exposed and not config.auth.api_tokens:
-        log.warning("listening on %s, beyond this machine, with auth.api_tokens empty: anyone who can reach "
-                    "it can create sessions and send input to the simulator (set auth.api_tokens, or "
-                    "--host 127.0.0.1)", ", ".join(exposed))
+    warning = _exposure_warning([bound_host for bound_host, _ in addresses], config)
+    if warning is not None:
+        log.warning("%s", warning)
     await _wait_for_signal()
     log.info("shutting down")
     await proxy.shutdown()
