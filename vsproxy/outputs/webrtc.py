@@ -112,12 +112,24 @@ def without_mdns_candidates(sdp: str) -> str:
     second, and from another network it never resolves; the browser's connectivity checks reach
     us anyway and become peer-reflexive candidates. Where one was left out, so is
     `a=end-of-candidates` (Firefox sends it): aioice would otherwise give up at once when no
-    candidate is left, before the browser's checks could arrive."""
+    candidate is left, before the browser's checks could arrive.
+
+    A candidate's fields are read as aiortc reads them (split at any whitespace, the address the
+    fifth): an mDNS name followed by a tab instead of a space is one aioice resolves too, and the
+    offer's candidate limit (MAX_OFFER_CANDIDATES) counts only addresses."""
     lines = sdp.splitlines(keepends=True)
-    kept = [line for line in lines if not (line.startswith("a=candidate:") and ".local " in line)]
+    kept = [line for line in lines if not _mdns_candidate(line)]
     if len(kept) < len(lines):
         kept = [line for line in kept if not line.startswith("a=end-of-candidates")]
     return "".join(kept)
+
+
+def _mdns_candidate(line: str) -> bool:
+    """Is this SDP line a candidate at an mDNS name (`<name>.local`)?"""
+    if not line.startswith("a=candidate:"):
+        return False
+    fields = line[len("a=candidate:"):].split()
+    return len(fields) > 4 and fields[4].lower().endswith(".local")
 
 
 def reachable(candidate: Any) -> bool:
