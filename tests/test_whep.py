@@ -567,3 +567,25 @@ async def test_mdns_candidates_are_left_out_however_their_fields_are_separated(a
     assert [c.ip for m in kept.media for c in m.ice_candidates] == [c.ip for m in SessionDescription.parse(sdp).media
                                                                        for c in m.ice_candidates]
     assert without_mdns_candidates(sdp) == sdp  # nothing to leave out: a=end-of-candidates stays
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("port", ["99999", "-1"])
+async def test_an_offer_with_a_candidate_port_no_socket_takes_is_a_400(api, proxy, whep_clients, port):
+    """aiortc reads a candidate's port as any integer, and aioice sent its first connectivity
+    check there: the socket refused the port (OverflowError), asyncio logged a fatal error with its
+    traceback and closed the peer's socket, and the STUN retry logged another (found by review),
+    after the offer had its 201. It is a JSON 400, before any peer is made."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    bad = re.sub(r"^(a=candidate:\S+ \d+ udp \d+ \S+) \d+ ", rf"\1 {port} ", sdp, count=1, flags=re.M)
+    assert bad != sdp
+    code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=bad.encode(),
+                                   headers={"Content-Type": "application/sdp"})
+    assert_json_error(code, body, 400)
+    assert "port" in body["error"]
+    assert not proxy.whep.peers and proxy.connections.open == 0
+    assert await client.connect() == 201  # its own offer, as it made it
+    assert len(await client.frames(3)) == 3

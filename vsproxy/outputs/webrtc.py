@@ -178,6 +178,10 @@ def check_offer(sdp: str) -> None:
     if not any(m.ice and m.ice.usernameFragment and m.dtls and m.dtls.fingerprints for m in videos):
         raise BadOffer("The SDP offer's video section lacks ICE credentials or a DTLS fingerprint")
     media = description.media  # bundled: the first section's transport carries all; be lenient
+    # A port beyond what a socket takes fails the ICE agent's first check on our own socket (asyncio
+    # logs a fatal error and its traceback, twice, and closes the socket), long after the 201.
+    if any(reachable(c) and not 0 <= c.port <= 65535 for m in media for c in m.ice_candidates):
+        raise BadOffer("The SDP offer has an ICE candidate whose port is not 0-65535")
     if sum(reachable(c) for m in media for c in m.ice_candidates) > MAX_OFFER_CANDIDATES:
         raise BadOffer(f"The SDP offer has more than {MAX_OFFER_CANDIDATES} ICE candidates vsproxy would check")
     if all(m.ice_candidates_complete for m in media) and not any(reachable(c) for m in media for c in m.ice_candidates):
