@@ -615,3 +615,62 @@ async def test_the_last_session_leaving_while_the_publisher_is_away_makes_the_up
     conn.close()
     code, body = await post_frame(api, frames[1])
     assert code == 200 and body["active"] is False, body
+
+
+def jpeg_stating(width: int, height: int) -> bytes:
+    """A valid grey baseline JPEG of width x height, flat, in two bits per 8x8 block (each block's
+    DC difference and end-of-block as one-bit Huffman codes): a small file stating a huge picture."""
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes((0xFF, marker)) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    one_code = bytes([1] + [0] * 15)  # one code of length 1, for symbol 0
+    head = (segment(0xDB, bytes(1) + bytes([1] * 64))
+            + segment(0xC0, bytes([8]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([1, 1, 0x11, 0]))
+            + segment(0xC4, b"\x00" + one_code + b"\x00" + b"\x10" + one_code + b"\x00")
+            + segment(0xDA, bytes([1, 1, 0, 0, 63, 0])))
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    return b"\xff\xd8" + head + bytes(blocks // 4 * 11 // 10 + 1) + b"\xff\xd9"
+
+
+@pytest.mark.config({"upstreams": {"replicator": {"max_frame_bytes": 1 << 20}}})
+@pytest.mark.gen_test(timeout=40)
+async def test_a_jpeg_stating_a_huge_picture_is_not_decoded_for_h264_viewers(api, ws_connect, hub, frames):
+    """Any upstream can state any picture size in a JPEG's header, and the encoder's JPEG decoder
+    allocated what it stated: a publisher's 3 MB JPEG of 16000x16000 grew the process by 780 MB
+    and took 3 s of a core, per frame (found by review). A picture over the encoder's limit
+    (MAX_DECODE_PIXELS) is skipped like a damaged one; the stream goes on with the next frame."""
+    from vsproxy.codec.encoder import MAX_DECODE_PIXELS
+
+    huge = jpeg_stating(9000, 9000)
+    assert 9000 * 9000 > MAX_DECODE_PIXELS and len(huge) < 1 << 20 and render.jpeg_size(huge) == (9000, 9000)
+    session = await api.create_session()
+    conn = await ws_connect(f"/stream/{session['sessionId']}?format=h264")
+    configs: list[dict] = []
+    units: list[bytes] = []
+
+    async def read() -> None:
+        while (message := await conn.read_message()) is not None:
+            if isinstance(message, bytes):
+                units.append(message)
+            elif json.loads(message)["type"] == "config":
+                configs.append(json.loads(message))
+
+    reader = asyncio.ensure_future(read())
+    try:
+        code, _ = await post_frame(api, frames[0])
+        assert code == 200
+        await wait_until(lambda: units, "the first access unit")
+        encoder = hub.encoder
+        encoded, refused = encoder.frames_encoded, encoder.errors
+        code, body = await post_frame(api, huge)
+        assert code == 200, body  # a JPEG for the JPEG viewers; the encoder is what must not choke
+        await wait_until(lambda: (encoder.frames_encoded, encoder.errors) != (encoded, refused),
+                         "the encoder to take the huge picture")
+        assert (encoder.frames_encoded, encoder.errors) == (encoded, refused + 1)
+        count = len(units)
+        code, _ = await post_frame(api, frames[1])
+        assert code == 200
+        await wait_until(lambda: len(units) > count, "the next frame's access unit")
+        assert [(c["width"], c["height"]) for c in configs] == [(160, 120)]
+    finally:
+        reader.cancel()

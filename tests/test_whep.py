@@ -540,3 +540,52 @@ async def test_a_delete_just_after_the_connection_closed_is_a_200(api, proxy, wh
     assert code == 404
     code, _, _ = await api.call("DELETE", f"/stream/{session_id}/whep/never-made")
     assert code == 404
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("separator", ["\t", "\xa0", " \t "])
+async def test_mdns_candidates_are_left_out_however_their_fields_are_separated(api, whep_clients, separator):
+    """aiortc splits a candidate's fields at any whitespace, and aioice resolves every `.local`
+    name it is handed over multicast, for a second each: an offer whose mDNS names were followed
+    by a tab instead of a space kept them all (the check looked for ".local "), and the candidate
+    limit counts only addresses, so one 64 KB offer had the server send 650 mDNS queries and its
+    answer wait for them (found by review). Whatever separates the fields, what aiortc reads of
+    the offer vsproxy hands it holds no mDNS candidate, and none is counted as one left out of an
+    offer that had none."""
+    from aiortc.sdp import SessionDescription
+
+    from vsproxy.outputs.webrtc import MAX_OFFER_CANDIDATES, without_mdns_candidates
+
+    sdp = await (await new_client(api, whep_clients, "stream_123_any")).offer()
+    names = "".join(f"a=candidate:m{i} 1 udp 2130706431 {i:08x}-6f0b-4d7b-b1c8-3a6e7d2f9a10.local{separator}"
+                    f"{40000 + i} typ host\r\n" for i in range(MAX_OFFER_CANDIDATES * 4))
+    flooded = re.sub(r"^(a=candidate:.*\r\n)", lambda m: m.group(1) + names, sdp, count=1, flags=re.M)
+    parsed = SessionDescription.parse(flooded)
+    assert sum(c.ip.endswith(".local") for m in parsed.media for c in m.ice_candidates) == MAX_OFFER_CANDIDATES * 4
+    kept = SessionDescription.parse(without_mdns_candidates(flooded))
+    assert not [c.ip for m in kept.media for c in m.ice_candidates if c.ip.endswith(".local")]
+    assert [c.ip for m in kept.media for c in m.ice_candidates] == [c.ip for m in SessionDescription.parse(sdp).media
+                                                                       for c in m.ice_candidates]
+    assert without_mdns_candidates(sdp) == sdp  # nothing to leave out: a=end-of-candidates stays
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("port", ["99999", "-1"])
+async def test_an_offer_with_a_candidate_port_no_socket_takes_is_a_400(api, proxy, whep_clients, port):
+    """aiortc reads a candidate's port as any integer, and aioice sent its first connectivity
+    check there: the socket refused the port (OverflowError), asyncio logged a fatal error with its
+    traceback and closed the peer's socket, and the STUN retry logged another (found by review),
+    after the offer had its 201. It is a JSON 400, before any peer is made."""
+    session_id = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, session_id)
+    sdp = await client.offer()
+    bad = re.sub(r"^(a=candidate:\S+ \d+ udp \d+ \S+) \d+ ", rf"\1 {port} ", sdp, count=1, flags=re.M)
+    assert bad != sdp
+    code, body, _ = await api.call("POST", f"/stream/{session_id}/whep", raw=bad.encode(),
+                                   headers={"Content-Type": "application/sdp"})
+    assert_json_error(code, body, 400)
+    assert "port" in body["error"]
+    assert not proxy.whep.peers and proxy.connections.open == 0
+    assert await client.connect() == 201  # its own offer, as it made it
+    assert len(await client.frames(3)) == 3

@@ -487,7 +487,8 @@ def _paths() -> dict[str, Any]:
                              "content": {"application/sdp": {"schema": {"type": "string"}}}},
                 description="draft-ietf-wish-whep. The body must be `Content-Type: application/sdp` (415 "
                             "otherwise) and an SDP offer with a video section offering H.264 (400 if it is not "
-                            "an SDP offer, ends its candidates with no UDP one, or lists more than 32 UDP ones; 406 "
+                            "an SDP offer, ends its candidates with no UDP one, lists more than 32 UDP ones or one "
+                            "at a port beyond 0-65535; 406 "
                             "without video or H.264). "
                             "The peer is a viewer of the session like "
                             "any other (connections, limits.max_viewers_per_session: 503 ("

@@ -36,6 +36,11 @@ MIN_STEP_US, MAX_STEP_US = 1_000, 1_000_000
 # with each failure in a row (no frame encoded between them), up to the maximum.
 RESTART_DELAY_SECONDS = 0.5
 RESTART_DELAY_MAX_SECONDS = 30.0
+# The largest JPEG picture decoded (FFmpeg's max_pixels): 64 megapixels, beyond 8K UHD and most
+# still cameras. Any upstream can state any size in a JPEG's header, and FFmpeg would allocate the
+# picture it states: a push publisher's 3 MB JPEG of 16000x16000 grew the process by 780 MB and
+# took 3 s of a core per frame. Larger ones are skipped, as damaged ones are.
+MAX_DECODE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ class H264Encoder:
 
         settings = self.settings
         decoder = av.CodecContext.create("mjpeg", "r")
+        decoder.options = {"max_pixels": str(MAX_DECODE_PIXELS)}
         encoder: Any = None
         size: tuple[int, int] | None = None
         last_keyframe = -1e9
@@ -205,7 +211,7 @@ class H264Encoder:
                 pictures = decoder.decode(av.Packet(jpeg))
             except av.error.FFmpegError:
                 self.errors += 1
-                continue  # a damaged JPEG: the next one will do
+                continue  # a damaged JPEG, or one over MAX_DECODE_PIXELS: the next one will do
             for picture in pictures:
                 wanted = encoded_size(picture.width, picture.height, settings.max_width, settings.max_height)
                 if encoder is None or wanted != size:

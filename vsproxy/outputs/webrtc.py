@@ -112,12 +112,24 @@ def without_mdns_candidates(sdp: str) -> str:
     second, and from another network it never resolves; the browser's connectivity checks reach
     us anyway and become peer-reflexive candidates. Where one was left out, so is
     `a=end-of-candidates` (Firefox sends it): aioice would otherwise give up at once when no
-    candidate is left, before the browser's checks could arrive."""
+    candidate is left, before the browser's checks could arrive.
+
+    A candidate's fields are read as aiortc reads them (split at any whitespace, the address the
+    fifth): an mDNS name followed by a tab instead of a space is one aioice resolves too, and the
+    offer's candidate limit (MAX_OFFER_CANDIDATES) counts only addresses."""
     lines = sdp.splitlines(keepends=True)
-    kept = [line for line in lines if not (line.startswith("a=candidate:") and ".local " in line)]
+    kept = [line for line in lines if not _mdns_candidate(line)]
     if len(kept) < len(lines):
         kept = [line for line in kept if not line.startswith("a=end-of-candidates")]
     return "".join(kept)
+
+
+def _mdns_candidate(line: str) -> bool:
+    """Is this SDP line a candidate at an mDNS name (`<name>.local`)?"""
+    if not line.startswith("a=candidate:"):
+        return False
+    fields = line[len("a=candidate:"):].split()
+    return len(fields) > 4 and fields[4].lower().endswith(".local")
 
 
 def reachable(candidate: Any) -> bool:
@@ -166,6 +178,10 @@ def check_offer(sdp: str) -> None:
     if not any(m.ice and m.ice.usernameFragment and m.dtls and m.dtls.fingerprints for m in videos):
         raise BadOffer("The SDP offer's video section lacks ICE credentials or a DTLS fingerprint")
     media = description.media  # bundled: the first section's transport carries all; be lenient
+    # A port beyond what a socket takes fails the ICE agent's first check on our own socket (asyncio
+    # logs a fatal error and its traceback, twice, and closes the socket), long after the 201.
+    if any(reachable(c) and not 0 <= c.port <= 65535 for m in media for c in m.ice_candidates):
+        raise BadOffer("The SDP offer has an ICE candidate whose port is not 0-65535")
     if sum(reachable(c) for m in media for c in m.ice_candidates) > MAX_OFFER_CANDIDATES:
         raise BadOffer(f"The SDP offer has more than {MAX_OFFER_CANDIDATES} ICE candidates vsproxy would check")
     if all(m.ice_candidates_complete for m in media) and not any(reachable(c) for m in media for c in m.ice_candidates):
