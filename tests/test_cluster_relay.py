@@ -462,6 +462,26 @@ async def test_an_upstream_that_refuses_is_reported_as_such_not_as_redis(make_no
     assert health["cluster"]["redis"] == "connected" and "problem" not in health["cluster"], health
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_request_that_is_no_publisher_handshake_takes_no_lease(make_nodes, redis_server):  # noqa: F811
+    """A GET of /ingest/{name} with the publish token that is no WebSocket handshake (a probe, a
+    curl), or one from an Origin that may not open WebSockets, is refused and takes nothing: the
+    publisher that comes next, to another node, is accepted. Before, the node took the upstream's
+    lease first, and for a second the real publisher got a 409 naming a node where no publisher
+    was (found by review)."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    a, b = await started(make_nodes(2, free_port(), extra))
+    auth = {"Authorization": f"Bearer {PUBLISH_TOKEN}"}
+    code, body, _ = await a.api.call("GET", "/ingest/pub", headers=auth)
+    assert_json_error(code, body, 400)
+    with pytest.raises(HTTPClientError) as info:
+        await tornado.websocket.websocket_connect(HTTPRequest(
+            f"ws://127.0.0.1:{a.port}/ingest/pub", headers={**auth, "Origin": "http://elsewhere.example"}))
+    assert info.value.code == 403
+    pub = await publisher(b)  # at once: no lease of node1's to wait out
+    pub.close()
+
+
 PUBLISH_TOKEN = "publish-token-0123"
 
 

@@ -41,7 +41,6 @@ find the new origin.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import struct
 import time
@@ -51,6 +50,7 @@ import tornado.web
 import tornado.websocket
 from tornado.httpclient import HTTPRequest
 
+from ..auth import bearer_token, token_matches
 from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
 from ..handlers.base import websocket_handshake_error, write_json_error
@@ -469,9 +469,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     async def get(self, upstream: str, *args: Any, **kwargs: Any) -> None:
         cluster = self._cluster()
-        supplied = self.request.headers.get("Authorization", "")
-        expected = f"Bearer {cluster.token}"
-        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+        if not token_matches(bearer_token(self.request.headers.get("Authorization")), (cluster.token,)):
             self._refuse(401, "cluster token required")
             return
         hub = self.application.settings["vsproxy_hubs"].get(upstream)

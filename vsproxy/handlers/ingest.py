@@ -95,6 +95,9 @@ class IngestSocketHandler(WebSocketMixin, tornado.websocket.WebSocketHandler):
             log.warning("publisher refused from %s: missing or wrong token", self.request.remote_ip,
                         extra={"upstream": hub.name})
             return self.refuse(401, "Missing or wrong publish token", {"WWW-Authenticate": BEARER_CHALLENGE})
+        error = self.handshake_error()  # before the lease: a request that will not be a publisher takes none
+        if error is not None:
+            return self.refuse(*error)
         try:
             await check_publisher_here(hub)
         except ClientError as exc:
