@@ -174,6 +174,34 @@ async def test_peers_count_against_max_connections(api, proxy, whep_clients):
     assert code == 201
 
 
+@pytest.mark.config({**SMALL_DEMO, "limits": {"max_connections": 3}})
+@pytest.mark.gen_test(timeout=30)
+async def test_offers_at_once_do_not_open_more_than_max_connections(api, proxy, whep_clients):
+    """Five offers at once: each peer takes its place before the next offer is checked, so the
+    peers never exceed limits.max_connections (the offers beyond get 503). Before, every offer
+    passed the check on the same count while aiortc answered the others: 5 peers with
+    max_connections 3 (found by review)."""
+    session_id = (await api.create_session())["sessionId"]
+    offer = (await (await new_client(api, whep_clients, session_id)).offer()).encode()
+    peak, done = 0, False
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, proxy.connections.open)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    results = await asyncio.gather(*(api.call("POST", f"/stream/{session_id}/whep", raw=offer,
+                                              headers={"Content-Type": "application/sdp"}) for _ in range(5)))
+    done = True
+    await watcher
+    codes = sorted(code for code, _, _ in results)
+    assert peak <= 3, f"{peak} connections and peers open at once (max_connections 3); answers {codes}"
+    assert 201 in codes and set(codes) <= {201, 503}, codes
+    assert len(proxy.whep.peers) == codes.count(201)
+
+
 @pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})
 @pytest.mark.gen_test(timeout=30)
 async def test_viewer_tokens_are_enforced(api, whep_clients):

@@ -434,6 +434,9 @@ class WhepPeers:
         pc = RTCPeerConnection(self.rtc_configuration())
         peer = WhepPeer(secrets.token_urlsafe(16), session_id, pc, stats, on_close=closed,
                         request_keyframe=request_keyframe)
+        # Its place is taken before the first await: offers answered at once must not all pass
+        # the check above on the same count.
+        self.connections.open += 1
         try:
             transceiver = pc.addTransceiver(make_track(peer), direction="sendonly")
             transceiver.setCodecPreferences(codec_preferences(stream_codec))
@@ -450,6 +453,7 @@ class WhepPeers:
                                status=406 if "codec" in str(exc).lower() or "send parameters" in str(exc)
                                else 400) from None
         except BaseException:
+            self.connections.open -= 1
             await pc.close()
             raise
 
@@ -461,7 +465,6 @@ class WhepPeers:
                 peer.close(f"connection {pc.connectionState}")
 
         self.peers[peer.id] = peer
-        self.connections.open += 1
         if self.directory is not None:
             await self.directory.added(peer)
         return peer, pc.localDescription.sdp
