@@ -24,13 +24,13 @@ from .codec.h264 import AccessUnit, Gop, H264Parser, StreamConfig, capture_time,
 from .errors import describe_error
 from .outputs.viewer import TransportStats, Viewer
 from .outputs.wire import (
+    CLUSTER_JPEG,
     H264_TRANSPORTS,
     JPEG_TRANSPORTS,
     MJPEG,
     TRANSPORTS,
     WEBRTC,
     WS_BINARY,
-    WS_JSON,
     WS_TRANSPORTS,
     status_message,
 )
@@ -124,8 +124,10 @@ class FrameHub:
         self.streaming = streaming
         self.reconnect = reconnect
         self.sessions: set[Session] = set()
-        self.viewers: dict[str, list[Viewer]] = {t: [] for t in TRANSPORTS}
-        self._jpeg_viewers = {t: self.viewers[t] for t in JPEG_TRANSPORTS}
+        # By transport, and a cluster origin's relays to its edges that want JPEG (CLUSTER_JPEG,
+        # their own form): each form of a frame is built only while it has viewers.
+        self.viewers: dict[str, list[Viewer]] = {t: [] for t in (*TRANSPORTS, CLUSTER_JPEG)}
+        self._jpeg_viewers = {t: self.viewers[t] for t in (*JPEG_TRANSPORTS, CLUSTER_JPEG)}
         self.stats: dict[str, TransportStats] = {t: TransportStats() for t in TRANSPORTS}
         # H.264: access units from the source (passthrough) or from the one shared encoder of a
         # JPEG upstream, which runs only while H.264 viewers are attached.
@@ -519,7 +521,7 @@ class FrameHub:
         self._jpeg_demand_changed()
         if not self.connected and self.running:
             viewer.send_text and viewer.send_text(status_message("status", self.describe_state()))
-            if viewer.transport != WS_JSON:
+            if viewer.transport in (MJPEG, WS_BINARY):  # as `_send_offline_frame` (an edge draws its own)
                 frame = self._offline_frame()
                 viewer.offer(frame, frame.encoded(viewer.transport))
         elif self.latest is not None and current:
@@ -617,7 +619,7 @@ class FrameHub:
     def viewer_counts(self) -> dict[str, int]:
         """Viewers by transport, as people count them: a cluster edge's relay connection, a viewer
         here for its viewers (counted on their node), is not one."""
-        return {t: sum(1 for v in viewers if not v.relay) for t, viewers in self.viewers.items()}
+        return {t: sum(1 for v in self.viewers[t] if not v.relay) for t in TRANSPORTS}
 
     def describe_state(self) -> str:
         if self.connected:

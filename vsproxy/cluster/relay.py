@@ -428,8 +428,8 @@ class RelayViewer(Viewer):
     relay = True
 
     def offer(self, frame: Frame, data: bytes) -> None:
-        if not frame.offline:  # the relay's form, with the capture time (built once for every edge)
-            super().offer(frame, frame.encoded(CLUSTER_JPEG))
+        if not frame.offline:  # `data`: the relay's form, with the capture time (built once for every edge)
+            super().offer(frame, data)
 
 
 class RelayH264Viewer(H264Viewer):
@@ -537,8 +537,12 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         viewer = self.viewers.get(kind)
         if wanted and viewer is None:
             stream = self.ws_connection.stream  # type: ignore[union-attr]
-            viewer_class, transport = (RelayViewer, WS_BINARY) if kind == RELAY_JPEG else (RelayH264Viewer, WS_H264)
-            self.viewers[kind] = viewer_class(stream, transport, self.hub.stats[transport], close=self._close_viewer)
+            if kind == RELAY_JPEG:  # in the hub's list of relays (their own form), counted as ws_binary
+                self.viewers[kind] = RelayViewer(stream, CLUSTER_JPEG, self.hub.stats[WS_BINARY],
+                                                 close=self._close_viewer)
+            else:
+                self.viewers[kind] = RelayH264Viewer(stream, WS_H264, self.hub.stats[WS_H264],
+                                                     close=self._close_viewer)
             self.hub.add_viewer(self.viewers[kind])
         elif not wanted and viewer is not None:
             self.hub.remove_viewer(viewer)
