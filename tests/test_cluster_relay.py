@@ -7,6 +7,7 @@ nodes as `python -m vsproxy` subprocesses (tests/test_cluster.py's `Node`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
@@ -29,8 +30,11 @@ from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixtur
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from vsproxy import render
+from vsproxy.cluster import Cluster, ClusterSource
 from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
+from vsproxy.config import config_from_dict
 from vsproxy.simulate import SimulatedIsaacSim
+from vsproxy.sources import create_source
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server, vsproxy subprocesses, RTSP server
 
@@ -765,3 +769,46 @@ async def test_a_node_whose_publisher_lease_was_taken_mixes_no_frames(make_nodes
     await asyncio.gather(*tasks)
     first.close()
     second.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_lease_release_decided_before_a_claim_never_lands_after_it(redis_server, monkeypatch):  # noqa: F811
+    """This node's push publisher left; the heartbeat gives the lease back just as a new publisher
+    arrives here and claims it. Each call goes to Redis on a connection of the pool, and two in
+    flight at once may land in either order: here the release is slow on its way. Before, it landed
+    after the claim and deleted the lease the node had just claimed: its new publisher had no lease
+    (until the next heartbeat), and another node could take the upstream too (two origins). Now the
+    node's lease calls reach Redis in the order they were decided: the release, then the claim."""
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "node_id": "node1", "token": CLUSTER_TOKEN},
+                               "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+    upstreams, _ = config.upstream_configs()
+    cluster = Cluster(config)
+    source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
+    held = b"$5\r\nnode1\r\n"  # GET vsproxy:lease:pub: this node holds it
+    try:
+        assert await source.publisher_arriving() is None  # a publisher came here (and left: none attached)
+        assert redis_server.command("GET", "vsproxy:lease:pub") == held
+        claimed = asyncio.Event()
+        claim, release = cluster.claim, cluster.release
+
+        async def claim_seen(upstream: str) -> bool:
+            try:
+                return await claim(upstream)
+            finally:
+                claimed.set()
+
+        async def late_release(upstream: str) -> None:  # lands after any claim sent meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(claimed.wait(), 1.0)
+            await release(upstream)
+
+        monkeypatch.setattr(cluster, "claim", claim_seen)
+        monkeypatch.setattr(cluster, "release", late_release)
+        heartbeat = asyncio.ensure_future(source.renew())  # the publisher is gone: give the lease back
+        await asyncio.sleep(0)  # (the release is on its way)
+        assert await source.publisher_arriving() is None  # a new publisher, meanwhile: it takes the lease
+        await heartbeat
+        assert redis_server.command("GET", "vsproxy:lease:pub") == held
+    finally:
+        await cluster.redis.aclose()
+

@@ -100,6 +100,12 @@ class ClusterSource(Source):
         # A push upstream's publisher is here and this node holds the lease for it, whether or not
         # the hub runs (`publisher_arriving`; renewed by `renew`, given back when it leaves).
         self._publisher_lease = False
+        # Held around each decision about this upstream's lease and the Redis calls that carry it
+        # out, so that they reach Redis in the order they were decided: each call is awaited on a
+        # connection of the pool, and two calls in flight at once on two connections may land in
+        # either order (a release decided before a claim, landing after it, would delete the lease
+        # just claimed: another node could take it, and the upstream have two origins).
+        self._lease_lock = asyncio.Lock()
         cluster.sources[inner.name] = self
 
     @property
@@ -127,33 +133,35 @@ class ClusterSource(Source):
         the origin the others relay from) unless another node has the upstream's publisher."""
         if not self.inner.origin_where_published:
             return None
-        if self._publisher_lease:
-            return None
-        if self.cluster.draining:
-            return "this node is shutting down; publish to another node"
-        if await self.cluster.write(lambda: self.cluster.claim(self.name)):
-            self._publisher_lease = True
-            if self._conn is not None:  # an edge of the node the publisher left: the origin now
-                self._conn.close(1001, "the publisher came to this node")
-            return None
-        holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
+        async with self._lease_lock:
+            if self._publisher_lease:
+                return None
+            if self.cluster.draining:
+                return "this node is shutting down; publish to another node"
+            if await self.cluster.write(lambda: self.cluster.claim(self.name)):
+                self._publisher_lease = True
+                if self._conn is not None:  # an edge of the node the publisher left: the origin now
+                    self._conn.close(1001, "the publisher came to this node")
+                return None
+            holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
         return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
                 "there (one publisher at a time)")
 
     async def renew(self) -> None:
         """Heartbeat: renew the lease this node holds (as the origin, or for a push publisher
         here); a publisher gone from this node gives it back."""
-        if self._publisher_lease and not self.inner.publisher_present():
-            self._publisher_lease = False
-            if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
-                self._close_relays("the publisher left this node")
-                await self.cluster.release(self.name)
-            return
-        if self.role == "origin" or self._publisher_lease:
-            if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
-                # Another node took it (this one was cut off from Redis): its publisher is the one.
-                self._close_relays(PUBLISHED_ELSEWHERE)
-                self._drop_publisher(PUBLISHED_ELSEWHERE)
+        async with self._lease_lock:
+            if self._publisher_lease and not self.inner.publisher_present():
+                self._publisher_lease = False
+                if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
+                    self._close_relays("the publisher left this node")
+                    await self.cluster.release(self.name)
+                return
+            if self.role == "origin" or self._publisher_lease:
+                if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
+                    # Another node took it (this one was cut off from Redis): its publisher is the one.
+                    self._close_relays(PUBLISHED_ELSEWHERE)
+                    self._drop_publisher(PUBLISHED_ELSEWHERE)
 
     def _drop_publisher(self, reason: str) -> None:
         """This node no longer holds the lease for its push publisher: disconnect it (it may
@@ -163,7 +171,7 @@ class ClusterSource(Source):
 
     async def _give_back_lease(self) -> bool:
         """Release the lease now, so another node need not wait for it to expire; False if Redis
-        could not be reached (it expires by itself)."""
+        could not be reached (it expires by itself). The caller holds `_lease_lock`."""
         try:
             await self.cluster.release(self.name)
         except REDIS_ERRORS:
@@ -192,24 +200,25 @@ class ClusterSource(Source):
                 raise ConnectionError("node shutting down")
             self.role = "searching"
             holder = url = None
-            # A push upstream's origin is where its publisher is: without one here, only look.
-            published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
-            try:
-                claimed = not published_elsewhere and await self.cluster.claim(self.name)
-                if not claimed:
-                    holder = await self.cluster.holder(self.name)
-                    if holder == self.cluster.node_id:  # its publisher just left here: not an origin
-                        holder = None
-                    url = await self.cluster.node_url(holder) if holder else None
-            except REDIS_ERRORS as exc:
-                self.cluster.failed(exc)
-                raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
-            if claimed and self.inner.origin_where_published:
-                self._publisher_lease = True
-            elif self._publisher_lease and not published_elsewhere:
-                # Another node took the lease (this one was cut off from Redis): its publisher is
-                # the one; this node's would mix its frames into the relayed ones (as `renew`).
-                self._drop_publisher(PUBLISHED_ELSEWHERE)
+            async with self._lease_lock:
+                # A push upstream's origin is where its publisher is: without one here, only look.
+                published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
+                try:
+                    claimed = not published_elsewhere and await self.cluster.claim(self.name)
+                    if not claimed:
+                        holder = await self.cluster.holder(self.name)
+                        if holder == self.cluster.node_id:  # its publisher just left here: not an origin
+                            holder = None
+                        url = await self.cluster.node_url(holder) if holder else None
+                except REDIS_ERRORS as exc:
+                    self.cluster.failed(exc)
+                    raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+                if claimed and self.inner.origin_where_published:
+                    self._publisher_lease = True
+                elif self._publisher_lease and not published_elsewhere:
+                    # Another node took the lease (this one was cut off from Redis): its publisher is
+                    # the one; this node's would mix its frames into the relayed ones (as `renew`).
+                    self._drop_publisher(PUBLISHED_ELSEWHERE)
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
@@ -250,10 +259,13 @@ class ClusterSource(Source):
         finally:
             # The lease first: the hub's stop() cancels again after 0.5 s, and another node should
             # not wait for the lease to expire. A push upstream's stays while its publisher is here.
-            if not self.inner.publisher_present():
-                self._publisher_lease = False
-                if await self._give_back_lease():
-                    log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
+            async with self._lease_lock:
+                keeper.cancel()  # no renewal after this (it waits for the lock, or sleeps)
+                if not self.inner.publisher_present():
+                    self._publisher_lease = False
+                    if await self._give_back_lease():
+                        log.info("cluster: released the lease of upstream %s", self.name,
+                                 extra={"upstream": self.name})
             if self.inner.origin_where_published:  # its publisher left: edges look for the next one
                 self._close_relays("the publisher left this node")
             for task in (keeper, inner):
@@ -269,9 +281,10 @@ class ClusterSource(Source):
             if self.cluster.draining:
                 return "node shutting down"
             try:
-                if not await self.cluster.claim(self.name):
-                    holder = await self.cluster.holder(self.name)
-                    return f"lease taken over by node {holder}"
+                async with self._lease_lock:
+                    if not await self.cluster.claim(self.name):
+                        holder = await self.cluster.holder(self.name)
+                        return f"lease taken over by node {holder}"
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
 
@@ -279,9 +292,10 @@ class ClusterSource(Source):
         """Drain: stop being the origin now (the hub's run ends, the lease is released)."""
         if self.role == "origin" and self._hub is not None:
             await self._hub.stop()
-        if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
-            self._drop_publisher("node shutting down; publish to another node")
-            await self._give_back_lease()
+        async with self._lease_lock:
+            if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
+                self._drop_publisher("node shutting down; publish to another node")
+                await self._give_back_lease()
 
     # -- edge ----------------------------------------------------------------------------------------
 
