@@ -812,3 +812,66 @@ async def test_a_lease_release_decided_before_a_claim_never_lands_after_it(redis
     finally:
         await cluster.redis.aclose()
 
+
+async def statuses_until(conn: tornado.websocket.WebSocketClientConnection, wanted: set[bytes],
+                         timeout: float = 20) -> list[tuple[str, str]]:
+    """The status and error messages, (type, message), a viewer gets until one of `wanted` (a
+    published frame) arrives."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, str) and (parsed := json.loads(message)).get("type") in ("status", "error"):
+            out.append((parsed["type"], parsed["message"]))
+        elif isinstance(message, bytes) and message in wanted:
+            return out
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_edge_viewer_is_told_once_per_connect_that_the_upstream_is_connected(make_nodes):
+    """The README: send input after the status "✅ Connected to upstream '<name>'". An edge's
+    viewer gets it once each time the upstream connects, as on one node, and one status per event
+    when it is lost and reconnects. Before, a viewer on an edge whose origin connected the
+    upstream after the edge's relay opened (the publisher coming to a node nobody watches on, which
+    the relay starts) got it twice: its own node's, and the origin's relayed."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
+             "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5}}
+    a, b, c = await started(make_nodes(3, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "statuses")
+    frames = [pattern.render(i) for i in range(20)]
+    sid = await create_session(a, "pub")
+    on_a, on_b = await a.viewer(sid), await b.viewer(sid)
+    connected = ("status", "✅ Connected to upstream 'pub'")
+
+    async def publish(conn: tornado.websocket.WebSocketClientConnection, frames: list[bytes]) -> None:
+        while True:
+            try:
+                await conn.write_message(frames[0], binary=True)
+            except tornado.websocket.WebSocketClosedError:
+                return
+            frames = frames[1:] + frames[:1]
+            await asyncio.sleep(0.05)
+
+    pub = await publisher(c)  # node3: nobody watches there; the others' relays start its hub
+    publishing = asyncio.ensure_future(publish(pub, frames[:10]))
+    for viewer in (on_a, on_b):
+        statuses = await statuses_until(viewer, set(frames[:10]))
+        assert statuses == [("status", "Connecting to upstream 'pub'"), connected], statuses
+    await role_is(a, "edge")
+    await role_is(b, "edge")
+
+    # The publisher leaves and comes back: lost, reconnecting, connected, one status each (as on
+    # the origin itself for a viewer there: "Upstream 'pub' lost: ...", "Reconnecting to upstream
+    # 'pub' in 0.1 s (attempt 1)", connected).
+    pub.close()
+    await publishing
+    pub = await publisher_taken(c)
+    publishing = asyncio.ensure_future(publish(pub, frames[10:]))
+    for viewer in (on_a, on_b):
+        statuses = await statuses_until(viewer, set(frames[10:]))
+        kinds = [kind for kind, _ in statuses]
+        assert statuses.count(connected) == 1 and statuses[-1] == connected, statuses
+        assert kinds.count("error") == 1 and "lost" in statuses[0][1] and kinds.count("status") == 2, statuses
+    pub.close()
+    await publishing

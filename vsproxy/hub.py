@@ -269,12 +269,7 @@ class FrameHub:
         self.connects += 1
         self.last_error = None
         log.info("upstream connected", extra={"upstream": self.name})
-        self.notify("status", self._connected_text())
-
-    def _connected_text(self) -> str:
-        # The status a viewer may send input after: to every viewer when the upstream connects,
-        # and to each one that comes while it is connected (`add_viewer`).
-        return f"✅ Connected to upstream '{self.name}'"
+        self.relay_text(connected_status(self.name))
 
     def _lost(self, reason: str) -> None:
         was_connected = self.state == "connected"
@@ -514,7 +509,7 @@ class FrameHub:
         current = self._latest_current()  # before this viewer wants JPEG
         self.viewers[viewer.transport].append(viewer)
         if self.connected and viewer.send_text:
-            viewer.send_text(status_message("status", self._connected_text()))
+            viewer.send_text(connected_status(self.name))
         if viewer.transport in H264_TRANSPORTS:
             self._add_h264_viewer(viewer)
             return
@@ -645,6 +640,14 @@ class FrameHub:
             "encoder": self.encoder is not None and self.encoder.running,
             **({"source": source} if (source := self.source.status()) else {}),
         }
+
+
+def connected_status(upstream: str) -> str:
+    """The status message a viewer may send input after, "✅ Connected to upstream '<name>'": to
+    every WebSocket viewer when the upstream connects, and to each one that comes while it is
+    connected. (A cluster edge reads its origin's, among the upstream's text, as the upstream
+    connecting: cluster/relay.py.)"""
+    return status_message("status", f"✅ Connected to upstream '{upstream}'")
 
 
 class Demand:

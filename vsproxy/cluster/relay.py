@@ -11,7 +11,11 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
   messages are H.264 access units in the `format=h264` binary form (first byte 0 or 1: the keyframe
   flag; then the presentation time and the Annex-B unit) or the origin's JPEG frames, byte for
   byte, in the same form (first byte 2, wire.CLUSTER_JPEG_TYPE; then the capture time); text
-  messages are the upstream's text (telemetry, and the origin's status messages). Edge to origin:
+  messages are the upstream's text (telemetry, and the origin's status messages). The origin's
+  "✅ Connected to upstream" status (`hub.connected_status`), sent as the relay opens if its upstream
+  is connected, else when it connects, makes the edge's hub connected (or its first frame, if that
+  comes first): the edge's viewers get that status once, from their own node, as on one node; a
+  later one (the upstream connected again at the origin) is relayed. Edge to origin:
   text messages are viewer input for the origin's upstream; binary messages start with a type
   byte: RELAY_INPUT (the rest is a viewer's binary input), RELAY_JPEG or RELAY_H264 (one more
   byte, 1 or 0: this edge wants JPEG frames / H.264 access units now, or no longer),
@@ -54,7 +58,7 @@ from tornado.httpclient import HTTPRequest
 from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
 from ..handlers.base import websocket_handshake_error, write_json_error
-from ..hub import Demand, Frame
+from ..hub import Demand, Frame, connected_status
 from ..outputs import Viewer
 from ..outputs.viewer import H264Viewer
 from ..outputs.wire import CLUSTER_JPEG, CLUSTER_JPEG_TYPE, WS_BINARY, WS_H264, ws_h264_message
@@ -318,6 +322,8 @@ class ClusterSource(Source):
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
         connected = False
+        connected_text = connected_status(self.name)
+        told = False  # the origin said its upstream is connected (as the relay opened, or since)
         frame_timeout = self.reconnect.frame_timeout_seconds
         try:
             # The frame timeout runs only while something is asked for (re-armed by each message
@@ -343,7 +349,15 @@ class ClusterSource(Source):
                                 hub.publish(message[_AU_HEAD.size:], time_us / 1_000_000)
                             elif kind in (0, 1):
                                 hub.publish_h264(message[_AU_HEAD.size:], time_us)
-                    else:
+                    elif message == connected_text and not told:
+                        # The origin's word that its upstream is connected: this node's hub is
+                        # now, and tells its viewers once (or did at a frame that came first: a
+                        # push publisher's, before the origin's run has seen it).
+                        told = True
+                        if not connected:
+                            hub.set_connected()
+                            connected = True
+                    else:  # the upstream's text; a later "connected": it connected again at the origin
                         hub.relay_text(message)
         except TimeoutError:  # the frame timeout expired between two reads
             raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
@@ -520,6 +534,8 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
         self.hub.text_listeners.append(self._send_text)
+        if self.hub.connected:  # as to a viewer that comes while it is (the edge reads it, see `_run_edge`)
+            self._send_text(connected_status(self.hub.name))
         self._cluster().relays.setdefault(upstream, set()).add(self)
         log.info("cluster: edge %s relays upstream %s", self.edge, upstream, extra={"upstream": upstream})
 
