@@ -7,6 +7,7 @@ nodes as `python -m vsproxy` subprocesses (tests/test_cluster.py's `Node`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
@@ -29,8 +30,11 @@ from test_rtsp_source import STREAM_SIZE, rtsp_server  # noqa: F401 - the fixtur
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from vsproxy import render
+from vsproxy.cluster import Cluster, ClusterSource
 from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
+from vsproxy.config import config_from_dict
 from vsproxy.simulate import SimulatedIsaacSim
+from vsproxy.sources import create_source
 
 pytestmark = [pytest.mark.external, pytest.mark.slow]  # redis-server, vsproxy subprocesses, RTSP server
 
@@ -785,3 +789,109 @@ async def test_a_node_whose_publisher_lease_was_taken_mixes_no_frames(make_nodes
     await asyncio.gather(*tasks)
     first.close()
     second.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_lease_release_decided_before_a_claim_never_lands_after_it(redis_server, monkeypatch):  # noqa: F811
+    """This node's push publisher left; the heartbeat gives the lease back just as a new publisher
+    arrives here and claims it. Each call goes to Redis on a connection of the pool, and two in
+    flight at once may land in either order: here the release is slow on its way. Before, it landed
+    after the claim and deleted the lease the node had just claimed: its new publisher had no lease
+    (until the next heartbeat), and another node could take the upstream too (two origins). Now the
+    node's lease calls reach Redis in the order they were decided: the release, then the claim."""
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "node_id": "node1", "token": CLUSTER_TOKEN},
+                               "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+    upstreams, _ = config.upstream_configs()
+    cluster = Cluster(config)
+    source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
+    held = b"$5\r\nnode1\r\n"  # GET vsproxy:lease:pub: this node holds it
+    try:
+        assert await source.publisher_arriving() is None  # a publisher came here (and left: none attached)
+        assert redis_server.command("GET", "vsproxy:lease:pub") == held
+        claimed = asyncio.Event()
+        claim, release = cluster.claim, cluster.release
+
+        async def claim_seen(upstream: str) -> bool:
+            try:
+                return await claim(upstream)
+            finally:
+                claimed.set()
+
+        async def late_release(upstream: str) -> None:  # lands after any claim sent meanwhile
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(claimed.wait(), 1.0)
+            await release(upstream)
+
+        monkeypatch.setattr(cluster, "claim", claim_seen)
+        monkeypatch.setattr(cluster, "release", late_release)
+        heartbeat = asyncio.ensure_future(source.renew())  # the publisher is gone: give the lease back
+        await asyncio.sleep(0)  # (the release is on its way)
+        assert await source.publisher_arriving() is None  # a new publisher, meanwhile: it takes the lease
+        await heartbeat
+        assert redis_server.command("GET", "vsproxy:lease:pub") == held
+    finally:
+        await cluster.redis.aclose()
+
+
+async def statuses_until(conn: tornado.websocket.WebSocketClientConnection, wanted: set[bytes],
+                         timeout: float = 20) -> list[tuple[str, str]]:
+    """The status and error messages, (type, message), a viewer gets until one of `wanted` (a
+    published frame) arrives."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, str) and (parsed := json.loads(message)).get("type") in ("status", "error"):
+            out.append((parsed["type"], parsed["message"]))
+        elif isinstance(message, bytes) and message in wanted:
+            return out
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_edge_viewer_is_told_once_per_connect_that_the_upstream_is_connected(make_nodes):
+    """The README: send input after the status "✅ Connected to upstream '<name>'". An edge's
+    viewer gets it once each time the upstream connects, as on one node, and one status per event
+    when it is lost and reconnects. Before, a viewer on an edge whose origin connected the
+    upstream after the edge's relay opened (the publisher coming to a node nobody watches on, which
+    the relay starts) got it twice: its own node's, and the origin's relayed."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
+             "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5}}
+    a, b, c = await started(make_nodes(3, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "statuses")
+    frames = [pattern.render(i) for i in range(20)]
+    sid = await create_session(a, "pub")
+    on_a, on_b = await a.viewer(sid), await b.viewer(sid)
+    connected = ("status", "✅ Connected to upstream 'pub'")
+
+    async def publish(conn: tornado.websocket.WebSocketClientConnection, frames: list[bytes]) -> None:
+        while True:
+            try:
+                await conn.write_message(frames[0], binary=True)
+            except tornado.websocket.WebSocketClosedError:
+                return
+            frames = frames[1:] + frames[:1]
+            await asyncio.sleep(0.05)
+
+    pub = await publisher(c)  # node3: nobody watches there; the others' relays start its hub
+    publishing = asyncio.ensure_future(publish(pub, frames[:10]))
+    for viewer in (on_a, on_b):
+        statuses = await statuses_until(viewer, set(frames[:10]))
+        assert statuses == [("status", "Connecting to upstream 'pub'"), connected], statuses
+    await role_is(a, "edge")
+    await role_is(b, "edge")
+
+    # The publisher leaves and comes back: lost, reconnecting, connected, one status each (as on
+    # the origin itself for a viewer there: "Upstream 'pub' lost: ...", "Reconnecting to upstream
+    # 'pub' in 0.1 s (attempt 1)", connected).
+    pub.close()
+    await publishing
+    pub = await publisher_taken(c)
+    publishing = asyncio.ensure_future(publish(pub, frames[10:]))
+    for viewer in (on_a, on_b):
+        statuses = await statuses_until(viewer, set(frames[10:]))
+        kinds = [kind for kind, _ in statuses]
+        assert statuses.count(connected) == 1 and statuses[-1] == connected, statuses
+        assert kinds.count("error") == 1 and "lost" in statuses[0][1] and kinds.count("status") == 2, statuses
+    pub.close()
+    await publishing

@@ -261,6 +261,49 @@ async def test_a_frame_held_for_the_kernel_is_never_sent_after_a_newer_one():
         client.close()
 
 
+@pytest.mark.gen_test(timeout=20)
+async def test_an_origin_builds_only_the_relay_form_for_its_edges_and_sends_held_frames_in_it(monkeypatch):
+    """A cluster origin whose edge wants JPEG, with no binary WebSocket viewer of its own, builds
+    each frame's relay form only. Before, its relays were kept among the ws_binary viewers, so it
+    also built the ws_binary bytes of every frame for nobody (a copy of each frame, ~3 MB/s at
+    30 fps of 110 KB frames). A frame held for a busy relay socket goes out in the relay form
+    too; before, it went out as ws_binary bytes, which the edge cannot read (it dropped them)."""
+    from types import SimpleNamespace
+
+    from vsproxy.cluster.relay import _AU_HEAD, RELAY_JPEG, RelayHandler
+    from vsproxy.outputs import wire
+
+    built: list[str] = []
+    for transport in (WS_BINARY, wire.CLUSTER_JPEG):
+        encoder = wire.ENCODERS[transport]
+        monkeypatch.setitem(wire.ENCODERS, transport,
+                            lambda frame, t=transport, e=encoder: built.append(t) or e(frame))
+    hub = FrameHub("unit", IdleSource(), streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    stream, client = socket_pair()
+    # The origin's side of an edge's relay connection, as its handler keeps it, asked for JPEG.
+    handler = SimpleNamespace(viewers={}, hub=hub, ws_connection=SimpleNamespace(stream=stream),
+                              _close_viewer=lambda reason: None)
+    try:
+        RelayHandler._want(handler, RELAY_JPEG, True)  # type: ignore[arg-type]
+        (relay,) = handler.viewers.values()
+        assert hub.jpeg_wanted
+        for seq in range(1, 6):  # 1 MB each: the first keeps the socket busy, the newest waits
+            hub.publish(bytes([seq]) * 1_000_000)
+        assert built == [wire.CLUSTER_JPEG] * 5, built
+        assert relay.busy and relay.pending is hub.latest
+
+        received = await read_exactly(client, 2 * (1_000_000 + _AU_HEAD.size + 10))
+        messages = ws_server_messages(received)
+        assert [(payload[0], payload[_AU_HEAD.size]) for _, payload in messages] == [
+            (wire.CLUSTER_JPEG_TYPE, 1), (wire.CLUSTER_JPEG_TYPE, 5)]  # what an edge reads as frames
+        assert hub.viewer_counts()[WS_BINARY] == 0 and hub.stats[WS_BINARY].frames_sent == 2
+        RelayHandler._want(handler, RELAY_JPEG, False)  # type: ignore[arg-type]
+        assert not handler.viewers and not hub.jpeg_wanted
+    finally:
+        stream.close()
+        client.close()
+
+
 @pytest.mark.parametrize("size, expected", [
     ((0, 0), None), ((1280, 0), None), ((8, 8), None),
     ((1280, 720), (1280, 720)), ((65535, 65535), (1080, 1080)), ((3840, 1080), (1920, 540)),

@@ -24,13 +24,13 @@ from .codec.h264 import AccessUnit, Gop, H264Parser, StreamConfig, capture_time,
 from .errors import describe_error
 from .outputs.viewer import TransportStats, Viewer
 from .outputs.wire import (
+    CLUSTER_JPEG,
     H264_TRANSPORTS,
     JPEG_TRANSPORTS,
     MJPEG,
     TRANSPORTS,
     WEBRTC,
     WS_BINARY,
-    WS_JSON,
     WS_TRANSPORTS,
     status_message,
 )
@@ -124,8 +124,10 @@ class FrameHub:
         self.streaming = streaming
         self.reconnect = reconnect
         self.sessions: set[Session] = set()
-        self.viewers: dict[str, list[Viewer]] = {t: [] for t in TRANSPORTS}
-        self._jpeg_viewers = {t: self.viewers[t] for t in JPEG_TRANSPORTS}
+        # By transport, and a cluster origin's relays to its edges that want JPEG (CLUSTER_JPEG,
+        # their own form): each form of a frame is built only while it has viewers.
+        self.viewers: dict[str, list[Viewer]] = {t: [] for t in (*TRANSPORTS, CLUSTER_JPEG)}
+        self._jpeg_viewers = {t: self.viewers[t] for t in (*JPEG_TRANSPORTS, CLUSTER_JPEG)}
         self.stats: dict[str, TransportStats] = {t: TransportStats() for t in TRANSPORTS}
         # H.264: access units from the source (passthrough) or from the one shared encoder of a
         # JPEG upstream, which runs only while H.264 viewers are attached.
@@ -267,12 +269,7 @@ class FrameHub:
         self.connects += 1
         self.last_error = None
         log.info("upstream connected", extra={"upstream": self.name})
-        self.notify("status", self._connected_text())
-
-    def _connected_text(self) -> str:
-        # The status a viewer may send input after: to every viewer when the upstream connects,
-        # and to each one that comes while it is connected (`add_viewer`).
-        return f"✅ Connected to upstream '{self.name}'"
+        self.relay_text(connected_status(self.name))
 
     def _lost(self, reason: str) -> None:
         was_connected = self.state == "connected"
@@ -512,14 +509,14 @@ class FrameHub:
         current = self._latest_current()  # before this viewer wants JPEG
         self.viewers[viewer.transport].append(viewer)
         if self.connected and viewer.send_text:
-            viewer.send_text(status_message("status", self._connected_text()))
+            viewer.send_text(connected_status(self.name))
         if viewer.transport in H264_TRANSPORTS:
             self._add_h264_viewer(viewer)
             return
         self._jpeg_demand_changed()
         if not self.connected and self.running:
             viewer.send_text and viewer.send_text(status_message("status", self.describe_state()))
-            if viewer.transport != WS_JSON:
+            if viewer.transport in (MJPEG, WS_BINARY):  # as `_send_offline_frame` (an edge draws its own)
                 frame = self._offline_frame()
                 viewer.offer(frame, frame.encoded(viewer.transport))
         elif self.latest is not None and current:
@@ -617,7 +614,7 @@ class FrameHub:
     def viewer_counts(self) -> dict[str, int]:
         """Viewers by transport, as people count them: a cluster edge's relay connection, a viewer
         here for its viewers (counted on their node), is not one."""
-        return {t: sum(1 for v in viewers if not v.relay) for t, viewers in self.viewers.items()}
+        return {t: sum(1 for v in self.viewers[t] if not v.relay) for t in TRANSPORTS}
 
     def describe_state(self) -> str:
         if self.connected:
@@ -643,6 +640,14 @@ class FrameHub:
             "encoder": self.encoder is not None and self.encoder.running,
             **({"source": source} if (source := self.source.status()) else {}),
         }
+
+
+def connected_status(upstream: str) -> str:
+    """The status message a viewer may send input after, "✅ Connected to upstream '<name>'": to
+    every WebSocket viewer when the upstream connects, and to each one that comes while it is
+    connected. (A cluster edge reads its origin's, among the upstream's text, as the upstream
+    connecting: cluster/relay.py.)"""
+    return status_message("status", f"✅ Connected to upstream '{upstream}'")
 
 
 class Demand:

@@ -11,7 +11,11 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
   messages are H.264 access units in the `format=h264` binary form (first byte 0 or 1: the keyframe
   flag; then the presentation time and the Annex-B unit) or the origin's JPEG frames, byte for
   byte, in the same form (first byte 2, wire.CLUSTER_JPEG_TYPE; then the capture time); text
-  messages are the upstream's text (telemetry, and the origin's status messages). Edge to origin:
+  messages are the upstream's text (telemetry, and the origin's status messages). The origin's
+  "✅ Connected to upstream" status (`hub.connected_status`), sent as the relay opens if its upstream
+  is connected, else when it connects, makes the edge's hub connected (or its first frame, if that
+  comes first): the edge's viewers get that status once, from their own node, as on one node; a
+  later one (the upstream connected again at the origin) is relayed. Edge to origin:
   text messages are viewer input for the origin's upstream; binary messages start with a type
   byte: RELAY_INPUT (the rest is a viewer's binary input), RELAY_JPEG or RELAY_H264 (one more
   byte, 1 or 0: this edge wants JPEG frames / H.264 access units now, or no longer),
@@ -54,7 +58,7 @@ from ..auth import bearer_token, token_matches
 from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
 from ..handlers.base import websocket_handshake_error, write_json_error
-from ..hub import Demand, Frame
+from ..hub import Demand, Frame, connected_status
 from ..outputs import Viewer
 from ..outputs.viewer import H264Viewer
 from ..outputs.wire import CLUSTER_JPEG, CLUSTER_JPEG_TYPE, WS_BINARY, WS_H264, ws_h264_message
@@ -100,6 +104,12 @@ class ClusterSource(Source):
         # A push upstream's publisher is here and this node holds the lease for it, whether or not
         # the hub runs (`publisher_arriving`; renewed by `renew`, given back when it leaves).
         self._publisher_lease = False
+        # Held around each decision about this upstream's lease and the Redis calls that carry it
+        # out, so that they reach Redis in the order they were decided: each call is awaited on a
+        # connection of the pool, and two calls in flight at once on two connections may land in
+        # either order (a release decided before a claim, landing after it, would delete the lease
+        # just claimed: another node could take it, and the upstream have two origins).
+        self._lease_lock = asyncio.Lock()
         cluster.sources[inner.name] = self
 
     @property
@@ -127,33 +137,35 @@ class ClusterSource(Source):
         the origin the others relay from) unless another node has the upstream's publisher."""
         if not self.inner.origin_where_published:
             return None
-        if self._publisher_lease:
-            return None
-        if self.cluster.draining:
-            return "this node is shutting down; publish to another node"
-        if await self.cluster.write(lambda: self.cluster.claim(self.name)):
-            self._publisher_lease = True
-            if self._conn is not None:  # an edge of the node the publisher left: the origin now
-                self._conn.close(1001, "the publisher came to this node")
-            return None
-        holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
+        async with self._lease_lock:
+            if self._publisher_lease:
+                return None
+            if self.cluster.draining:
+                return "this node is shutting down; publish to another node"
+            if await self.cluster.write(lambda: self.cluster.claim(self.name)):
+                self._publisher_lease = True
+                if self._conn is not None:  # an edge of the node the publisher left: the origin now
+                    self._conn.close(1001, "the publisher came to this node")
+                return None
+            holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
         return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
                 "there (one publisher at a time)")
 
     async def renew(self) -> None:
         """Heartbeat: renew the lease this node holds (as the origin, or for a push publisher
         here); a publisher gone from this node gives it back."""
-        if self._publisher_lease and not self.inner.publisher_present():
-            self._publisher_lease = False
-            if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
-                self._close_relays("the publisher left this node")
-                await self.cluster.release(self.name)
-            return
-        if self.role == "origin" or self._publisher_lease:
-            if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
-                # Another node took it (this one was cut off from Redis): its publisher is the one.
-                self._close_relays(PUBLISHED_ELSEWHERE)
-                self._drop_publisher(PUBLISHED_ELSEWHERE)
+        async with self._lease_lock:
+            if self._publisher_lease and not self.inner.publisher_present():
+                self._publisher_lease = False
+                if self.role != "origin":  # an origin gives it back when its run ends (the publisher left)
+                    self._close_relays("the publisher left this node")
+                    await self.cluster.release(self.name)
+                return
+            if self.role == "origin" or self._publisher_lease:
+                if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
+                    # Another node took it (this one was cut off from Redis): its publisher is the one.
+                    self._close_relays(PUBLISHED_ELSEWHERE)
+                    self._drop_publisher(PUBLISHED_ELSEWHERE)
 
     def _drop_publisher(self, reason: str) -> None:
         """This node no longer holds the lease for its push publisher: disconnect it (it may
@@ -163,7 +175,7 @@ class ClusterSource(Source):
 
     async def _give_back_lease(self) -> bool:
         """Release the lease now, so another node need not wait for it to expire; False if Redis
-        could not be reached (it expires by itself)."""
+        could not be reached (it expires by itself). The caller holds `_lease_lock`."""
         try:
             await self.cluster.release(self.name)
         except REDIS_ERRORS:
@@ -192,24 +204,25 @@ class ClusterSource(Source):
                 raise ConnectionError("node shutting down")
             self.role = "searching"
             holder = url = None
-            # A push upstream's origin is where its publisher is: without one here, only look.
-            published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
-            try:
-                claimed = not published_elsewhere and await self.cluster.claim(self.name)
-                if not claimed:
-                    holder = await self.cluster.holder(self.name)
-                    if holder == self.cluster.node_id:  # its publisher just left here: not an origin
-                        holder = None
-                    url = await self.cluster.node_url(holder) if holder else None
-            except REDIS_ERRORS as exc:
-                self.cluster.failed(exc)
-                raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
-            if claimed and self.inner.origin_where_published:
-                self._publisher_lease = True
-            elif self._publisher_lease and not published_elsewhere:
-                # Another node took the lease (this one was cut off from Redis): its publisher is
-                # the one; this node's would mix its frames into the relayed ones (as `renew`).
-                self._drop_publisher(PUBLISHED_ELSEWHERE)
+            async with self._lease_lock:
+                # A push upstream's origin is where its publisher is: without one here, only look.
+                published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
+                try:
+                    claimed = not published_elsewhere and await self.cluster.claim(self.name)
+                    if not claimed:
+                        holder = await self.cluster.holder(self.name)
+                        if holder == self.cluster.node_id:  # its publisher just left here: not an origin
+                            holder = None
+                        url = await self.cluster.node_url(holder) if holder else None
+                except REDIS_ERRORS as exc:
+                    self.cluster.failed(exc)
+                    raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+                if claimed and self.inner.origin_where_published:
+                    self._publisher_lease = True
+                elif self._publisher_lease and not published_elsewhere:
+                    # Another node took the lease (this one was cut off from Redis): its publisher is
+                    # the one; this node's would mix its frames into the relayed ones (as `renew`).
+                    self._drop_publisher(PUBLISHED_ELSEWHERE)
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
                 await self._run_origin(hub)
@@ -250,10 +263,13 @@ class ClusterSource(Source):
         finally:
             # The lease first: the hub's stop() cancels again after 0.5 s, and another node should
             # not wait for the lease to expire. A push upstream's stays while its publisher is here.
-            if not self.inner.publisher_present():
-                self._publisher_lease = False
-                if await self._give_back_lease():
-                    log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
+            async with self._lease_lock:
+                keeper.cancel()  # no renewal after this (it waits for the lock, or sleeps)
+                if not self.inner.publisher_present():
+                    self._publisher_lease = False
+                    if await self._give_back_lease():
+                        log.info("cluster: released the lease of upstream %s", self.name,
+                                 extra={"upstream": self.name})
             if self.inner.origin_where_published:  # its publisher left: edges look for the next one
                 self._close_relays("the publisher left this node")
             for task in (keeper, inner):
@@ -269,9 +285,10 @@ class ClusterSource(Source):
             if self.cluster.draining:
                 return "node shutting down"
             try:
-                if not await self.cluster.claim(self.name):
-                    holder = await self.cluster.holder(self.name)
-                    return f"lease taken over by node {holder}"
+                async with self._lease_lock:
+                    if not await self.cluster.claim(self.name):
+                        holder = await self.cluster.holder(self.name)
+                        return f"lease taken over by node {holder}"
             except REDIS_ERRORS as exc:
                 self.cluster.failed(exc)
 
@@ -279,9 +296,10 @@ class ClusterSource(Source):
         """Drain: stop being the origin now (the hub's run ends, the lease is released)."""
         if self.role == "origin" and self._hub is not None:
             await self._hub.stop()
-        if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
-            self._drop_publisher("node shutting down; publish to another node")
-            await self._give_back_lease()
+        async with self._lease_lock:
+            if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
+                self._drop_publisher("node shutting down; publish to another node")
+                await self._give_back_lease()
 
     # -- edge ----------------------------------------------------------------------------------------
 
@@ -304,6 +322,8 @@ class ClusterSource(Source):
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
         connected = False
+        connected_text = connected_status(self.name)
+        told = False  # the origin said its upstream is connected (as the relay opened, or since)
         frame_timeout = self.reconnect.frame_timeout_seconds
         try:
             # The frame timeout runs only while something is asked for (re-armed by each message
@@ -329,7 +349,15 @@ class ClusterSource(Source):
                                 hub.publish(message[_AU_HEAD.size:], time_us / 1_000_000)
                             elif kind in (0, 1):
                                 hub.publish_h264(message[_AU_HEAD.size:], time_us)
-                    else:
+                    elif message == connected_text and not told:
+                        # The origin's word that its upstream is connected: this node's hub is
+                        # now, and tells its viewers once (or did at a frame that came first: a
+                        # push publisher's, before the origin's run has seen it).
+                        told = True
+                        if not connected:
+                            hub.set_connected()
+                            connected = True
+                    else:  # the upstream's text; a later "connected": it connected again at the origin
                         hub.relay_text(message)
         except TimeoutError:  # the frame timeout expired between two reads
             raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
@@ -428,8 +456,8 @@ class RelayViewer(Viewer):
     relay = True
 
     def offer(self, frame: Frame, data: bytes) -> None:
-        if not frame.offline:  # the relay's form, with the capture time (built once for every edge)
-            super().offer(frame, frame.encoded(CLUSTER_JPEG))
+        if not frame.offline:  # `data`: the relay's form, with the capture time (built once for every edge)
+            super().offer(frame, data)
 
 
 class RelayH264Viewer(H264Viewer):
@@ -504,6 +532,8 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
         self.hub.text_listeners.append(self._send_text)
+        if self.hub.connected:  # as to a viewer that comes while it is (the edge reads it, see `_run_edge`)
+            self._send_text(connected_status(self.hub.name))
         self._cluster().relays.setdefault(upstream, set()).add(self)
         log.info("cluster: edge %s relays upstream %s", self.edge, upstream, extra={"upstream": upstream})
 
@@ -535,8 +565,12 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         viewer = self.viewers.get(kind)
         if wanted and viewer is None:
             stream = self.ws_connection.stream  # type: ignore[union-attr]
-            viewer_class, transport = (RelayViewer, WS_BINARY) if kind == RELAY_JPEG else (RelayH264Viewer, WS_H264)
-            self.viewers[kind] = viewer_class(stream, transport, self.hub.stats[transport], close=self._close_viewer)
+            if kind == RELAY_JPEG:  # in the hub's list of relays (their own form), counted as ws_binary
+                self.viewers[kind] = RelayViewer(stream, CLUSTER_JPEG, self.hub.stats[WS_BINARY],
+                                                 close=self._close_viewer)
+            else:
+                self.viewers[kind] = RelayH264Viewer(stream, WS_H264, self.hub.stats[WS_H264],
+                                                     close=self._close_viewer)
             self.hub.add_viewer(self.viewers[kind])
         elif not wanted and viewer is not None:
             self.hub.remove_viewer(viewer)

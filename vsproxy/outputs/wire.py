@@ -95,6 +95,10 @@ def _encode_ws_h264(au: AccessUnit) -> bytes:
 # Not a viewer transport: a JPEG frame as a cluster origin relays it to its edges (cluster/relay.py),
 # a binary WebSocket message: CLUSTER_JPEG_TYPE, 8 bytes of capture time (microseconds since the
 # Unix epoch, big-endian), then the JPEG, so that frame age on an edge counts from the capture too.
+# The hub keeps the edges' relays in a viewer list of their own under this name, so each form is
+# built only while it has viewers (an origin whose edges want JPEG and which has no binary
+# WebSocket viewer of its own builds no `ws_binary` bytes). Their traffic is counted as `ws_binary`
+# in the metrics (a binary WebSocket, as before), and they are no viewers in the counts.
 CLUSTER_JPEG = "cluster_jpeg"
 CLUSTER_JPEG_TYPE = 2  # the first byte; the H.264 form's is its keyframe flag, 0 or 1
 
