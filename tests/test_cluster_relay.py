@@ -509,9 +509,20 @@ async def role_is(node: Node, role: str) -> None:
                f"{node.name} to be the push upstream's {role}", timeout=5)
 
 
-async def post_frame(node: Node, frame: bytes) -> tuple[int, Any, Any]:
-    return await node.api.call("POST", "/ingest/pub/frame", raw=frame, headers={
-        "Content-Type": "image/jpeg", "Authorization": f"Bearer {PUBLISH_TOKEN}"})
+async def post_frame(node: Node, frame: bytes, token: str = PUBLISH_TOKEN, headers: dict | None = None,
+                     path: str = "/ingest/pub/frame") -> tuple[int, Any, Any]:
+    return await node.api.call("POST", path, raw=frame, headers={
+        "Content-Type": "image/jpeg", "Authorization": f"Bearer {token}", **(headers or {})})
+
+
+def forwarded_to(metrics: dict) -> dict[str, float]:
+    """The frames other nodes forwarded to a node, by the status it answered them with."""
+    out: dict[str, float] = {}
+    for labels, value in metrics.get("vsproxy_http_requests", {}).items():
+        found = dict(labels)
+        if found["handler"] == "ForwardedFrameHandler":
+            out[found["code"]] = out.get(found["code"], 0) + value
+    return out
 
 
 async def frames_until(conn: tornado.websocket.WebSocketClientConnection, wanted: set[bytes],
@@ -528,9 +539,10 @@ async def frames_until(conn: tornado.websocket.WebSocketClientConnection, wanted
 @pytest.mark.gen_test(timeout=120)
 async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_nodes, redis_server):  # noqa: F811
     """A push upstream in a cluster: its publisher may reach any node, which becomes the origin;
-    the others relay from it, and their viewers' input reaches the publisher. A second publisher
-    on another node gets a 409 naming the node that has it. When the publisher leaves and comes
-    back to another node, that node is the origin and the viewers everywhere get its frames."""
+    the others relay from it, and their viewers' input reaches the publisher. A second WebSocket
+    publisher on another node gets a 409 naming the node that has it; a frame POSTed to another
+    node goes to that node, as it would on one node. When the publisher leaves and comes back to
+    another node, that node is the origin and the viewers everywhere get its frames."""
     extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}},
              "reconnect": {"initial_delay_seconds": 0.1, "max_delay_seconds": 0.5}}
     a, b, c = await started(make_nodes(3, free_port(), extra))
@@ -555,9 +567,11 @@ async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_no
     code, body, response = await refused_publisher(a)
     assert code == 409 and "node3" in body["error"], body
     contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
-    code, body, response = await post_frame(b, frames[0])
-    assert code == 409 and "node3" in body["error"], body
+    posted = pattern.render(100)  # node2 forwards it to node3, which publishes it beside its WebSocket's
+    code, body, response = await post_frame(b, posted)
+    assert code == 200 and body["success"], body
     contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+    await frames_until(on_a, {posted})
     on_b.write_message(json.dumps({"type": "input", "event": "keydown", "key": "w"}))
     while True:  # a viewer's input on an edge reaches the publisher, wrapped as the viewer's
         message = json.loads(await asyncio.wait_for(pub.read_message(), 10))
@@ -595,14 +609,12 @@ async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_no
     await frames_until(on_b, set(frames[30:35]), timeout=20)
     await role_is(c, "origin")
 
-    # A publisher that POSTs its frames (curl, a camera bridge) to node2 instead: node2 is the origin.
+    # A publisher that POSTs its frames (curl, a camera bridge) to node2 instead, once node3 has
+    # given the lease back (before, node2 would forward them to node3): node2 is the origin.
     pub.close()
-    deadline = time.monotonic() + 15
-    while (code := (await post_frame(b, frames[35]))[0]) == 409:  # until node3 has given the lease back
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.2)
-    assert code == 200
-    for frame in frames[36:]:
+    await poll(lambda: asyncio.to_thread(redis_server.command, "GET", "vsproxy:lease:pub"),
+               lambda answer: answer == b"$-1\r\n", "node3 to give the lease back")
+    for frame in frames[35:]:
         assert (await post_frame(b, frame))[0] == 200
         await asyncio.sleep(0.03)
     await frames_until(on_b, set(frames[35:]))
@@ -617,6 +629,173 @@ async def test_a_push_upstreams_origin_is_the_node_its_publisher_reaches(make_no
     assert code == 503, body
     contract.check("GET", "/ingest/{upstream}", code, response.headers, response.body)
     contract.assert_ok()
+
+
+async def frames_seen(conn: tornado.websocket.WebSocketClientConnection, index: dict[bytes, int], last: int,
+                      timeout: float = 15) -> list[int]:
+    """The indices (in `index`) of the published frames a viewer gets, in the order it gets them,
+    until frame `last`."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while not seen or seen[-1] != last:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, bytes) and message in index:
+            seen.append(index[message])
+    return seen
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_post_publisher_behind_a_round_robin_balancer_has_every_frame_published(make_nodes):
+    """A POSTing publisher behind a load balancer without stickiness reaches each node in turn.
+    The first node it reaches takes the upstream's lease; the others forward each frame to that
+    node (once each), so every frame is a 200 with the one upstream's next sequence number, and the
+    viewers on every node get every frame, once and in order, aged from the capture time the
+    publisher gave (header or stamped into the JPEG). A wrong token or a body that is no JPEG is
+    refused where it arrives and goes nowhere. Before, every node but the first answered 409: two
+    frames in three were lost (19 of 57 published)."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    nodes = await started(make_nodes(3, free_port(), extra))
+    a, b, c = nodes
+    pattern = render.TestPattern(160, 120, "round robin")
+    frames = [pattern.render(i) for i in range(60)]
+    index = {frame: i for i, frame in enumerate(frames)}
+    sid = await create_session(a, "pub")
+    viewers = [await node.viewer(sid) for node in nodes]
+
+    async def post_round_robin(first: int, end: int) -> list[int]:
+        seqs = []
+        for i in range(first, end):
+            captured = time.time() - 5  # frame age counts from here, on every node
+            if i % 2:  # as vsproxy.publish stamps it, inside the JPEG
+                code, body, _ = await post_frame(nodes[i % 3], render.with_capture_time(frames[i], captured))
+            else:
+                code, body, _ = await post_frame(nodes[i % 3], frames[i],
+                                                 headers={"X-Capture-Timestamp": str(captured)})
+            assert code == 200 and body["success"], (nodes[i % 3].name, body)
+            seqs.append(body["seq"])
+            await asyncio.sleep(0.03)
+        return seqs
+
+    seqs = await post_round_robin(0, 3)  # node1 has the first frame: it is the origin
+    for viewer in viewers:  # the edges relay from it (and get its current frame at once)
+        await frames_until(viewer, set(frames[:3]))
+    await role_is(a, "origin")
+    await role_is(b, "edge")
+    await role_is(c, "edge")
+    # The viewers read as the frames come (one that does not read gets the newest only).
+    watching = [asyncio.ensure_future(frames_seen(viewer, index, len(frames) - 1)) for viewer in viewers]
+    seqs += await post_round_robin(3, len(frames))
+    assert seqs == sorted(set(seqs)), seqs  # one hub published them all
+    for node, seen in zip(nodes, await asyncio.gather(*watching), strict=True):
+        assert [i for i in seen if i >= 3] == list(range(3, len(frames))), (node.name, seen)
+    # One forward per frame that did not reach node1 itself (two in three), each published there.
+    assert forwarded_to(await a.metrics()) == {"200": 40}
+    assert forwarded_to(await b.metrics()) == forwarded_to(await c.metrics()) == {}
+    for node in nodes:
+        ages = await age_buckets(node.api, "ws_binary")
+        assert ages["+Inf"] >= 50 and ages["2.5"] == 0, (node.name, ages)  # each about 5 s old
+
+    # Refused where they arrive, never forwarded: a wrong token, a body that is no JPEG.
+    code, body, response = await post_frame(b, frames[0], token="wrong-token-0123456")
+    assert_json_error(code, body, 401)
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    code, body, _ = await post_frame(c, b"not a jpeg")
+    assert_json_error(code, body, 400)
+    assert forwarded_to(await a.metrics()) == {"200": 40}
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_post_publisher_goes_on_when_the_node_with_its_lease_dies(make_nodes):
+    """The node holding a POSTing publisher's lease is killed (kill -9): the frames POSTed to the
+    other nodes are 503s naming it (never a 500) until its lease expires (3 s), then the next node
+    a frame reaches takes the upstream, every frame is a 200 again, and the viewers on the live
+    nodes get the frames."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    a, b, c = await started(make_nodes(3, free_port(), extra))
+    pattern = render.TestPattern(160, 120, "failover")
+    frames = [pattern.render(i) for i in range(300)]
+    sid = await create_session(b, "pub")
+    on_b, on_c = await b.viewer(sid), await c.viewer(sid)
+    for i, node in enumerate((a, b, c, a, b, c)):
+        code, body, _ = await post_frame(node, frames[i])
+        assert code == 200, body
+    await frames_until(on_c, set(frames[:6]))
+    await role_is(a, "origin")
+
+    a.kill()
+    killed = time.monotonic()
+    codes: list[int] = []
+    i = 6
+    while codes[-6:] != [200] * 6:
+        assert time.monotonic() - killed < 15, codes
+        code, body, _ = await post_frame((b, c)[i % 2], frames[i])
+        assert code in (200, 503), (code, body)
+        if code == 503:
+            assert_json_error(code, body, 503)
+            assert "node1" in body["error"], body
+        codes.append(code)
+        i += 1
+        await asyncio.sleep(0.05)
+    first_ok = codes.index(200)
+    assert first_ok > 0 and set(codes[first_ok:]) == {200}, codes  # 503s while the dead node had the lease
+    assert time.monotonic() - killed < 8, codes
+    for j in range(i, i + 20):  # the viewers on both live nodes get what follows
+        code, body, _ = await post_frame((b, c)[j % 2], frames[j])
+        assert code == 200, body
+        await asyncio.sleep(0.05)
+    await frames_until(on_b, set(frames[i:i + 20]))
+    await frames_until(on_c, set(frames[i:i + 20]))
+    roles = {(await upstream(node, "pub"))["source"]["role"] for node in (b, c)}
+    assert roles == {"origin", "edge"}, roles
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_forwarded_frame_is_never_forwarded_again(make_nodes, redis_server):  # noqa: F811
+    """The loop guard. Redis says node "ghost" holds the lease, at this very node's address: the
+    node forwards a POSTed frame to "ghost", that is to itself, and the forwarded request (it
+    carries cluster.token) finds the lease not its own and answers 409, as a WebSocket publisher
+    is answered; it does not forward it again. That 409 is the publisher's answer. Also: "ghost"
+    unreachable or no longer registered: a 503 saying so; the internal endpoint takes cluster.token
+    only; a forwarded frame finding the lease free takes it, as a direct POST does."""
+    extra = {"upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}}
+    (node,) = await started(make_nodes(1, free_port(), extra))
+    contract = Contract(json.loads((await node.api.call("GET", "/openapi.json"))[2].body))
+    frame = render.TestPattern(160, 120, "loop guard").render(0)
+
+    def ghost_at(url: str) -> None:
+        record = json.dumps({"url": url, "at": time.time(), "instance": "ghost", "connected": []})
+        redis_server.command("SET", "vsproxy:node:ghost", record, "PX", "60000")
+
+    redis_server.command("SET", "vsproxy:lease:pub", "ghost", "PX", "60000")
+    ghost_at(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    code, body, response = await post_frame(node, frame)
+    assert code == 503 and "ghost" in body["error"] and "cannot be reached" in body["error"], body
+    contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+
+    ghost_at(f"http://127.0.0.1:{node.port}")  # this node itself, under another name
+    code, body, response = await post_frame(node, frame)
+    assert code == 409 and "ghost" in body["error"], body
+    contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+    assert forwarded_to(await node.metrics()) == {"409": 1}  # forwarded once, and no further
+
+    redis_server.command("DEL", "vsproxy:node:ghost")  # its registration expired (dead), its lease not yet
+    code, body, response = await post_frame(node, frame)
+    assert code == 503 and "not registered" in body["error"], body
+    contract.check("POST", "/ingest/{upstream}/frame", code, response.headers, response.body)
+    contract.assert_ok()
+
+    internal = "/internal/ingest/pub/frame"
+    for token in ("", PUBLISH_TOKEN, CLUSTER_TOKEN + "x"):
+        code, body, _ = await post_frame(node, frame, token=token, path=internal)
+        assert_json_error(code, body, 401)
+    code, body, _ = await post_frame(node, frame, token=CLUSTER_TOKEN, path=internal)
+    assert code == 409 and "ghost" in body["error"], body  # still ghost's lease: refused, not forwarded
+    redis_server.command("DEL", "vsproxy:lease:pub")
+    code, body, _ = await post_frame(node, frame, token=CLUSTER_TOKEN, path=internal)
+    assert code == 200 and body["success"], body
+    assert redis_server.command("GET", "vsproxy:lease:pub") == b"$5\r\nnode1\r\n"
+    assert forwarded_to(await node.metrics()) == {"409": 2, "401": 3, "200": 1}
 
 
 async def publisher_taken(node: Node, timeout: float = 15) -> tornado.websocket.WebSocketClientConnection:

@@ -119,8 +119,9 @@ class Proxy:
                 continue
             handlers += module.routes
         if self.cluster is not None:
+            from .cluster import ingest as forwarded_ingest
             from .cluster import relay
-            handlers = relay.routes + handlers
+            handlers = relay.routes + forwarded_ingest.routes + handlers
         return tornado.web.Application(
             handlers,
             **self.handler_settings(),

@@ -656,12 +656,24 @@ def _ingest_paths() -> dict[str, Any]:
                     "400": _error("An empty body, or one that is not a JPEG."),
                     "401": _ref("responses", "Unauthorized"),
                     "404": _error(not_push),
-                    "409": _error("In a cluster: another node has this upstream's publisher (one at a time); "
-                                  "the error names it."),
+                    "409": _error("In a cluster, rarely: the frame went to the node that had this upstream's "
+                                  "publisher, which another node has taken over meanwhile (the error names it); "
+                                  "or the node is shutting down."),
                     "413": _error("The frame is larger than the upstream's max_frame_bytes."),
-                    "503": _error(_CLUSTER_PUBLISHER_UNKNOWN),
+                    "503": _error("In a cluster: Redis cannot be reached to know which node has this upstream's "
+                                  "publisher, or that node cannot be reached (down, not answering within 2 s, not "
+                                  "registered any more) or did not take the frame; try again shortly."),
                 },
                 operationId="ingestFrame",
+                description=(
+                    "The body is one JPEG; the answer says its sequence number and whether sessions want "
+                    "frames (`active`). An optional X-Capture-Timestamp header (Unix seconds) is the "
+                    "frame's capture time, for frame age. In a cluster any node takes the frame (a load "
+                    "balancer may send each to another): a node that does not have the upstream's publisher "
+                    "checks it (token, size, JPEG) and forwards it, with its capture time, to the node that "
+                    "has (the first node a frame reached, while frames keep coming), whose answer is the "
+                    "answer."
+                ),
                 parameters=[{"name": "token", "in": "query", "required": False, "schema": {"type": "string"},
                              "description": "The publish token, when there is no Authorization header."}],
                 requestBody={"required": True,

@@ -144,11 +144,25 @@ def with_capture_time(jpeg: bytes, captured: float) -> bytes:
 def split_capture_time(jpeg: bytes) -> tuple[bytes, float | None]:
     """(the JPEG as the publisher made it, its capture time) for a frame stamped by
     `with_capture_time`; an unstamped frame comes back unchanged, with None."""
-    if jpeg[2:4] != b"\xff\xfe" or jpeg[6:6 + len(CAPTURE_MAGIC)] != CAPTURE_MAGIC:
+    stamp = _capture_stamp(jpeg)
+    if stamp is None:
         return jpeg, None
+    end, captured = stamp
+    return jpeg[:2] + jpeg[end:], captured
+
+
+def stamped_capture_time(jpeg: bytes) -> float | None:
+    """The capture time `with_capture_time` stamped into `jpeg`, None if it has none (nothing copied)."""
+    stamp = _capture_stamp(jpeg)
+    return None if stamp is None else stamp[1]
+
+
+def _capture_stamp(jpeg: bytes) -> tuple[int, float] | None:
+    """(where the stamp's COM segment ends, the capture time) of a stamped frame, else None."""
+    if jpeg[2:4] != b"\xff\xfe" or jpeg[6:6 + len(CAPTURE_MAGIC)] != CAPTURE_MAGIC:
+        return None
     end = 4 + int.from_bytes(jpeg[4:6], "big")
     try:
-        captured = float(jpeg[6 + len(CAPTURE_MAGIC):end])
+        return end, float(jpeg[6 + len(CAPTURE_MAGIC):end])
     except ValueError:
-        return jpeg, None
-    return jpeg[:2] + jpeg[end:], captured
+        return None

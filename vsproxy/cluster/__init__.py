@@ -7,6 +7,8 @@
 - `relay.ClusterSource`: wraps each upstream's source: the node holding the upstream's lease (the
   origin) runs the real source; every other node with viewers (an edge) pulls the frames from the
   origin over one authenticated WebSocket (`relay.RelayHandler`, /internal/relay/{upstream}).
+- `ingest`: a frame POSTed to a node that does not have the push upstream's publisher is
+  forwarded to the node that has (`ingest.ForwardedFrameHandler`, /internal/ingest/{upstream}/frame).
 - `whep.WhepDirectory`: which node holds each WHEP peer, so its DELETE works on any node.
 
 Redis is imported only here, so a single node never loads it.

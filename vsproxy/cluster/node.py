@@ -33,8 +33,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from tornado.httpclient import AsyncHTTPClient
 
-from ..auth import redact_url
+from ..auth import bearer_token, redact_url, token_matches
 from ..errors import ClientError
 
 if TYPE_CHECKING:
@@ -52,17 +53,19 @@ RESYNC_SECONDS = 2.0
 MAX_BACKOFF_SECONDS = 5.0
 REDIS_CONNECTIONS = 64  # at most this many Redis calls at once; the others wait for one...
 REDIS_POOL_WAIT_SECONDS = 5.0  # ...this long at most (Redis answers in well under a millisecond)
+NODE_REQUESTS = 64  # HTTP requests to other nodes at once (forwarded frames); the others wait, within their timeout
 # Errors that mean "Redis is not reachable (now)": the client's own, and the socket's.
 REDIS_ERRORS = (RedisError, OSError)
 
 T = TypeVar("T")
 
-# Take or keep a lease: ours already (renew), free (take), or someone else's (0).
+# Take or keep a lease: ours already (renew), free (take), or someone else's; answers its holder
+# now (ARGV[1], this node, unless someone else's).
 _CLAIM = """
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return holder end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return ARGV[1] end
+return holder
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -144,6 +147,7 @@ class Cluster:
         self._run_id: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._draining = False
+        self._http: AsyncHTTPClient | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class Cluster:
         except REDIS_ERRORS:
             pass
         await self.redis.aclose()
+        if self._http is not None:
+            self._http.close()
 
     async def drain(self) -> None:
         """SIGTERM: give up every upstream this node is the origin of (release the leases, so
@@ -177,6 +183,25 @@ class Cluster:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    # -- node to node ------------------------------------------------------------------------------
+
+    def node_headers(self) -> dict[str, str]:
+        """The credentials of a request to another node: cluster.token, and this node's ID."""
+        return {"Authorization": f"Bearer {self.token}", "X-Vsproxy-Node": self.node_id}
+
+    def from_a_node(self, authorization: str | None) -> bool:
+        """Does a request's Authorization header carry cluster.token? Compared as every token is
+        (digests: neither its content nor its length shows in the timing)."""
+        return token_matches(bearer_token(authorization), (self.token,))
+
+    @property
+    def http(self) -> AsyncHTTPClient:
+        """The HTTP client of requests to other nodes: its own, so that no other use of Tornado's
+        shared one (10 requests at once) makes them wait."""
+        if self._http is None:
+            self._http = AsyncHTTPClient(force_instance=True, max_clients=NODE_REQUESTS)
+        return self._http
 
     # -- Redis calls ---------------------------------------------------------------------------
 
@@ -206,8 +231,12 @@ class Cluster:
 
     async def claim(self, upstream: str) -> bool:
         """Take or renew the lease on `upstream`: True if this node holds it now."""
-        return bool(await self._claim(keys=[lease_key(upstream)],
-                                      args=[self.node_id, int(LEASE_TTL_SECONDS * 1000)]))
+        return await self.claim_or_holder(upstream) == self.node_id
+
+    async def claim_or_holder(self, upstream: str) -> str:
+        """Take or renew the lease on `upstream` if it is free or ours: the node ID that holds it
+        now (this node's, or the other holder's), in one round trip."""
+        return await self._claim(keys=[lease_key(upstream)], args=[self.node_id, int(LEASE_TTL_SECONDS * 1000)])
 
     async def release(self, upstream: str) -> None:
         await self._release(keys=[lease_key(upstream)], args=[self.node_id])

@@ -54,9 +54,9 @@ import tornado.web
 import tornado.websocket
 from tornado.httpclient import HTTPRequest
 
-from ..auth import bearer_token, token_matches
 from ..codec.encoder import KEYFRAME_REQUEST_MIN_INTERVAL
 from ..codec.h264 import AccessUnit
+from ..errors import PublishedElsewhere
 from ..handlers.base import websocket_handshake_error, write_json_error
 from ..hub import Demand, Frame, connected_status
 from ..outputs import Viewer
@@ -64,7 +64,8 @@ from ..outputs.viewer import H264Viewer
 from ..outputs.wire import CLUSTER_JPEG, CLUSTER_JPEG_TYPE, WS_BINARY, WS_H264, ws_h264_message
 from ..sources.base import FrameTimeout, HubLink, RelayBudget, Source
 from ..sources.isaac import _websocket_connect
-from .node import HEARTBEAT_SECONDS, REDIS_ERRORS, Cluster
+from .ingest import PublisherUnreachable, forward_frame
+from .node import HEARTBEAT_SECONDS, LEASE_TTL_SECONDS, REDIS_ERRORS, Cluster
 
 if TYPE_CHECKING:
     from ..hub import FrameHub
@@ -79,6 +80,10 @@ RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0
 RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
 # Why a node's push publisher is disconnected when another node has the upstream's lease.
 PUBLISHED_ELSEWHERE = "another node has this upstream's publisher now"
+SHUTTING_DOWN = "this node is shutting down; publish to another node"
+# How long a node forwards POSTed frames to the holder it found before it asks Redis again (a
+# failed forward forgets it at once).
+POST_TARGET_SECONDS = HEARTBEAT_SECONDS
 _AU_HEAD = struct.Struct("!BQ")  # origin to edge: the type (H.264 keyframe flag, or JPEG) and time
 
 
@@ -110,6 +115,10 @@ class ClusterSource(Source):
         # either order (a release decided before a claim, landing after it, would delete the lease
         # just claimed: another node could take it, and the upstream have two origins).
         self._lease_lock = asyncio.Lock()
+        # Where frames POSTed here go while another node has the publisher: (node ID, URL, until
+        # when, monotonic), see `_post_target`; and the last failure to deliver one, logged once.
+        self._post_to: tuple[str, str, float] | None = None
+        self._post_problem: str | None = None
         cluster.sources[inner.name] = self
 
     @property
@@ -141,15 +150,74 @@ class ClusterSource(Source):
             if self._publisher_lease:
                 return None
             if self.cluster.draining:
-                return "this node is shutting down; publish to another node"
-            if await self.cluster.write(lambda: self.cluster.claim(self.name)):
-                self._publisher_lease = True
-                if self._conn is not None:  # an edge of the node the publisher left: the origin now
-                    self._conn.close(1001, "the publisher came to this node")
+                return SHUTTING_DOWN
+            holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
+            if holder == self.cluster.node_id:
+                self._took_publisher_lease()
                 return None
-            holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
-        return (f"The publisher of upstream '{self.name}' is connected to node {holder or '?'}: publish "
-                "there (one publisher at a time)")
+        return (f"The publisher of upstream '{self.name}' is connected to node {holder}: publish there (one "
+                "publisher at a time)")
+
+    def _took_publisher_lease(self) -> None:
+        self._publisher_lease = True
+        self._post_to = None
+        if self._conn is not None:  # an edge of the node the publisher left: the origin now
+            self._conn.close(1001, "the publisher came to this node")
+
+    async def post_elsewhere(self, frame: bytes, captured: float | None) -> tuple[int, dict] | None:
+        """A frame POSTed to this node: None to publish it here (this node has the upstream's
+        publisher, or takes its lease: free), else the answer of the node that has it, which the
+        frame was forwarded to (cluster/ingest.py). PublisherUnreachable (503) when that node
+        cannot be reached; the node is looked up again for the next frame."""
+        target = await self._post_target()
+        if target is None:
+            return None
+        holder, url = target
+        try:
+            status, answer = await forward_frame(self.cluster, holder, url, self.name, frame, captured)
+        except PublisherUnreachable as exc:
+            self._post_to = None
+            if str(exc) != self._post_problem:  # once, not for every frame a publisher sends meanwhile
+                self._post_problem = str(exc)
+                log.warning("cluster: a frame POSTed here was not delivered: %s", exc, extra={"upstream": self.name})
+            raise
+        if status in (409, 503):  # the lease moved, or that node cannot reach Redis: look again
+            self._post_to = None
+        elif status == 200:
+            self._post_problem = None
+        return status, answer
+
+    async def _post_target(self) -> tuple[str, str] | None:
+        """Where frames POSTed to this node are published: None here (taking the lease if it is
+        free), else (node ID, advertise URL) of the live node that holds it, remembered for
+        POST_TARGET_SECONDS so that a run of frames asks Redis once a second, not per frame."""
+        if not self.inner.origin_where_published or self._publisher_lease:
+            return None
+        remembered = self._post_to
+        if remembered is not None and time.monotonic() < remembered[2]:
+            return remembered[0], remembered[1]
+        self._post_to = None
+        async with self._lease_lock:
+            if self._publisher_lease:  # taken meanwhile (by a frame or a publisher here)
+                return None
+            if self.cluster.draining:  # takes no lease on its way out; a holder may still take the frame
+                holder = await self.cluster.write(lambda: self.cluster.holder(self.name))
+                if holder is None or holder == self.cluster.node_id:
+                    raise PublishedElsewhere(SHUTTING_DOWN)
+            else:
+                holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
+                if holder == self.cluster.node_id:
+                    self._took_publisher_lease()
+                    return None
+        url = await self.cluster.write(lambda: self.cluster.node_url(holder))
+        if url is None:
+            # A lease outlives its node by LEASE_TTL at most (a node's registration lives longer):
+            # the lease is free within that, and the next frame takes it.
+            raise PublisherUnreachable(f"Node {holder}, which has the publisher of upstream '{self.name}', is not "
+                                       f"registered (dead?); its lease expires within {LEASE_TTL_SECONDS:g} s: try "
+                                       "again shortly")
+        self._post_to = (holder, url, time.monotonic() + POST_TARGET_SECONDS)
+        return holder, url
 
     async def renew(self) -> None:
         """Heartbeat: renew the lease this node holds (as the origin, or for a push publisher
@@ -306,8 +374,7 @@ class ClusterSource(Source):
     async def _connect(self, base_url: str) -> tornado.websocket.WebSocketClientConnection:
         rc = self.reconnect
         url = "ws" + base_url[len("http"):] + f"/internal/relay/{self.name}"
-        request = HTTPRequest(url, headers={"Authorization": f"Bearer {self.cluster.token}",
-                                            "X-Vsproxy-Node": self.cluster.node_id},
+        request = HTTPRequest(url, headers=self.cluster.node_headers(),
                               connect_timeout=min(rc.connect_timeout_seconds, 2.0),
                               request_timeout=min(rc.connect_timeout_seconds, 2.0))
         return await _websocket_connect(request, ping_interval=2, ping_timeout=2,
@@ -497,7 +564,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     async def get(self, upstream: str, *args: Any, **kwargs: Any) -> None:
         cluster = self._cluster()
-        if not token_matches(bearer_token(self.request.headers.get("Authorization")), (cluster.token,)):
+        if not cluster.from_a_node(self.request.headers.get("Authorization")):
             self._refuse(401, "cluster token required")
             return
         hub = self.application.settings["vsproxy_hubs"].get(upstream)

@@ -6,8 +6,10 @@ token never reaches a log line (the access log has the path only, and so do the 
 summaries below, which Tornado puts in its exception logs). Checks, in order: 404 no push
 upstream of that name, 401 missing or wrong token, 409 (WebSocket) another publisher attached,
 413 frame larger than the upstream's `max_frame_bytes`, 400 not a JPEG. In a cluster, a publisher
-makes its node the upstream's origin: 409 when another node has the upstream's publisher (one at a
-time, cluster-wide), 503 when Redis cannot be reached to know.
+makes its node the upstream's origin: a WebSocket publisher gets 409 when another node has the
+upstream's publisher (one at a time, cluster-wide), 503 when Redis cannot be reached to know. A
+POSTed frame that passed every check here goes to the node that has the publisher, whose answer
+the publisher gets (cluster/ingest.py): so a POSTing publisher may reach any node, frame by frame.
 
 WebSocket publishers send binary JPEG messages; a frame that is not a JPEG is dropped with a
 `{"type": "error", "message": ...}` text message (the connection stays open), an oversized one
@@ -172,6 +174,7 @@ class IngestFrameHandler(JsonHandler):
     """
 
     cors_methods = "POST, OPTIONS"
+    unauthorized_reason = "Missing or wrong publish token"
     hub: FrameHub
     source: PushSource
 
@@ -186,11 +189,20 @@ class IngestFrameHandler(JsonHandler):
         if found is None:
             raise tornado.web.HTTPError(404, reason=not_found_message(upstream))
         self.hub, self.source = found
-        if not self.source.token_ok(presented_token(self)):
-            log.warning("frame refused from %s: missing or wrong token", self.request.remote_ip,
+        if not self.authorized():
+            log.warning("frame refused from %s: %s", self.request.remote_ip, self.unauthorized_reason.lower(),
                         extra={"upstream": self.hub.name})
-            raise tornado.web.HTTPError(401, reason="Missing or wrong publish token")
+            raise tornado.web.HTTPError(401, reason=self.unauthorized_reason)
         self.start_body()
+
+    def authorized(self) -> bool:
+        """The request carries the upstream's publish token."""
+        return self.source.token_ok(presented_token(self))
+
+    async def elsewhere(self, frame: bytes, captured: float | None) -> tuple[int, dict] | None:
+        """In a cluster, a frame for the node that has the upstream's publisher goes there: that
+        node's answer (status, JSON body); None: publish it here (cluster/ingest.py)."""
+        return await self.hub.source.post_elsewhere(frame, captured)
 
     def body_limit(self) -> int:
         return self.source.max_frame_bytes
@@ -215,8 +227,12 @@ class IngestFrameHandler(JsonHandler):
                                                     "1764558000.123") from None
         if stamp is not None and not math.isfinite(stamp):
             raise tornado.web.HTTPError(400, reason="X-Capture-Timestamp must be a finite number")
-        await check_publisher_here(self.hub)
         try:
+            self.source.check_frame(frame)  # before it may go to another node: a bad frame never does
+            answer = await self.elsewhere(frame, stamp)
+            if answer is not None:
+                self.send_json(answer[1], answer[0])
+                return
             seq = self.source.publish(self.hub, frame, posted=True, captured=stamp)
         except FrameRejected as exc:
             raise tornado.web.HTTPError(exc.status, reason=str(exc)) from None

@@ -170,6 +170,12 @@ class Source:
         that cannot be known."""
         return None
 
+    async def post_elsewhere(self, frame: bytes, captured: float | None) -> tuple[int, dict] | None:
+        """A frame POSTed to this node (checked): None to publish it here, else the answer (status,
+        JSON body) of the cluster node that has the upstream's publisher, where it was forwarded.
+        (Always None outside a cluster.)"""
+        return None
+
     @classmethod
     def check_settings(cls, settings: Any, key: str) -> None:
         """Raise schema.ConfigError (naming `key`.<field>) for settings that cannot work."""

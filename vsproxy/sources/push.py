@@ -115,11 +115,14 @@ class PushSource(Source):
         return token_matches(presented, [self.settings.token])
 
     def check_frame(self, data: bytes) -> None:
-        """Raise FrameRejected (413 too large, 400 not a JPEG) for a frame that must not be shown."""
+        """Raise FrameRejected (413 too large, 400 not a JPEG) for a frame that must not be shown
+        (counted in `frames_rejected`)."""
         if len(data) > self.max_frame_bytes:
+            self.frames_rejected += 1
             raise FrameRejected(413, f"Frame of {len(data)} bytes is larger than the limit of "
                                      f"{self.max_frame_bytes} bytes")
         if not render.is_jpeg(data):
+            self.frames_rejected += 1
             raise FrameRejected(400, "Frame is not a JPEG (expected data starting with FFD8 and ending with FFD9)")
 
     # -- publishing -------------------------------------------------------------------------
@@ -129,11 +132,7 @@ class PushSource(Source):
 
         Its capture time is `captured` (e.g. a POST's X-Capture-Timestamp), else the one the
         publisher stamped into the JPEG (`vsproxy.publish` does), else its arrival."""
-        try:
-            self.check_frame(data)
-        except FrameRejected:
-            self.frames_rejected += 1
-            raise
+        self.check_frame(data)
         if posted:
             self._post_until = time.monotonic() + self.post_hold_seconds
             self._last_posted = self.publisher is None
