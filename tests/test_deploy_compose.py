@@ -99,6 +99,11 @@ def test_nginx_upgrades_websockets_and_does_not_buffer_streams():
         assert directive in conf, directive
     mount = compose()["services"]["lb"]["volumes"][0]
     assert mount.startswith("./cluster/nginx.conf:")
+    # A push upstream's largest frame gets through nginx to vsproxy (before, 1m: a 2 MB frame was
+    # nginx's HTML 413, not vsproxy's own limit).
+    from vsproxy.sources.push import PushUpstream
+    (limit,) = re.findall(r"client_max_body_size (\d+)m;", conf)
+    assert int(limit) << 20 >= PushUpstream.__dataclass_fields__["max_frame_bytes"].default
 
 
 def test_no_secret_committed_in_deploy():
