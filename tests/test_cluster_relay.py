@@ -1074,3 +1074,71 @@ async def test_an_edge_viewer_is_told_once_per_connect_that_the_upstream_is_conn
         assert kinds.count("error") == 1 and "lost" in statuses[0][1] and kinds.count("status") == 2, statuses
     pub.close()
     await publishing
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_edge_shows_its_origins_upstream_lost_as_one_node_does(make_nodes, sim30):
+    """The simulator drops while a viewer watches on an edge: as a viewer on the origin (or on one
+    node), it is told once that the upstream was lost, gets the offline picture meanwhile, and its
+    input the "not delivered" error; once the simulator is back, one "✅ Connected" and its
+    frames. Before, the edge's hub stayed "connected": no offline picture (the last frame stayed
+    frozen), input went to the origin and was dropped there without a word, and after the frame
+    timeout the edge reported the loss a second time."""
+    extra = {"reconnect": {"initial_delay_seconds": 0.2, "max_delay_seconds": 0.5},
+             "streaming": {"offline_frame_interval_seconds": 0.2}}
+    origin, edge = await started(make_nodes(2, sim30.port, extra))
+    sid = await create_session(origin)
+    await real_frame(await origin.viewer(sid), sim30, 15)  # node1 takes the upstream: the origin
+    on_edge = await edge.viewer(sid)
+    await real_frame(on_edge, sim30, 15)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+
+    await sim30.stop()  # the simulator crashes
+    statuses: list[tuple[str, str]] = []
+    offline = 0
+    deadline = time.monotonic() + 15
+    while offline < 3:  # the offline picture, again and again, while it is down
+        message = await asyncio.wait_for(on_edge.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"edge viewer closed: {on_edge.close_code} {on_edge.close_reason}"
+        if isinstance(message, str) and (parsed := json.loads(message)).get("type") in ("status", "error"):
+            statuses.append((parsed["type"], parsed["message"]))
+        elif isinstance(message, bytes) and message not in sim30.frames:
+            offline += 1
+    assert statuses[0][0] == "error" and statuses[0][1].startswith("Upstream 'isaac' lost: "), statuses
+    assert (await edge.upstream())["state"] != "connected"
+    on_edge.write_message(json.dumps({"type": "input", "key": "w"}))
+    while True:
+        parsed = json.loads(await asyncio.wait_for(next_text(on_edge), 10))
+        if parsed["type"] == "error" and "not delivered" in parsed["message"]:
+            break
+        statuses.append((parsed["type"], parsed["message"]))
+
+    sim30.listen(sim30.port)  # back
+    later = await statuses_until_real_frame(on_edge, sim30, 20)
+    statuses += later
+    kinds = [kind for kind, _ in statuses]
+    assert kinds.count("error") == 1, statuses  # one "lost", as on one node
+    assert statuses.count(("status", "✅ Connected to upstream 'isaac'")) == 1, statuses
+    assert all(kind == "status" and "Reconnecting" in text for kind, text in statuses[1:-1]), statuses
+
+
+async def next_text(conn: tornado.websocket.WebSocketClientConnection) -> str:
+    while True:
+        message = await conn.read_message()
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, str):
+            return message
+
+
+async def statuses_until_real_frame(conn: tornado.websocket.WebSocketClientConnection, sim,
+                                    timeout: float) -> list[tuple[str, str]]:
+    """The status and error messages a viewer gets until one of the simulator's own frames."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(conn.read_message(), max(0.05, deadline - time.monotonic()))
+        assert message is not None, f"viewer closed: {conn.close_code} {conn.close_reason}"
+        if isinstance(message, str) and (parsed := json.loads(message)).get("type") in ("status", "error"):
+            out.append((parsed["type"], parsed["message"]))
+        elif isinstance(message, bytes) and message in sim.frames:
+            return out

@@ -143,6 +143,9 @@ class FrameHub:
         # Also given every text message the WebSocket viewers get: a cluster origin's relay
         # connections, which carry the upstream's text to their edges whatever frames they want.
         self.text_listeners: list[Callable[[str], None]] = []
+        # Told when the connected upstream is lost, with the reason: a cluster origin's relay
+        # connections, whose edges' hubs then show it as lost to their viewers (`set_lost`).
+        self.loss_listeners: list[Callable[[str], None]] = []
         self.latest: Frame | None = None
         self.seq = 0
         self.rate_in = RateMeter()
@@ -271,6 +274,13 @@ class FrameHub:
         log.info("upstream connected", extra={"upstream": self.name})
         self.relay_text(connected_status(self.name))
 
+    def set_lost(self, reason: str) -> None:
+        """Called by a source whose upstream was lost while its run goes on (a cluster edge: the
+        origin's upstream dropped, and the origin reconnects it): viewers are told, and get the
+        offline picture, until `set_connected`."""
+        if self.state == "connected":
+            self._lost(reason)
+
     def _lost(self, reason: str) -> None:
         was_connected = self.state == "connected"
         self.state = "retrying"
@@ -281,7 +291,11 @@ class FrameHub:
             self.gop.clear()
         if was_connected:
             log.warning("upstream lost: %s", reason, extra={"upstream": self.name})
-            self.notify("error", f"Upstream '{self.name}' lost: {reason}")
+            # To the viewers here; a cluster origin's edges get the loss itself, and their hubs
+            # tell their viewers in these words (`set_lost`), once.
+            self._text_to_viewers(status_message("error", f"Upstream '{self.name}' lost: {reason}"))
+            for listener in tuple(self.loss_listeners):
+                listener(reason)
         else:
             log.info("upstream connect failed: %s", reason, extra={"upstream": self.name})
         self._send_offline_frame()
@@ -569,12 +583,15 @@ class FrameHub:
     def relay_text(self, text: str) -> None:
         """Send a text message (status, or relayed from the upstream) to every WebSocket viewer
         that takes text (a cluster edge's relay connections get it as a text listener)."""
+        self._text_to_viewers(text)
+        for listener in tuple(self.text_listeners):
+            listener(text)
+
+    def _text_to_viewers(self, text: str) -> None:
         for transport in WS_TRANSPORTS:
             for viewer in tuple(self.viewers[transport]):
                 if viewer.send_text is not None:
                     viewer.send_text(text)
-        for listener in tuple(self.text_listeners):
-            listener(text)
 
     @property
     def accepts_input(self) -> bool:

@@ -14,8 +14,11 @@ upstream on this node), the source tries to take the upstream's lease in Redis:
   messages are the upstream's text (telemetry, and the origin's status messages). The origin's
   "✅ Connected to upstream" status (`hub.connected_status`), sent as the relay opens if its upstream
   is connected, else when it connects, makes the edge's hub connected (or its first frame, if that
-  comes first): the edge's viewers get that status once, from their own node, as on one node; a
-  later one (the upstream connected again at the origin) is relayed. Edge to origin:
+  comes first): the edge's viewers get that status once, from their own node, as on one node.
+  When the origin's upstream is lost, the origin sends RELAY_LOST with the reason (not its "lost"
+  text): the edge's hub shows the upstream lost (`set_lost`: its viewers are told once, get the
+  offline picture, and their input the error it gets on one node) until the next "✅ Connected"
+  or frame. Edge to origin:
   text messages are viewer input for the origin's upstream; binary messages start with a type
   byte: RELAY_INPUT (the rest is a viewer's binary input), RELAY_JPEG or RELAY_H264 (one more
   byte, 1 or 0: this edge wants JPEG frames / H.264 access units now, or no longer),
@@ -78,6 +81,9 @@ RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary i
 RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
 RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0 (no longer)
 RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
+# Origin to edge, binary: a type byte beyond the frames' (0, 1: H.264; 2: JPEG), then the reason in
+# UTF-8: the origin's upstream was lost (it reconnects it; its "✅ Connected" says when it is back).
+RELAY_LOST = 3
 # Why a node's push publisher is disconnected when another node has the upstream's lease.
 PUBLISHED_ELSEWHERE = "another node has this upstream's publisher now"
 SHUTTING_DOWN = "this node is shutting down; publish to another node"
@@ -102,6 +108,7 @@ class ClusterSource(Source):
         self._relay = RelayBudget()
         self._hub: Any = None  # the FrameHub, once it ran this source
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # what the origin was asked for
+        self._origin_lost = False  # the origin said its upstream was lost (no frame is due)
         self._frame_timeout: asyncio.Timeout | None = None  # of the current relay, while it runs
         self._keyframe_asked = -1e9  # when the origin was last asked for a keyframe (monotonic)
         self.relay_bytes = 0  # received from the origin, as an edge (metrics read these)
@@ -388,9 +395,8 @@ class ClusterSource(Source):
         self._close_relays(f"this node relays from origin {origin} now")
         hub.source_format_changed()  # the origin encodes: no encoder here (one ran if this node was the origin)
         self._asked = {RELAY_JPEG: False, RELAY_H264: False}  # a new connection: nothing asked yet
-        connected = False
+        self._origin_lost = False
         connected_text = connected_status(self.name)
-        told = False  # the origin said its upstream is connected (as the relay opened, or since)
         frame_timeout = self.reconnect.frame_timeout_seconds
         try:
             # The frame timeout runs only while something is asked for (re-armed by each message
@@ -403,11 +409,18 @@ class ClusterSource(Source):
                     if message is None:
                         raise ConnectionError(f"relay from origin {origin} closed"
                                               + (f" ({conn.close_reason})" if conn.close_reason else ""))
+                    if isinstance(message, bytes) and message[:1] == bytes((RELAY_LOST,)):
+                        # The origin's upstream was lost: no frame is due until it is back.
+                        self._origin_lost = True
+                        self._arm_frame_timeout()
+                        hub.set_lost(message[1:].decode(errors="replace"))
+                        continue
+                    if isinstance(message, bytes) or message == connected_text:
+                        self._origin_lost = False  # it is back (the status, or a frame first)
                     self._arm_frame_timeout()
                     if isinstance(message, bytes):
-                        if not connected:
+                        if not hub.connected:
                             hub.set_connected()
-                            connected = True
                         self.relay_bytes += len(message)
                         self.relay_frames += 1
                         if len(message) > _AU_HEAD.size:
@@ -416,15 +429,13 @@ class ClusterSource(Source):
                                 hub.publish(message[_AU_HEAD.size:], time_us / 1_000_000)
                             elif kind in (0, 1):
                                 hub.publish_h264(message[_AU_HEAD.size:], time_us)
-                    elif message == connected_text and not told:
+                    elif message == connected_text:
                         # The origin's word that its upstream is connected: this node's hub is
                         # now, and tells its viewers once (or did at a frame that came first: a
                         # push publisher's, before the origin's run has seen it).
-                        told = True
-                        if not connected:
+                        if not hub.connected:
                             hub.set_connected()
-                            connected = True
-                    else:  # the upstream's text; a later "connected": it connected again at the origin
+                    else:  # the upstream's text, and the origin's other statuses (reconnecting)
                         hub.relay_text(message)
         except TimeoutError:  # the frame timeout expired between two reads
             raise FrameTimeout(f"no frame from origin {origin} for {frame_timeout:g} s") from None
@@ -461,11 +472,12 @@ class ClusterSource(Source):
 
     def _arm_frame_timeout(self) -> None:
         """Frames are due within the frame timeout from now while anything is asked for; none
-        are while nothing is (then the relay may stay quiet for as long as it lingers)."""
+        are while nothing is (then the relay may stay quiet for as long as it lingers), nor while
+        the origin's upstream is lost (the origin reconnects it, and says when it is back)."""
         timeout = self._frame_timeout
         if timeout is None or timeout.expired():
             return
-        if any(self._asked.values()):
+        if any(self._asked.values()) and not self._origin_lost:
             timeout.reschedule(asyncio.get_running_loop().time() + self.reconnect.frame_timeout_seconds)
         else:
             timeout.reschedule(None)
@@ -599,6 +611,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         self.demand = Demand(f"relay:{self.edge}")
         self.hub.attach(self.demand)  # type: ignore[arg-type]
         self.hub.text_listeners.append(self._send_text)
+        self.hub.loss_listeners.append(self._upstream_lost)
         if self.hub.connected:  # as to a viewer that comes while it is (the edge reads it, see `_run_edge`)
             self._send_text(connected_status(self.hub.name))
         self._cluster().relays.setdefault(upstream, set()).add(self)
@@ -611,6 +624,10 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         # As to a viewer: within a budget of unread text, beyond it dropped for this edge (an
         # edge that stops reading must not make the origin hold the upstream's telemetry).
         self._text.send(self.write_message, text)
+
+    def _upstream_lost(self, reason: str) -> None:
+        # A control message: never dropped for text the edge has not read.
+        self._text.send(self.write_message, bytes((RELAY_LOST,)) + reason.encode()[:1000], control=True)
 
     def on_message(self, message: str | bytes) -> None:
         if self.demand is None or self.ws_connection is None:  # closed here: what was in flight is ignored
@@ -649,6 +666,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
         for kind in list(self.viewers):
             self._want(kind, False)
         self.hub.text_listeners.remove(self._send_text)
+        self.hub.loss_listeners.remove(self._upstream_lost)
         self.hub.detach(self.demand)  # type: ignore[arg-type]
         self.demand = None
         upstream = self.hub.name

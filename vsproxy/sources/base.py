@@ -35,6 +35,10 @@ class HubLink(Protocol):
     def set_connected(self) -> None:
         """Report the connection up (once per connection)."""
 
+    def set_lost(self, reason: str) -> None:
+        """Report the upstream lost while `run` goes on (a cluster edge whose origin lost it);
+        `set_connected` again when it is back."""
+
     def publish(self, jpeg: bytes, captured: float | None = None) -> int:
         """Publish one JPEG frame (taken at `captured`, Unix seconds, if known) to every viewer;
         returns its sequence number."""
