@@ -84,6 +84,7 @@ RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, p
 # Origin to edge, binary: a type byte beyond the frames' (0, 1: H.264; 2: JPEG), then the reason in
 # UTF-8: the origin's upstream was lost (it reconnects it; its "✅ Connected" says when it is back).
 RELAY_LOST = 3
+_LOST = bytes((RELAY_LOST,))
 # Why a node's push publisher is disconnected when another node has the upstream's lease.
 PUBLISHED_ELSEWHERE = "another node has this upstream's publisher now"
 SHUTTING_DOWN = "this node is shutting down; publish to another node"
@@ -409,7 +410,7 @@ class ClusterSource(Source):
                     if message is None:
                         raise ConnectionError(f"relay from origin {origin} closed"
                                               + (f" ({conn.close_reason})" if conn.close_reason else ""))
-                    if isinstance(message, bytes) and message[:1] == bytes((RELAY_LOST,)):
+                    if isinstance(message, bytes) and message[:1] == _LOST:
                         # The origin's upstream was lost: no frame is due until it is back.
                         self._origin_lost = True
                         self._arm_frame_timeout()
@@ -627,7 +628,7 @@ class RelayHandler(tornado.websocket.WebSocketHandler):
 
     def _upstream_lost(self, reason: str) -> None:
         # A control message: never dropped for text the edge has not read.
-        self._text.send(self.write_message, bytes((RELAY_LOST,)) + reason.encode()[:1000], control=True)
+        self._text.send(self.write_message, _LOST + reason.encode()[:1000], control=True)
 
     def on_message(self, message: str | bytes) -> None:
         if self.demand is None or self.ws_connection is None:  # closed here: what was in flight is ignored
