@@ -1134,3 +1134,43 @@ async def test_an_origin_stopped_while_redis_is_slow_keeps_no_lease_alive(redis_
                 task.cancel()
         await hub.stop()
         await cluster.redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_post_whose_lookup_finds_the_lease_taken_here_meanwhile_is_published_here(redis_server,  # noqa: F811
+                                                                                           monkeypatch):
+    """A POSTed frame finds another node holding the lease and looks up that node's URL; meanwhile
+    that lease expires and a publisher arriving here takes it. The frame is published here (this
+    node has the publisher now), not forwarded to the old holder, which would refuse it (409 naming
+    this very node) or be unreachable (503)."""
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "node_id": "node1", "token": CLUSTER_TOKEN},
+                               "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+    upstreams, _ = config.upstream_configs()
+    cluster = Cluster(config)
+    source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
+    frame = render.TestPattern(160, 120, "moved").render(0)
+    record = json.dumps({"url": f"http://127.0.0.1:{free_port()}", "at": time.time(), "instance": "x",
+                         "connected": []})
+    redis_server.command("SET", "vsproxy:lease:pub", "ghost", "PX", "60000")
+    redis_server.command("SET", "vsproxy:node:ghost", record, "PX", "60000")
+    looking, found = asyncio.Event(), asyncio.Event()
+    node_url = cluster.node_url
+
+    async def slow_node_url(node_id: str) -> str | None:
+        looking.set()
+        await found.wait()
+        return await node_url(node_id)
+
+    monkeypatch.setattr(cluster, "node_url", slow_node_url)
+    try:
+        posting = asyncio.ensure_future(source.post_elsewhere(frame, None))
+        await asyncio.wait_for(looking.wait(), 5)
+        redis_server.command("DEL", "vsproxy:lease:pub")  # ghost's lease expired
+        assert await source.publisher_arriving() is None  # a publisher here takes it
+        found.set()
+        assert await posting is None
+        assert await source.post_elsewhere(frame, None) is None
+    finally:
+        await cluster.redis.aclose()
+        if cluster._http is not None:
+            cluster._http.close()

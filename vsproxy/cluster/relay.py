@@ -210,6 +210,8 @@ class ClusterSource(Source):
                     self._took_publisher_lease()
                     return None
         url = await self.cluster.write(lambda: self.cluster.node_url(holder))
+        if self._publisher_lease:  # taken meanwhile (a publisher here): the lease moved, to this node
+            return None
         if url is None:
             # A lease outlives its node by LEASE_TTL at most (a node's registration lives longer):
             # the lease is free within that, and the next frame takes it.
