@@ -211,6 +211,30 @@ def test_check_exits_2_with_the_one_line_error_serving_would_print(tmp_path):
     assert check.stderr == serve.stderr and check.stdout == ""
 
 
+def test_check_leaves_the_session_store_saying_when_the_server_went_away(tmp_path):
+    """README: `vsproxy check` before a restart. The session store records when the server was
+    last alive, so that after a restart downtime does not count as idleness. Before, the check
+    closed the store with a commit that recorded itself as the server alive: a server down for an
+    hour came back counting that hour as every session's idle time (a session idle 100 s at the
+    stop had IDLE - 3700 s left, or was reaped at once)."""
+    import sqlite3
+
+    (tmp_path / "s.yaml").write_text("sessions:\n  store: sqlite:sessions.db\n")
+    assert run_vsproxy(["check", "--config", "s.yaml"], tmp_path).returncode == 0  # creates the file
+    stopped = time.time() - 3600  # the server went away an hour ago
+    conn = sqlite3.connect(tmp_path / "sessions.db")
+    conn.execute("INSERT INTO sessions VALUES ('stream_x', 'u', 'r', 'demo', ?, ?)", (stopped - 200, stopped - 100))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_alive', ?)", (stopped,))
+    conn.commit()
+    conn.close()
+    result = run_vsproxy(["check", "--config", "s.yaml"], tmp_path)
+    assert result.returncode == 0 and "(1 stored)" in result.stdout, result.stdout + result.stderr
+    conn = sqlite3.connect(tmp_path / "sessions.db")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'last_alive'").fetchone()[0] == stopped
+    assert conn.execute("SELECT last_activity FROM sessions").fetchall() == [(stopped - 100,)]
+    conn.close()
+
+
 def test_check_warns_of_a_wildcard_host_without_api_tokens(tmp_path):
     result = run_vsproxy(["--host", "0.0.0.0", "check"], tmp_path)
     assert result.returncode == 0, result.stderr

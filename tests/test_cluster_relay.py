@@ -33,6 +33,7 @@ from vsproxy import render
 from vsproxy.cluster import Cluster, ClusterSource
 from vsproxy.codec.h264 import NAL_PPS, NAL_SPS, nal_type, split_nals
 from vsproxy.config import config_from_dict
+from vsproxy.hub import Demand, FrameHub
 from vsproxy.simulate import SimulatedIsaacSim
 from vsproxy.sources import create_source
 
@@ -1142,3 +1143,102 @@ async def statuses_until_real_frame(conn: tornado.websocket.WebSocketClientConne
             out.append((parsed["type"], parsed["message"]))
         elif isinstance(message, bytes) and message in sim.frames:
             return out
+
+
+class _Publisher:
+    """A WebSocket publisher as PushSource sees it (the ingest handler's PublisherLink)."""
+
+    def send_to_publisher(self, message: str | bytes) -> bool:
+        return True
+
+    def disconnect(self, code: int, reason: str) -> None:
+        pass
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_origin_stopped_while_redis_is_slow_keeps_no_lease_alive(redis_server, monkeypatch):  # noqa: F811
+    """The origin's hub stops (no viewer left, or drain) while the heartbeat's renewal of the lease
+    waits on a slow Redis (1.5 s: within the client's 2 s socket timeout), so the run's cleanup waits
+    for the lease lock. The hub's stop() cancels the run again after 0.5 s. Before, that second
+    cancellation ended the cleanup inside its wait for the lock: the task renewing the lease and the
+    upstream's own run were never cancelled, and went on with no hub: the lease was renewed every
+    second for ever (once given back, taken again), so no other node could become the upstream's
+    origin. Now both end with the run, whatever it is waiting for."""
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "node_id": "node1", "token": CLUSTER_TOKEN},
+                               "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+    upstreams, _ = config.upstream_configs()
+    cluster = Cluster(config)
+    source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
+    hub = FrameHub("pub", source, streaming=config.streaming, reconnect=config.reconnect, h264=config.h264_for("pub"))
+    link = _Publisher()
+    try:
+        assert await source.publisher_arriving() is None  # a WebSocket publisher comes here
+        assert source.inner.attach(hub, link)
+        hub.attach(Demand("viewer"))  # type: ignore[arg-type]
+        await wait_until(lambda: source.role == "origin", "the node to be the origin", timeout=5)
+        claim = cluster.claim
+
+        async def slow_claim(upstream: str) -> bool:
+            await asyncio.sleep(1.5)
+            return await claim(upstream)
+
+        monkeypatch.setattr(cluster, "claim", slow_claim)
+        heartbeat = asyncio.ensure_future(source.renew())  # holds the lease lock for 1.5 s
+        await asyncio.sleep(0)
+        await hub.stop()
+        monkeypatch.setattr(cluster, "claim", claim)
+        await heartbeat
+        left = [task for task in asyncio.all_tasks()
+                if task.get_coro().__qualname__ in ("ClusterSource._keep_lease", "PushSource.run")]
+        assert left == [], left
+        source.inner.detach(link)  # the publisher leaves: the heartbeat gives the lease back
+        await source.renew()
+        assert redis_server.command("GET", "vsproxy:lease:pub") == b"$-1\r\n"
+        await asyncio.sleep(1.5)  # nothing takes it again
+        assert redis_server.command("GET", "vsproxy:lease:pub") == b"$-1\r\n"
+    finally:
+        for task in asyncio.all_tasks():
+            if task.get_coro().__qualname__ in ("ClusterSource._keep_lease", "PushSource.run"):
+                task.cancel()
+        await hub.stop()
+        await cluster.redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_post_whose_lookup_finds_the_lease_taken_here_meanwhile_is_published_here(redis_server,  # noqa: F811
+                                                                                           monkeypatch):
+    """A POSTed frame finds another node holding the lease and looks up that node's URL; meanwhile
+    that lease expires and a publisher arriving here takes it. The frame is published here (this
+    node has the publisher now), not forwarded to the old holder, which would refuse it (409 naming
+    this very node) or be unreachable (503)."""
+    config = config_from_dict({"cluster": {"redis_url": redis_server.url, "node_id": "node1", "token": CLUSTER_TOKEN},
+                               "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+    upstreams, _ = config.upstream_configs()
+    cluster = Cluster(config)
+    source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
+    frame = render.TestPattern(160, 120, "moved").render(0)
+    record = json.dumps({"url": f"http://127.0.0.1:{free_port()}", "at": time.time(), "instance": "x",
+                         "connected": []})
+    redis_server.command("SET", "vsproxy:lease:pub", "ghost", "PX", "60000")
+    redis_server.command("SET", "vsproxy:node:ghost", record, "PX", "60000")
+    looking, found = asyncio.Event(), asyncio.Event()
+    node_url = cluster.node_url
+
+    async def slow_node_url(node_id: str) -> str | None:
+        looking.set()
+        await found.wait()
+        return await node_url(node_id)
+
+    monkeypatch.setattr(cluster, "node_url", slow_node_url)
+    try:
+        posting = asyncio.ensure_future(source.post_elsewhere(frame, None))
+        await asyncio.wait_for(looking.wait(), 5)
+        redis_server.command("DEL", "vsproxy:lease:pub")  # ghost's lease expired
+        assert await source.publisher_arriving() is None  # a publisher here takes it
+        found.set()
+        assert await posting is None
+        assert await source.post_elsewhere(frame, None) is None
+    finally:
+        await cluster.redis.aclose()
+        if cluster._http is not None:
+            cluster._http.close()

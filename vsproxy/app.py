@@ -92,7 +92,8 @@ class Proxy:
                                started_at=self.started_at, cluster=self.cluster)
         # Open client connections against limits.max_connections: every port's, and WebRTC peers.
         self.connections = ConnectionCount(config.limits.max_connections)
-        # Text written to viewers (and cluster edges) that their sockets have not taken yet, together.
+        # Text written to WebSocket viewers that their sockets have not taken yet, all together (a cluster
+        # edge's relay has only its own 1 MiB: one per node).
         self.unread_text = UnreadTotal(config.streaming.max_unread_text_bytes)
         self.whep = WhepPeers(config.webrtc.ice_servers, self.connections)  # WebRTC peers (WHEP), by resource id
         if self.cluster is not None:  # a DELETE of a WHEP resource works on every node

@@ -230,7 +230,12 @@ class SqliteStore:
                     except queue.Empty:
                         break
                 waiters = [op for op in batch if isinstance(op, concurrent.futures.Future)]
-                self._write(conn, [op for op in batch if isinstance(op, tuple)])
+                ops = [op for op in batch if isinstance(op, tuple)]
+                # Nothing queued, nothing written: a flush or close alone does not record this
+                # process as the server alive (`vsproxy check` opens and closes the store; a
+                # server records it with every activity flush, queued even when empty).
+                if ops or self._retry:
+                    self._write(conn, ops)
                 for waiter in waiters:
                     waiter.set_result(None)
                 if any(op is _STOP for op in batch):

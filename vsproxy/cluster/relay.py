@@ -218,6 +218,8 @@ class ClusterSource(Source):
                     self._took_publisher_lease()
                     return None
         url = await self.cluster.write(lambda: self.cluster.node_url(holder))
+        if self._publisher_lease:  # taken meanwhile (a publisher here): the lease moved, to this node
+            return None
         if url is None:
             # A lease outlives its node by LEASE_TTL at most (a node's registration lives longer):
             # the lease is free within that, and the next frame takes it.
@@ -339,19 +341,26 @@ class ClusterSource(Source):
         finally:
             # The lease first: the hub's stop() cancels again after 0.5 s, and another node should
             # not wait for the lease to expire. A push upstream's stays while its publisher is here.
-            async with self._lease_lock:
-                keeper.cancel()  # no renewal after this (it waits for the lock, or sleeps)
-                if not self.inner.publisher_present():
-                    self._publisher_lease = False
-                    if await self._give_back_lease():
-                        log.info("cluster: released the lease of upstream %s", self.name,
-                                 extra={"upstream": self.name})
-            if self.inner.origin_where_published:  # its publisher left: edges look for the next one
-                self._close_relays("the publisher left this node")
-            for task in (keeper, inner):
-                while not task.done():
-                    task.cancel()
-                    await asyncio.wait([task], timeout=0.5)
+            # The lock may be held by a Redis call that is slow to answer, and the hub cancels this
+            # task again meanwhile: the tasks are cancelled whatever becomes of the release (else
+            # the keeper would renew the lease for ever, with no hub).
+            try:
+                async with self._lease_lock:
+                    keeper.cancel()  # no renewal after this (it waits for the lock, or sleeps)
+                    if not self.inner.publisher_present():
+                        self._publisher_lease = False
+                        if await self._give_back_lease():
+                            log.info("cluster: released the lease of upstream %s", self.name,
+                                     extra={"upstream": self.name})
+            finally:
+                keeper.cancel()
+                inner.cancel()
+                if self.inner.origin_where_published:  # its publisher left: edges look for the next one
+                    self._close_relays("the publisher left this node")
+                for task in (keeper, inner):
+                    while not task.done():
+                        task.cancel()
+                        await asyncio.wait([task], timeout=0.5)
 
     async def _keep_lease(self) -> str:
         """Renew the lease every second; return (why) when another node holds it. Redis
