@@ -81,9 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_serve(config))
 
 
-def _tls_error(exc: ssl.SSLError) -> str:
-    return ("tls.cert_file/tls.key_file: cannot load them as a PEM certificate and its private key "
-            f"({exc.reason or exc}; the key must belong to the certificate)")
+def _tls_problem(config) -> str | None:  # noqa: ANN001 - Config
+    """The configuration error of a TLS certificate and key that cannot be loaded, else None."""
+    from .app import ssl_context
+
+    try:
+        ssl_context(config)
+    except ssl.SSLError as exc:
+        return ("tls.cert_file/tls.key_file: cannot load them as a PEM certificate and its private key "
+                f"({exc.reason or exc}; the key must belong to the certificate)")
+    except OSError as exc:  # vanished or unreadable since the configuration was checked
+        return f"tls.cert_file/tls.key_file: cannot read them ({exc.strerror or exc})"
+    return None
 
 
 def _exposure_warning(hosts: list[str], config) -> str | None:  # noqa: ANN001 - Config
@@ -101,7 +110,6 @@ def _exposure_warning(hosts: list[str], config) -> str | None:  # noqa: ANN001 -
 def _check(config) -> int:  # noqa: ANN001 - Config, imported lazily with the app
     """`vsproxy check`: what start-up checks before it listens, without listening or contacting
     anything; a summary on stdout (no secrets: URLs without credentials or query)."""
-    from .app import ssl_context
     from .auth import redact_url
     from .server import url_for
     from .sources import kind_of
@@ -111,12 +119,12 @@ def _check(config) -> int:  # noqa: ANN001 - Config, imported lazily with the ap
         store = open_store(config.sessions.store)
         stored = store.load()
         asyncio.run(store.close())
-        ssl_context(config)
     except ConfigError as exc:
         print(f"vsproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ssl.SSLError as exc:
-        print(f"vsproxy: configuration error: {_tls_error(exc)}", file=sys.stderr)
+    problem = _tls_problem(config)
+    if problem is not None:
+        print(f"vsproxy: configuration error: {problem}", file=sys.stderr)
         return 2
     server, auth = config.server, config.auth
     scheme = "https" if config.tls.cert_file else "http"
@@ -162,6 +170,10 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     from .server import raise_open_file_limit, url_for
 
     raise_open_file_limit(config.limits.max_connections)
+    problem = _tls_problem(config)  # as every configuration error: one line naming the keys, exit 2
+    if problem is not None:
+        print(f"vsproxy: configuration error: {problem}", file=sys.stderr)
+        return 2
     try:
         proxy = Proxy(config)  # opens the session store: an unusable one is a configuration error
     except ConfigError as exc:
@@ -170,9 +182,6 @@ async def _serve(config) -> int:  # noqa: ANN001 - Config, imported lazily with 
     host, port = config.server.host, config.server.port
     try:
         server = proxy.listen(port, address=host)
-    except ssl.SSLError as exc:  # as every configuration error: one line naming the keys, exit 2
-        print(f"vsproxy: configuration error: {_tls_error(exc)}", file=sys.stderr)
-        return 2
     except OSError as exc:
         log.error("%s", _cannot_listen(host, port, exc))
         return 1

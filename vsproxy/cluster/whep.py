@@ -81,7 +81,7 @@ class WhepDirectory:
 
     async def _run(self, after: asyncio.Future | None, command: Callable[[], Awaitable]) -> None:
         if after is not None:
-            await after
+            await asyncio.shield(after)  # cancelled here (at exit), `added` must still complete it
         try:
             await command()
         except REDIS_ERRORS as exc:
