@@ -77,7 +77,7 @@ class UnreadTotal:
 
 class RelayBudget:
     """Messages relayed over one WebSocket connection that its socket has not taken yet, in
-    bytes (characters for text), capped: a peer that stops reading makes relaying fail (viewer
+    bytes, capped: a peer that stops reading makes relaying fail (viewer
     input to an upstream: "not delivered"; upstream text to a viewer: dropped) instead of growing
     memory without bound. With a `shared` total, the cap is also on all its connections together
     (beyond it only one that keeps up may add more: nothing unread, or under FLOOR with the
@@ -95,7 +95,8 @@ class RelayBudget:
         """Write `message` unless LIMIT bytes wait (or the shared total is spent); a `control`
         message (a few bytes, sent only when a state changes, such as what a cluster edge wants
         relayed) is written regardless: it must not be lost to viewers' input."""
-        size = len(message)
+        # Bytes as written (UTF-8), not characters: isascii is O(1) in CPython.
+        size = len(message) if isinstance(message, bytes) or message.isascii() else len(message.encode())
         shared = self.shared
         if not control and (self.outstanding > self.LIMIT or (
                 shared is not None and shared.outstanding + size > shared.limit
