@@ -199,6 +199,21 @@ def test_check_prints_what_would_be_served_without_secrets_and_exits_0(tmp_path)
         pass
 
 
+def test_check_of_a_cluster_node_names_it_and_hides_redis_credentials(tmp_path):
+    """A cluster node's summary: its node ID and the URL the other nodes reach it by (as it will
+    register them), sessions in Redis, and Redis's address without its password. Nothing is
+    contacted: the Redis of this configuration does not exist."""
+    port = free_port()
+    (tmp_path / "node.yaml").write_text(json.dumps({"cluster": {
+        "redis_url": "redis://:redis-secret-pass@127.0.0.1:1/0", "token": "cluster-token-0123456789abcdef"}}))
+    result = run_vsproxy(["--port", str(port), "check", "--config", "node.yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "sessions: in Redis (the cluster's)" in result.stdout, result.stdout
+    assert (f"cluster: node 127.0.0.1:{port}, reached by the others at http://127.0.0.1:{port}; "
+            "Redis redis://***@127.0.0.1:1/0") in result.stdout, result.stdout
+    assert "redis-secret" not in result.stdout + result.stderr and "cluster-token" not in result.stdout
+
+
 def test_check_exits_2_with_the_one_line_error_serving_would_print(tmp_path):
     """The same one line and exit 2 as `vsproxy` itself: the configuration, and what start-up
     opens before listening (a session store that cannot be used)."""

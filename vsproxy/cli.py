@@ -135,9 +135,16 @@ def _check(config) -> int:  # noqa: ANN001 - Config, imported lazily with the ap
         url = getattr(settings, "url", "")
         lines.append(f"upstream {name}: {kind_of(settings)}" + (f" {redact_url(url)}" if url else "")
                      + (" (default)" if name == default else ""))
-    lines.append(f"sessions: {config.sessions.store} ({len(stored.records)} stored)")
-    lines.append("cluster: " + (f"Redis {redact_url(config.cluster.redis_url)}" if config.cluster.redis_url
-                                else "off (one node)"))
+    if config.cluster.redis_url:
+        from .cluster.node import node_identity
+
+        node_id, advertise_url = node_identity(config)
+        lines.append("sessions: in Redis (the cluster's)")
+        lines.append(f"cluster: node {node_id}, reached by the others at {advertise_url}; "
+                     f"Redis {redact_url(config.cluster.redis_url)}")
+    else:
+        lines.append(f"sessions: {config.sessions.store} ({len(stored.records)} stored)")
+        lines.append("cluster: off (one node)")
     lines.append(f"API tokens: {len(auth.api_tokens) or 'none'}; viewer tokens: "
                  + ("on" if auth.viewer_tokens.enabled else "off"))
     print("vsproxy: configuration OK")

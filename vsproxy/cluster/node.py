@@ -111,16 +111,22 @@ def node_key(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}"
 
 
+def node_identity(config: Config) -> tuple[str, str]:
+    """This node's ID and the URL the other nodes reach it by (cluster.node_id, advertise_url)."""
+    cc = config.cluster
+    host, port = config.server.host, config.server.port
+    # With a wildcard host the configuration has an advertise_url: its host:port names the node.
+    bracketed = f"[{host}]" if ":" in host else host  # an IPv6 address
+    advertise_url = (cc.advertise_url or f"http://{bracketed}:{port}").rstrip("/")
+    return cc.node_id or urlsplit(advertise_url).netloc, advertise_url
+
+
 class Cluster:
     """This node in the cluster: the Redis client and the loops that keep the node registered."""
 
     def __init__(self, config: Config) -> None:
         cc = config.cluster
-        host, port = config.server.host, config.server.port
-        # With a wildcard host the configuration has an advertise_url: its host:port names the node.
-        bracketed = f"[{host}]" if ":" in host else host  # an IPv6 address
-        self.advertise_url = (cc.advertise_url or f"http://{bracketed}:{port}").rstrip("/")
-        self.node_id = cc.node_id or urlsplit(self.advertise_url).netloc
+        self.node_id, self.advertise_url = node_identity(config)
         # This process, as opposed to the node ID (which a restarted node keeps): what a node holds in
         # Redis under its instance dies with the process, even if the node is back within NODE_TTL.
         self.instance = secrets.token_hex(8)
