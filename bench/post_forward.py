@@ -140,12 +140,12 @@ async def run(args: argparse.Namespace) -> bool:
         await asyncio.sleep(max(0.0, started + (i + 1) * interval - time.monotonic()))
     elapsed = time.monotonic() - started
     during = redis_commands(redis_port) - before
+    holder = redis_get(redis_port, "vsproxy:lease:pub")  # before the publisher counts as gone
     before_idle = redis_commands(redis_port)
     await asyncio.sleep(elapsed)
     idle = redis_commands(redis_port) - before_idle
     for connection in connections:
         connection.close()
-    holder = redis_get(redis_port, "vsproxy:lease:pub")
     print(f"\n{args.frames} frames of {len(frames[0]):,} B ({args.size}) POSTed round robin over {len(nodes)} nodes "
           f"at {args.fps:g} fps, one keep-alive connection per node\n")
     print("| node | holds the lease | answers |")
