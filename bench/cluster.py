@@ -104,15 +104,19 @@ async def start_redis(tmp: str) -> tuple[object, int]:
         await asyncio.sleep(0.05)
 
 
-def start_node(name: str, tmp: str, redis_port: int, camera_port: int) -> Node:
-    """A cluster node with the single node's settings of fanout.py (the per-session viewer limit
-    raised, everything else default) plus the cluster section."""
+def camera_settings(camera_port: int) -> str:
+    """The single node's settings of fanout.py (the camera as Isaac Sim, the per-session viewer
+    limit raised, everything else default), as YAML."""
+    return f"isaac_sim:\n  ip: 127.0.0.1\n  ws_port: {camera_port}\nlimits:\n  max_viewers_per_session: 5000\n"
+
+
+def start_node(name: str, tmp: str, redis_port: int, settings: str) -> Node:
+    """A cluster node: the cluster section (that Redis, node_id `name`, TOKEN) plus `settings` (YAML)."""
     node = Node(name, free_port())
     config_path = os.path.join(tmp, f"{name}.yaml")
     with open(config_path, "w") as f:
         f.write(f"cluster:\n  redis_url: redis://127.0.0.1:{redis_port}/0\n  node_id: {name}\n  token: {TOKEN}\n"
-                f"isaac_sim:\n  ip: 127.0.0.1\n  ws_port: {camera_port}\n"
-                "limits:\n  max_viewers_per_session: 5000\n")
+                + settings)
     node.log_path = os.path.join(tmp, f"{name}.log")
     node.proc = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1",
                        "--port", str(node.port), "--log-level", "warning"],
@@ -190,7 +194,7 @@ async def run_cluster(args: argparse.Namespace, camera: FakeCamera) -> dict:
     conn0 = camera.connections
     camera.peak_clients = len(camera.clients)
     redis_proc, redis_port = await start_redis(tmp)
-    nodes = [start_node(f"node{i + 1}", tmp, redis_port, camera.port) for i in range(args.nodes)]
+    nodes = [start_node(f"node{i + 1}", tmp, redis_port, camera_settings(camera.port)) for i in range(args.nodes)]
     try:
         await wait_cluster(nodes)
         status, body = await http_request(nodes[0].port, "POST", "/session/create",

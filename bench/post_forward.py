@@ -31,36 +31,19 @@ sys.dont_write_bytecode = True  # leave no __pycache__ in bench/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster import TOKEN, Node, start_redis, wait_cluster  # noqa: E402
+from cluster import start_node, start_redis, wait_cluster  # noqa: E402
 from common import (  # noqa: E402
-    PROXY_CORE,
     arm_deadline,
-    free_port,
     git_line,
     http_request,
     kill_children,
     machine_line,
     percentile,
-    server_env,
-    spawn,
 )
 
 from vsproxy import render  # noqa: E402
 
 PUBLISH_TOKEN = "bench-publish-token-0123456789"  # loopback only
-
-
-def start_node(name: str, tmp: str, redis_port: int) -> Node:
-    node = Node(name, free_port())
-    config_path = os.path.join(tmp, f"{name}.yaml")
-    with open(config_path, "w") as f:
-        f.write(f"cluster:\n  redis_url: redis://127.0.0.1:{redis_port}/0\n  node_id: {name}\n  token: {TOKEN}\n"
-                f"upstreams:\n  pub:\n    kind: push\n    token: {PUBLISH_TOKEN}\n")
-    node.log_path = os.path.join(tmp, f"{name}.log")
-    node.proc = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1",
-                       "--port", str(node.port), "--log-level", "warning"],
-                      cwd=tmp, env=server_env(), log_path=node.log_path, core=PROXY_CORE)
-    return node
 
 
 def redis_commands(port: int) -> int:
@@ -115,7 +98,8 @@ class Connection:
 async def run(args: argparse.Namespace) -> bool:
     tmp = args.tmp
     redis_proc, redis_port = await start_redis(tmp)
-    nodes = [start_node(f"node{i + 1}", tmp, redis_port) for i in range(args.nodes)]
+    settings = f"upstreams:\n  pub:\n    kind: push\n    token: {PUBLISH_TOKEN}\n"
+    nodes = [start_node(f"node{i + 1}", tmp, redis_port, settings) for i in range(args.nodes)]
     await wait_cluster(nodes)
     status, body = await http_request(nodes[0].port, "POST", "/session/create",
                                       {"userId": "bench", "robotName": "bench", "upstream": "pub"})

@@ -77,11 +77,10 @@ class UnreadTotal:
 
 class RelayBudget:
     """Messages relayed over one WebSocket connection that its socket has not taken yet, in
-    bytes, capped: a peer that stops reading makes relaying fail (viewer
-    input to an upstream: "not delivered"; upstream text to a viewer: dropped) instead of growing
-    memory without bound. With a `shared` total, the cap is also on all its connections together
-    (beyond it only one that keeps up may add more: nothing unread, or under FLOOR with the
-    message)."""
+    bytes, capped: a peer that stops reading makes relaying fail (viewer input to an upstream:
+    "not delivered"; upstream text to a viewer: dropped) instead of growing memory without bound.
+    With a `shared` total, the cap is also on all its connections together (beyond it only one
+    that keeps up may add more: nothing unread, or under FLOOR with the message)."""
 
     LIMIT = 1 << 20
     FLOOR = 64 << 10
