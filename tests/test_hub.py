@@ -537,3 +537,44 @@ async def test_a_viewer_that_raises_costs_itself_not_the_viewers_after_it():
         for stream, client in pairs:
             stream.close()
             client.close()
+
+
+class FailsOnceThenHangs(Source):
+    """An upstream whose first connect fails, and whose next ones hang (a slow simulator)."""
+
+    kind = "test"
+
+    def __init__(self) -> None:
+        super().__init__("unit", None, ReconnectConfig(initial_delay_seconds=0.01))
+        self.runs = 0
+
+    async def run(self, hub) -> None:  # noqa: ANN001
+        self.runs += 1
+        if self.runs == 1:
+            raise ConnectionRefusedError("simulator down")
+        await asyncio.Event().wait()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_restarted_upstream_tells_a_new_viewer_it_connects_not_an_old_error():
+    """An upstream stopped (its sessions gone) while offline and started again later: a new
+    viewer's first status says it is connecting, not the error of the earlier run; the operator
+    still sees that error as the last one until it connects."""
+    source = FailsOnceThenHangs()
+    hub = FrameHub("unit", source, streaming=StreamingConfig(linger_seconds=0.01), reconnect=source.reconnect)
+    session = object()
+    hub.attach(session)  # type: ignore[arg-type]
+    await wait_until(lambda: source.runs >= 2, "the failed connect and the retry")
+    hub.detach(session)  # type: ignore[arg-type]
+    await wait_until(lambda: hub.state == "idle", "the upstream to stop")
+    hub.attach(session)  # type: ignore[arg-type]
+    stream, client = socket_pair()
+    texts: list[str] = []
+    try:
+        hub.add_viewer(Viewer(stream, WS_JSON, hub.stats[WS_JSON], close=lambda reason: None, send_text=texts.append))
+        assert [json.loads(t)["message"] for t in texts] == ["Connecting to upstream 'unit'"]
+        assert "simulator down" in hub.status()["lastError"]
+    finally:
+        await hub.stop()
+        stream.close()
+        client.close()

@@ -636,7 +636,7 @@ class FrameHub:
     def describe_state(self) -> str:
         if self.connected:
             return f"Upstream '{self.name}' connected"
-        if self.last_error:
+        if self.state == "retrying" and self.last_error:  # not an error of an earlier run (stopped since)
             return f"Upstream '{self.name}' offline ({self.last_error}); reconnecting"
         return f"Connecting to upstream '{self.name}'"
 
