@@ -8,7 +8,7 @@ Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children
     python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
     python bench/h264.py rtsp --viewers 400 --pattern recorded --from-arrival  # the fan-out alone
     python bench/h264.py first-frame --runs 10 # Chromium embed player: ms to the first decoded frame
-    python bench/h264.py video-tag --runs 3    # Chromium <video src=stream.mp4>: start delay, lag behind live
+    python bench/h264.py video-tag --runs 3    # Chromium <video src=stream.mp4>, with and without the README snippet
 
 The 400-viewer `format=h264` fan-out is `python bench/fanout.py --transport ws_h264 --viewers 400`.
 """
@@ -450,45 +450,108 @@ VIDEO_TAG_PAGE = """<!doctype html><meta charset=utf-8><title>video</title>
 <video id="video" muted autoplay playsinline></video>
 <script>
 window.t0 = performance.now();
-document.getElementById("video").src = new URLSearchParams(location.search).get("src");
+const video = document.getElementById("video");
+SNIPPET
 </script>"""
 
 
+class Mp4LiveEdge:
+    """A plain reader of stream.mp4 beside the page's `<video>`: where live is on the stream's
+    timeline (the newest fragment's decode time, tfdt, plus the time since it came), and its bytes."""
+
+    def __init__(self) -> None:
+        self.decode_time = 0.0
+        self.at = 0.0
+        self.bytes = 0
+        self.started = time.monotonic()
+
+    async def run(self, port: int, session: str) -> None:
+        reader, writer, _ = await open_stream(port, f"/stream/{session}/stream.mp4", False)
+        data = b""
+        try:
+            while chunk := await reader.read(65536):
+                self.bytes += len(chunk)
+                data += chunk
+                while len(data) >= 8 and len(data) >= int.from_bytes(data[:4], "big"):
+                    size = int.from_bytes(data[:4], "big")
+                    box, data = data[:size], data[size:]
+                    if box[4:8] == b"moof":  # tfdt version 1: 8 bytes of box head, 4 of version and flags
+                        at = box.index(b"tfdt") + 8
+                        self.decode_time = int.from_bytes(box[at:at + 8], "big") / 1e6
+                        self.at = time.monotonic()
+        finally:
+            writer.close()
+
+    def live(self) -> float:
+        return self.decode_time + (time.monotonic() - self.at)
+
+    def bytes_per_second(self) -> float:
+        return self.bytes / (time.monotonic() - self.started)
+
+
 async def video_tag(args: argparse.Namespace, tmp: str) -> None:
-    """A plain `<video src=".../stream.mp4">` in Chromium (a page of another origin): how long
-    after the page opened the stream playback begins, how far behind live it then plays (time
-    since the page opened minus the video's currentTime), and how much it buffers ahead."""
-    from browser import chromium, page_server
-    print("| demo source | runs | playback began after (s) | behind live 3 s later (s) | buffered ahead (s) |")
-    print("|---|--:|--:|--:|--:|")
+    """A plain `<video src=".../stream.mp4">` in Chromium (a page of another origin), alone and
+    with the README's snippet: when the first picture shows and playback begins after the page
+    opened, how far behind live it plays 3 s later (the newest frame the proxy has sent, read by a
+    plain client beside it, minus `currentTime`), how much it buffers ahead, and the stream's
+    bytes a second (Chromium's demuxer sees the stream in 32 KiB blocks)."""
+    from browser import README_PROXY, chromium, page_server, readme_snippet
+    snippet = readme_snippet("/stream.mp4`")
+    pages = {"autoplay": 'video.src = new URLSearchParams(location.search).get("src");',
+             "README snippet": snippet.replace(f"{README_PROXY}/stream/${{sessionId}}/stream.mp4", "${src}")
+             .replace("video.src =", 'const src = new URLSearchParams(location.search).get("src");\nvideo.src =')}
+    assert "${src}" in pages["README snippet"], "the README snippet's URL is not the one expected"
+    print("| demo source | page | runs | first picture (s) | playback began (s) | behind live (s) "
+          "| buffered ahead (s) | stream kB/s |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|")
     for width, height in ((1280, 720), (320, 240)):
         proc, port = await start_proxy(tmp, f"demo: {{width: {width}, height: {height}, fps: 30}}\n")
-        rows: list[tuple[float, float, float]] = []
         try:
-            with page_server(free_port(), VIDEO_TAG_PAGE) as page_url:
-                async with chromium() as browser:
-                    for _ in range(args.runs):
-                        session = await create_session(port)
-                        page = await browser.new_page()
-                        await page.goto(f"{page_url}/?src=http://127.0.0.1:{port}/stream/{session}/stream.mp4")
-                        video = "document.getElementById('video')"
-                        deadline = time.monotonic() + 30
-                        while not await page.evaluate(f"{video}.currentTime > 0.1"):
-                            if time.monotonic() > deadline:
-                                raise RuntimeError("the video did not play within 30 s")
-                            await asyncio.sleep(0.02)
-                        began = await page.evaluate("(performance.now() - window.t0) / 1000")
-                        await asyncio.sleep(3)
-                        lag, ahead = await page.evaluate(
-                            f"(v => [(performance.now() - window.t0) / 1000 - v.currentTime, "
-                            f"v.buffered.end(v.buffered.length - 1) - v.currentTime])({video})")
-                        rows.append((began, lag, ahead))
-                        await page.close()
-                        await http_request(port, "DELETE", f"/session/{session}")
+            async with chromium() as browser:
+                for name, script in pages.items():
+                    rows: list[tuple[float, ...]] = []
+                    with page_server(free_port(), VIDEO_TAG_PAGE.replace("SNIPPET", script)) as page_url:
+                        for _ in range(args.runs):
+                            rows.append(await _video_tag_run(browser, page_url, port))
+                    columns = [statistics.median(column) for column in zip(*rows, strict=True)]
+                    print(f"| {width}x{height} | {name} | {len(rows)} | "
+                          + " | ".join(f"{value:.2f}" for value in columns[:-1]) + f" | {columns[-1] / 1000:.0f} |",
+                          flush=True)
         finally:
             stop_child(proc)
-        began, lag, ahead = (statistics.median(column) for column in zip(*rows, strict=True))
-        print(f"| {width}x{height} | {len(rows)} | {began:.2f} | {lag:.2f} | {ahead:.2f} |", flush=True)
+
+
+async def _video_tag_run(browser, page_url: str, port: int) -> tuple[float, ...]:  # noqa: ANN001
+    session = await create_session(port)
+    edge = Mp4LiveEdge()
+    reading = asyncio.ensure_future(edge.run(port, session))
+    try:
+        await asyncio.sleep(1.5)  # the page joins a stream that is running (it gets the GOP cache)
+        page = await browser.new_page()
+        await page.goto(f"{page_url}/?src=http://127.0.0.1:{port}/stream/{session}/stream.mp4")
+        since_open = "(performance.now() - window.t0) / 1000"
+        first = began = None
+        start_time = None
+        deadline = time.monotonic() + 30
+        while began is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the video did not play within 30 s")
+            t, frames, current = await page.evaluate(
+                f"[{since_open}, video.getVideoPlaybackQuality().totalVideoFrames, video.currentTime]")
+            if first is None and frames > 0:
+                first, start_time = t, current
+            elif start_time is not None and current > start_time + 0.1:
+                began = t
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(3)
+        current, ahead = await page.evaluate(
+            "[video.currentTime, video.buffered.end(video.buffered.length - 1) - video.currentTime]")
+        lag = edge.live() - current
+        await page.close()
+        return first, began, lag, ahead, edge.bytes_per_second()
+    finally:
+        reading.cancel()
+        await http_request(port, "DELETE", f"/session/{session}")
 
 
 SCENARIOS = {"bytes": bytes_per_viewer, "x264-sweep": x264_sweep, "encoder-cpu": encoder_cpu,

@@ -7,6 +7,7 @@ A missing browser is a failure, not a skip: CI installs `chromium` with apt.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -19,6 +20,16 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_PROXY = "http://localhost:8889"  # the proxy's address in the README's snippets
+
+
+def readme_snippet(marker: str) -> str:
+    """The README's one fenced code block that contains `marker`."""
+    blocks = re.findall(r"```(?:js|typescript|tsx)\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"README.md has {len(found)} code blocks with {marker!r}"
+    return found[0]
 
 
 @asynccontextmanager

@@ -1,37 +1,29 @@
 """The README's browser snippets for H.264, copied from README.md as they stand, run in a real
 headless Chromium on the frontend's origin (http://localhost:3000, the default CORS origin): the
 WebCodecs one decodes `format=h264`, the WHEP one plays WebRTC into a `<video>` and its resource
-ends the peer. A snippet that stops working fails here, not in a reader's frontend."""
+ends the peer, the `<video src>` one plays `stream.mp4` close to live. A snippet that stops working
+fails here, not in a reader's frontend."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import artifact, chromium, page_server
+from browser import README_PROXY, artifact, chromium, page_server, readme_snippet
 from helpers import wait_until
 from test_browser_pages import is_not_blank, wait_page
 
+from vsproxy.outputs.fmp4 import decode_time_us
 from vsproxy.outputs.wire import WEBRTC
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parent.parent
 FRONTEND_PORT = 3000
-README_PROXY = "http://localhost:8889"  # the proxy's address in the README's snippets
-
-
-def readme_snippet(marker: str) -> str:
-    """The README's one fenced code block that contains `marker`."""
-    blocks = re.findall(r"```(?:js|typescript|tsx)\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
-    found = [block for block in blocks if marker in block]
-    assert len(found) == 1, f"README.md has {len(found)} code blocks with {marker!r}"
-    return found[0]
 
 
 def frontend_page(snippet: str, proxy: str) -> str:
@@ -112,3 +104,31 @@ async def test_the_readme_whep_snippet_plays_webrtc_and_its_resource_ends_the_pe
         await wait_page(page, "window.deleted.length > 0")
         assert await page.evaluate("window.deleted") == [200]
         await wait_until(lambda: not proxy.whep.peers and not proxy.hubs["demo"].viewers[WEBRTC], "the peer to end")
+
+
+def live_edge_seconds(hub: Any) -> float:
+    """Where live is on stream.mp4's timeline (the seconds `<video>`'s currentTime counts): the
+    newest access unit's decode time, plus how long ago it arrived."""
+    newest = hub.gop[len(hub.gop) - 1]
+    return decode_time_us(newest) / 1e6 + (time.monotonic() - newest.arrived)
+
+
+@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+@pytest.mark.gen_test(timeout=60)
+async def test_the_readme_video_tag_snippet_plays_stream_mp4_close_to_live(proxy, http_server, http_port):
+    """`<video src=stream.mp4>` as the README says: playing, and what it shows within 3 s of live
+    (a `<video>` that only autoplays waits until Chromium has buffered seconds, then plays 4-8 s
+    behind). Generous: the figures are bench/h264.py's (`video-tag`)."""
+    playing = "video.readyState >= 2 && video.getVideoPlaybackQuality().totalVideoFrames >= 10"
+    async with snippet_page("/stream.mp4`", http_port, playing, "readme-video-tag.png") as page:
+        await asyncio.sleep(3)  # a lag that builds up while it plays shows too
+        lags = []
+        for _ in range(10):
+            current = await page.evaluate("video.currentTime")
+            lags.append(live_edge_seconds(proxy.hubs["demo"]) - current)
+            await asyncio.sleep(0.2)
+        state = await page.evaluate(
+            "[video.videoWidth, video.videoHeight, video.paused, video.error && video.error.message]")
+        print("video tag behind live (s)", [round(lag, 2) for lag in lags], state)
+        assert state == [320, 240, False, None]
+        assert max(lags) < 3.0, f"behind live by {max(lags):.1f} s"

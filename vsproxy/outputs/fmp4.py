@@ -63,12 +63,18 @@ def init_segment(config: StreamConfig) -> bytes:
     return ftyp + _box(b"moov", mvhd, trak, mvex)
 
 
+def decode_time_us(au: AccessUnit) -> int:
+    """The access unit's decode (and presentation) time on the track: microseconds since the start
+    of its stream, what a player's clock shows for it (`<video>`'s currentTime, in seconds)."""
+    return max(0, au.pts_us - au.start_us)
+
+
 def fragment(au: AccessUnit) -> bytes:
     """moof + mdat holding one access unit (length-prefixed NAL units; the parameter sets are in
     the init segment's avcC)."""
     sample = b"".join(struct.pack(">I", len(n)) + n for n in split_nals(au.data)
                       if nal_type(n) not in (NAL_SPS, NAL_PPS, NAL_AUD))
-    decode_time = max(0, au.pts_us - au.start_us)
+    decode_time = decode_time_us(au)
     flags = _KEY_FLAGS if au.keyframe else _DELTA_FLAGS
     # trun: data offset, and the sample's duration, size and flags.
     trun_size = 12 + 4 + 4 + 12
