@@ -190,6 +190,19 @@ def test_dotenv_values_reach_the_config(tmp_path):
     assert config.isaac_ws_url == "ws://10.9.8.7:49100/live"
 
 
+def test_dotenv_quoted_value_with_a_trailing_comment(tmp_path):
+    """`KEY="value"  # comment` is the value without its quotes, as in a shell: the port was
+    refused ("expected an integer ..., got '9003'") and the address kept its quotes."""
+    config = load(tmp_path, dotenv="""\
+        VIDEO_PROXY_PORT="9003"  # the proxy's port
+        ISAAC_SIM_IP='10.9.8.7' # the simulator
+    """)
+    assert config.server.port == 9003
+    assert config.isaac_ws_url == "ws://10.9.8.7:8211/"
+    path = write(tmp_path / "hash.env", 'QUOTED_HASH="/a #b"   # a quoted # stays\n')
+    assert read_dotenv(path) == {"QUOTED_HASH": "/a #b"}
+
+
 def test_dotenv_line_without_equals_is_an_error_naming_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(tmp_path, dotenv="VIDEO_PROXY_PORT=8889\nthis is not an assignment\n")

@@ -336,6 +336,10 @@ def read_text(path: Path) -> str:
         raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
+# A quoted .env value, optionally followed by a comment: `"value"  # comment`.
+_DOTENV_QUOTED = re.compile(r"""(['"])(.*?)\1(?:\s+#.*)?""")
+
+
 def read_dotenv(path: Path) -> dict[str, str]:
     """Parse a .env file: KEY=VALUE lines, optional `export `, quotes, # comments."""
     values: dict[str, str] = {}
@@ -349,8 +353,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if not sep or not name.strip():
             raise ConfigError(f"{path}:{number}", "expected KEY=VALUE")
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        quoted = _DOTENV_QUOTED.fullmatch(value)
+        if quoted:
+            value = quoted.group(2)
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         values[name.strip()] = value
