@@ -440,3 +440,20 @@ def test_a_proxy_without_webrtc_or_h264_viewers_does_not_load_pyav_or_aiortc():
               "Proxy(config_from_dict({})); print(sorted(m for m in ('av', 'aiortc') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("env", "yaml_text", "key"), [
+    ({"ISAAC_SIM_IP": '"10.0.0.1"'}, None, "ISAAC_SIM_IP"),
+    ({"ISAAC_SIM_IP": "my sim host"}, None, "ISAAC_SIM_IP"),
+    ({}, "upstreams:\n  cam:\n    kind: mjpeg\n    url: 'http://cam era/video'\n", "upstreams.cam.url"),
+    ({}, "upstreams:\n  cam:\n    kind: rtsp\n    url: 'rtsp://user:pw-secret-9@sim<1>/stream'\n", "upstreams.cam.url"),
+])
+def test_an_upstream_host_that_is_no_host_name_is_a_configuration_error(tmp_path, env, yaml_text, key):
+    """A host with quotes or spaces (a copy-paste slip) used to pass start-up and `vsproxy check`,
+    and the upstream then failed every connect attempt; now it is the one-line error at start."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, yaml_text, env=env)
+    assert key in info.value.key and "DNS name or an IP address" in info.value.problem
+    assert "pw-secret-9" not in str(info.value)
+    for host in ("10.0.0.1", "sim-host.internal", "[::1]", "localhost"):  # and real ones pass
+        assert load(tmp_path, None, env={"ISAAC_SIM_IP": host}).isaac_ws_url == f"ws://{host}:8211/"

@@ -665,6 +665,8 @@ def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bo
                                "address needs its closing ']')") from None
     if host_required and not parts.hostname:
         raise ConfigError(key, f"expected {expected} with a host, got {shown!r}")
+    if parts.hostname and (parts.hostname == "*" or not valid_allowed_host(parts.hostname)):
+        raise ConfigError(key, f"expected {expected} whose host is a DNS name or an IP address, got {shown!r}")
     try:
         port = parts.port
     except ValueError:
