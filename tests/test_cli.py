@@ -214,6 +214,18 @@ def test_check_of_a_cluster_node_names_it_and_hides_redis_credentials(tmp_path):
     assert "redis-secret" not in result.stdout + result.stderr and "cluster-token" not in result.stdout
 
 
+def test_check_takes_every_serving_flag_after_the_command_too(tmp_path):
+    """`vsproxy check --port 8890` checks what `vsproxy --port 8890` would serve (it was argparse's
+    usage error, exit 2, as if the configuration were bad); a flag before the command still applies."""
+    port = free_port()
+    after = run_vsproxy(["check", "--host", "0.0.0.0", "--port", str(port), "--log-level", "warning"], tmp_path)
+    before = run_vsproxy(["--host", "0.0.0.0", "--port", str(port), "--log-level", "warning", "check"], tmp_path)
+    assert after.returncode == 0, after.stderr
+    assert f"listen: http://0.0.0.0:{port}/" in after.stdout, after.stdout
+    assert after.stdout == before.stdout
+    assert_one_line_config_error(run_vsproxy(["check", "--port", "70000"], tmp_path), "server.port")
+
+
 def test_check_exits_2_with_the_one_line_error_serving_would_print(tmp_path):
     """The same one line and exit 2 as `vsproxy` itself: the configuration, and what start-up
     opens before listening (a session store that cannot be used)."""

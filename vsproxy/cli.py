@@ -20,6 +20,19 @@ log = logging.getLogger("vsproxy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _serving_flags(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """The flags that configure serving: on `vsproxy` itself, and again (default SUPPRESS, so one
+    before the command is not reset) on `vsproxy check`, which loads the configuration as serving does."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="YAML config file (default: ./config.yaml if present, else built-in defaults)")
+    parser.add_argument("--host", default=default, help="address to listen on (server.host, default "
+                                                        "127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=default, help="port to listen on (server.port, default 8889)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default, help="logging.level (default info)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=default,
+                        help="logging.format (default text)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vsproxy",
@@ -27,13 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Precedence: command-line flags > environment > .env > config file > built-in defaults.",
     )
     parser.add_argument("--version", action="version", version=f"vsproxy {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help="YAML config file (default: ./config.yaml if present, else built-in defaults)")
-    parser.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1; 0.0.0.0 for "
-                                       "every interface)")
-    parser.add_argument("--port", type=int, help="port to listen on (server.port, default 8889)")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="logging.level (default info)")
-    parser.add_argument("--log-format", choices=("text", "json"), help="logging.format (default text)")
+    _serving_flags(parser)
     commands = parser.add_subparsers(dest="command", metavar="{check,simulate}")
     check = commands.add_parser(
         "check", help="check the configuration and exit (0: good, 2: a configuration error)",
@@ -41,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                     "open the session store and load the TLS certificate, then print what it would serve "
                     "and exit without listening: 0 if it would start, 2 with the one-line configuration "
                     "error if not. No secret is printed, and nothing is contacted (upstreams, Redis).",
-        epilog="Example: vsproxy check --config /etc/vsproxy/config.yaml")
-    check.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="as vsproxy --config")
+        epilog="Example: vsproxy check --config /etc/vsproxy/config.yaml --port 8890")
+    _serving_flags(check, argparse.SUPPRESS)
     sim = commands.add_parser(
         "simulate", help="run a simulated Isaac Sim WebSocket server",
         description="A stand-in for Isaac Sim's WebSocket stream, for work without a GPU host: serves a "
