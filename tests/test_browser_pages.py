@@ -136,6 +136,11 @@ async def test_embed_player_with_control_sends_input_to_the_simulator(sim, api, 
         await wait_until(lambda: any(m.get("event") == "pointerdown" for m in inputs()), "the click at the simulator")
         click = next(m for m in inputs() if m.get("event") == "pointerdown")
         assert 0.4 < click["x"] < 0.6 and 0.4 < click["y"] < 0.6  # normalised to the picture
+        # The fields the README lists for simulator developers, no more, no fewer.
+        key = next(m for m in inputs() if m.get("event") == "keydown")
+        assert set(key) == {"type", "event", "key", "code", "repeat", "shift", "ctrl", "alt", "meta"}, key
+        assert set(click) == {"type", "event", "x", "y", "button", "buttons", "pointerType",
+                              "shift", "ctrl", "alt", "meta"}, click
 
 
 @pytest.mark.gen_test(timeout=60)
