@@ -98,7 +98,7 @@ def test_the_cluster_examples_copied_as_they_stand_are_refused():
     from vsproxy.config import ConfigError, config_from_dict
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"### Running a cluster\n.*?```yaml\n(.*?)```", readme, re.S)
+    block = re.search(r"## Running a cluster\n.*?```yaml\n(.*?)```", readme, re.S)
     assert block, "README.md lacks the cluster example"
     env = dict(line.split("=", 1) for line in (ROOT / "deploy" / ".env.example").read_text().splitlines()
                if line and not line.startswith("#"))
