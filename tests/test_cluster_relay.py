@@ -1229,3 +1229,52 @@ async def test_a_post_whose_lookup_finds_the_lease_taken_here_meanwhile_is_publi
         await cluster.redis.aclose()
         if cluster._http is not None:
             cluster._http.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_node_looking_for_a_publisher_looks_again_as_soon_as_another_node_gets_it(redis_server,  # noqa: F811
+                                                                                          monkeypatch):
+    """Viewers on node2 wait for a push upstream's publisher; it connects to node1, which takes the
+    lease and says so on the control channel: node2 looks again at once and goes to node1 for the
+    frames. Before, node2 found out at its next look (every 0.3 s: viewers there missed the first
+    frames of a publisher that had just started). Looks are made rare here, so that only the
+    announcement can explain a prompt one."""
+    import vsproxy.cluster.relay as relay
+    monkeypatch.setattr(relay, "RETRY_SECONDS", 60.0)
+    clusters, sources, hubs = [], [], []
+    for node in ("node1", "node2"):
+        config = config_from_dict({
+            "cluster": {"redis_url": redis_server.url, "node_id": node, "token": CLUSTER_TOKEN,
+                        "advertise_url": f"http://127.0.0.1:{free_port()}"},
+            "upstreams": {"pub": {"kind": "push", "token": PUBLISH_TOKEN}}})
+        upstreams, _ = config.upstream_configs()
+        cluster = Cluster(config)
+        cluster.start()
+        clusters.append(cluster)
+        sources.append(ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster))
+        hubs.append(FrameHub("pub", sources[-1], streaming=config.streaming, reconnect=config.reconnect,
+                             h264=config.h264_for("pub")))
+    node1, node2 = sources
+    went_to: list[tuple[str, float]] = []
+
+    async def connect(url: str) -> Any:  # node1 serves no HTTP here: where node2 goes is what counts
+        went_to.append((url, time.monotonic()))
+        raise ConnectionRefusedError("not served in this test")
+
+    monkeypatch.setattr(node2, "_connect", connect)
+    try:
+        await wait_until(lambda: all(c.reachable for c in clusters), "both nodes registered", timeout=10)
+        await wait_until(lambda: len(clusters[1].nodes) == 2, "node2 to know node1", timeout=10)
+        hubs[1].attach(Demand("viewer"))  # type: ignore[arg-type]
+        await wait_until(lambda: node2.role == "searching", "node2 to look for the publisher", timeout=5)
+        await asyncio.sleep(0.5)  # node2's first look is over: it waits for its next one
+        arrived = time.monotonic()
+        assert await node1.publisher_arriving() is None  # the publisher connects to node1
+        await wait_until(lambda: went_to, "node2 to go to node1 for the frames", timeout=5)
+        (url, when), = went_to
+        assert url == clusters[0].advertise_url and when - arrived < 2.0
+    finally:
+        for hub in hubs:
+            await hub.stop()
+        for cluster in clusters:
+            await cluster.stop()

@@ -42,12 +42,16 @@ Every node runs the same version: the relay is node to node only, and a mixed-ve
 
 Failover: when the relay drops (origin died or drained), the edge's hub shows the offline picture
 and the edge keeps trying: take the lease (free once the dead origin's expires, LEASE_TTL), or
-find the new origin.
+find the new origin. A node that takes a lease says so on the control channel (ORIGIN_OP), so a
+node looking for that upstream's origin looks again at once rather than at its next look
+(RETRY_SECONDS): viewers waiting for a push publisher get its first frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import struct
 import time
@@ -81,6 +85,7 @@ RELAY_INPUT = 0  # edge to origin, binary: a type byte, then a viewer's binary i
 RELAY_H264 = 1  # edge to origin, binary: a type byte, then 1 (H.264 wanted) or 0 (no longer)
 RELAY_JPEG = 2  # edge to origin, binary: a type byte, then 1 (JPEG wanted) or 0 (no longer)
 RELAY_KEYFRAME = 3  # edge to origin, binary: the type byte alone (a keyframe, please)
+ORIGIN_OP = "origin"  # control message: node `node` has just taken upstream `upstream`'s lease
 # Origin to edge, binary: a type byte beyond the frames' (0, 1: H.264; 2: JPEG), then the reason in
 # UTF-8: the origin's upstream was lost (it reconnects it; its "✅ Connected" says when it is back).
 RELAY_LOST = 3
@@ -127,7 +132,10 @@ class ClusterSource(Source):
         # when, monotonic), see `_post_target`; and the last failure to deliver one, logged once.
         self._post_to: tuple[str, str, float] | None = None
         self._post_problem: str | None = None
+        # Another node announced it took this upstream's lease: a search here looks again at once.
+        self._origin_news = asyncio.Event()
         cluster.sources[inner.name] = self
+        cluster.event_handlers.setdefault(ORIGIN_OP, functools.partial(_origin_announced, cluster))
 
     @property
     def underlying(self) -> Source:
@@ -161,16 +169,29 @@ class ClusterSource(Source):
                 return SHUTTING_DOWN
             holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
             if holder == self.cluster.node_id:
-                self._took_publisher_lease()
+                await self._took_publisher_lease()
                 return None
         return (f"The publisher of upstream '{self.name}' is connected to node {holder}: publish there (one "
                 "publisher at a time)")
 
-    def _took_publisher_lease(self) -> None:
+    async def _took_publisher_lease(self) -> None:
         self._publisher_lease = True
         self._post_to = None
         if self._conn is not None:  # an edge of the node the publisher left: the origin now
             self._conn.close(1001, "the publisher came to this node")
+        await self._announce_origin()
+
+    async def _announce_origin(self) -> None:
+        """This node has just taken the upstream's lease: tell the others, so that a node looking
+        for the origin (its viewers waiting, e.g. for a publisher that has just connected here)
+        comes at once rather than at its next look, RETRY_SECONDS later. The caller holds the lock."""
+        try:
+            await self.cluster.publish({"op": ORIGIN_OP, "upstream": self.name, "node": self.cluster.node_id})
+        except REDIS_ERRORS as exc:
+            self.cluster.failed(exc)  # they find it at their next look
+
+    def origin_announced(self) -> None:
+        self._origin_news.set()
 
     async def post_elsewhere(self, frame: bytes, captured: float | None) -> tuple[int, dict] | None:
         """A frame POSTed to this node: None to publish it here (this node has the upstream's
@@ -215,7 +236,7 @@ class ClusterSource(Source):
             else:
                 holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
                 if holder == self.cluster.node_id:
-                    self._took_publisher_lease()
+                    await self._took_publisher_lease()
                     return None
         url = await self.cluster.write(lambda: self.cluster.node_url(holder))
         if self._publisher_lease:  # taken meanwhile (a publisher here): the lease moved, to this node
@@ -282,6 +303,7 @@ class ClusterSource(Source):
                 raise ConnectionError("node shutting down")
             self.role = "searching"
             holder = url = None
+            self._origin_news.clear()  # before looking: news that comes while Redis answers counts
             async with self._lease_lock:
                 # A push upstream's origin is where its publisher is: without one here, only look.
                 published_elsewhere = self.inner.origin_where_published and not self.inner.publisher_present()
@@ -295,6 +317,8 @@ class ClusterSource(Source):
                 except REDIS_ERRORS as exc:
                     self.cluster.failed(exc)
                     raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
+                if claimed:
+                    await self._announce_origin()
                 if claimed and self.inner.origin_where_published:
                     self._publisher_lease = True
                 elif self._publisher_lease and not published_elsewhere:
@@ -322,7 +346,8 @@ class ClusterSource(Source):
                 deadline = time.monotonic() + FIND_ORIGIN_SECONDS
             if time.monotonic() > deadline:
                 raise ConnectionError(last_problem)
-            await asyncio.sleep(RETRY_SECONDS)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._origin_news.wait(), RETRY_SECONDS)
 
     # -- origin ------------------------------------------------------------------------------------
 
@@ -536,6 +561,13 @@ class ClusterSource(Source):
                 **({"edgesWant": wants} if relays else {}),
                 **({"relayBytesIn": self.relay_bytes} if self.relay_bytes else {}),
                 **self.inner.status()}
+
+
+def _origin_announced(cluster: Cluster, event: dict) -> None:
+    """ORIGIN_OP from the control channel: wake this node's search for that upstream's origin."""
+    source = cluster.sources.get(event["upstream"])
+    if source is not None and event["node"] != cluster.node_id:
+        source.origin_announced()
 
 
 class RelayViewer(Viewer):
