@@ -14,8 +14,10 @@ import time
 import pytest
 from helpers import SIM_SIZE, connected_session, create, read_frames, read_until, text_type
 
+from vsproxy.config import ReconnectConfig
 from vsproxy.hub import connected_status
 from vsproxy.simulate import SimulatedIsaacSim
+from vsproxy.sources import source_class
 from vsproxy.sources.isaac import IsaacUpstream
 
 BACKOFF = {"initial_delay_seconds": 10, "max_delay_seconds": 10}  # each wait: 5 to 10 s (jitter)
@@ -127,3 +129,20 @@ async def test_a_port_that_accepts_but_fails_is_retried_early_at_a_doubling_pace
     assert len(attempts) == 4, gaps
     for gap, early in zip(gaps, (1, 2, 4), strict=True):
         assert early <= gap < early + 1, gaps
+
+
+@pytest.mark.parametrize("kind, url, address", [
+    ("isaac", "ws://sim.local/", ("sim.local", 80)),
+    ("isaac", "wss://sim.local:8211/live", ("sim.local", 8211)),
+    ("mjpeg", "http://user:pw@[::1]/stream", ("::1", 80)),
+    ("mjpeg", "https://cam.local/stream?token=x", ("cam.local", 443)),
+    ("rtsp", "rtsp://10.0.0.5/stream", ("10.0.0.5", 554)),
+    ("rtsp", "rtsps://10.0.0.5:8322/stream", ("10.0.0.5", 8322)),
+    ("rtsp", "rtsps://10.0.0.5/stream", ("10.0.0.5", 322)),
+    ("push", None, None),
+    ("demo", None, None),
+])
+def test_the_port_probed_is_the_one_each_kind_connects_to(kind, url, address):
+    cls = source_class(kind)
+    settings = cls.settings_class(url=url) if url else cls.settings_class()
+    assert cls("u", settings, ReconnectConfig()).address == address
