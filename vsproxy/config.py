@@ -125,6 +125,9 @@ class ReconnectConfig:
     initial_delay_seconds: float = setting(0.5, min=0.01, max=60, doc="first retry delay, doubled per "
                                                                       "failure")
     max_delay_seconds: float = setting(10.0, min=0.01, max=3600, doc="largest retry delay")
+    probe_interval_seconds: float = setting(1.0, min=0, max=60, doc="while an isaac, mjpeg or rtsp upstream "
+                                            "is down, its host:port is tried this often (a bare TCP connect) "
+                                            "and a retry delay ends when it accepts (0: off; see Upstreams)")
     connect_timeout_seconds: float = setting(5.0, min=0.1, max=120, doc="connecting an upstream gives up "
                                                                         "after this long")
     ping_interval_seconds: float = setting(10.0, min=0, max=3600, doc="WebSocket pings to the upstream "

@@ -103,6 +103,70 @@ class RateMeter:
         return intervals / span, nbytes / span
 
 
+PROBE_TIMEOUT_SECONDS = 1.0  # a probe of an upstream's port gives up after this long
+
+
+async def port_answers(host: str, port: int, timeout: float) -> bool:
+    """Does `host`:`port` accept a TCP connection within `timeout` seconds? The connection is
+    closed at once, no byte sent (the name is resolved off the event loop, by asyncio)."""
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, host, port)
+    except (OSError, TimeoutError):
+        return False
+    transport.close()
+    return True
+
+
+class RetryWait:
+    """The supervisor's wait between two connection attempts: the backoff delay, ended early when
+    the upstream's port (`address`, None: never probed) accepts a TCP connection again.
+
+    A probe every `interval` seconds of the wait (none in a wait shorter than that). An
+    early retry comes no sooner than `interval` x 2^n into its wait, n being the early retries in
+    a row since a probe last went unanswered: a port that accepts while its stream still fails
+    (Isaac Sim's Kit may open its port before the stream is ready) is retried 1, 2, 4, 8... s into
+    successive waits, and then at the plain backoff's pace, never every second.
+    """
+
+    def __init__(self, address: tuple[str, int] | None, interval: float) -> None:
+        self.address = address
+        self.interval = interval
+        self._earliest = 1  # in probes: an answer ends the wait from this probe on
+
+    def reset(self) -> None:
+        """The upstream connected: its next outage starts afresh."""
+        self._earliest = 1
+
+    def probes(self, seconds: float) -> bool:
+        """Can a wait of `seconds` end early?"""
+        return self.address is not None and 0 < self._earliest * self.interval < seconds
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait `seconds`, or until the upstream's port accepts a connection (True)."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        end = start + seconds
+        tick = 1
+        while self.address is not None and 0 < tick * self.interval < seconds:
+            await asyncio.sleep(start + tick * self.interval - loop.time())
+            remaining = end - loop.time()
+            if remaining <= 0:
+                break
+            answered = await port_answers(*self.address, min(PROBE_TIMEOUT_SECONDS, remaining))
+            if answered:
+                if tick >= self._earliest:
+                    self._earliest = min(self._earliest * 2, 1 << 16)
+                    return True
+            elif loop.time() < end:  # refused, or no answer in PROBE_TIMEOUT_SECONDS (not cut short)
+                self._earliest = 1  # down (again): its coming back is news
+            # Probes never overlap, and an answer too early for a retry is not asked again
+            # before it could be one.
+            tick = max(tick + 1, self._earliest, int((loop.time() - start) / self.interval) + 1)
+        await asyncio.sleep(max(0.0, end - loop.time()))
+        return False
+
+
 class FrameHub:
     """One upstream's frames and state, shared by every session on that upstream.
 
@@ -242,6 +306,7 @@ class FrameHub:
         rc = self.reconnect
         delay = rc.initial_delay_seconds
         attempt = 0
+        retry = RetryWait(self.source.address, rc.probe_interval_seconds)
         while True:
             attempt += 1
             if self.state != "connected":
@@ -256,14 +321,18 @@ class FrameHub:
             if self.state == "connected":
                 delay = rc.initial_delay_seconds
                 attempt = 1
+                retry.reset()
             # Full jitter keeps many proxies from hammering a restarted simulator in lockstep.
             wait = delay * random.uniform(0.5, 1.0)
+            sooner = ", or as soon as it answers" if retry.probes(wait) else ""
             try:
                 self._lost(reason)
-                self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s (attempt {attempt})")
+                self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s{sooner} "
+                                      f"(attempt {attempt})")
             except Exception:  # reporting a loss must never end the reconnect loop
                 log.exception("could not report the lost upstream", extra={"upstream": self.name})
-            await asyncio.sleep(wait)
+            if await retry.wait(wait):
+                log.debug("upstream answers a probe: retrying now", extra={"upstream": self.name})
             delay = min(delay * 2, rc.max_delay_seconds)
 
     def set_connected(self) -> None:

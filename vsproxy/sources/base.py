@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from urllib.parse import urlsplit
 
 from tornado.websocket import WebSocketClosedError
 
@@ -131,6 +132,21 @@ class RelayBudget:
             stream.close()
 
 
+# The TCP port a URL scheme connects to when its URL names none.
+DEFAULT_PORTS = {"ws": 80, "wss": 443, "http": 80, "https": 443, "rtsp": 554, "rtsps": 322}
+
+
+def url_address(url: str) -> tuple[str, int] | None:
+    """The host and TCP port `url` connects to (its scheme's default port where it names none), or
+    None if it has no host or cannot be parsed (configuration refuses such URLs)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname and port else None
+
+
 class FrameTimeout(Exception):
     """The upstream is connected but has sent no frame for too long: it counts as lost."""
 
@@ -153,6 +169,10 @@ class Source:
     origin_where_published: ClassVar[bool] = False
     # Its H.264 has B-frames, so the hub re-encodes it instead of passing it through (rtsp).
     b_frames: bool = False
+    # The host and TCP port the upstream is reached at, for kinds that connect to one (isaac,
+    # mjpeg, rtsp: `url_address` of their URL). While the upstream is down, the hub probes it
+    # there and retries as soon as it accepts a connection, not after the rest of its backoff.
+    address: tuple[str, int] | None = None
 
     def __init__(self, name: str, settings: Any, reconnect: ReconnectConfig) -> None:
         self.name = name

@@ -19,7 +19,7 @@ from tornado.websocket import WebSocketClientConnection, WebSocketProtocol13
 
 from ..errors import DescribedError
 from ..schema import check_headers, header_problem, setting
-from .base import FrameTimeout, HubLink, RelayBudget, Source
+from .base import FrameTimeout, HubLink, RelayBudget, Source, url_address
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig
@@ -47,6 +47,7 @@ class IsaacSource(Source):
     def __init__(self, name: str, settings: IsaacUpstream, reconnect: ReconnectConfig) -> None:
         super().__init__(name, settings, reconnect)
         self.url = settings.url
+        self.address = url_address(settings.url)
         self.headers = dict(settings.headers)
         self._conn: WebSocketClientConnection | None = None
         self._relay = RelayBudget()

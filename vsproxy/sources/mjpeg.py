@@ -26,7 +26,7 @@ from tornado.tcpclient import TCPClient
 from .. import __version__
 from ..auth import redact_url
 from ..schema import check_headers, header_problem, setting
-from .base import FrameTimeout, HubLink, Source
+from .base import FrameTimeout, HubLink, Source, url_address
 from .multipart import MultipartParser, boundary_from_content_type
 
 if TYPE_CHECKING:
@@ -73,18 +73,16 @@ class MjpegSource(Source):
         # Userinfo and query strings carry secrets: never logged.
         self.safe_url = redact_url(settings.url)
         self._secure = settings.url.startswith("https://")
-        self._host, self._port = "", 0
+        self.address = url_address(settings.url)
         try:
             url = urlsplit(settings.url)
         except ValueError:  # configuration refuses such a URL; its text may quote the password
             self._config_error = f"the URL {self.safe_url!r} cannot be parsed"
             return
-        self._host = url.hostname or ""
         try:
-            port = url.port
-            self._port = port or (443 if self._secure else 80)
             target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            self._request = _request_head(target, self._host, port, url.username, url.password, settings.headers)
+            self._request = _request_head(target, url.hostname or "", url.port, url.username, url.password,
+                                          settings.headers)
         except ValueError as exc:
             self._config_error = str(exc)
 
@@ -137,7 +135,8 @@ class MjpegSource(Source):
 
     async def _connect(self, timeout: float) -> IOStream:
         ssl_options = ssl.create_default_context() if self._secure else None
-        return await TCPClient().connect(self._host, self._port, ssl_options=ssl_options, timeout=timeout)
+        host, port = self.address or ("", 0)
+        return await TCPClient().connect(host, port, ssl_options=ssl_options, timeout=timeout)
 
     def _skip_part(self) -> None:
         self.parts_skipped += 1

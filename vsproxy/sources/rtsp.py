@@ -46,7 +46,7 @@ from ..auth import redact_url
 from ..codec.h264 import CLOCK_AHEAD_LIMIT_SECONDS, MAX_FRAME_AGE_OFFSET, Gop, has_b_slice, stream_reorders
 from ..errors import DescribedError, describe_error
 from ..schema import setting
-from .base import FrameTimeout, HubLink, Source
+from .base import FrameTimeout, HubLink, Source, url_address
 
 if TYPE_CHECKING:
     from ..config import ReconnectConfig
@@ -188,6 +188,7 @@ class RtspSource(Source):
     def __init__(self, name: str, settings: RtspUpstream, reconnect: ReconnectConfig) -> None:
         super().__init__(name, settings, reconnect)
         self.safe_url = redact_url(settings.url)
+        self.address = url_address(settings.url)  # the RTSP connection's, whatever the RTP transport
         self._reader: _Reader | None = None
         self._clock_warned = False  # "the server's clock is off" is logged once per upstream
         # The H.264 stream has B-frames (pictures sent out of order), which WebRTC and live MP4
