@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -185,13 +186,103 @@ async def chromium_first_frames(connects: int) -> list[int]:
     return times
 
 
+WATCH_PAGE = """<!doctype html><meta charset=utf-8><title>robot control</title>
+<iframe id="player" src="EMBED" width="640" height="360" allow="autoplay"></iframe>"""
+
+# Injected into the player's frame: per presented frame, how long after its last packet arrived
+# it was to be displayed (requestVideoFrameCallback's receiveTime and expectedDisplayTime).
+WATCH_FRAMES = """() => {
+  const video = document.getElementById("video");
+  window.benchDelays = [];
+  const onFrame = (now, meta) => {
+    if (meta.receiveTime) window.benchDelays.push(meta.expectedDisplayTime - meta.receiveTime);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}"""
+
+WATCH_STATS = """async () => {
+  const taken = window.benchDelays.splice(0);
+  const stats = await window.vsproxyPeer().getStats();
+  let inbound = null;
+  stats.forEach((s) => { if (s.type === "inbound-rtp" && s.kind === "video") inbound = s; });
+  return {delays: taken, jitterBufferDelay: inbound.jitterBufferDelay,
+          emitted: inbound.jitterBufferEmittedCount, dropped: inbound.framesDropped || 0,
+          decoded: inbound.framesDecoded, mode: window.vsproxyPlayer.mode};
+}"""
+
+
+async def chromium_watch(seconds: float, window: float = 10.0) -> None:
+    """One embed player watching WebRTC in an iframe of a robot-control page (http://localhost:3000)
+    for `seconds`: per window, the frames it presented, how long each waited between its last
+    packet's arrival and its display (median / p95), the jitter buffer's mean delay, frames
+    dropped, and the proxy's frame age p95 (capture to RTP sender). A player that drifts behind
+    live shows as figures that grow from window to window."""
+    sys.path.insert(0, str(REPO_DIR / "tests"))
+    from browser import chromium, page_server
+    logging.getLogger("tornado.access").setLevel(logging.ERROR)  # the page server's favicon 404
+
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="vsproxy-whep-bench-")
+    config_path = os.path.join(tmp, "config.yaml")
+    with open(config_path, "w") as f:
+        f.write(CONFIG)
+    proxy = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port",
+                   str(port)], cwd=tmp, env=server_env(), log_path=os.path.join(tmp, "proxy.log"))
+    try:
+        await wait_health(port, proxy)
+        base = f"http://127.0.0.1:{port}"
+        request = urllib.request.Request(f"{base}/session/create", method="POST",
+                                         data=json.dumps({"userId": "watch", "robotName": "r"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        session_id = json.loads(urllib.request.urlopen(request, timeout=5).read())["sessionId"]
+        page_html = WATCH_PAGE.replace("EMBED", f"{base}/stream/{session_id}/embed?transport=webrtc")
+        with page_server(3000, page_html) as page_url:
+            async with chromium() as browser:
+                page = await browser.new_page()
+                await page.goto(page_url)
+                deadline = time.monotonic() + 15
+                player = None
+                while player is None or not await player.evaluate("window.vsproxyPlayer.frames > 0"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the embed player showed no WebRTC frame within 15 s")
+                    await asyncio.sleep(0.1)
+                    player = next((f for f in page.frames if "/embed" in f.url), None)
+                await player.evaluate(WATCH_FRAMES)
+                print("| seconds | frames shown | receive to display, median / p95 ms | jitter buffer mean ms "
+                      "| dropped | proxy frame age p95 ms |\n|--:|--:|--:|--:|--:|--:|")
+                last = await player.evaluate(WATCH_STATS)
+                started = time.monotonic()
+                while time.monotonic() - started < seconds:
+                    await asyncio.sleep(window)
+                    now = await player.evaluate(WATCH_STATS)
+                    delays = sorted(now["delays"])
+                    emitted = now["emitted"] - last["emitted"]
+                    jitter = 1000 * (now["jitterBufferDelay"] - last["jitterBufferDelay"]) / emitted if emitted else 0
+                    age = frame_age_p95(metric_lines(port)) * 1000
+                    p50, p95 = (delays[int(q * (len(delays) - 1))] if delays else float("nan") for q in (0.5, 0.95))
+                    print(f"| {time.monotonic() - started:.0f} | {len(delays)} | {p50:.1f} / {p95:.1f} | {jitter:.1f} "
+                          f"| {now['dropped'] - last['dropped']} | <= {age:.0f} |", flush=True)
+                    assert now["mode"] == "webrtc", now["mode"]
+                    last = now
+    finally:
+        stop_child(proxy)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, nargs="+", default=[10, 30])
     parser.add_argument("--procs", type=int, default=3, help="aiortc worker processes")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--chromium", type=int, default=10, help="connects for Chromium's first frame (0: none)")
+    parser.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                        help="only: one embed player in an iframe of a page on http://localhost:3000 watches "
+                             "this long; its delays per 10 s window (drift)")
     args = parser.parse_args()
+    if args.watch:
+        print(machine_line())
+        await chromium_watch(args.watch)
+        return
     print(machine_line())
     print(f"load: {os.getloadavg()[0]:.2f} (1 min) at start")
     base = await run(1, 1, args.seconds)
