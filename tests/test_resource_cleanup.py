@@ -7,6 +7,7 @@ minutes of such churn are bench/soak.py's.)"""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 import struct
@@ -26,7 +27,9 @@ LEAVING = ("close", "reset", "stall", "destroyed")
 
 
 def held() -> dict[str, int]:
-    """What this process holds: open files (the proxy's sockets and the test's), threads, tasks."""
+    """What this process holds: open files (the proxy's sockets and the test's), threads, tasks
+    (after a garbage collection: a socket nothing refers to any more is closed by it)."""
+    gc.collect()
     return {"files": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
             "tasks": len(asyncio.all_tasks())}
 
@@ -94,4 +97,7 @@ async def test_viewers_and_sessions_that_come_and_go_leave_nothing_behind(api, p
     for _ in range(3):
         await churn(api, http_port)
     await quiet(proxy)
-    assert held() == before
+    after = held()
+    # Fewer is fine (what earlier tests of the suite left behind may end meanwhile); 66 more
+    # viewers, each in a session of its own, may not leave one thing more.
+    assert all(after[what] <= before[what] for what in before), (before, after)
