@@ -201,6 +201,9 @@ def test_dotenv_quoted_value_with_a_trailing_comment(tmp_path):
     assert config.isaac_ws_url == "ws://10.9.8.7:8211/"
     path = write(tmp_path / "hash.env", 'QUOTED_HASH="/a #b"   # a quoted # stays\n')
     assert read_dotenv(path) == {"QUOTED_HASH": "/a #b"}
+    # A comment right after the closing quote, or after a tab; a # inside a word is the value's.
+    path = write(tmp_path / "more.env", 'TIGHT="8896"# c\nTABBED=8896\t# c\nWORD=a#b\n')
+    assert read_dotenv(path) == {"TIGHT": "8896", "TABBED": "8896", "WORD": "a#b"}
 
 
 def test_dotenv_line_without_equals_is_an_error_naming_file_and_line(tmp_path):
@@ -457,3 +460,24 @@ def test_an_upstream_host_that_is_no_host_name_is_a_configuration_error(tmp_path
     assert "pw-secret-9" not in str(info.value)
     for host in ("10.0.0.1", "sim-host.internal", "[::1]", "localhost"):  # and real ones pass
         assert load(tmp_path, None, env={"ISAAC_SIM_IP": host}).isaac_ws_url == f"ws://{host}:8211/"
+
+
+def test_an_upstream_host_may_be_international_but_not_overlong(tmp_path):
+    """An international name is a host (its ASCII form is what is looked up); a label over 63
+    characters is none (a probe's lookup of one raised UnicodeError, which ended the upstream's
+    reconnect loop)."""
+    assert load(tmp_path, None, env={"ISAAC_SIM_IP": "bücher.example"}).isaac_ws_url
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, None, env={"ISAAC_SIM_IP": "a" * 64 + ".example"})
+    assert "ISAAC_SIM_IP" in info.value.key and "DNS name or an IP address" in info.value.problem
+
+
+@pytest.mark.parametrize("interval", [0.001, 0.09])
+def test_a_probe_interval_under_a_tenth_of_a_second_is_refused(tmp_path, interval):
+    """0 turns probing off; a few ms would make thousands of connects a second to a host that is down."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, f"reconnect:\n  probe_interval_seconds: {interval}\n")
+    assert info.value.key == "reconnect.probe_interval_seconds" and "0 (off) or 0.1 to 60" in info.value.problem
+    for fine in (0, 0.1, 1):
+        config = load(tmp_path, f"reconnect:\n  probe_interval_seconds: {fine}\n")
+        assert config.reconnect.probe_interval_seconds == fine

@@ -125,9 +125,10 @@ class ReconnectConfig:
     initial_delay_seconds: float = setting(0.5, min=0.01, max=60, doc="first retry delay, doubled per "
                                                                       "failure")
     max_delay_seconds: float = setting(10.0, min=0.01, max=3600, doc="largest retry delay")
-    probe_interval_seconds: float = setting(1.0, min=0, max=60, doc="while an isaac, mjpeg or rtsp upstream "
-                                            "is down, its host:port is tried this often (a bare TCP connect) "
-                                            "and a retry delay ends when it accepts (0: off; see Upstreams)")
+    probe_interval_seconds: float = setting(
+        1.0, min=0, max=60, values="0 (off), or 0.1 to 60",
+        doc="while an isaac, mjpeg or rtsp upstream is down, its host:port is tried this often (a bare TCP "
+            "connect) and a retry delay ends when it accepts (0: off; see Upstreams)")
     connect_timeout_seconds: float = setting(5.0, min=0.1, max=120, doc="connecting an upstream gives up "
                                                                         "after this long")
     ping_interval_seconds: float = setting(10.0, min=0, max=3600, doc="WebSocket pings to the upstream "
@@ -339,8 +340,9 @@ def read_text(path: Path) -> str:
         raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
 
 
-# A quoted .env value, optionally followed by a comment: `"value"  # comment`.
-_DOTENV_QUOTED = re.compile(r"""(['"])(.*?)\1(?:\s+#.*)?""")
+# A quoted .env value, optionally followed by a comment: `"value"  # comment`, `"value"#comment`.
+_DOTENV_QUOTED = re.compile(r"""(['"])(.*?)\1(?:\s*#.*)?""")
+_DOTENV_COMMENT = re.compile(r"\s#")  # after an unquoted value: whitespace, then `#` (`a#b` is a value)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -359,8 +361,8 @@ def read_dotenv(path: Path) -> dict[str, str]:
         quoted = _DOTENV_QUOTED.fullmatch(value)
         if quoted:
             value = quoted.group(2)
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
+        else:
+            value = _DOTENV_COMMENT.split(value, 1)[0].rstrip()
         values[name.strip()] = value
     return values
 
@@ -529,6 +531,9 @@ def _cross_checks(config: Config) -> None:
     rc = config.reconnect
     if rc.max_delay_seconds < rc.initial_delay_seconds:
         raise ConfigError("reconnect.max_delay_seconds", "must be at least reconnect.initial_delay_seconds")
+    if 0 < rc.probe_interval_seconds < 0.1:  # a probe every few ms would hammer a host that is down
+        raise ConfigError("reconnect.probe_interval_seconds", f"expected 0 (off) or 0.1 to 60, got "
+                                                              f"{rc.probe_interval_seconds:g}")
     if config.limits.viewer_input_bytes_burst < config.streaming.max_viewer_message_bytes:
         # Otherwise a message the size limit allows could never pass the byte rate limit.
         raise ConfigError("limits.viewer_input_bytes_burst", "must be at least streaming.max_viewer_message_bytes")
@@ -668,7 +673,7 @@ def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bo
                                "address needs its closing ']')") from None
     if host_required and not parts.hostname:
         raise ConfigError(key, f"expected {expected} with a host, got {shown!r}")
-    if parts.hostname and (parts.hostname == "*" or not valid_allowed_host(parts.hostname)):
+    if parts.hostname and not _valid_url_host(parts.hostname):
         raise ConfigError(key, f"expected {expected} whose host is a DNS name or an IP address, got {shown!r}")
     try:
         port = parts.port
@@ -676,6 +681,18 @@ def check_url(key: str, url: str, schemes: tuple[str, ...], *, host_required: bo
         port = 0
     if port == 0:
         raise ConfigError(key, f"expected {expected} whose port is a number from 1 to 65535, got {shown!r}")
+
+
+def _valid_url_host(host: str) -> bool:
+    """A host a URL may name: an IP address, or a DNS name (international ones too, as their
+    ASCII form) of labels of at most 63 characters, 253 in all."""
+    if ":" in host:
+        return valid_allowed_host(host)
+    try:
+        ascii_host = host.encode("idna").decode("ascii")  # refuses empty and overlong labels
+    except UnicodeError:
+        return False
+    return len(ascii_host.rstrip(".")) <= 253 and valid_allowed_host(ascii_host) and ascii_host != "*"
 
 
 def valid_allowed_host(host: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -106,54 +107,53 @@ class RateMeter:
 PROBE_TIMEOUT_SECONDS = 1.0  # a probe of an upstream's port gives up after this long
 
 
-async def port_answers(host: str, port: int, timeout: float) -> bool:
-    """Does `host`:`port` accept a TCP connection within `timeout` seconds? The connection is
-    closed at once, no byte sent (the name is resolved off the event loop, by asyncio)."""
-    try:
-        async with asyncio.timeout(timeout):
-            transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, host, port)
-    except (OSError, TimeoutError):
-        return False
-    transport.close()
-    return True
-
-
 class RetryWait:
     """The supervisor's wait between two connection attempts: the backoff delay, ended early when
     the upstream's port (`address`, None: never probed) accepts a TCP connection again.
 
-    A probe every `interval` seconds of the wait (none in a wait shorter than that). An
-    early retry comes no sooner than `interval` x 2^n into its wait, n being the early retries in
-    a row since a probe last went unanswered: a port that accepts while its stream still fails
-    (Isaac Sim's Kit may open its port before the stream is ready) is retried 1, 2, 4, 8... s into
-    successive waits, and then at the plain backoff's pace, never every second.
+    A probe every `interval` seconds of the wait, the first at a random 0.5 to 1 interval in (so
+    that proxies that lost a simulator together do not come back in step). An early retry comes
+    no sooner than `interval` x 2^n into its wait, n being the early retries in a row since a
+    probe last went unanswered: a port that accepts while its stream still fails (Isaac Sim's Kit
+    may open its port before the stream is ready) is retried about 1, 2, 4, 8... s into
+    successive waits, and then at the plain backoff's pace, never every second. A name is looked
+    up once at a time: a lookup that outlasts its probe (a DNS outage) is waited for by the next
+    probes instead of being started again, so probes never tie up more than one thread of the
+    default executor per upstream.
     """
 
     def __init__(self, address: tuple[str, int] | None, interval: float) -> None:
         self.address = address
         self.interval = interval
         self._earliest = 1  # in probes: an answer ends the wait from this probe on
+        self._lookup: asyncio.Future | None = None
 
     def reset(self) -> None:
         """The upstream connected: its next outage starts afresh."""
         self._earliest = 1
 
     def probes(self, seconds: float) -> bool:
-        """Can a wait of `seconds` end early?"""
-        return self.address is not None and 0 < self._earliest * self.interval < seconds
+        """Can a wait of `seconds` end early? (Its first probe comes within one interval, and an
+        unanswered probe makes a later answer a reason to retry at once.)"""
+        return self.address is not None and 0 < self.interval < seconds
 
     async def wait(self, seconds: float) -> bool:
         """Wait `seconds`, or until the upstream's port accepts a connection (True)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         end = start + seconds
+        phase = random.uniform(0.5, 1.0)
+
+        def at(tick: int) -> float:  # seconds into the wait of probe `tick` (1, 2, ...)
+            return (tick - 1 + phase) * self.interval
+
         tick = 1
-        while self.address is not None and 0 < tick * self.interval < seconds:
-            await asyncio.sleep(start + tick * self.interval - loop.time())
+        while self.address is not None and 0 < at(tick) < seconds:
+            await asyncio.sleep(start + at(tick) - loop.time())
             remaining = end - loop.time()
             if remaining <= 0:
                 break
-            answered = await port_answers(*self.address, min(PROBE_TIMEOUT_SECONDS, remaining))
+            answered = await self._answers(min(PROBE_TIMEOUT_SECONDS, remaining))
             if answered:
                 if tick >= self._earliest:
                     self._earliest = min(self._earliest * 2, 1 << 16)
@@ -162,9 +162,36 @@ class RetryWait:
                 self._earliest = 1  # down (again): its coming back is news
             # Probes never overlap, and an answer too early for a retry is not asked again
             # before it could be one.
-            tick = max(tick + 1, self._earliest, int((loop.time() - start) / self.interval) + 1)
+            tick = max(tick + 1, self._earliest, int((loop.time() - start) / self.interval - phase) + 2)
         await asyncio.sleep(max(0.0, end - loop.time()))
         return False
+
+    async def _answers(self, timeout: float) -> bool:
+        """Does the upstream's host:port accept a TCP connection within `timeout` seconds? The
+        connection is closed at once, no byte sent. Any failure (refused, unreachable, a name
+        that does not resolve or cannot be encoded) is a no."""
+        host, port = self.address  # type: ignore[misc]
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                if self._lookup is None:
+                    self._lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+                    # Its failure is seen by the probe waiting for it, if any is still waiting.
+                    self._lookup.add_done_callback(lambda lookup: lookup.cancelled() or lookup.exception())
+                try:
+                    infos = await asyncio.shield(self._lookup)
+                finally:
+                    if self._lookup.done():
+                        self._lookup = None
+                # A numeric address: asyncio connects without another lookup.
+                transport, _ = await loop.create_connection(asyncio.Protocol, infos[0][4][0], infos[0][4][1])
+        except (OSError, TimeoutError):
+            return False
+        except Exception as exc:  # noqa: BLE001 - e.g. UnicodeError for a name that cannot be encoded
+            log.debug("upstream probe failed: %s", describe_error(exc))
+            return False
+        transport.close()
+        return True
 
 
 class FrameHub:
@@ -331,8 +358,12 @@ class FrameHub:
                                       f"(attempt {attempt})")
             except Exception:  # reporting a loss must never end the reconnect loop
                 log.exception("could not report the lost upstream", extra={"upstream": self.name})
-            if await retry.wait(wait):
-                log.debug("upstream answers a probe: retrying now", extra={"upstream": self.name})
+            try:
+                if await retry.wait(wait):
+                    log.debug("upstream answers a probe: retrying now", extra={"upstream": self.name})
+            except Exception:  # a probe must never end the reconnect loop: wait as without one
+                log.exception("upstream probe failed", extra={"upstream": self.name})
+                await asyncio.sleep(wait)
             delay = min(delay * 2, rc.max_delay_seconds)
 
     def set_connected(self) -> None:

@@ -169,22 +169,25 @@ class ClusterSource(Source):
                 return SHUTTING_DOWN
             holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
             if holder == self.cluster.node_id:
-                await self._took_publisher_lease()
-                return None
+                self._took_publisher_lease()
+        if holder == self.cluster.node_id:
+            await self._announce_origin()
+            return None
         return (f"The publisher of upstream '{self.name}' is connected to node {holder}: publish there (one "
                 "publisher at a time)")
 
-    async def _took_publisher_lease(self) -> None:
+    def _took_publisher_lease(self) -> None:
+        """Under the lock; the caller announces it (`_announce_origin`) once the lock is free."""
         self._publisher_lease = True
         self._post_to = None
         if self._conn is not None:  # an edge of the node the publisher left: the origin now
             self._conn.close(1001, "the publisher came to this node")
-        await self._announce_origin()
 
     async def _announce_origin(self) -> None:
         """This node has just taken the upstream's lease: tell the others, so that a node looking
         for the origin (its viewers waiting, e.g. for a publisher that has just connected here)
-        comes at once rather than at its next look, RETRY_SECONDS later. The caller holds the lock."""
+        comes at once rather than at its next look, RETRY_SECONDS later. Not under the lease lock:
+        a publish is no lease decision, and a slow one must not hold up the heartbeat's."""
         try:
             await self.cluster.publish({"op": ORIGIN_OP, "upstream": self.name, "node": self.cluster.node_id})
         except REDIS_ERRORS as exc:
@@ -236,8 +239,10 @@ class ClusterSource(Source):
             else:
                 holder = await self.cluster.write(lambda: self.cluster.claim_or_holder(self.name))
                 if holder == self.cluster.node_id:
-                    await self._took_publisher_lease()
-                    return None
+                    self._took_publisher_lease()
+        if holder == self.cluster.node_id:  # taken just now
+            await self._announce_origin()
+            return None
         url = await self.cluster.write(lambda: self.cluster.node_url(holder))
         if self._publisher_lease:  # taken meanwhile (a publisher here): the lease moved, to this node
             return None
@@ -317,8 +322,6 @@ class ClusterSource(Source):
                 except REDIS_ERRORS as exc:
                     self.cluster.failed(exc)
                     raise ConnectionError("Redis unreachable: cannot find the origin of this upstream") from None
-                if claimed:
-                    await self._announce_origin()
                 if claimed and self.inner.origin_where_published:
                     self._publisher_lease = True
                 elif self._publisher_lease and not published_elsewhere:
@@ -358,6 +361,7 @@ class ClusterSource(Source):
         inner = asyncio.ensure_future(self.inner.run(hub))
         keeper = asyncio.ensure_future(self._keep_lease())
         try:
+            await self._announce_origin()  # here: cancelled meanwhile, the lease is still given back
             done, _ = await asyncio.wait({inner, keeper}, return_when=asyncio.FIRST_COMPLETED)
             if inner in done:
                 inner.result()  # its return or its error, as a plain source's
