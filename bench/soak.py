@@ -82,14 +82,17 @@ class Churn:
                     self.opened[kind] += 1
                 except (OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
                     self.failures.append(f"{kind}: {exc!r}")
-            if rng.random() < 0.2:  # destroyed with a viewer still on it
-                reader, writer, _ = await open_stream(self.port, PATHS["ws_binary"][0].format(id=session), True)
-                await reader.read(65536)
-                await http_request(self.port, "DELETE", f"/session/{session}")
-                await asyncio.wait_for(reader.read(), 10)  # the proxy closes it (5 s for a close reply)
-                writer.close()
-            else:
-                await http_request(self.port, "DELETE", f"/session/{session}")
+            try:
+                if rng.random() < 0.2:  # destroyed with a viewer still on it
+                    reader, writer, _ = await open_stream(self.port, PATHS["ws_binary"][0].format(id=session), True)
+                    await reader.read(65536)
+                    await http_request(self.port, "DELETE", f"/session/{session}")
+                    await asyncio.wait_for(reader.read(), 10)  # the proxy closes it (5 s for a close reply)
+                    writer.close()
+                else:
+                    await http_request(self.port, "DELETE", f"/session/{session}")
+            except (OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
+                self.failures.append(f"destroy: {exc!r}")
 
     async def view(self, session: str, kind: str, rng: random.Random) -> None:
         if kind == "whep":
@@ -148,7 +151,9 @@ async def quiet(port: int, pid: int) -> dict[str, float]:
     while time.monotonic() < deadline:
         _, body = await http_request(port, "GET", "/upstreams")
         upstreams = json.loads(body)["upstreams"]
-        if all(u["state"] == "idle" and not any(u["viewers"].values()) for u in upstreams):
+        _, body = await http_request(port, "GET", "/sessions")
+        if json.loads(body)["count"] == 0 and all(u["state"] == "idle" and not any(u["viewers"].values())
+                                                  for u in upstreams):
             break
         await asyncio.sleep(1)
     await asyncio.sleep(2)
@@ -192,13 +197,13 @@ async def run(args: argparse.Namespace) -> int:
           f"second half of the rounds {last['rss_mb'] - middle['rss_mb']:+.1f} MB "
           f"({(last['rss_mb'] - middle['rss_mb']) * 1024 * 1024 / ((opened_last - opened_middle) or 1):+.0f} "
           f"bytes per viewer); open files {last['fds'] - first['fds']:+d} and threads "
-          f"{last['threads'] - first['threads']:+d} from the first quiet spell to the last")
+          f"{last['threads'] - first['threads']:+d} from the first quiet spell to the last (failing if any differs)")
     problems = [line for line in log_text.splitlines() if "Traceback" in line or " ERROR " in line
                 or "was destroyed" in line]
     print(f"server log: {len(problems)} error/traceback lines")
     for line in problems[:10]:
         print("  ", line[:200])
-    leaked = last["fds"] != first["fds"] or last["threads"] != first["threads"]
+    leaked = any((counts["fds"], counts["threads"]) != (first["fds"], first["threads"]) for _, counts, _ in quiet_rows)
     return 1 if leaked or churn.failures else 0
 
 
@@ -208,6 +213,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4, help="rounds of churn, each then quiet (default 4; at least 2)")
     p.add_argument("--workers", type=int, default=8, help="sessions churned at once (default 8)")
     args = p.parse_args()
+    if args.rounds < 2:
+        p.error("--rounds: at least 2 (the first quiet spell is the reference)")
     arm_deadline(args.seconds + args.rounds * (QUIET_SECONDS + 40) + 60)
     try:
         return asyncio.run(run(args))
