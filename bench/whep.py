@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +83,25 @@ async def worker(base: str, session_id: str, count: int, seconds: float) -> None
 # -- the driver ---------------------------------------------------------------------------------
 
 
+def start_proxy() -> tuple[subprocess.Popen, int]:
+    """vsproxy with CONFIG on a free port of 127.0.0.1 (core 0), in a temp dir; (process, port)."""
+    port = free_port()
+    tmp = tempfile.mkdtemp(prefix="vsproxy-whep-bench-")
+    config_path = os.path.join(tmp, "config.yaml")
+    with open(config_path, "w") as f:
+        f.write(CONFIG)
+    proxy = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port",
+                   str(port)], cwd=tmp, env=server_env(), log_path=os.path.join(tmp, "proxy.log"))
+    return proxy, port
+
+
+def create_session(base: str, user: str) -> str:
+    request = urllib.request.Request(f"{base}/session/create", method="POST",
+                                     data=json.dumps({"userId": user, "robotName": "r"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=5).read())["sessionId"]
+
+
 def metric_lines(port: int) -> list[str]:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode().splitlines()
 
@@ -100,20 +120,11 @@ def frame_age_p95(lines: list[str]) -> float:
 
 
 async def run(peers: int, procs: int, seconds: float) -> dict:
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="vsproxy-whep-bench-")
-    config_path = os.path.join(tmp, "config.yaml")
-    with open(config_path, "w") as f:
-        f.write(CONFIG)
-    proxy = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port",
-                   str(port)], cwd=tmp, env=server_env(), log_path=os.path.join(tmp, "proxy.log"))
+    proxy, port = start_proxy()
     try:
         await wait_health(port, proxy)
         base = f"http://127.0.0.1:{port}"
-        request = urllib.request.Request(f"{base}/session/create", method="POST",
-                                         data=json.dumps({"userId": "bench", "robotName": "r"}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        session_id = json.loads(urllib.request.urlopen(request, timeout=5).read())["sessionId"]
+        session_id = create_session(base, "bench")
         per_proc = [peers // procs + (1 if i < peers % procs else 0) for i in range(procs)]
         workers = []
         for n in (p for p in per_proc if p):
@@ -149,13 +160,7 @@ async def chromium_first_frames(connects: int) -> list[int]:
 
     from playwright.async_api import async_playwright
 
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="vsproxy-whep-bench-")
-    config_path = os.path.join(tmp, "config.yaml")
-    with open(config_path, "w") as f:
-        f.write(CONFIG)
-    proxy = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port",
-                   str(port)], cwd=tmp, env=server_env(), log_path=os.path.join(tmp, "proxy.log"))
+    proxy, port = start_proxy()
     times = []
     try:
         await wait_health(port, proxy)
@@ -165,10 +170,7 @@ async def chromium_first_frames(connects: int) -> list[int]:
                 executable_path=shutil.which("chromium") or "/usr/bin/chromium",
                 args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
             for i in range(connects):
-                request = urllib.request.Request(f"{base}/session/create", method="POST",
-                                                 data=json.dumps({"userId": f"u{i}", "robotName": "r"}).encode(),
-                                                 headers={"Content-Type": "application/json"})
-                session_id = json.loads(urllib.request.urlopen(request, timeout=5).read())["sessionId"]
+                session_id = create_session(base, f"u{i}")
                 page = await browser.new_page()
                 await page.goto(f"{base}/stream/{session_id}/embed?transport=webrtc")
                 deadline = time.monotonic() + 15
@@ -222,20 +224,11 @@ async def chromium_watch(seconds: float, window: float = 10.0) -> None:
     from browser import chromium, page_server
     logging.getLogger("tornado.access").setLevel(logging.ERROR)  # the page server's favicon 404
 
-    port = free_port()
-    tmp = tempfile.mkdtemp(prefix="vsproxy-whep-bench-")
-    config_path = os.path.join(tmp, "config.yaml")
-    with open(config_path, "w") as f:
-        f.write(CONFIG)
-    proxy = spawn([sys.executable, "-m", "vsproxy", "--config", config_path, "--host", "127.0.0.1", "--port",
-                   str(port)], cwd=tmp, env=server_env(), log_path=os.path.join(tmp, "proxy.log"))
+    proxy, port = start_proxy()
     try:
         await wait_health(port, proxy)
         base = f"http://127.0.0.1:{port}"
-        request = urllib.request.Request(f"{base}/session/create", method="POST",
-                                         data=json.dumps({"userId": "watch", "robotName": "r"}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        session_id = json.loads(urllib.request.urlopen(request, timeout=5).read())["sessionId"]
+        session_id = create_session(base, "watch")
         page_html = WATCH_PAGE.replace("EMBED", f"{base}/stream/{session_id}/embed?transport=webrtc")
         with page_server(3000, page_html) as page_url:
             async with chromium() as browser:
