@@ -674,3 +674,50 @@ async def test_a_jpeg_stating_a_huge_picture_is_not_decoded_for_h264_viewers(api
         assert [(c["width"], c["height"]) for c in configs] == [(160, 120)]
     finally:
         reader.cancel()
+
+
+class _Link:
+    """A WebSocket publisher as PushSource sees it (the ingest handler's PublisherLink)."""
+
+    def send_to_publisher(self, message: str | bytes) -> bool:
+        return True
+
+    def disconnect(self, code: int, reason: str) -> None:
+        pass
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_viewer_that_starts_the_hub_gets_the_frame_published_just_before():
+    """The publisher's first frame comes while no one watches here (the hub is not running); a
+    viewer then starts the hub and is added before the hub is connected, as a cluster edge's relay
+    is when the publisher reached a node without viewers. Before, it got the offline picture and
+    then only the frames after: the first one was missed (29 of 30 on the other node)."""
+    from helpers import socket_pair, ws_server_messages
+
+    from vsproxy.config import ReconnectConfig, StreamingConfig
+    from vsproxy.hub import FrameHub
+    from vsproxy.outputs import WS_BINARY, Viewer
+    from vsproxy.sources.push import PushUpstream
+
+    source = PushSource("pub", PushUpstream(token="publish-token-1"), ReconnectConfig())
+    hub = FrameHub("pub", source, streaming=StreamingConfig(), reconnect=ReconnectConfig())
+    first = render.TestPattern(64, 48, "first").render(1)
+    assert source.attach(hub, _Link())
+    source.publish(hub, first)  # nobody watches yet
+    stream, client = socket_pair()
+    try:
+        hub.attach(object())  # type: ignore[arg-type]  # a session: the hub starts, and at once a viewer
+        hub.add_viewer(Viewer(stream, WS_BINARY, hub.stats[WS_BINARY], close=lambda reason: None))
+        received = b""
+        deadline = asyncio.get_running_loop().time() + 3
+        while first not in [payload for _, payload in ws_server_messages(received)]:
+            assert asyncio.get_running_loop().time() < deadline, "the first frame never came"
+            await asyncio.sleep(0.05)
+            try:
+                received += client.recv(1 << 20)
+            except BlockingIOError:
+                pass
+    finally:
+        await hub.stop()
+        stream.close()
+        client.close()

@@ -23,7 +23,9 @@ sessions and retries with backoff when it returns):
   and if the publisher already left again it raises at once so the hub marks the loss.
 * Publishing while the hub is not running (no sessions) is accepted: the frame becomes the
   hub's latest frame (one frame reference, no fan-out since there are no viewers), so the first
-  viewer of a new session sees a picture at once. The publisher is told whether anyone wants
+  viewer of a new session sees a picture at once; a viewer that comes as the hub starts (before
+  it is connected: a cluster edge's relay) gets it when run() connects the hub, if it is at most
+  HELD_FRAME_SECONDS old. The publisher is told whether anyone wants
   frames with `{"type": "status", "active": true|false, ...}` text messages, so it can pause.
 """
 
@@ -45,6 +47,11 @@ if TYPE_CHECKING:
     from ..config import ReconnectConfig
 
 log = logging.getLogger("vsproxy.push")
+
+# A frame published while the hub was not running is shown to the viewers that start it if it is
+# at most this old (a cluster edge's relay starts the hub of the node the publisher reached, and
+# attaches before the hub is connected: the frame that came first would be missed).
+HELD_FRAME_SECONDS = 1.0
 
 
 class PublisherGone(Exception):
@@ -102,6 +109,8 @@ class PushSource(Source):
         self._last_posted = False  # was the most recent publisher a POST (not a WebSocket)?
         self._changed: asyncio.Event | None = None  # set when a publisher attaches or leaves
         self._active = False  # run() is active: the hub has sessions and wants frames
+        # The last frame published while the hub was not running: (JPEG, capture time, monotonic).
+        self._held: tuple[bytes, float | None, float] | None = None
 
     # -- authentication and validation ------------------------------------------------------
 
@@ -139,7 +148,9 @@ class PushSource(Source):
             self._publisher_came(hub)
         # The publisher's capture stamp is taken out again: viewers get its JPEG byte for byte.
         jpeg, stamped = render.split_capture_time(bytes(data))
-        return hub.publish(jpeg, captured if captured is not None else stamped)
+        when = captured if captured is not None else stamped
+        self._held = None if hub.running else (jpeg, when, time.monotonic())
+        return hub.publish(jpeg, when)
 
     def attach(self, hub: HubLink, link: PublisherLink) -> bool:
         """A WebSocket publisher connected; False if another one is already attached."""
@@ -214,6 +225,9 @@ class PushSource(Source):
             await changed.wait()
         if not hub.connected:
             hub.set_connected()
+        held, self._held = self._held, None
+        if held is not None and time.monotonic() - held[2] <= HELD_FRAME_SECONDS:
+            hub.publish(held[0], held[1])  # to the viewers that came as the hub started
         while True:
             changed.clear()
             if self.publisher is not None:
