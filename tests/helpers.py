@@ -558,3 +558,28 @@ class WhepClient:
 
     async def close(self) -> None:
         await self.pc.close()
+
+
+class PublisherStub:
+    """A WebSocket publisher as PushSource sees it (the ingest handler's PublisherLink): takes
+    every message, ignores a disconnect."""
+
+    def send_to_publisher(self, message: str | bytes) -> bool:
+        return True
+
+    def disconnect(self, code: int, reason: str) -> None:
+        pass
+
+
+def with_isaac_upstream(request: Any, proxy_config: Any, fixture: str, name: str) -> Any:
+    """conftest's `proxy_config`, plus isaac upstream `name` at the port of the test's `fixture`
+    (an object with `.port`) when the test uses that fixture."""
+    import dataclasses
+
+    from vsproxy.sources.isaac import IsaacUpstream
+
+    if fixture not in request.fixturenames:
+        return proxy_config
+    port = request.getfixturevalue(fixture).port
+    upstreams = {**proxy_config.upstreams, name: IsaacUpstream(url=f"ws://127.0.0.1:{port}/")}
+    return dataclasses.replace(proxy_config, upstreams=upstreams)

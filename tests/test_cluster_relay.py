@@ -20,7 +20,16 @@ import av
 import pytest
 import tornado.websocket
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
-from helpers import WhepClient, assert_json_error, free_port, poll, raw_request, small_buffer_ws, wait_until
+from helpers import (
+    PublisherStub,
+    WhepClient,
+    assert_json_error,
+    free_port,
+    poll,
+    raw_request,
+    small_buffer_ws,
+    wait_until,
+)
 from test_cluster import TOKEN as CLUSTER_TOKEN
 from test_cluster import Node, real_frame, started, stop_all
 from test_h264 import parse_message
@@ -1132,16 +1141,6 @@ async def next_text(conn: tornado.websocket.WebSocketClientConnection) -> str:
             return message
 
 
-class _Publisher:
-    """A WebSocket publisher as PushSource sees it (the ingest handler's PublisherLink)."""
-
-    def send_to_publisher(self, message: str | bytes) -> bool:
-        return True
-
-    def disconnect(self, code: int, reason: str) -> None:
-        pass
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_an_origin_stopped_while_redis_is_slow_keeps_no_lease_alive(redis_server, monkeypatch):  # noqa: F811
     """The origin's hub stops (no viewer left, or drain) while the heartbeat's renewal of the lease
@@ -1157,7 +1156,7 @@ async def test_an_origin_stopped_while_redis_is_slow_keeps_no_lease_alive(redis_
     cluster = Cluster(config)
     source = ClusterSource(create_source("pub", upstreams["pub"], config.reconnect), cluster)
     hub = FrameHub("pub", source, streaming=config.streaming, reconnect=config.reconnect, h264=config.h264_for("pub"))
-    link = _Publisher()
+    link = PublisherStub()
     try:
         assert await source.publisher_arriving() is None  # a WebSocket publisher comes here
         assert source.inner.attach(hub, link)

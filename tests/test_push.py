@@ -676,23 +676,13 @@ async def test_a_jpeg_stating_a_huge_picture_is_not_decoded_for_h264_viewers(api
         reader.cancel()
 
 
-class _Link:
-    """A WebSocket publisher as PushSource sees it (the ingest handler's PublisherLink)."""
-
-    def send_to_publisher(self, message: str | bytes) -> bool:
-        return True
-
-    def disconnect(self, code: int, reason: str) -> None:
-        pass
-
-
 @pytest.mark.gen_test(timeout=20)
 async def test_a_viewer_that_starts_the_hub_gets_the_frame_published_just_before():
     """The publisher's first frame comes while no one watches here (the hub is not running); a
     viewer then starts the hub and is added before the hub is connected, as a cluster edge's relay
     is when the publisher reached a node without viewers. Before, it got the offline picture and
     then only the frames after: the first one was missed (29 of 30 on the other node)."""
-    from helpers import socket_pair, ws_server_messages
+    from helpers import PublisherStub, socket_pair, ws_server_messages
 
     from vsproxy.config import ReconnectConfig, StreamingConfig
     from vsproxy.hub import FrameHub
@@ -702,7 +692,7 @@ async def test_a_viewer_that_starts_the_hub_gets_the_frame_published_just_before
     source = PushSource("pub", PushUpstream(token="publish-token-1"), ReconnectConfig())
     hub = FrameHub("pub", source, streaming=StreamingConfig(), reconnect=ReconnectConfig())
     first = render.TestPattern(64, 48, "first").render(1)
-    assert source.attach(hub, _Link())
+    assert source.attach(hub, PublisherStub())
     source.publish(hub, first)  # nobody watches yet
     stream, client = socket_pair()
     try:

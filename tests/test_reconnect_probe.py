@@ -6,19 +6,17 @@ whose stream still fails is not hammered.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 import time
 
 import pytest
-from helpers import SIM_SIZE, connected_session, create, read_frames, read_until, text_type
+from helpers import SIM_SIZE, connected_session, create, read_frames, read_until, text_type, with_isaac_upstream
 
 from vsproxy.config import ReconnectConfig
 from vsproxy.hub import connected_status
 from vsproxy.simulate import SimulatedIsaacSim
 from vsproxy.sources import source_class
-from vsproxy.sources.isaac import IsaacUpstream
 
 BACKOFF = {"initial_delay_seconds": 10, "max_delay_seconds": 10}  # each wait: 5 to 10 s (jitter)
 
@@ -108,11 +106,7 @@ def closing_upstream(io_loop):
 @pytest.fixture
 def proxy_config(request, proxy_config):
     """conftest's, plus upstream "closing" at the `closing_upstream`, when the test uses it."""
-    if "closing_upstream" not in request.fixturenames:
-        return proxy_config
-    port = request.getfixturevalue("closing_upstream").port
-    upstreams = {**proxy_config.upstreams, "closing": IsaacUpstream(url=f"ws://127.0.0.1:{port}/")}
-    return dataclasses.replace(proxy_config, upstreams=upstreams)
+    return with_isaac_upstream(request, proxy_config, "closing_upstream", "closing")
 
 
 @pytest.mark.slow

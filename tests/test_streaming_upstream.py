@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import time
 
@@ -25,11 +24,11 @@ from helpers import (
     text_type,
     wait_session,
     wait_until,
+    with_isaac_upstream,
 )
 
 from vsproxy import render
 from vsproxy.simulate import SimulatedIsaacSim, _SimSocket
-from vsproxy.sources.isaac import IsaacUpstream
 
 WAIT = 10.0  # generous bound for anything that should take well under a second
 
@@ -143,11 +142,7 @@ def slow_sim(io_loop):
 @pytest.fixture
 def proxy_config(request, proxy_config):
     """conftest's, plus upstream "slow" at the `slow_sim` when the test uses it."""
-    if "slow_sim" not in request.fixturenames:
-        return proxy_config
-    port = request.getfixturevalue("slow_sim").port
-    upstreams = {**proxy_config.upstreams, "slow": IsaacUpstream(url=f"ws://127.0.0.1:{port}/")}
-    return dataclasses.replace(proxy_config, upstreams=upstreams)
+    return with_isaac_upstream(request, proxy_config, "slow_sim", "slow")
 
 
 @pytest.mark.config({"streaming": {"linger_seconds": 0}, "reconnect": {"ping_interval_seconds": 0}})
