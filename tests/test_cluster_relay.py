@@ -1133,6 +1133,41 @@ async def test_an_edge_shows_its_origins_upstream_lost_as_one_node_does(make_nod
     assert all(kind == "status" and "Reconnecting" in text for kind, text in statuses[1:-1]), statuses
 
 
+@pytest.mark.gen_test(timeout=90)
+async def test_a_restarted_simulator_is_back_on_every_node_within_a_second_not_after_the_backoff(make_nodes, sim30):
+    """The origin probes its upstream while it waits to retry, as one node does: the simulator
+    restarted after an outage has the viewers of the origin and of its edge back about a second
+    later, not after the rest of a 5-10 s backoff wait. Before, a cluster node never probed
+    (its source had no address) and both viewers waited the backoff out."""
+    extra = {"reconnect": {"initial_delay_seconds": 10, "max_delay_seconds": 10}}  # each wait: 5-10 s
+    origin, edge = await started(make_nodes(2, sim30.port, extra))
+    sid = await create_session(origin)
+    on_origin = await origin.viewer(sid)
+    await real_frame(on_origin, sim30, 15)  # node1 takes the upstream: the origin
+    on_edge = await edge.viewer(sid)
+    await real_frame(on_edge, sim30, 15)
+    assert (await edge.upstream())["source"]["role"] == "edge"
+
+    await sim30.stop()
+    for viewer in (on_edge, on_origin):  # both told, once the origin has found it down
+        while "Reconnecting" not in (text := await asyncio.wait_for(next_text(viewer), 15)):
+            pass
+        assert "or as soon as it answers" in text, text
+    await asyncio.sleep(1.5)
+    restarted = SimulatedIsaacSim(width=320, height=240, fps=30, keep_frames=600)
+    restarted.listen(sim30.port)
+    back = time.monotonic()
+    try:
+        for viewer in (on_origin, on_edge):
+            await statuses_until(viewer, restarted.frames, timeout=15)
+            took = time.monotonic() - back
+            assert took < 3, f"{took:.2f} s from the restart to the simulator's frames"
+        assert (await edge.upstream())["source"]["role"] == "edge"
+        assert (await origin.upstream())["source"]["role"] == "origin"
+    finally:
+        await restarted.stop()
+
+
 async def next_text(conn: tornado.websocket.WebSocketClientConnection) -> str:
     while True:
         message = await conn.read_message()

@@ -351,6 +351,7 @@ class FrameHub:
                 retry.reset()
             # Full jitter keeps many proxies from hammering a restarted simulator in lockstep.
             wait = delay * random.uniform(0.5, 1.0)
+            retry.address = self.source.address  # a cluster node probes only as the origin
             sooner = ", or as soon as it answers" if retry.probes(wait) else ""
             try:
                 self._lost(reason)

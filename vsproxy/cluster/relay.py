@@ -134,12 +134,21 @@ class ClusterSource(Source):
         self._post_problem: str | None = None
         # Another node announced it took this upstream's lease: a search here looks again at once.
         self._origin_news = asyncio.Event()
+        self._ran_origin = False  # the last run connected to the upstream itself (see `address`)
         cluster.sources[inner.name] = self
         cluster.event_handlers.setdefault(ORIGIN_OP, functools.partial(_origin_announced, cluster))
 
     @property
     def underlying(self) -> Source:
         return self.inner
+
+    @property  # type: ignore[override]
+    def address(self) -> tuple[str, int] | None:
+        """Where the hub probes the upstream while it waits to retry: only after a run as its
+        origin (this node connects to it, and lost it). An edge's run ends when its origin's relay
+        does, and its retry looks for an origin; edges never connect to the upstream, so they never
+        probe it either (a simulator would see a connection a second from every node)."""
+        return self.inner.address if self._ran_origin else None
 
     def publisher_present(self) -> bool:
         return self.inner.publisher_present()
@@ -295,6 +304,7 @@ class ClusterSource(Source):
 
     async def run(self, hub: HubLink) -> None:
         self._hub = hub
+        self._ran_origin = False
         try:
             await self._run(hub)
         finally:
@@ -356,6 +366,7 @@ class ClusterSource(Source):
 
     async def _run_origin(self, hub: HubLink) -> None:
         self.role, self.origin = "origin", self.cluster.node_id
+        self._ran_origin = True
         log.info("cluster: this node is the origin of upstream %s", self.name, extra={"upstream": self.name})
         hub.source_format_changed()
         inner = asyncio.ensure_future(self.inner.run(hub))
