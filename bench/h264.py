@@ -3,7 +3,8 @@ encoder's CPU, RTSP passthrough to many viewers, and the time to the first decod
 Chromium. Figures, not tests: everything on 127.0.0.1, bounded in time, children cleaned up.
 
     python bench/h264.py bytes                 # moving camera, smooth scene, demo: bytes/s per viewer, PSNR
-    python bench/h264.py x264-sweep            # libx264 options offline: bytes and PSNR at crf 30 and 31
+    python bench/h264.py x264-sweep            # libx264 options offline: bytes and PSNR at crf 31 and 32
+    python bench/h264.py psnr-ffmpeg --crfs 28,30,31,32  # the same encodes, PSNR by ffmpeg's psnr filter
     python bench/h264.py encoder-cpu           # proxy CPU with and without the encoder running (720p30)
     python bench/h264.py rtsp --viewers 100    # RTSP H.264 passthrough: proxy CPU, fps, frames decoded
     python bench/h264.py rtsp --viewers 400 --pattern recorded --from-arrival  # the fan-out alone
@@ -116,16 +117,19 @@ def luma_plane(frame) -> np.ndarray:  # noqa: ANN001 (a PyAV VideoFrame)
 
 
 def psnr_against_sources(units: list[bytes], sources: list[bytes]) -> tuple[float, float, float, int]:
-    """(median, minimum) PSNR of the decoded pictures' luma, each against the source frame it
-    matches best (the camera loops through distinct frames), in the source's full range; the
-    median again in the stream's limited-range code values with peak 255 (what ffmpeg's psnr
-    filter reports for H.264: 1.3 dB higher for the same pictures); and the number of pictures."""
+    """(median, minimum) luma PSNR of the decoded pictures, each against the source frame it
+    matches best (the camera loops through distinct frames), in the stream's own code values:
+    the source JPEG's full-range luma brought to the limited range H.264 carries (16..235), peak
+    255, as ffmpeg's psnr filter, x264 and VMAF tools measure H.264 (`psnr-ffmpeg` runs ffmpeg's
+    filter itself on the same encodes); then the median with the decoded luma brought to the
+    source's full range instead, which scores the same pictures 1.3 dB lower (20 log10(255/219));
+    and the number of pictures."""
     import av
     jpeg_decoder = av.CodecContext.create("mjpeg", "r")
     refs = [luma_plane(jpeg_decoder.decode(av.Packet(s))[0]) for s in sources]  # full range, as sent
     small = [r[::8, ::8] for r in refs]
     decoder = av.CodecContext.create("h264", "r")
-    full, limited = [], []
+    coded, full = [], []
     pictures = []
     for unit in units:
         try:
@@ -138,19 +142,19 @@ def psnr_against_sources(units: list[bytes], sources: list[bytes]) -> tuple[floa
             continue
         y_full = (y - 16) * (255 / 219)
         best = min(range(len(refs)), key=lambda k: float(np.mean((y_full[::8, ::8] - small[k]) ** 2)))
-        for scores, mse in ((full, np.mean((y_full - refs[best]) ** 2)),
-                            (limited, np.mean((y - (refs[best] * (219 / 255) + 16).round()) ** 2))):
+        for scores, mse in ((coded, np.mean((y - (refs[best] * (219 / 255) + 16).round()) ** 2)),
+                            (full, np.mean((y_full - refs[best]) ** 2))):
             scores.append(99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
-    if not full:
+    if not coded:
         return float("nan"), float("nan"), float("nan"), 0
-    return statistics.median(full), min(full), statistics.median(limited), len(full)
+    return statistics.median(coded), min(coded), statistics.median(full), len(coded)
 
 
 # -- scenarios ---------------------------------------------------------------------------------------
 
 async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
     print("| camera | MJPEG bytes/s | format=h264 bytes/s | h264/MJPEG | stream.mp4 bytes/s | mp4/MJPEG "
-          "| H.264 fps | PSNR median / min (dB) (median in limited-range codes) |")
+          "| H.264 fps | PSNR median / min (dB), as ffmpeg's psnr filter (median in the source's full range) |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for camera_kind in args.cameras.split(","):
         camera = None
@@ -200,8 +204,8 @@ async def bytes_per_viewer(args: argparse.Namespace, tmp: str) -> None:
             in_window = sum(1 for m in messages
                             if window_wall <= int.from_bytes(m[1:9], "big") / 1e6 < window_wall + args.duration)
             fps = f"{in_window / args.duration:.1f}"
-            med, low, med_limited, n = psnr_against_sources(units, sources)
-            quality = f"{med:.1f} / {low:.1f} ({med_limited:.1f}; {n} pictures)"
+            med, low, med_full, n = psnr_against_sources(units, sources)
+            quality = f"{med:.1f} / {low:.1f} ({med_full:.1f}; {n} pictures)"
         print(f"| {camera_kind} | {rates['mjpeg']:,.0f} | {rates['h264']:,.0f} | {rates['h264'] / rates['mjpeg']:.3f} "
               f"| {rates['mp4']:,.0f} | {rates['mp4'] / rates['mjpeg']:.3f} | {fps} | {quality} |", flush=True)
 
@@ -219,20 +223,45 @@ SWEEP_VARIANTS = (
 )
 
 
-async def x264_sweep(args: argparse.Namespace, tmp: str) -> None:
-    """libx264 options against each other on the moving camera, offline (no proxy, no sockets):
-    vsproxy's own encoder set-up (`open_x264`) plus each variant's options, at two crf values;
-    bytes against the source JPEGs' and the luma PSNR, and the ratio at 32.0 dB interpolated
-    between the two (log-linear)."""
+def moving_loop_pictures() -> tuple[list[bytes], list]:
+    """The moving camera's source JPEGs, and each as the YUV picture vsproxy's encoder takes."""
     import av
-    from av.video.frame import PictureType
 
-    from vsproxy.codec.encoder import FULL_RANGE, LIMITED_RANGE, H264Config, open_x264
+    from vsproxy.codec.encoder import FULL_RANGE, LIMITED_RANGE
 
     sources = make_moving_jpegs(60)
     decoder = av.CodecContext.create("mjpeg", "r")
     pictures = [decoder.decode(av.Packet(s))[0].reformat(format="yuv420p", src_color_range=FULL_RANGE,
                                                           dst_color_range=LIMITED_RANGE) for s in sources]
+    return sources, pictures
+
+
+def encode_offline(pictures: list, frames: int, options: dict[str, str]) -> tuple[list[bytes], float]:
+    """`frames` pictures of the loop through vsproxy's own encoder set-up (`open_x264`) with
+    `options` added, a keyframe a second: the access units and the CPU ms per frame."""
+    import av
+    from av.video.frame import PictureType
+
+    from vsproxy.codec.encoder import H264Config, open_x264
+
+    encoder = open_x264(av, H264Config(), (1280, 720), options)
+    units: list[bytes] = []
+    started = time.process_time()
+    for i in range(frames):
+        picture = pictures[i % len(pictures)]
+        picture.pts = i * 33_333
+        picture.pict_type = PictureType.I if i % 30 == 0 else PictureType.NONE
+        units += [bytes(packet) for packet in encoder.encode(picture)]
+    units += [bytes(packet) for packet in encoder.encode(None)]
+    return units, 1000 * (time.process_time() - started) / frames
+
+
+async def x264_sweep(args: argparse.Namespace, tmp: str) -> None:
+    """libx264 options against each other on the moving camera, offline (no proxy, no sockets):
+    vsproxy's own encoder set-up plus each variant's options, at two crf values; bytes against the
+    source JPEGs' and the luma PSNR (as ffmpeg's psnr filter), and the ratio at 32.0 dB
+    interpolated between the two (log-linear)."""
+    sources, pictures = moving_loop_pictures()
     frames = int(args.duration * 30)
     jpeg_bytes = sum(len(sources[i % len(sources)]) for i in range(frames))
     crfs = [float(c) for c in args.crfs.split(",")]
@@ -245,16 +274,7 @@ async def x264_sweep(args: argparse.Namespace, tmp: str) -> None:
         extra = dict(kv.split("=", 1) for kv in variant.split(";") if kv)
         points, cells, encode_ms = [], [], 0.0
         for crf in crfs:
-            encoder = open_x264(av, H264Config(), (1280, 720), {"crf": f"{crf:g}", **extra})
-            units: list[bytes] = []
-            started = time.process_time()
-            for i in range(frames):
-                picture = pictures[i % len(pictures)]
-                picture.pts = i * 33_333
-                picture.pict_type = PictureType.I if i % 30 == 0 else PictureType.NONE
-                units += [bytes(packet) for packet in encoder.encode(picture)]
-            units += [bytes(packet) for packet in encoder.encode(None)]
-            encode_ms = 1000 * (time.process_time() - started) / frames
+            units, encode_ms = encode_offline(pictures, frames, {"crf": f"{crf:g}", **extra})
             ratio = sum(map(len, units)) / jpeg_bytes
             med, low, _, _ = psnr_against_sources(units, sources)
             points.append((med, ratio))
@@ -262,6 +282,41 @@ async def x264_sweep(args: argparse.Namespace, tmp: str) -> None:
         (p0, r0), (p1, r1) = points[0], points[-1]
         at32 = "-" if p0 == p1 else f"{np.exp(np.log(r0) + (32.0 - p0) / (p1 - p0) * (np.log(r1) - np.log(r0))):.3f}"
         print(f"| {variant or '(none)'} | " + " | ".join(cells) + f" | {at32} | {encode_ms:.1f} |", flush=True)
+
+
+async def psnr_ffmpeg(args: argparse.Namespace, tmp: str) -> None:
+    """The bytes target's PSNR measured by ffmpeg's own psnr filter, not by this file: the moving
+    loop through vsproxy's encoder set-up at each crf, written out as raw H.264 beside the
+    source JPEGs as MJPEG, and compared frame by frame (`setpts` pairs the n-th pictures)."""
+    import subprocess
+
+    sources, pictures = moving_loop_pictures()
+    frames = int(args.duration * 30)
+    reference = Path(tmp, "sources.mjpeg")
+    reference.write_bytes(b"".join(sources[i % len(sources)] for i in range(frames)))
+    jpeg_bytes = reference.stat().st_size
+    print(f"{frames} frames of the moving camera (1280x720, 30 fps, a keyframe a second)\n")
+    print("| crf | H.264/MJPEG | ffmpeg psnr: y (mean) | y, worst frame | u / v | average (y, u, v) |")
+    print("|--:|--:|--:|--:|--:|--:|")
+    for crf in args.crfs.split(","):
+        units, _ = encode_offline(pictures, frames, {"crf": crf})
+        stream, stats = Path(tmp, f"crf{crf}.h264"), Path(tmp, f"crf{crf}.psnr")
+        stream.write_bytes(b"".join(units))
+        subprocess.run(["ffmpeg", "-hide_banner", "-nostats", "-loglevel", "error",
+                        "-f", "h264", "-framerate", "30", "-i", str(stream),
+                        "-f", "mjpeg", "-framerate", "30", "-i", str(reference),
+                        "-lavfi", f"[0:v]setpts=N/30/TB[a];[1:v]setpts=N/30/TB[b];[a][b]psnr=stats_file={stats}",
+                        "-f", "null", "-"], check=True, timeout=300)
+        rows = [dict(field.split(":", 1) for field in line.split()) for line in stats.read_text().splitlines()]
+        if len(rows) != frames:
+            raise RuntimeError(f"ffmpeg compared {len(rows)} pictures, not {frames}")
+
+        # As ffmpeg prints it: from the mean squared error over the pictures.
+        mean = {key: 10 * np.log10(255.0 ** 2 / np.mean([float(r[key]) for r in rows]))
+                for key in ("mse_y", "mse_u", "mse_v", "mse_avg")}
+        worst = min(float(r["psnr_y"]) for r in rows)
+        print(f"| {crf} | {len(stream.read_bytes()) / jpeg_bytes:.3f} | {mean['mse_y']:.2f} | {worst:.2f} "
+              f"| {mean['mse_u']:.1f} / {mean['mse_v']:.1f} | {mean['mse_avg']:.2f} |", flush=True)
 
 
 async def encoder_cpu(args: argparse.Namespace, tmp: str) -> None:
@@ -554,9 +609,9 @@ async def _video_tag_run(browser, page_url: str, port: int) -> tuple[float, ...]
         await http_request(port, "DELETE", f"/session/{session}")
 
 
-SCENARIOS = {"bytes": bytes_per_viewer, "x264-sweep": x264_sweep, "encoder-cpu": encoder_cpu,
-             "rtsp": rtsp_passthrough, "rtsp-delay": rtsp_parser_delay, "first-frame": first_frame,
-             "video-tag": video_tag}
+SCENARIOS = {"bytes": bytes_per_viewer, "x264-sweep": x264_sweep, "psnr-ffmpeg": psnr_ffmpeg,
+             "encoder-cpu": encoder_cpu, "rtsp": rtsp_passthrough, "rtsp-delay": rtsp_parser_delay,
+             "first-frame": first_frame, "video-tag": video_tag}
 
 
 def main() -> int:
@@ -573,7 +628,7 @@ def main() -> int:
     p.add_argument("--from-arrival", action="store_true",
                    help="rtsp: latency from each frame's arrival at the proxy (the fan-out alone), not from the "
                         "server's sender-report time")
-    p.add_argument("--crfs", default="30,31", help="x264-sweep: crf values (default 30,31)")
+    p.add_argument("--crfs", default="31,32", help="x264-sweep, psnr-ffmpeg: crf values (default 31,32)")
     p.add_argument("--variants", default="", help='x264-sweep: "|"-separated variants of ";"-separated libx264 '
                    'options, e.g. "x264-params=aq-mode=2|threads=1" (default: a built-in list)')
     p.add_argument("--runs", type=int, default=10,

@@ -47,7 +47,7 @@ MAX_DECODE_PIXELS = 8192 * 8192
 class H264Config:
     """The shared encoder of JPEG upstreams (top-level `h264:`, per upstream `upstreams.<name>.h264`)."""
 
-    crf: int = setting(28, min=0, max=51, doc="constant quality when bitrate_kbps is 0 (lower: better, "
+    crf: int = setting(31, min=0, max=51, doc="constant quality when bitrate_kbps is 0 (lower: better, "
                                               "more bytes)")
     bitrate_kbps: int = setting(0, min=0, max=200_000, doc="target bitrate instead of constant quality; 0: "
                                                            "use crf")
