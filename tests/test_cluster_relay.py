@@ -1168,6 +1168,82 @@ async def test_a_restarted_simulator_is_back_on_every_node_within_a_second_not_a
         await restarted.stop()
 
 
+def lease_holder(redis) -> bytes:  # noqa: ANN001 - the redis_server fixture
+    """The isaac upstream's lease as Redis answers a GET, in RESP: the holder's node ID, or $-1 (none)."""
+    return redis.command("GET", "vsproxy:lease:isaac")
+
+
+async def told_reconnecting(viewer: tornado.websocket.WebSocketClientConnection) -> str:
+    while "Reconnecting" not in (text := await asyncio.wait_for(next_text(viewer), 15)):
+        pass
+    return text
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_the_origin_stays_the_origin_through_its_upstreams_outage(make_nodes, sim30, redis_server):  # noqa: F811
+    """While the simulator is down the origin keeps the lease between its attempts: it shows role
+    origin throughout, a node whose first viewer comes during the outage relays from it instead
+    of taking the lease and trying the simulator too, and once the simulator is back it has one
+    client, the origin, and every viewer its frames. Before, the origin gave the lease back after
+    each failed attempt and showed role idle while it waited; a node starting meanwhile took the
+    lease, and the origin became its edge."""
+    extra = {"reconnect": {"initial_delay_seconds": 3, "max_delay_seconds": 3}}  # each wait: 1.5 to 3 s
+    origin, edge, third = await started(make_nodes(3, sim30.port, extra))
+    sid = await create_session(origin)
+    on_origin = await origin.viewer(sid)
+    await real_frame(on_origin, sim30, 15)
+    on_edge = await edge.viewer(sid)
+    await real_frame(on_edge, sim30, 15)
+
+    await sim30.stop()
+    await told_reconnecting(on_origin)
+    deadline = time.monotonic() + 5  # two waits or more, and the attempts between them
+    while time.monotonic() < deadline:
+        assert (await origin.upstream())["source"]["role"] == "origin"
+        assert lease_holder(redis_server) == b"$5\r\nnode1\r\n"
+        await asyncio.sleep(0.1)
+    on_third = await tornado.websocket.websocket_connect(f"ws://127.0.0.1:{third.port}/stream/{sid}?format=binary")
+    third.viewers.append(on_third)
+    await told_reconnecting(on_third)  # the origin's status, relayed
+    status = (await third.upstream())["source"]
+    assert (status["role"], status["origin"]) == ("edge", "node1"), status
+
+    restarted = SimulatedIsaacSim(width=320, height=240, fps=30, keep_frames=600)
+    restarted.listen(sim30.port)
+    try:
+        for viewer in (on_origin, on_edge, on_third):
+            await statuses_until(viewer, restarted.frames, timeout=15)
+        assert restarted.connections_total == 1 and len(restarted.clients) == 1
+        assert [(await node.upstream())["source"]["role"] for node in (origin, edge, third)] == \
+            ["origin", "edge", "edge"]
+    finally:
+        await restarted.stop()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_origin_whose_viewers_leave_during_the_outage_gives_the_lease_back(make_nodes, sim30,
+                                                                                    redis_server):  # noqa: F811
+    """The origin keeps the lease while it waits to retry, but not once its hub stops (its last
+    viewer left, linger 1 s): the lease goes back at once, not renewed on, nor left to expire."""
+    extra = {"reconnect": {"initial_delay_seconds": 3, "max_delay_seconds": 3}}
+    (origin,) = await started(make_nodes(1, sim30.port, extra))
+    viewer = await origin.viewer(await create_session(origin))
+    await real_frame(viewer, sim30, 15)
+    await sim30.stop()
+    await told_reconnecting(viewer)
+    assert lease_holder(redis_server) == b"$5\r\nnode1\r\n"
+    viewer.close()
+    left = time.monotonic()
+    while lease_holder(redis_server) != b"$-1\r\n":
+        # Linger (1 s), then given back; left to expire it would last 3 s beyond the last renewal.
+        assert time.monotonic() - left < 2.5, "the lease is still held"
+        await asyncio.sleep(0.05)
+    status = (await origin.upstream())["source"]
+    assert (status["role"], status["origin"]) == ("idle", None), status
+    await asyncio.sleep(1.5)  # and no heartbeat takes it again
+    assert lease_holder(redis_server) == b"$-1\r\n"
+
+
 async def next_text(conn: tornado.websocket.WebSocketClientConnection) -> str:
     while True:
         message = await conn.read_message()

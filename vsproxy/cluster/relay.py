@@ -134,7 +134,10 @@ class ClusterSource(Source):
         self._post_problem: str | None = None
         # Another node announced it took this upstream's lease: a search here looks again at once.
         self._origin_news = asyncio.Event()
-        self._ran_origin = False  # the last run connected to the upstream itself (see `address`)
+        # The origin's upstream failed and the hub waits to retry it: this node keeps the lease (the
+        # heartbeat's `renew` keeps it) and stays the origin between runs, see `_run_origin`.
+        self._waiting_as_origin = False
+        self._release: asyncio.Task | None = None  # giving the lease back after such a wait (`stopped`)
         cluster.sources[inner.name] = self
         cluster.event_handlers.setdefault(ORIGIN_OP, functools.partial(_origin_announced, cluster))
 
@@ -144,11 +147,11 @@ class ClusterSource(Source):
 
     @property  # type: ignore[override]
     def address(self) -> tuple[str, int] | None:
-        """Where the hub probes the upstream while it waits to retry: only after a run as its
-        origin (this node connects to it, and lost it). An edge's run ends when its origin's relay
-        does, and its retry looks for an origin; edges never connect to the upstream, so they never
-        probe it either (a simulator would see a connection a second from every node)."""
-        return self.inner.address if self._ran_origin else None
+        """Where the hub probes the upstream while it waits to retry: only as its origin (this node
+        connects to it, and lost it). An edge's run ends when its origin's relay does, and its retry
+        looks for an origin; edges never connect to the upstream, so they never probe it either (a
+        simulator would see a connection a second from every node)."""
+        return self.inner.address if self._waiting_as_origin else None
 
     def publisher_present(self) -> bool:
         return self.inner.publisher_present()
@@ -275,10 +278,17 @@ class ClusterSource(Source):
                     await self.cluster.release(self.name)
                 return
             if self.role == "origin" or self._publisher_lease:
-                if not await self.cluster.claim(self.name) and self._publisher_lease and self.role != "origin":
+                claimed = await self.cluster.claim(self.name)
+                if not claimed and self._publisher_lease and self.role != "origin":
                     # Another node took it (this one was cut off from Redis): its publisher is the one.
                     self._close_relays(PUBLISHED_ELSEWHERE)
                     self._drop_publisher(PUBLISHED_ELSEWHERE)
+                elif not claimed and self._waiting_as_origin:
+                    # Taken over while this node waited to retry (it was cut off from Redis): the
+                    # next run looks for the new origin; the edges here look for it now.
+                    self._waiting_as_origin = False
+                    self.role, self.origin = "idle", None
+                    self._close_relays("another node is the origin of this upstream now")
 
     def _drop_publisher(self, reason: str) -> None:
         """This node no longer holds the lease for its push publisher: disconnect it (it may
@@ -304,19 +314,23 @@ class ClusterSource(Source):
 
     async def run(self, hub: HubLink) -> None:
         self._hub = hub
-        self._ran_origin = False
+        resuming, self._waiting_as_origin = self._waiting_as_origin, False
         try:
-            await self._run(hub)
+            await self._run(hub, resuming)
         finally:
-            self.role, self.origin = "idle", None
+            if not self._waiting_as_origin:
+                self.role, self.origin = "idle", None
 
-    async def _run(self, hub: HubLink) -> None:
+    async def _run(self, hub: HubLink, resuming: bool = False) -> None:
+        """`resuming`: this node kept the lease as the origin while the hub waited to retry its
+        upstream (it is the origin still, unless another node took the lease meanwhile)."""
         deadline = time.monotonic() + FIND_ORIGIN_SECONDS
         last_problem = "no origin found"
         while True:
             if self.cluster.draining:
                 raise ConnectionError("node shutting down")
-            self.role = "searching"
+            if not resuming:
+                self.role = "searching"
             holder = url = None
             self._origin_news.clear()  # before looking: news that comes while Redis answers counts
             async with self._lease_lock:
@@ -340,8 +354,9 @@ class ClusterSource(Source):
                     self._drop_publisher(PUBLISHED_ELSEWHERE)
             if claimed:
                 # Its failures are the upstream's (connection refused, closed), not Redis's.
-                await self._run_origin(hub)
+                await self._run_origin(hub, resuming)
                 return
+            resuming, self.role = False, "searching"
             if holder and url:
                 try:
                     conn = await self._connect(url)
@@ -364,17 +379,20 @@ class ClusterSource(Source):
 
     # -- origin ------------------------------------------------------------------------------------
 
-    async def _run_origin(self, hub: HubLink) -> None:
+    async def _run_origin(self, hub: HubLink, resuming: bool = False) -> None:
+        if not resuming:
+            log.info("cluster: this node is the origin of upstream %s", self.name, extra={"upstream": self.name})
         self.role, self.origin = "origin", self.cluster.node_id
-        self._ran_origin = True
-        log.info("cluster: this node is the origin of upstream %s", self.name, extra={"upstream": self.name})
         hub.source_format_changed()
         inner = asyncio.ensure_future(self.inner.run(hub))
         keeper = asyncio.ensure_future(self._keep_lease())
+        upstream_ended = False
         try:
-            await self._announce_origin()  # here: cancelled meanwhile, the lease is still given back
+            if not resuming:  # the others know (a node looking for the origin since has found it)
+                await self._announce_origin()  # here: cancelled meanwhile, the lease is still given back
             done, _ = await asyncio.wait({inner, keeper}, return_when=asyncio.FIRST_COMPLETED)
             if inner in done:
+                upstream_ended = True
                 inner.result()  # its return or its error, as a plain source's
                 return
             raise ConnectionError(keeper.result())
@@ -384,10 +402,18 @@ class ClusterSource(Source):
             # The lock may be held by a Redis call that is slow to answer, and the hub cancels this
             # task again meanwhile: the tasks are cancelled whatever becomes of the release (else
             # the keeper would renew the lease for ever, with no hub).
+            # An upstream that failed or closed (the hub retries it) keeps its lease and origin
+            # meanwhile: its edges stay with this node, a node whose first viewer comes during the
+            # outage relays from it rather than connecting to the upstream too, and this node
+            # probes the upstream (`address`) and reconnects it as soon as it is back. The
+            # heartbeat renews the lease until the next run, and `stopped` gives it back if the
+            # hub stops instead. Not a push upstream's (its lease goes with its publisher).
             try:
                 async with self._lease_lock:
                     keeper.cancel()  # no renewal after this (it waits for the lock, or sleeps)
-                    if not self.inner.publisher_present():
+                    if upstream_ended and not self.inner.origin_where_published and not self.cluster.draining:
+                        self._waiting_as_origin = True
+                    elif not self.inner.publisher_present():
                         self._publisher_lease = False
                         if await self._give_back_lease():
                             log.info("cluster: released the lease of upstream %s", self.name,
@@ -421,6 +447,8 @@ class ClusterSource(Source):
         """Drain: stop being the origin now (the hub's run ends, the lease is released)."""
         if self.role == "origin" and self._hub is not None:
             await self._hub.stop()
+        if self._release is not None:  # the hub stopped while it waited to retry, as the origin
+            await asyncio.wait([self._release])
         async with self._lease_lock:
             if self._publisher_lease:  # a push upstream's publisher: it goes on at another node, at once
                 self._drop_publisher("node shutting down; publish to another node")
@@ -556,7 +584,17 @@ class ClusterSource(Source):
         return holder is not None and holder != self.cluster.node_id
 
     def stopped(self) -> None:
+        if self._waiting_as_origin:  # the hub stopped while it waited to retry: the lease goes back
+            self._waiting_as_origin = False
+            self.role, self.origin = "idle", None
+            self._release = asyncio.ensure_future(self._release_after_wait())
         self.inner.stopped()
+
+    async def _release_after_wait(self) -> None:
+        async with self._lease_lock:
+            # Unless the hub started again meanwhile (its run takes the lease: role searching, origin).
+            if self.role == "idle" and not self._publisher_lease and await self._give_back_lease():
+                log.info("cluster: released the lease of upstream %s", self.name, extra={"upstream": self.name})
 
     def close(self) -> None:
         self.inner.close()
