@@ -254,6 +254,21 @@ async def test_without_its_token_nobody_learns_whether_a_session_exists(api, pro
 
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.config(VIEWER_AUTH)
+async def test_a_second_query_string_after_the_token_is_refused_with_a_hint(api, http_port):
+    """`wsUrl + "?format=binary"` where wsUrl already carries ?token=: the token the server reads
+    is "<token>?format=binary". It is refused (403), with a message that says what went wrong
+    rather than calling a valid token invalid; the same URL joined with '&' works."""
+    body = await create(api)
+    session_id, token = body["sessionId"], body["viewerToken"]
+    response, _ = await ws_handshake(http_port, f"/stream/{session_id}?token={token}?format=binary")
+    assert response.status == 403, (response.status, response.body[:300])
+    assert "join the URL's parameters with '&'" in response.json()["error"], response.json()
+    response, _ = await ws_handshake(http_port, f"/stream/{session_id}?token={token}&format=binary")
+    assert response.status == 101, (response.status, response.body[:300])
+
+
+@pytest.mark.gen_test(timeout=30)
+@pytest.mark.config(VIEWER_AUTH)
 @pytest.mark.parametrize("token", ["\u00b2.abc", "\u00b9\u00b2\u00b3.AAAA", "\u0663.x", "\uff11\uff12.x",
                                    "1" * 13 + ".x", "-1.x", "+1.x", " 1.x", "1_000.x"],
                          ids=["superscript", "superscripts", "arabic-indic", "fullwidth", "13 digits", "negative",

@@ -78,9 +78,18 @@ async def snippet_page(marker: str, http_port: int, ready: str, screenshot: str)
             yield page
 
 
-@pytest.mark.config({"h264": {"preset": "ultrafast"}})
+FAST_H264 = {"h264": {"preset": "ultrafast"}}
+VIEWER_TOKENS = {"auth": {"viewer_tokens": {"enabled": True, "secret": "s" * 32}}}
+
+
+@pytest.mark.parametrize("tokens", [
+    pytest.param(False, marks=pytest.mark.config(FAST_H264), id="open"),
+    # wsUrl then carries ?token=: the snippet must add format=h264 to it, not a second '?'.
+    pytest.param(True, marks=pytest.mark.config({**FAST_H264, **VIEWER_TOKENS}), id="viewer-tokens"),
+])
 @pytest.mark.gen_test(timeout=60)
-async def test_the_readme_webcodecs_snippet_decodes_h264(proxy, http_server, http_port):
+async def test_the_readme_webcodecs_snippet_decodes_h264(proxy, http_server, http_port, tokens):
+    assert (proxy.access.viewer_tokens is not None) == tokens
     async with snippet_page("new VideoDecoder", http_port, "window.drawn >= 30", "readme-webcodecs.png") as page:
         started, before = time.monotonic(), await page.evaluate("window.drawn")
         await wait_page(page, f"window.drawn >= {before + 40}", timeout=10)

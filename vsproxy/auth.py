@@ -272,4 +272,9 @@ class Access:
         except InvalidToken as exc:
             if str(exc) == "missing":
                 raise AccessDenied("Viewer token required", challenge='Bearer realm="vsproxy viewer"') from None
-            raise AccessDenied(f"Viewer token {'expired' if exc.expired else 'invalid'}", status=403) from None
+            if exc.expired:
+                raise AccessDenied("Viewer token expired", status=403) from None
+            if token and "?" in token:  # `wsUrl + "?format=binary"`: wsUrl already has ?token=
+                raise AccessDenied("Viewer token invalid: it has a '?' in it; join the URL's parameters with '&' "
+                                   "(?token=...&format=binary)", status=403) from None
+            raise AccessDenied("Viewer token invalid", status=403) from None
