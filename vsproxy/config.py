@@ -584,8 +584,10 @@ def _cross_checks(config: Config) -> None:
             raise ConfigError("server.allowed_hosts",
                               f'expected host names or addresses without scheme or port, or "*", got {host!r}')
     for origin in config.cors.allowed_origins:
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}')
+        problem = origin_problem(origin)
+        if problem:
+            raise ConfigError("cors.allowed_origins", f'expected origins like http://host:port or "*", got {origin!r}'
+                                                      f" ({problem})")
 
 
 # What may stand inside a quoted parameter of the WHEP `Link` header announcing an ICE server
@@ -693,6 +695,29 @@ def _valid_url_host(host: str) -> bool:
     except UnicodeError:
         return False
     return len(ascii_host.rstrip(".")) <= 253 and valid_allowed_host(ascii_host) and ascii_host != "*"
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why `origin` (a cors.allowed_origins entry) could never equal the Origin a browser sends
+    (scheme://host[:port], lower case, no default port, nothing after it), or None if it can."""
+    if origin == "*":
+        return None
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in ("http", "https"):
+        return "no http:// or https://"
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        return "no host, or a user name"
+    if parts.path or parts.query or parts.fragment or origin.endswith(("?", "#")):
+        return "a path, even a trailing '/', never matches: browsers send scheme://host[:port] only"
+    if port == {"http": 80, "https": 443}[parts.scheme]:
+        return f"browsers leave the default port {port} out"
+    if origin != origin.lower():
+        return "browsers send it in lower case"
+    return None
 
 
 def valid_allowed_host(host: str) -> bool:
