@@ -276,6 +276,19 @@ def test_bad_config_file_is_a_config_error_naming_the_key(tmp_path, yaml_text, e
     assert "\n" not in message
 
 
+def test_a_number_out_of_range_is_shown_as_written_but_a_secret_never(tmp_path):
+    """auth.viewer_tokens.ttl_seconds: 5 said "got a value of type float" (its key is under
+    viewer_tokens, whose secret is hidden, and the check had turned 5 into 5.0); the number is no
+    secret. The secret itself stays hidden whatever its type."""
+    secret = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, f"auth:\n  viewer_tokens: {{enabled: true, secret: '{secret}', ttl_seconds: 5}}\n")
+    assert str(info.value).endswith("auth.viewer_tokens.ttl_seconds: expected a number from 10 to 2592000, got 5")
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "auth:\n  viewer_tokens: {enabled: true, secret: 123456789012345678901234567890123}\n")
+    assert "123456789" not in str(info.value) and "auth.viewer_tokens.secret" in str(info.value)
+
+
 def test_a_header_from_a_yaml_block_scalar_is_refused_without_showing_it(tmp_path):
     """`|` keeps the final line break, which Tornado refuses on every connection attempt (and its
     error quoted the header, token and all, into lastError)."""

@@ -426,8 +426,15 @@ def _is_item(item: Any, keys: tuple[str, ...]) -> bool:
 
 
 def _check_value(key: str, value: Any, ftype: type, meta: Mapping) -> Any:
+    given = value  # as written (a number's bounds are checked on its float)
+    # Shown unless it may be a secret: a value under a key that names one, except a number or
+    # true/false for a key that holds one (auth.viewer_tokens.ttl_seconds, not .secret).
+    hidden = bool(_SECRET_KEYS.search(key)) and not (
+        ftype in (bool, int, float) and isinstance(given, (bool, int, float))
+        and not _SECRET_KEYS.search(key.rsplit(".", 1)[-1]))
+
     def bad() -> ConfigError:
-        shown = f"a value of type {type(value).__name__}" if _SECRET_KEYS.search(key) else repr(value)
+        shown = f"a value of type {type(given).__name__}" if hidden else repr(given)
         return ConfigError(key, f"expected {_expected(ftype, meta)}, got {shown}")
 
     if ftype is bool:
