@@ -124,6 +124,19 @@ async def test_cors_preflight_needs_no_token(api, path):
 
 @pytest.mark.gen_test(timeout=20)
 @pytest.mark.config(API_AUTH)
+async def test_an_api_token_sent_without_its_bearer_scheme_is_told_so(api):
+    """`Authorization: <token>` was answered "Missing API token", though a header was sent."""
+    token = API_AUTH["auth"]["api_tokens"][0]
+    status, body, _ = await api.call("GET", "/sessions", headers={"Authorization": token})
+    assert_json_error(status, body, 401)
+    assert body["error"].startswith("API token expected as Authorization: Bearer <token>"), body
+    assert token not in body["error"]
+    status, body, _ = await api.call("GET", "/sessions", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200, body
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.config(API_AUTH)
 async def test_refusals_still_carry_cors_headers_for_allowed_origins(api):
     """A browser frontend must be able to read the 401 to tell the user why."""
     status, body, response = await api.call("GET", "/sessions", headers={"Origin": FRONTEND})

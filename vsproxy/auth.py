@@ -244,6 +244,9 @@ class Access:
     @staticmethod
     def _bearer(authorization: str | None, accepted: list[str], what: str) -> None:
         token = bearer_token(authorization)
+        if token is None and authorization:  # e.g. the bare token, without its scheme
+            raise AccessDenied(f"{what[0].upper()}{what[1:]} expected as Authorization: Bearer <token>; the "
+                               "Authorization header sent has another form", challenge='Bearer realm="vsproxy"')
         if token is None:
             raise AccessDenied(f"Missing {what} (Authorization: Bearer <token>)", challenge='Bearer realm="vsproxy"')
         if not token_matches(token, accepted):
