@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -443,3 +444,34 @@ async def test_simulate_serves_jpeg_frames_over_websocket(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=EXIT_TIMEOUT)
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--fps", "0", "expected 0.1 to 120, got 0"),  # accepted before, and then no frame was ever sent
+    ("--fps", "nan", "expected 0.1 to 120, got nan"),
+    ("--port", "70000", "expected 0 to 65535, got 70000"),
+    ("--width", "5", "expected 16 to 7680, got 5"),
+    ("--height", "tall", "expected an integer, got 'tall'"),
+])
+def test_simulate_refuses_flags_out_of_range_with_a_usage_error(flag, value, expected):
+    result = subprocess.run([sys.executable, "-m", "vsproxy", "simulate", flag, value], env=clean_env(),
+                            capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+    assert result.returncode == 2, result
+    assert f"argument {flag}: {expected}" in result.stderr, result.stderr
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_simulate_on_port_0_logs_the_port_it_listens_on(tmp_path):
+    """It logged "ws://127.0.0.1:0/" before, leaving the port it took unknown."""
+    process = subprocess.Popen([sys.executable, "-m", "vsproxy", "simulate", "--port", "0", "--width", "320",
+                                "--height", "240"], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.get_running_loop().run_in_executor(None, process.stderr.readline)
+        found = re.search(r"on ws://127\.0\.0\.1:(\d+)/", line)
+        assert found and found[1] != "0", line
+        assert (await first_binary_message(int(found[1]))).startswith(b"\xff\xd8")
+    finally:
+        process.kill()
+        process.wait(timeout=EXIT_TIMEOUT)
+        process.stderr.close()

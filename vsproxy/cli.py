@@ -5,19 +5,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .config import ConfigError, load_config
 from .logs import configure_logging
+from .schema import number_text
+from .sources.demo import DemoConfig
 
 log = logging.getLogger("vsproxy")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEMO_FIELDS = {f.name: f for f in dataclasses.fields(DemoConfig)}
+
+
+def _in_range(kind: type, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a `kind` (int or float) from `low` to `high`, else the usage error."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (low <= value <= high) or value != value:  # NaN is in no range
+            raise argparse.ArgumentTypeError(f"expected {number_text(low)} to {number_text(high)}, got {text}")
+        return value
+    return parse
 
 
 def _serving_flags(parser: argparse.ArgumentParser, default: object = None) -> None:
@@ -58,10 +77,15 @@ def _parser() -> argparse.ArgumentParser:
                     "isaac upstream (url ws://HOST:PORT/).",
         epilog="Example: vsproxy simulate --port 8211 & ISAAC_SIM_IP=127.0.0.1 vsproxy")
     sim.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    sim.add_argument("--port", type=int, default=8211, help="port to listen on (default 8211)")
-    sim.add_argument("--width", type=int, default=1280, help="frame width in pixels (default 1280)")
-    sim.add_argument("--height", type=int, default=720, help="frame height in pixels (default 720)")
-    sim.add_argument("--fps", type=float, default=30.0, help="frames per second sent to each client (default 30)")
+    sim.add_argument("--port", type=_in_range(int, 0, 65535), default=8211,
+                     help="port to listen on, 0 for a free one, which the log names (default 8211)")
+    # The picture's bounds are the demo source's (the same test pattern).
+    for name, kind, unit in (("width", int, "frame width in pixels"), ("height", int, "frame height in pixels"),
+                             ("fps", float, "frames per second sent to each client")):
+        meta = DEMO_FIELDS[name].metadata
+        sim.add_argument(f"--{name}", type=_in_range(kind, meta["min"], meta["max"]), default=DEMO_FIELDS[name].default,
+                         help=f"{unit}, {number_text(meta['min'])} to {number_text(meta['max'])} "
+                              f"(default {number_text(DEMO_FIELDS[name].default)})")
     sim.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="log level (default info)")
     return parser
 

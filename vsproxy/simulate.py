@@ -15,6 +15,7 @@ from typing import Any
 import tornado.web
 import tornado.websocket
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from .render import TestPattern
 
@@ -54,6 +55,7 @@ class SimulatedIsaacSim:
         self.received: deque[str | bytes] = deque(maxlen=1000)
         self.frames: deque[bytes] = deque(maxlen=keep_frames or 1)
         self.frames_sent = 0
+        self.port = 0  # where it listens, once it does
         self._server: HTTPServer | None = None
         self._task: asyncio.Task | None = None
         self._pattern: TestPattern | None = None
@@ -62,9 +64,13 @@ class SimulatedIsaacSim:
         return tornado.web.Application([(r"/.*", _SimSocket, {"sim": self})], websocket_ping_interval=10)
 
     def listen(self, port: int, address: str = "127.0.0.1") -> HTTPServer:
-        self._server = self.make_app().listen(port, address=address)
+        """Serve on `port` (0: a free one); `self.port` is the port it listens on."""
+        sockets = bind_sockets(port, address=address)
+        self._server = HTTPServer(self.make_app())
+        self._server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
         log.info("simulated Isaac Sim streaming %dx%d at %g fps on ws://%s:%d/",
-                 self.width, self.height, self.fps, address or "0.0.0.0", port)
+                 self.width, self.height, self.fps, address or "0.0.0.0", self.port)
         return self._server
 
     async def stop(self) -> None:
