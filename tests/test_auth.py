@@ -153,12 +153,14 @@ async def test_refusals_still_carry_cors_headers_for_allowed_origins(api):
 async def test_create_returns_a_viewer_token_carried_by_the_stream_urls(api, http_port, proxy):
     body = await create(api)
     session_id, token = body["sessionId"], body["viewerToken"]
-    assert set(body) == {"success", "sessionId", "wsUrl", "httpStreamUrl", "message", "viewerToken"}
+    assert set(body) == {"success", "sessionId", "wsUrl", "httpStreamUrl", "message", "viewerToken", "expiresAt"}
     assert re.fullmatch(r"\d{1,12}\.[A-Za-z0-9_-]{43}", token), token
     assert body["wsUrl"] == f"ws://127.0.0.1:{http_port}/stream/{session_id}?token={token}"
     assert body["httpStreamUrl"] == f"http://127.0.0.1:{http_port}/stream/{session_id}/mjpeg?token={token}"
     expiry = int(token.split(".")[0])
     assert abs(expiry - (time.time() + 3600)) < 60  # the default ttl_seconds
+    # When to renew it, as POST /session/{id}/token tells (the README's refresh snippet uses it).
+    assert body["expiresAt"] == time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(expiry)), body["expiresAt"]
     proxy.access.viewer_tokens.verify(token, session_id)  # valid for this session, now
 
 

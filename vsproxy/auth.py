@@ -263,7 +263,12 @@ class Access:
         if self.viewer_tokens is None:
             raise ViewerTokensOff("Viewer tokens are off (auth.viewer_tokens.enabled): no token is needed")
         token = self.viewer_tokens.issue(session_id, control=control)
-        return token, self.viewer_tokens.verify(token, session_id).expires or 0.0
+        return token, self.viewer_token_expiry(token, session_id)
+
+    def viewer_token_expiry(self, token: str, session_id: str) -> float:
+        """When a token this node just issued expires (epoch seconds)."""
+        assert self.viewer_tokens is not None
+        return self.viewer_tokens.verify(token, session_id).expires or 0.0
 
     def require_viewer(self, session_id: str, token: str | None, authorization: str | None) -> ViewerGrant:
         """With viewer tokens on, a stream needs its session's token (?token= or Bearer); returns

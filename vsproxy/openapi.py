@@ -121,6 +121,9 @@ SCHEMAS: dict[str, Any] = {
         "viewerToken": {"type": "string", "pattern": VIEWER_TOKEN_PATTERN,
                         "description": "Only with auth.viewer_tokens.enabled: the stream, snapshot and embed "
                                        "endpoints need it as ?token= (wsUrl and httpStreamUrl carry it)."},
+        "expiresAt": {"type": "string", "pattern": ISO_UTC_PATTERN,
+                      "description": "Only with viewerToken: when it expires (viewers using it are closed "
+                                     "then); POST /session/{id}/token before, for a fresh one."},
     }, ["success", "sessionId", "wsUrl", "httpStreamUrl", "message"]),
     "Session": _object({
         "id": {"type": "string", "pattern": SESSION_ID_PATTERN},

@@ -33,6 +33,7 @@ class SessionCreateHandler(JsonHandler):
         }
         if token:
             reply["viewerToken"] = token  # the stream and embed URLs need it as ?token=
+            reply["expiresAt"] = iso_utc(self.access.viewer_token_expiry(token, session.id))  # renew before
         self.send_json(reply)
 
 
