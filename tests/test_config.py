@@ -216,6 +216,11 @@ def test_dotenv_line_without_equals_is_an_error_naming_file_and_line(tmp_path):
 
 BAD_YAML = [
     pytest.param("sever:\n  port: 1\n", ["sever", "unknown key"], id="unknown-top-level-key"),
+    # YAML itself keeps the last of two; the first was lost without a word.
+    pytest.param("server:\n  port: 8890\n  port: 8891\n", ["config.yaml:3", "'port' is set twice, first on line 2"],
+                 id="key-set-twice"),
+    pytest.param("server: {port: 8890}\nlimits: {}\nserver: {host: 0.0.0.0}\n", ["config.yaml:3", "'server'"],
+                 id="section-set-twice"),
     pytest.param("server:\n  prot: 1\n", ["server.prot", "unknown key"], id="unknown-nested-key"),
     pytest.param("server:\n  port: '8889'\n", ["server.port", "integer"], id="string-for-port"),
     pytest.param("server:\n  port: 88.5\n", ["server.port", "integer"], id="float-for-port"),

@@ -378,6 +378,26 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last,
+    so a setting written twice silently lost its first value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_at: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, then keys that override them
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first_at.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class says what is wrong with it
+                continue
+            if line != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is set twice, first on line {line + 1}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def _coerce_text(value: str, expected: type) -> Any:
     """Values from the environment and CLI arrive as text; YAML rules turn them into numbers/bools."""
     if expected is str:
@@ -764,7 +784,7 @@ def load_config(
             raise ConfigError("--config", f"config file {str(file)!r} does not exist")
         text = read_text(file)
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{file}:{mark.line + 1}" if mark else str(file)
