@@ -9,11 +9,14 @@ thread join) runs in an executor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,6 +163,25 @@ def lost_message(text: dict) -> bool:
     return text["type"] == "error" and "lost" in text["message"] and "publisher disconnected" in text["message"]
 
 
+def readme_block(path: str, after: str, replacements: dict[str, str]) -> str:
+    """The first ```python block after `after` in a README of the repository, with `replacements`
+    made (each must be there: a test of a snippet notices when the snippet changes)."""
+    text = (Path(__file__).resolve().parent.parent / path).read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    code = text[start:text.index("```", start)]
+    for old, new in replacements.items():
+        assert old in code, (path, old, code)
+        code = code.replace(old, new)
+    return code
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on: a proxy that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def jpeg_of_size(size: int) -> bytes:
     """A byte string that passes the SOI/EOI check, of exactly `size` bytes."""
     return b"\xff\xd8" + b"\x00" * (size - 4) + b"\xff\xd9"
@@ -247,6 +269,9 @@ async def test_async_publisher_on_the_callers_loop(api, ws_connect, ingest_url, 
         relayed = {"type": "viewer", "data": '{"type": "command", "action": "reset"}'}  # never mistaken
         await wait_until(lambda: relayed in [json.loads(m) for m in messages], "the viewer's message")
         assert any(json.loads(m).get("active") is True for m in messages)
+        pub.publish(frames[5])  # the last thing in the block: leaving it sends it
+    assert pub.frames_sent == 6 and pub.frames_dropped == 0
+    await wait_until(lambda: viewer.known(frames) == frames[:6], "the block's last frame at the viewer")
     await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
 
 
@@ -283,6 +308,64 @@ async def test_publisher_keeps_only_the_newest_frame_while_down_and_reconnects(
     pub.publish(frames[0])
     await wait_until(lambda: viewer.known(frames) == [frames[-1], frames[0]], "a frame after the reconnect")
     assert hub.connects == 3  # the blocker, the library, the library again
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_readme_snippets_deliver_their_frames_when_the_with_block_ends(
+        api, ws_connect, http_port, hub, frames):
+    """The README's and examples/README's snippets, as written: leaving the `with` block connects
+    and sends what was published (it used to drop it: frames_sent 0, the snapshot 503)."""
+    import numpy
+    viewer = await open_viewer(api, ws_connect)
+    session = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    address = {"127.0.0.1:8889": f"127.0.0.1:{http_port}"}
+    rgb_array = numpy.zeros((48, 64, 3), dtype=numpy.uint8)
+    snippets = [
+        readme_block("README.md", "Publishing from a script:",
+                     {**address, '"<the upstream\'s publish token>"': repr(TOKEN)}),
+        readme_block("examples/README.md", "## The publisher library", address),  # publish, then publish_rgb
+    ]
+    for code in snippets:
+        names: dict[str, Any] = {"jpeg_bytes": frames[3], "token": TOKEN, "rgb_array": rgb_array}
+        started = time.monotonic()
+        await loop.run_in_executor(None, exec, code, names)  # blocking: the proxy runs on this loop
+        took = time.monotonic() - started
+        pub = names["pub"]
+        assert pub.frames_sent >= 1 and pub.frames_sent + pub.frames_dropped == pub.frames_published
+        assert pub.pending == 0 and not pub.connected and took < 5, took
+        code, _, _ = await api.call("GET", f"/stream/{session}/snapshot.jpg")
+        assert code == 200  # a frame came (the publisher has left: the offline picture, as after any)
+    # The viewer got the README's frame byte for byte, and the newest of the second snippet (the array).
+    await wait_until(lambda: viewer.known(frames[3:4]) == frames[3:4], "the README's frame at the viewer")
+    await wait_until(lambda: any(render.jpeg_size(f) == (64, 48) for f in viewer.frames), "the array at the viewer")
+    assert hub.connects == 2
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_closing_gives_up_on_an_unreachable_proxy_in_its_timeout_and_says_so(frames, caplog):
+    loop = asyncio.get_running_loop()
+    pub = Publisher(f"ws://127.0.0.1:{refused_port()}/ingest/replicator", TOKEN,
+                    initial_backoff=0.05, max_backoff=0.2)
+    pub.publish(frames[0])
+    started = time.monotonic()
+    await loop.run_in_executor(None, functools.partial(pub.close, timeout=0.8))
+    took = time.monotonic() - started
+    assert 0.7 < took < 3, took  # tried (and retried: refused is transient) until the timeout, no longer
+    assert pub.last_error.startswith("cannot connect")
+    assert pub.frames_sent == 0 and pub.frames_dropped == 1 and pub.pending == 0
+    assert "publisher closed with 1 frame(s)" in caplog.text and "not sent" in caplog.text
+
+    # A `with` block left by an exception closes at once; that exception is the one seen.
+    def failing_block() -> None:
+        with Publisher(f"ws://127.0.0.1:{refused_port()}/ingest/replicator", TOKEN) as failing:
+            failing.publish(frames[0])
+            raise KeyError("the script failed")
+
+    started = time.monotonic()
+    with pytest.raises(KeyError):
+        await loop.run_in_executor(None, failing_block)
+    assert time.monotonic() - started < 2
 
 
 @pytest.mark.gen_test(timeout=40)

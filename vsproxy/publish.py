@@ -18,6 +18,11 @@ exponential backoff (with jitter) for as long as the publisher is open. `publish
 the pixels in the caller's thread; the JPEG encoding happens in the publisher's thread, and only
 for frames that are actually sent.
 
+Leaving the `with` block, or `close()`, sends what is still pending first: it waits at most
+`timeout` seconds (default 5; connecting first if need be), then at most 1 s more for the close
+handshake, so it never hangs on an unreachable proxy. What is still unsent then is dropped,
+counted in `frames_dropped` and logged. A `with` block left by an exception closes at once.
+
 Inside an asyncio program use `AsyncPublisher` (same options, same counters)::
 
     async with AsyncPublisher("ws://127.0.0.1:8889/ingest/replicator", token=TOKEN) as pub:
@@ -55,6 +60,8 @@ from .render import with_capture_time
 __all__ = ["AsyncPublisher", "Publisher", "encode_rgb"]
 
 log = logging.getLogger("vsproxy.publish")
+
+CLOSE_HANDSHAKE_SECONDS = 1.0  # how long close() waits for the server's answer to its close frame
 
 
 def ingest_ws_url(url: str) -> str:
@@ -183,8 +190,19 @@ class AsyncPublisher:
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._run())
 
-    async def close(self) -> None:
-        """Close the connection and stop reconnecting; frames still pending are dropped."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send what is pending, then close the connection and stop reconnecting.
+
+        Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
+        need be; 0: no wait), then at most CLOSE_HANDSHAKE_SECONDS (1 s) for the close
+        handshake. What is still pending then is dropped, counted and logged.
+        """
+        if timeout > 0 and self._task is not None and not self._closing:
+            await self.flush(timeout)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        """Close at once: pending frames are dropped (counted, logged)."""
         self._closing = True
         self.connected_event.clear()
         conn, closed = self._conn, self._conn_closed
@@ -192,7 +210,7 @@ class AsyncPublisher:
             conn.close(1000, "publisher closed")
             if closed is not None:  # a moment for the close handshake, so the server sees a clean close
                 try:
-                    await asyncio.wait_for(asyncio.shield(closed), 1.0)
+                    await asyncio.wait_for(asyncio.shield(closed), CLOSE_HANDSHAKE_SECONDS)
                 except asyncio.TimeoutError:
                     pass
         if self._wake is not None:
@@ -204,13 +222,45 @@ class AsyncPublisher:
                 await task
             except asyncio.CancelledError:
                 pass
+        frames = self._drop_pending()
+        if frames:
+            log.warning("publisher closed with %d frame(s) not sent (%s)", frames,
+                        self.last_error or "still connecting")
+
+    def _drop_pending(self) -> int:
+        """Drop every pending frame, counted as dropped; how many."""
+        with self._lock:
+            frames = len(self._pending)
+            self._pending.clear()
+            self.frames_dropped += frames
+        return frames
 
     async def __aenter__(self) -> AsyncPublisher:
         self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:  # the block failed: close at once, and its exception is the one the caller sees
+            await self._shutdown()
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every pending frame is sent (True) or `timeout` passes (False), connecting
+        first if need be."""
+        deadline = time.monotonic() + timeout
+        while (done := self.flushed(deadline)) is None:
+            await asyncio.sleep(0.005)
+        return done
+
+    def flushed(self, deadline: float) -> bool | None:
+        """flush's test: True when all is sent, False when it is time to give up (`deadline`, a
+        time.monotonic() value, passed, or the publisher is closed), None: keep waiting."""
+        if self.idle:
+            return True
+        if self._closing or time.monotonic() >= deadline:
+            return False
+        return None
 
     @property
     def pending(self) -> int:
@@ -220,7 +270,8 @@ class AsyncPublisher:
     @property
     def idle(self) -> bool:
         """Nothing pending and nothing being sent."""
-        return not self._pending and not self._sending
+        with self._lock:
+            return not self._pending and not self._sending
 
     # -- publishing (any thread) ------------------------------------------------------------
 
@@ -270,8 +321,12 @@ class AsyncPublisher:
             self._wake.set()
 
     def _take(self) -> bytes | _EncodeJob | None:
+        """The next frame to send, marked as being sent (see idle); None: nothing."""
         with self._lock:
-            return self._pending.popleft() if self._pending else None
+            if not self._pending:
+                return None
+            self._sending = True
+            return self._pending.popleft()
 
     def _put_back(self, data: bytes) -> None:
         # A frame that could not be sent stays the one to send, unless a newer one is waiting.
@@ -343,7 +398,6 @@ class AsyncPublisher:
                 if item is None:
                     await wake.wait()
                     continue
-                self._sending = True
                 try:
                     data = item if isinstance(item, bytes) else await loop.run_in_executor(None, item.encode)
                     try:
@@ -422,7 +476,7 @@ class Publisher:
             world.step(render=True)
             if pub.active is not False:    # skip the work while no viewer session exists
                 pub.publish_rgb(annotator.get_data(), quality=80)
-        pub.close()
+        pub.close()                    # sends what is pending first (at most 5 s, then 1 s to close)
 
     or `with Publisher(...) as pub: ...`. Every method may be called from any thread.
     """
@@ -452,7 +506,7 @@ class Publisher:
         self._core.start()
         started.set()
         await self._stop.wait()
-        await self._core.close()
+        await self._core._shutdown()  # the caller's thread has flushed (close) or chose not to
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -469,29 +523,41 @@ class Publisher:
         return self._core.connected_event.wait(timeout)
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Block until every pending frame is sent (True) or `timeout` passes (False)."""
+        """Block until every pending frame is sent (True) or `timeout` passes (False), connecting
+        first if need be."""
         deadline = time.monotonic() + timeout
-        while not self._core.idle:
-            if time.monotonic() > deadline:
-                return False
+        while (done := self._core.flushed(deadline)) is None:
             time.sleep(0.005)
-        return True
+        return done
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the connection and stop the thread (pending frames are dropped; see flush)."""
+        """Send what is pending, then close the connection and stop the publisher's thread.
+
+        Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
+        need be; 0: no wait), then at most 1 s for the close handshake; what is still
+        pending then is dropped, counted and logged.
+        """
+        if timeout > 0:
+            self.flush(timeout)
+        self._stop_thread()
+
+    def _stop_thread(self) -> None:
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and self._thread.is_alive():
             try:
                 loop.call_soon_threadsafe(stop.set)
             except RuntimeError:
                 pass
-        self._thread.join(timeout)
+        self._thread.join(CLOSE_HANDSHAKE_SECONDS + 4)  # a bound only: closing takes at most about 1 s
 
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the block failed: close at once, and its exception is the one the caller sees
+            self._stop_thread()
 
     # -- state (see AsyncPublisher) -----------------------------------------------------------
 
