@@ -29,7 +29,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from vsproxy import render
 from vsproxy.logs import TextFormatter
-from vsproxy.publish import AsyncPublisher, Publisher
+from vsproxy.publish import AsyncPublisher, Publisher, PublishRefused
 from vsproxy.sources.push import PushSource
 
 TOKEN = "secret-token-1"
@@ -81,7 +81,10 @@ def publishers(io_loop, http_server):
 
     async def close_all() -> None:
         for pub in made:
-            await close_publisher(pub)
+            try:
+                await close_publisher(pub)
+            except PublishRefused:  # a test's refused publisher: what it had to say was checked there
+                pass
 
     io_loop.run_sync(close_all, timeout=20)
 
@@ -352,7 +355,7 @@ async def test_closing_gives_up_on_an_unreachable_proxy_in_its_timeout_and_says_
     await loop.run_in_executor(None, functools.partial(pub.close, timeout=0.8))
     took = time.monotonic() - started
     assert 0.7 < took < 3, took  # tried (and retried: refused is transient) until the timeout, no longer
-    assert pub.last_error.startswith("cannot connect")
+    assert pub.refused is None and pub.last_error.startswith("cannot connect")
     assert pub.frames_sent == 0 and pub.frames_dropped == 1 and pub.pending == 0
     assert "publisher closed with 1 frame(s)" in caplog.text and "not sent" in caplog.text
 
@@ -368,13 +371,35 @@ async def test_closing_gives_up_on_an_unreachable_proxy_in_its_timeout_and_says_
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.parametrize("path, token, status", [
+    ("/ingest/replicator", WRONG, 401),
+    ("/ingest/nope", TOKEN, 404),
+    ("/ingest/replicator/frame", TOKEN, 405),  # the POST endpoint given to the WebSocket publisher
+])
 @pytest.mark.gen_test(timeout=40)
-async def test_wrong_token_never_connects_and_keeps_retrying(ingest_url, publishers, hub, frames):
-    pub = publishers(ingest_url, WRONG)
-    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "a 401 refusal")
+async def test_an_answer_retrying_cannot_change_stops_the_publisher_with_an_error(
+        http_port, publishers, hub, frames, caplog, path, token, status):
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    pub = publishers(f"ws://127.0.0.1:{http_port}{path}", token, initial_backoff=0.05, max_backoff=0.1)
     pub.publish(frames[0])
-    await asyncio.sleep(0.3)
-    assert not pub.connected and pub.connects == 0 and pub.pending == 1
+    started = time.monotonic()
+    with pytest.raises(PublishRefused) as refused:
+        await loop.run_in_executor(None, pub.wait_connected, 10)
+    assert time.monotonic() - started < 5  # at once, not at the end of the wait
+    error = refused.value
+    assert error.status == status and pub.refused is error
+    assert f"HTTP {status}" in str(error) and "stopped" in str(error) and token not in str(error)
+    assert pub.frames_dropped == 1 and pub.pending == 0 and not pub.connected
+    for call in (lambda: pub.publish(frames[1]), lambda: pub.flush(1)):
+        with pytest.raises(PublishRefused):
+            call()
+    await asyncio.sleep(0.5)  # with a 0.05-0.1 s backoff, a retrying publisher would have asked again
+    asked = [r for r in caplog.records if r.name == "vsproxy.access" and f" {path} " in r.getMessage()]
+    assert len(asked) == 1, [r.getMessage() for r in asked]
+    assert [r.levelname for r in caplog.records if r.name == "vsproxy.publish"] == ["ERROR"]
+    with pytest.raises(PublishRefused):
+        await close_publisher(pub)
     assert hub.seq == 0
 
 
@@ -554,8 +579,9 @@ async def test_tokens_never_appear_in_logs(api, ws_connect, ingest_url, publishe
     await post_frame(api, jpeg_of_size(MAX_FRAME + 1), via="query")
     await post_frame(api, frames[0], path="/ingest/demo/frame", via="query")
     pub = publishers(ingest_url + f"?token={TOKEN}", WRONG)  # a token in the URL given to the library
-    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "the library's refusal")
-    await close_publisher(pub)
+    await wait_until(lambda: pub.refused is not None and pub.refused.status == 401, "the library's refusal")
+    with pytest.raises(PublishRefused):
+        await close_publisher(pub)
     good = publishers(ingest_url)
     await wait_until(lambda: good.connected, "the library to connect")
     good.publish(b"junk")
@@ -593,6 +619,24 @@ async def test_test_pattern_example_publishes_to_a_local_vsproxy(api, ws_connect
     assert hub.connects == 1 and hub.seq >= 1  # latest-frame-wins may drop some on a busy machine
     assert render.jpeg_size(hub.latest.jpeg) == (160, 120)
     await wait_until(lambda: hub.latest.jpeg in viewer.frames, "the last pattern frame at the viewer")
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_test_pattern_example_exits_with_the_proxys_answer_when_the_token_is_wrong(http_server, http_port, hub):
+    root = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "examples" / "publish_test_pattern.py"),
+        "--url", f"http://127.0.0.1:{http_port}/ingest/replicator", "--token", WRONG, "--frames", "5",
+        cwd=str(root), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 45)
+    text = output.decode(errors="replace")
+    assert process.returncode == 1, text
+    assert "error: refused: HTTP 401: Missing or wrong publish token" in text and "done:" not in text
+    assert WRONG not in text
+    assert time.monotonic() - started < 8  # not the 10 s connect wait: the answer ends it at once
+    assert hub.seq == 0
 
 
 @pytest.mark.gen_test(timeout=60)

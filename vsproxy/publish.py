@@ -33,6 +33,12 @@ The server tells the publisher whether anyone is watching (`active`: True while 
 has sessions); a script may skip rendering or encoding while it is False. Counters:
 `frames_published` (handed to publish), `frames_sent`, `frames_dropped`, `connects`;
 `connected`, `active`, `last_error` describe the current state.
+
+Refused connections, timeouts and answers that may change (503, 409 while another publisher holds
+the upstream) are retried. An answer that retrying will not change (400, 401 missing or wrong
+token, 403, 404 no push upstream of that name, 405 not the WebSocket endpoint) stops the
+publisher: `refused` holds a `PublishRefused`, which publish, publish_rgb, flush, wait_connected
+and close raise from then on.
 """
 
 from __future__ import annotations
@@ -57,11 +63,27 @@ from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, w
 from .auth import redact_url
 from .render import with_capture_time
 
-__all__ = ["AsyncPublisher", "Publisher", "encode_rgb"]
+__all__ = ["AsyncPublisher", "Publisher", "PublishRefused", "encode_rgb"]
 
 log = logging.getLogger("vsproxy.publish")
 
+# Answers to the WebSocket handshake that retrying will not change (see PublishRefused); any other
+# failure (refused, timed out, 409 another publisher, 503, a lost connection) is retried.
+PERMANENT_REFUSALS = frozenset({400, 401, 403, 404, 405})
 CLOSE_HANDSHAKE_SECONDS = 1.0  # how long close() waits for the server's answer to its close frame
+
+
+class PublishRefused(Exception):
+    """The proxy refused the publisher with an answer that retrying will not change.
+
+    HTTP 401 (missing or wrong token), 404 (no push upstream of that name), 405 (not the WebSocket
+    endpoint, e.g. a .../frame URL), 400 or 403. The publisher has stopped; `status` is the HTTP
+    status. publish, publish_rgb, flush, wait_connected and close raise it from then on.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def ingest_ws_url(url: str) -> str:
@@ -165,7 +187,8 @@ class AsyncPublisher:
         self.connected = False
         self.active: bool | None = None  # does the server want frames? None until it says
         self.last_error: str | None = None
-        self.connected_event = threading.Event()  # for synchronous waiting (Publisher)
+        self.refused: PublishRefused | None = None  # set when a permanent refusal stopped the publisher
+        self.changed = threading.Condition()  # notified when connected, refused or closed (Publisher waits)
         self._pending: deque[bytes | _EncodeJob] = deque()
         self._lock = threading.Lock()
         self._wake_scheduled = False
@@ -195,16 +218,21 @@ class AsyncPublisher:
 
         Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
         need be; 0: no wait), then at most CLOSE_HANDSHAKE_SECONDS (1 s) for the close
-        handshake. What is still pending then is dropped, counted and logged.
+        handshake. What is still pending then is dropped, counted and logged. Raises
+        PublishRefused if the proxy refused the publisher (see `refused`).
         """
         if timeout > 0 and self._task is not None and not self._closing:
-            await self.flush(timeout)
+            try:
+                await self.flush(timeout)
+            except PublishRefused:
+                pass
         await self._shutdown()
+        self._raise_if_refused()
 
     async def _shutdown(self) -> None:
         """Close at once: pending frames are dropped (counted, logged)."""
         self._closing = True
-        self.connected_event.clear()
+        self._notify()
         conn, closed = self._conn, self._conn_closed
         if conn is not None:
             conn.close(1000, "publisher closed")
@@ -247,7 +275,7 @@ class AsyncPublisher:
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every pending frame is sent (True) or `timeout` passes (False), connecting
-        first if need be."""
+        first if need be. Raises PublishRefused if the proxy refused the publisher."""
         deadline = time.monotonic() + timeout
         while (done := self.flushed(deadline)) is None:
             await asyncio.sleep(0.005)
@@ -256,11 +284,20 @@ class AsyncPublisher:
     def flushed(self, deadline: float) -> bool | None:
         """flush's test: True when all is sent, False when it is time to give up (`deadline`, a
         time.monotonic() value, passed, or the publisher is closed), None: keep waiting."""
+        self._raise_if_refused()
         if self.idle:
             return True
         if self._closing or time.monotonic() >= deadline:
             return False
         return None
+
+    def _raise_if_refused(self) -> None:
+        if self.refused is not None:
+            raise self.refused
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
 
     @property
     def pending(self) -> int:
@@ -289,9 +326,10 @@ class AsyncPublisher:
         self._put(_EncodeJob(to_rgb_image(image), quality, time.time() if captured is None else captured))
 
     def _put(self, item: bytes | _EncodeJob) -> None:
-        if self._closing:
-            return
         with self._lock:
+            self._raise_if_refused()
+            if self._closing:
+                return
             while len(self._pending) >= self.max_pending:
                 self._pending.popleft()
                 self.frames_dropped += 1
@@ -355,6 +393,9 @@ class AsyncPublisher:
                 raise
             except Exception as exc:  # refused, unreachable, timed out: retry
                 reason = _describe_connect_error(exc)
+                if isinstance(exc, HTTPClientError) and exc.code in PERMANENT_REFUSALS:
+                    self._stop_refused(exc.code, reason)
+                    return
             else:
                 reason = await self._connected(conn)
                 delay = self.initial_backoff
@@ -368,6 +409,18 @@ class AsyncPublisher:
             log.log(level, "publisher: %s (%s); retrying in %.2f s", reason, shown, wait)
             await self._sleep(wait)
             delay = min(delay * 2, self.max_backoff)
+
+    def _stop_refused(self, status: int, reason: str) -> None:
+        """A permanent refusal: stop, drop what is pending, and say so (publish etc. raise it)."""
+        message = f"{reason} ({redact_url(self.url)}); the publisher stopped: retrying would not change the answer"
+        if status == 405:
+            message += ". Publish over WebSocket to ws://HOST:PORT/ingest/UPSTREAM (.../frame takes POSTed frames)"
+        self.last_error = reason
+        with self._lock:
+            self.refused = PublishRefused(status, message)
+        self._drop_pending()
+        self._notify()
+        log.error("publisher: %s", self.refused)
 
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -384,7 +437,7 @@ class AsyncPublisher:
         self.connected = True
         self.last_error = None
         self._last_logged_error = None
-        self.connected_event.set()
+        self._notify()
         log.info("publisher connected to %s", redact_url(self.url))
         wake = self._wake
         assert wake is not None
@@ -410,7 +463,6 @@ class AsyncPublisher:
                     self._sending = False
         finally:
             self.connected = False
-            self.connected_event.clear()
             self._conn = None
             conn.close()
         if conn.close_code is not None:
@@ -519,12 +571,17 @@ class Publisher:
         self._core.publish_rgb(image, quality, captured)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
-        """Block until connected (True) or `timeout` seconds pass (False)."""
-        return self._core.connected_event.wait(timeout)
+        """Block until connected (True) or `timeout` seconds pass (False). Raises PublishRefused
+        as soon as the proxy refuses the publisher for good (a wrong token, say)."""
+        core = self._core
+        with core.changed:
+            core.changed.wait_for(lambda: core.connected or core.refused is not None or core._closing, timeout)
+        core._raise_if_refused()
+        return core.connected
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until every pending frame is sent (True) or `timeout` passes (False), connecting
-        first if need be."""
+        first if need be. Raises PublishRefused if the proxy refused the publisher."""
         deadline = time.monotonic() + timeout
         while (done := self._core.flushed(deadline)) is None:
             time.sleep(0.005)
@@ -535,11 +592,16 @@ class Publisher:
 
         Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
         need be; 0: no wait), then at most 1 s for the close handshake; what is still
-        pending then is dropped, counted and logged.
+        pending then is dropped, counted and logged. Raises PublishRefused if the proxy refused
+        the publisher (see `refused`).
         """
         if timeout > 0:
-            self.flush(timeout)
+            try:
+                self.flush(timeout)
+            except PublishRefused:
+                pass
         self._stop_thread()
+        self._core._raise_if_refused()
 
     def _stop_thread(self) -> None:
         loop, stop = self._loop, self._stop
@@ -576,6 +638,10 @@ class Publisher:
     @property
     def last_error(self) -> str | None:
         return self._core.last_error
+
+    @property
+    def refused(self) -> PublishRefused | None:
+        return self._core.refused
 
     @property
     def connects(self) -> int:
