@@ -391,7 +391,7 @@ async def test_an_answer_retrying_cannot_change_stops_the_publisher_with_an_erro
     assert error.status == status and pub.refused is error
     assert f"HTTP {status}" in str(error) and "stopped" in str(error) and token not in str(error)
     assert pub.frames_dropped == 1 and pub.pending == 0 and not pub.connected
-    for call in (lambda: pub.publish(frames[1]), lambda: pub.flush(1)):
+    for call in (lambda: pub.publish(frames[1]), lambda: pub.send_text("{}"), lambda: pub.flush(1)):
         with pytest.raises(PublishRefused):
             call()
     await asyncio.sleep(0.5)  # with a 0.05-0.1 s backoff, a retrying publisher would have asked again
@@ -401,6 +401,28 @@ async def test_an_answer_retrying_cannot_change_stops_the_publisher_with_an_erro
     with pytest.raises(PublishRefused):
         await close_publisher(pub)
     assert hub.seq == 0
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_publisher_text_reaches_the_viewers_and_their_input_reaches_on_message(
+        api, ws_connect, ingest_url, publishers, hub):
+    viewer = await open_viewer(api, ws_connect)
+    received: list[str] = []
+    pub = publishers(ingest_url, on_message=received.append)
+    telemetry = [json.dumps({"type": "telemetry", "step": i, "pose": [i, 2.5, -1]}) for i in range(3)]
+    for text in telemetry:  # sent as soon as the connection is there, in order
+        pub.send_text(text)
+    sent = [json.loads(text) for text in telemetry]
+    await wait_until(lambda: [t for t in viewer.texts if t.get("type") == "telemetry"] == sent,
+                     "the publisher's telemetry at the viewer")
+    assert pub.texts_sent == 3 and pub.texts_dropped == 0 and pub.frames_published == 0
+    with pytest.raises(TypeError):
+        pub.send_text(b"frames go to publish()")  # type: ignore[arg-type]
+    # The other way: a viewer's input reaches the script's on_message, wrapped.
+    await wait_until(lambda: hub.connected, "the upstream to be connected (input is not queued before)")
+    await viewer.conn.write_message('{"type": "command", "action": "reset"}')
+    wrapped = {"type": "viewer", "data": '{"type": "command", "action": "reset"}'}
+    await wait_until(lambda: wrapped in [json.loads(m) for m in received], "the viewer's input at on_message")
 
 
 # -- authentication and refusals ------------------------------------------------------------------

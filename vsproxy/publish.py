@@ -21,7 +21,13 @@ for frames that are actually sent.
 Leaving the `with` block, or `close()`, sends what is still pending first: it waits at most
 `timeout` seconds (default 5; connecting first if need be), then at most 1 s more for the close
 handshake, so it never hangs on an unreachable proxy. What is still unsent then is dropped,
-counted in `frames_dropped` and logged. A `with` block left by an exception closes at once.
+counted in `frames_dropped` / `texts_dropped` and logged. A `with` block left by an exception
+closes at once.
+
+Two ways: `send_text(text)` sends a text message (telemetry) that the upstream's WebSocket viewers
+get unchanged; `on_message(text)`, an option, is called with every text message the server sends:
+`{"type": "status", "active": bool}`, `{"type": "error", "message": ...}`, and each viewer's
+message as `{"type": "viewer", "data": "<the viewer's text>"}`.
 
 Inside an asyncio program use `AsyncPublisher` (same options, same counters)::
 
@@ -31,14 +37,14 @@ Inside an asyncio program use `AsyncPublisher` (same options, same counters)::
 The token goes in an `Authorization: Bearer` header, never in the URL, and is never logged.
 The server tells the publisher whether anyone is watching (`active`: True while the upstream
 has sessions); a script may skip rendering or encoding while it is False. Counters:
-`frames_published` (handed to publish), `frames_sent`, `frames_dropped`, `connects`;
-`connected`, `active`, `last_error` describe the current state.
+`frames_published` (handed to publish), `frames_sent`, `frames_dropped`, `texts_sent`,
+`texts_dropped`, `connects`; `connected`, `active`, `last_error` describe the current state.
 
 Refused connections, timeouts and answers that may change (503, 409 while another publisher holds
 the upstream) are retried. An answer that retrying will not change (400, 401 missing or wrong
 token, 403, 404 no push upstream of that name, 405 not the WebSocket endpoint) stops the
-publisher: `refused` holds a `PublishRefused`, which publish, publish_rgb, flush, wait_connected
-and close raise from then on.
+publisher: `refused` holds a `PublishRefused`, which publish, publish_rgb, send_text, flush,
+wait_connected and close raise from then on.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ class PublishRefused(Exception):
 
     HTTP 401 (missing or wrong token), 404 (no push upstream of that name), 405 (not the WebSocket
     endpoint, e.g. a .../frame URL), 400 or 403. The publisher has stopped; `status` is the HTTP
-    status. publish, publish_rgb, flush, wait_connected and close raise it from then on.
+    status. publish, publish_rgb, send_text, flush, wait_connected and close raise it from then on.
     """
 
     def __init__(self, status: int, message: str) -> None:
@@ -149,9 +155,9 @@ class _EncodeJob:
 class AsyncPublisher:
     """A WebSocket publisher on the running asyncio loop; see the module docstring.
 
-    `publish` / `publish_rgb` may be called from any thread. `on_message(text)` is called (on the
-    loop) with every text message the server sends: status, errors, and viewers' messages as
-    {"type": "viewer", "data": "<the viewer's text>"}.
+    `publish` / `publish_rgb` / `send_text` may be called from any thread. `on_message(text)` is
+    called (on the loop) with every text message the server sends: status, errors, and viewers'
+    messages as {"type": "viewer", "data": "<the viewer's text>"}.
     """
 
     def __init__(
@@ -165,14 +171,16 @@ class AsyncPublisher:
         connect_timeout: float = 10.0,
         ping_interval: float = 10.0,
         on_message: Callable[[str], None] | None = None,
+        max_pending_texts: int = 64,
     ) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
+        if max_pending < 1 or max_pending_texts < 1:
+            raise ValueError("max_pending and max_pending_texts must be at least 1")
         if not token:
             raise ValueError("a publish token is required")
         self.url = ingest_ws_url(url)
         self._token = token
         self.max_pending = max_pending
+        self.max_pending_texts = max_pending_texts
         self.initial_backoff = initial_backoff
         self.max_backoff = max(max_backoff, initial_backoff)
         self.connect_timeout = connect_timeout
@@ -183,6 +191,8 @@ class AsyncPublisher:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_refused = 0  # frames the server answered with an error message
+        self.texts_sent = 0
+        self.texts_dropped = 0
         self.connects = 0
         self.connected = False
         self.active: bool | None = None  # does the server want frames? None until it says
@@ -190,6 +200,7 @@ class AsyncPublisher:
         self.refused: PublishRefused | None = None  # set when a permanent refusal stopped the publisher
         self.changed = threading.Condition()  # notified when connected, refused or closed (Publisher waits)
         self._pending: deque[bytes | _EncodeJob] = deque()
+        self._texts: deque[str] = deque()  # text messages (telemetry) waiting, sent before frames
         self._lock = threading.Lock()
         self._wake_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -216,8 +227,8 @@ class AsyncPublisher:
     async def close(self, timeout: float = 5.0) -> None:
         """Send what is pending, then close the connection and stop reconnecting.
 
-        Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
-        need be; 0: no wait), then at most CLOSE_HANDSHAKE_SECONDS (1 s) for the close
+        Waits at most `timeout` seconds for the pending frames and texts to be sent (connecting
+        first if need be; 0: no wait), then at most CLOSE_HANDSHAKE_SECONDS (1 s) for the close
         handshake. What is still pending then is dropped, counted and logged. Raises
         PublishRefused if the proxy refused the publisher (see `refused`).
         """
@@ -230,7 +241,7 @@ class AsyncPublisher:
         self._raise_if_refused()
 
     async def _shutdown(self) -> None:
-        """Close at once: pending frames are dropped (counted, logged)."""
+        """Close at once: pending frames and texts are dropped (counted, logged)."""
         self._closing = True
         self._notify()
         conn, closed = self._conn, self._conn_closed
@@ -250,18 +261,20 @@ class AsyncPublisher:
                 await task
             except asyncio.CancelledError:
                 pass
-        frames = self._drop_pending()
-        if frames:
-            log.warning("publisher closed with %d frame(s) not sent (%s)", frames,
-                        self.last_error or "still connecting")
+        frames, texts = self._drop_pending()
+        if frames or texts:
+            log.warning("publisher closed with %d frame(s) and %d text message(s) not sent (%s)",
+                        frames, texts, self.last_error or "still connecting")
 
-    def _drop_pending(self) -> int:
-        """Drop every pending frame, counted as dropped; how many."""
+    def _drop_pending(self) -> tuple[int, int]:
+        """Drop every pending frame and text, counted as dropped; how many of each."""
         with self._lock:
-            frames = len(self._pending)
+            frames, texts = len(self._pending), len(self._texts)
             self._pending.clear()
+            self._texts.clear()
             self.frames_dropped += frames
-        return frames
+            self.texts_dropped += texts
+        return frames, texts
 
     async def __aenter__(self) -> AsyncPublisher:
         self.start()
@@ -274,8 +287,8 @@ class AsyncPublisher:
             await self._shutdown()
 
     async def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every pending frame is sent (True) or `timeout` passes (False), connecting
-        first if need be. Raises PublishRefused if the proxy refused the publisher."""
+        """Wait until every pending frame and text is sent (True) or `timeout` passes (False),
+        connecting first if need be. Raises PublishRefused if the proxy refused the publisher."""
         deadline = time.monotonic() + timeout
         while (done := self.flushed(deadline)) is None:
             await asyncio.sleep(0.005)
@@ -308,7 +321,7 @@ class AsyncPublisher:
     def idle(self) -> bool:
         """Nothing pending and nothing being sent."""
         with self._lock:
-            return not self._pending and not self._sending
+            return not self._pending and not self._texts and not self._sending
 
     # -- publishing (any thread) ------------------------------------------------------------
 
@@ -325,16 +338,32 @@ class AsyncPublisher:
             raise ValueError("quality must be from 1 to 100")
         self._put(_EncodeJob(to_rgb_image(image), quality, time.time() if captured is None else captured))
 
-    def _put(self, item: bytes | _EncodeJob) -> None:
+    def send_text(self, text: str) -> None:
+        """Queue a text message (telemetry, e.g. JSON) for the upstream's WebSocket viewers, who get
+        it unchanged; never blocks. Texts are sent in order, before waiting frames; at most
+        `max_pending_texts` wait while the connection is slow or down (older ones are dropped and
+        counted in `texts_dropped`). The server does not relay a text larger than its
+        `streaming.max_viewer_message_bytes` (64 KiB by default): it answers an error message."""
+        if not isinstance(text, str):
+            raise TypeError(f"expected str, got {type(text).__name__}; frames go to publish()")
+        self._put(text)
+
+    def _put(self, item: str | bytes | _EncodeJob) -> None:
         with self._lock:
             self._raise_if_refused()
             if self._closing:
                 return
-            while len(self._pending) >= self.max_pending:
-                self._pending.popleft()
-                self.frames_dropped += 1
-            self._pending.append(item)
-            self.frames_published += 1
+            if isinstance(item, str):
+                while len(self._texts) >= self.max_pending_texts:
+                    self._texts.popleft()
+                    self.texts_dropped += 1
+                self._texts.append(item)
+            else:
+                while len(self._pending) >= self.max_pending:
+                    self._pending.popleft()
+                    self.frames_dropped += 1
+                self._pending.append(item)
+                self.frames_published += 1
             schedule = not self._wake_scheduled
             self._wake_scheduled = True
         if schedule:
@@ -358,18 +387,25 @@ class AsyncPublisher:
         if self._wake is not None:
             self._wake.set()
 
-    def _take(self) -> bytes | _EncodeJob | None:
-        """The next frame to send, marked as being sent (see idle); None: nothing."""
+    def _take(self) -> str | bytes | _EncodeJob | None:
+        """The next thing to send (a text first), marked as being sent (see idle); None: nothing."""
         with self._lock:
-            if not self._pending:
+            queue = self._texts or self._pending
+            if not queue:
                 return None
             self._sending = True
-            return self._pending.popleft()
+            return queue.popleft()
 
-    def _put_back(self, data: bytes) -> None:
-        # A frame that could not be sent stays the one to send, unless a newer one is waiting.
+    def _put_back(self, data: str | bytes) -> None:
+        # A text that could not be sent goes first again, room permitting; a frame stays the one
+        # to send, unless a newer one is waiting.
         with self._lock:
-            if not self._pending:
+            if isinstance(data, str):
+                if len(self._texts) < self.max_pending_texts:
+                    self._texts.appendleft(data)
+                else:
+                    self.texts_dropped += 1
+            elif not self._pending:
                 self._pending.append(data)
             else:
                 self.frames_dropped += 1
@@ -452,13 +488,16 @@ class AsyncPublisher:
                     await wake.wait()
                     continue
                 try:
-                    data = item if isinstance(item, bytes) else await loop.run_in_executor(None, item.encode)
+                    data = item if isinstance(item, (str, bytes)) else await loop.run_in_executor(None, item.encode)
                     try:
-                        await conn.write_message(data, binary=True)
+                        await conn.write_message(data, binary=isinstance(data, bytes))
                     except (WebSocketClosedError, StreamClosedError):
                         self._put_back(data)
                         break
-                    self.frames_sent += 1
+                    if isinstance(data, str):
+                        self.texts_sent += 1
+                    else:
+                        self.frames_sent += 1
                 finally:
                     self._sending = False
         finally:
@@ -522,15 +561,18 @@ class Publisher:
 
     Example (an Isaac Sim standalone script; see examples/isaac_camera_publisher.py)::
 
-        pub = Publisher("ws://127.0.0.1:8889/ingest/replicator", "secret-token-1")
+        pub = Publisher("ws://127.0.0.1:8889/ingest/replicator", "secret-token-1",
+                        on_message=print)  # status messages and viewers' input, on the publisher's thread
         pub.wait_connected(5)          # optional; publish() works (and drops) while disconnected
-        for _ in range(1000):
+        for step in range(1000):
             world.step(render=True)
             if pub.active is not False:    # skip the work while no viewer session exists
                 pub.publish_rgb(annotator.get_data(), quality=80)
+                pub.send_text(json.dumps({"type": "telemetry", "step": step}))  # to the viewers
         pub.close()                    # sends what is pending first (at most 5 s, then 1 s to close)
 
     or `with Publisher(...) as pub: ...`. Every method may be called from any thread.
+    `on_message` runs on the publisher's thread: keep it short (an exception in it is logged).
     """
 
     def __init__(self, url: str, token: str, *, max_pending: int = 1, **options: Any) -> None:
@@ -570,6 +612,11 @@ class Publisher:
         """Queue a PIL image or an HxWx3/4 uint8 array; encoded to JPEG on the publisher thread."""
         self._core.publish_rgb(image, quality, captured)
 
+    def send_text(self, text: str) -> None:
+        """Queue a text message (telemetry) for the upstream's WebSocket viewers; never blocks
+        (see AsyncPublisher.send_text)."""
+        self._core.send_text(text)
+
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected (True) or `timeout` seconds pass (False). Raises PublishRefused
         as soon as the proxy refuses the publisher for good (a wrong token, say)."""
@@ -580,8 +627,8 @@ class Publisher:
         return core.connected
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Block until every pending frame is sent (True) or `timeout` passes (False), connecting
-        first if need be. Raises PublishRefused if the proxy refused the publisher."""
+        """Block until every pending frame and text is sent (True) or `timeout` passes (False),
+        connecting first if need be. Raises PublishRefused if the proxy refused the publisher."""
         deadline = time.monotonic() + timeout
         while (done := self._core.flushed(deadline)) is None:
             time.sleep(0.005)
@@ -590,8 +637,8 @@ class Publisher:
     def close(self, timeout: float = 5.0) -> None:
         """Send what is pending, then close the connection and stop the publisher's thread.
 
-        Waits at most `timeout` seconds for the pending frames to be sent (connecting first if
-        need be; 0: no wait), then at most 1 s for the close handshake; what is still
+        Waits at most `timeout` seconds for the pending frames and texts to be sent (connecting
+        first if need be; 0: no wait), then at most 1 s for the close handshake; what is still
         pending then is dropped, counted and logged. Raises PublishRefused if the proxy refused
         the publisher (see `refused`).
         """
@@ -662,6 +709,14 @@ class Publisher:
     @property
     def frames_refused(self) -> int:
         return self._core.frames_refused
+
+    @property
+    def texts_sent(self) -> int:
+        return self._core.texts_sent
+
+    @property
+    def texts_dropped(self) -> int:
+        return self._core.texts_dropped
 
     @property
     def pending(self) -> int:
