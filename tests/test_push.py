@@ -661,6 +661,19 @@ async def test_test_pattern_example_exits_with_the_proxys_answer_when_the_token_
     assert hub.seq == 0
 
 
+@pytest.mark.slow
+def test_python_m_vsproxy_publish_points_to_the_documentation():
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    helped = subprocess.run([sys.executable, "-m", "vsproxy.publish", "--help"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert helped.returncode == 0 and "README.md" in helped.stdout and "publish_test_pattern.py" in helped.stdout
+    bare = subprocess.run([sys.executable, "-m", "vsproxy.publish"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: ") and len(bare.stderr.splitlines()) == 1
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_viewer_cannot_pass_for_the_server(api, ws_connect, ingest_url, hub):
     """A viewer's {"type": "status", "active": false} reaches the publisher wrapped, so the

@@ -55,6 +55,7 @@ import io
 import json
 import logging
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -77,6 +78,8 @@ log = logging.getLogger("vsproxy.publish")
 # failure (refused, timed out, 409 another publisher, 503, a lost connection) is retried.
 PERMANENT_REFUSALS = frozenset({400, 401, 403, 404, 405})
 CLOSE_HANDSHAKE_SECONDS = 1.0  # how long close() waits for the server's answer to its close frame
+USAGE = ("from vsproxy.publish import Publisher  (a library, not a program: see README.md, \"Publishing from "
+         "a script\"; a runnable publisher: examples/publish_test_pattern.py --help)")
 
 
 class PublishRefused(Exception):
@@ -725,3 +728,14 @@ class Publisher:
     @property
     def max_pending(self) -> int:
         return self._core.max_pending
+
+
+def main(argv: list[str]) -> int:
+    """`python -m vsproxy.publish`: there is no program here, only a library; say where to look."""
+    asked = argv in (["-h"], ["--help"])
+    print(f"usage: {USAGE}", file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
