@@ -76,10 +76,10 @@ def main() -> None:
     import omni.usd
 
     try:
-        from vsproxy.publish import Publisher
+        from vsproxy.publish import Publisher, PublishRefused
     except ImportError:  # a checkout next to this file, without `pip install`
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from vsproxy.publish import Publisher
+        from vsproxy.publish import Publisher, PublishRefused
 
     if args.usd:
         omni.usd.get_context().open_stage(args.usd)
@@ -98,22 +98,28 @@ def main() -> None:
 
     interval = 1.0 / args.fps if args.fps > 0 else 0.0
     next_publish = 0.0
-    with Publisher(args.url, args.token) as pub:
-        print(f"publishing {args.width}x{args.height} to {pub.url}", flush=True)
-        while simulation_app.is_running():
-            if args.orchestrator_step:
-                rep.orchestrator.step(pause_timeline=False)
-            else:
-                simulation_app.update()  # steps physics (if playing) and renders the render product
-            now = time.monotonic()
-            if pub.active is False or now < next_publish:
-                continue  # nobody is watching, or faster than --fps
-            next_publish = now + interval
-            rgba = annotator.get_data()
-            if rgba is None or getattr(rgba, "size", 0) == 0:
-                continue  # the first frames of a render product are empty
-            pub.publish_rgb(rgba, quality=args.quality)  # copies the pixels; never blocks
+    refused = None
+    try:
+        with Publisher(args.url, args.token) as pub:
+            print(f"publishing {args.width}x{args.height} to {pub.url}", flush=True)
+            while simulation_app.is_running():
+                if args.orchestrator_step:
+                    rep.orchestrator.step(pause_timeline=False)
+                else:
+                    simulation_app.update()  # steps physics (if playing) and renders the render product
+                now = time.monotonic()
+                if pub.active is False or now < next_publish:
+                    continue  # nobody is watching, or faster than --fps
+                next_publish = now + interval
+                rgba = annotator.get_data()
+                if rgba is None or getattr(rgba, "size", 0) == 0:
+                    continue  # the first frames of a render product are empty
+                pub.publish_rgb(rgba, quality=args.quality)  # copies the pixels; never blocks
+        # Leaving the block sent the last frame (waiting at most 5 s for it).
         print(f"published {pub.frames_sent} frames ({pub.frames_dropped} dropped)", flush=True)
+    except PublishRefused as exc:  # a wrong token or URL: retrying would not help
+        refused = exc
+        print(f"error: {exc}", file=sys.stderr, flush=True)
 
     try:
         annotator.detach()
@@ -121,6 +127,8 @@ def main() -> None:
     except Exception as exc:  # older Replicator versions lack one or the other; the app closes anyway
         print(f"cleanup: {exc}", file=sys.stderr)
     simulation_app.close()
+    if refused is not None:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@
 
 Options: --url (default ws://127.0.0.1:8889/ingest/replicator), --token, --fps, --size WxH,
 --quality, --frames N (stop after N frames; default: until Ctrl-C).
+
+Exits 1 with the proxy's answer when it refuses the publisher for good (a wrong token, no push
+upstream of that name, a URL that is not the WebSocket endpoint); a proxy that is down or busy
+(another publisher connected) is retried.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ import time
 from pathlib import Path
 
 try:
-    from vsproxy.publish import Publisher
+    from vsproxy.publish import Publisher, PublishRefused
     from vsproxy.render import TestPattern
 except ImportError:  # running from a checkout without `pip install .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from vsproxy.publish import Publisher
+    from vsproxy.publish import Publisher, PublishRefused
     from vsproxy.render import TestPattern
 
 
@@ -64,28 +68,32 @@ def main(argv: list[str] | None = None) -> int:
     width, height = args.size
     pattern = TestPattern(width, height, "vsproxy push test pattern", args.quality)
     interval = 1.0 / args.fps
-    with Publisher(args.url, args.token) as pub:
-        if not pub.wait_connected(10):
-            print(f"not connected yet ({pub.last_error}); publishing anyway, frames are dropped until it is",
-                  file=sys.stderr)
-        number = 0
-        deadline = time.monotonic()
-        last_report = deadline
-        try:
-            while not args.frames or number < args.frames:
-                pub.publish(pattern.render(number))  # never blocks: the newest frame waits if the link is slow
-                number += 1
-                now = time.monotonic()
-                if now - last_report >= 5:
-                    last_report = now
-                    print(f"frames: {pub.frames_sent} sent, {pub.frames_dropped} dropped; "
-                          f"connected={pub.connected} active={pub.active}", file=sys.stderr)
-                deadline += interval
-                time.sleep(max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            pass
-        pub.flush(5)
-        print(f"done: {pub.frames_sent} frames sent, {pub.frames_dropped} dropped", file=sys.stderr)
+    try:
+        with Publisher(args.url, args.token) as pub:
+            if not pub.wait_connected(10):
+                print(f"not connected yet ({pub.last_error}); publishing anyway, frames are dropped until it is",
+                      file=sys.stderr)
+            number = 0
+            deadline = time.monotonic()
+            last_report = deadline
+            try:
+                while not args.frames or number < args.frames:
+                    pub.publish(pattern.render(number))  # never blocks: the newest frame waits if the link is slow
+                    number += 1
+                    now = time.monotonic()
+                    if now - last_report >= 5:
+                        last_report = now
+                        print(f"frames: {pub.frames_sent} sent, {pub.frames_dropped} dropped; "
+                              f"connected={pub.connected} active={pub.active}", file=sys.stderr)
+                    deadline += interval
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                pass
+        # Leaving the block sent the last frame (waiting at most 5 s for it).
+    except PublishRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {pub.frames_sent} frames sent, {pub.frames_dropped} dropped", file=sys.stderr)
     return 0
 
 

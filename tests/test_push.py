@@ -9,11 +9,14 @@ thread join) runs in an executor.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 
 from vsproxy import render
 from vsproxy.logs import TextFormatter
-from vsproxy.publish import AsyncPublisher, Publisher
+from vsproxy.publish import AsyncPublisher, Publisher, PublishRefused
 from vsproxy.sources.push import PushSource
 
 TOKEN = "secret-token-1"
@@ -78,7 +81,10 @@ def publishers(io_loop, http_server):
 
     async def close_all() -> None:
         for pub in made:
-            await close_publisher(pub)
+            try:
+                await close_publisher(pub)
+            except PublishRefused:  # a test's refused publisher: what it had to say was checked there
+                pass
 
     io_loop.run_sync(close_all, timeout=20)
 
@@ -158,6 +164,25 @@ async def post_frame(api, body: bytes, *, token: str | None = TOKEN, via: str = 
 
 def lost_message(text: dict) -> bool:
     return text["type"] == "error" and "lost" in text["message"] and "publisher disconnected" in text["message"]
+
+
+def readme_block(path: str, after: str, replacements: dict[str, str]) -> str:
+    """The first ```python block after `after` in a README of the repository, with `replacements`
+    made (each must be there: a test of a snippet notices when the snippet changes)."""
+    text = (Path(__file__).resolve().parent.parent / path).read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    code = text[start:text.index("```", start)]
+    for old, new in replacements.items():
+        assert old in code, (path, old, code)
+        code = code.replace(old, new)
+    return code
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on: a proxy that is down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def jpeg_of_size(size: int) -> bytes:
@@ -247,6 +272,9 @@ async def test_async_publisher_on_the_callers_loop(api, ws_connect, ingest_url, 
         relayed = {"type": "viewer", "data": '{"type": "command", "action": "reset"}'}  # never mistaken
         await wait_until(lambda: relayed in [json.loads(m) for m in messages], "the viewer's message")
         assert any(json.loads(m).get("active") is True for m in messages)
+        pub.publish(frames[5])  # the last thing in the block: leaving it sends it
+    assert pub.frames_sent == 6 and pub.frames_dropped == 0
+    await wait_until(lambda: viewer.known(frames) == frames[:6], "the block's last frame at the viewer")
     await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
 
 
@@ -285,14 +313,116 @@ async def test_publisher_keeps_only_the_newest_frame_while_down_and_reconnects(
     assert hub.connects == 3  # the blocker, the library, the library again
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_the_readme_snippets_deliver_their_frames_when_the_with_block_ends(
+        api, ws_connect, http_port, hub, frames):
+    """The README's and examples/README's snippets, as written: leaving the `with` block connects
+    and sends what was published (it used to drop it: frames_sent 0, the snapshot 503)."""
+    import numpy
+    viewer = await open_viewer(api, ws_connect)
+    session = (await api.create_session())["sessionId"]
+    loop = asyncio.get_running_loop()
+    address = {"127.0.0.1:8889": f"127.0.0.1:{http_port}"}
+    rgb_array = numpy.zeros((48, 64, 3), dtype=numpy.uint8)
+    snippets = [
+        readme_block("README.md", "Publishing from a script:",
+                     {**address, '"<the upstream\'s publish token>"': repr(TOKEN)}),
+        readme_block("examples/README.md", "## The publisher library", address),  # publish, then publish_rgb
+    ]
+    for code in snippets:
+        names: dict[str, Any] = {"jpeg_bytes": frames[3], "token": TOKEN, "rgb_array": rgb_array}
+        started = time.monotonic()
+        await loop.run_in_executor(None, exec, code, names)  # blocking: the proxy runs on this loop
+        took = time.monotonic() - started
+        pub = names["pub"]
+        assert pub.frames_sent >= 1 and pub.frames_sent + pub.frames_dropped == pub.frames_published
+        assert pub.pending == 0 and not pub.connected and took < 5, took
+        code, _, _ = await api.call("GET", f"/stream/{session}/snapshot.jpg")
+        assert code == 200  # a frame came (the publisher has left: the offline picture, as after any)
+    # The viewer got the README's frame byte for byte, and the newest of the second snippet (the array).
+    await wait_until(lambda: viewer.known(frames[3:4]) == frames[3:4], "the README's frame at the viewer")
+    await wait_until(lambda: any(render.jpeg_size(f) == (64, 48) for f in viewer.frames), "the array at the viewer")
+    assert hub.connects == 2
+
+
 @pytest.mark.gen_test(timeout=40)
-async def test_wrong_token_never_connects_and_keeps_retrying(ingest_url, publishers, hub, frames):
-    pub = publishers(ingest_url, WRONG)
-    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "a 401 refusal")
+async def test_closing_gives_up_on_an_unreachable_proxy_in_its_timeout_and_says_so(frames, caplog):
+    loop = asyncio.get_running_loop()
+    pub = Publisher(f"ws://127.0.0.1:{refused_port()}/ingest/replicator", TOKEN,
+                    initial_backoff=0.05, max_backoff=0.2)
     pub.publish(frames[0])
-    await asyncio.sleep(0.3)
-    assert not pub.connected and pub.connects == 0 and pub.pending == 1
+    started = time.monotonic()
+    await loop.run_in_executor(None, functools.partial(pub.close, timeout=0.8))
+    took = time.monotonic() - started
+    assert 0.7 < took < 3, took  # tried (and retried: refused is transient) until the timeout, no longer
+    assert pub.refused is None and pub.last_error.startswith("cannot connect")
+    assert pub.frames_sent == 0 and pub.frames_dropped == 1 and pub.pending == 0
+    assert "publisher closed with 1 frame(s)" in caplog.text and "not sent" in caplog.text
+
+    # A `with` block left by an exception closes at once; that exception is the one seen.
+    def failing_block() -> None:
+        with Publisher(f"ws://127.0.0.1:{refused_port()}/ingest/replicator", TOKEN) as failing:
+            failing.publish(frames[0])
+            raise KeyError("the script failed")
+
+    started = time.monotonic()
+    with pytest.raises(KeyError):
+        await loop.run_in_executor(None, failing_block)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("path, token, status", [
+    ("/ingest/replicator", WRONG, 401),
+    ("/ingest/nope", TOKEN, 404),
+    ("/ingest/replicator/frame", TOKEN, 405),  # the POST endpoint given to the WebSocket publisher
+])
+@pytest.mark.gen_test(timeout=40)
+async def test_an_answer_retrying_cannot_change_stops_the_publisher_with_an_error(
+        http_port, publishers, hub, frames, caplog, path, token, status):
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    pub = publishers(f"ws://127.0.0.1:{http_port}{path}", token, initial_backoff=0.05, max_backoff=0.1)
+    pub.publish(frames[0])
+    started = time.monotonic()
+    with pytest.raises(PublishRefused) as refused:
+        await loop.run_in_executor(None, pub.wait_connected, 10)
+    assert time.monotonic() - started < 5  # at once, not at the end of the wait
+    error = refused.value
+    assert error.status == status and pub.refused is error
+    assert f"HTTP {status}" in str(error) and "stopped" in str(error) and token not in str(error)
+    assert pub.frames_dropped == 1 and pub.pending == 0 and not pub.connected
+    for call in (lambda: pub.publish(frames[1]), lambda: pub.send_text("{}"), lambda: pub.flush(1)):
+        with pytest.raises(PublishRefused):
+            call()
+    await asyncio.sleep(0.5)  # with a 0.05-0.1 s backoff, a retrying publisher would have asked again
+    asked = [r for r in caplog.records if r.name == "vsproxy.access" and f" {path} " in r.getMessage()]
+    assert len(asked) == 1, [r.getMessage() for r in asked]
+    assert [r.levelname for r in caplog.records if r.name == "vsproxy.publish"] == ["ERROR"]
+    with pytest.raises(PublishRefused):
+        await close_publisher(pub)
     assert hub.seq == 0
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_publisher_text_reaches_the_viewers_and_their_input_reaches_on_message(
+        api, ws_connect, ingest_url, publishers, hub):
+    viewer = await open_viewer(api, ws_connect)
+    received: list[str] = []
+    pub = publishers(ingest_url, on_message=received.append)
+    telemetry = [json.dumps({"type": "telemetry", "step": i, "pose": [i, 2.5, -1]}) for i in range(3)]
+    for text in telemetry:  # sent as soon as the connection is there, in order
+        pub.send_text(text)
+    sent = [json.loads(text) for text in telemetry]
+    await wait_until(lambda: [t for t in viewer.texts if t.get("type") == "telemetry"] == sent,
+                     "the publisher's telemetry at the viewer")
+    assert pub.texts_sent == 3 and pub.texts_dropped == 0 and pub.frames_published == 0
+    with pytest.raises(TypeError):
+        pub.send_text(b"frames go to publish()")  # type: ignore[arg-type]
+    # The other way: a viewer's input reaches the script's on_message, wrapped.
+    await wait_until(lambda: hub.connected, "the upstream to be connected (input is not queued before)")
+    await viewer.conn.write_message('{"type": "command", "action": "reset"}')
+    wrapped = {"type": "viewer", "data": '{"type": "command", "action": "reset"}'}
+    await wait_until(lambda: wrapped in [json.loads(m) for m in received], "the viewer's input at on_message")
 
 
 # -- authentication and refusals ------------------------------------------------------------------
@@ -471,8 +601,9 @@ async def test_tokens_never_appear_in_logs(api, ws_connect, ingest_url, publishe
     await post_frame(api, jpeg_of_size(MAX_FRAME + 1), via="query")
     await post_frame(api, frames[0], path="/ingest/demo/frame", via="query")
     pub = publishers(ingest_url + f"?token={TOKEN}", WRONG)  # a token in the URL given to the library
-    await wait_until(lambda: pub.last_error and "401" in pub.last_error, "the library's refusal")
-    await close_publisher(pub)
+    await wait_until(lambda: pub.refused is not None and pub.refused.status == 401, "the library's refusal")
+    with pytest.raises(PublishRefused):
+        await close_publisher(pub)
     good = publishers(ingest_url)
     await wait_until(lambda: good.connected, "the library to connect")
     good.publish(b"junk")
@@ -510,6 +641,37 @@ async def test_test_pattern_example_publishes_to_a_local_vsproxy(api, ws_connect
     assert hub.connects == 1 and hub.seq >= 1  # latest-frame-wins may drop some on a busy machine
     assert render.jpeg_size(hub.latest.jpeg) == (160, 120)
     await wait_until(lambda: hub.latest.jpeg in viewer.frames, "the last pattern frame at the viewer")
+
+
+@pytest.mark.slow
+@pytest.mark.gen_test(timeout=60)
+async def test_test_pattern_example_exits_with_the_proxys_answer_when_the_token_is_wrong(http_server, http_port, hub):
+    root = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "examples" / "publish_test_pattern.py"),
+        "--url", f"http://127.0.0.1:{http_port}/ingest/replicator", "--token", WRONG, "--frames", "5",
+        cwd=str(root), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 45)
+    text = output.decode(errors="replace")
+    assert process.returncode == 1, text
+    assert "error: refused: HTTP 401: Missing or wrong publish token" in text and "done:" not in text
+    assert WRONG not in text
+    assert time.monotonic() - started < 8  # not the 10 s connect wait: the answer ends it at once
+    assert hub.seq == 0
+
+
+@pytest.mark.slow
+def test_python_m_vsproxy_publish_points_to_the_documentation():
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    helped = subprocess.run([sys.executable, "-m", "vsproxy.publish", "--help"], capture_output=True, text=True,
+                            env=env, timeout=30)
+    assert helped.returncode == 0 and "README.md" in helped.stdout and "publish_test_pattern.py" in helped.stdout
+    bare = subprocess.run([sys.executable, "-m", "vsproxy.publish"], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: ") and len(bare.stderr.splitlines()) == 1
 
 
 @pytest.mark.gen_test(timeout=60)
