@@ -45,6 +45,7 @@ from tornado.httpclient import AsyncHTTPClient
 from vsproxy.app import Proxy
 from vsproxy.auth import ViewerTokens, redact_url
 from vsproxy.config import config_from_dict
+from vsproxy.sessions import iso_utc
 
 # -- API tokens -----------------------------------------------------------------------------------
 
@@ -187,7 +188,7 @@ def bad_viewer_tokens(proxy: Proxy, session_id: str, other_session_id: str, good
     }
 
 
-VIEWER_ENDPOINTS = ["snapshot", "mjpeg", "embed", "websocket"]
+VIEWER_ENDPOINTS = ["snapshot", "mjpeg", "embed", "status", "websocket"]
 
 
 async def viewer_request(http_port: int, session_id: str, endpoint: str, query: str = "",
@@ -196,7 +197,7 @@ async def viewer_request(http_port: int, session_id: str, endpoint: str, query: 
     if endpoint == "websocket":
         response, _ = await ws_handshake(http_port, f"/stream/{session_id}{query}", headers=headers)
         return response
-    suffix = {"snapshot": "/snapshot.jpg", "mjpeg": "/mjpeg", "embed": "/embed"}[endpoint]
+    suffix = {"snapshot": "/snapshot.jpg", "mjpeg": "/mjpeg", "embed": "/embed", "status": "/status"}[endpoint]
     response, stream = await raw_request(http_port, f"/stream/{session_id}{suffix}{query}",
                                          headers={**(headers or {}), "Connection": "close"})
     stream.close()
@@ -240,7 +241,7 @@ async def test_viewer_endpoints_refuse_bad_tokens_with_403(api, proxy, http_port
 
 @pytest.mark.gen_test(timeout=30)
 @pytest.mark.config(VIEWER_AUTH)
-@pytest.mark.parametrize("endpoint", [*VIEWER_ENDPOINTS, "mp4", "whep"])
+@pytest.mark.parametrize("endpoint", [*VIEWER_ENDPOINTS, "mp4", "whep", "whep-resource"])
 async def test_without_its_token_nobody_learns_whether_a_session_exists(api, proxy, http_port, endpoint):
     """The token is checked before the session is looked up: a request without it, or with another
     session's, gets the same 401 / 403 for a session that exists and one that does not; only its
@@ -255,7 +256,8 @@ async def test_without_its_token_nobody_learns_whether_a_session_exists(api, pro
     async def status(session_id: str, query: str = "") -> int:
         if endpoint in VIEWER_ENDPOINTS:
             return (await viewer_request(http_port, session_id, endpoint, query)).status
-        method, suffix = ("GET", "/stream.mp4") if endpoint == "mp4" else ("POST", "/whep")
+        method, suffix = {"mp4": ("GET", "/stream.mp4"), "whep": ("POST", "/whep"),
+                          "whep-resource": ("POST", "/whep/some-resource")}[endpoint]
         response, stream = await raw_request(http_port, f"/stream/{session_id}{suffix}{query}", method,
                                              headers={"Connection": "close", "Content-Type": "application/sdp"})
         stream.close()
@@ -349,6 +351,36 @@ async def test_api_token_is_not_a_viewer_token(api, http_port):
                                          headers={**BEARER, "Connection": "close"})
     stream.close()
     assert response.status == 403
+
+
+@pytest.mark.gen_test(timeout=20)
+@pytest.mark.parametrize("viewer_tokens", [
+    pytest.param(False, id="viewer-tokens-off"),
+    pytest.param(True, id="viewer-tokens-on", marks=pytest.mark.config(VIEWER_AUTH))])
+@pytest.mark.config(API_AUTH)
+async def test_a_viewer_learns_that_its_session_ended_without_the_api_token(api, proxy, caplog, viewer_tokens):
+    """GET /stream/{id}/status answers a viewer with what it has (its viewer token, if tokens are on):
+    200 while it may watch, 404 once the session is gone, with auth.api_tokens on too (GET
+    /session/{id} is a 401 for it: the embed player, asking that, never learned of the end). A
+    200 is no access-log line (a stalled player asks every 2 s) and no activity of the session."""
+    caplog.set_level("DEBUG", logger="vsproxy.access")
+    body = await create(api, BEARER)
+    sid = body["sessionId"]
+    query = f"?token={body['viewerToken']}" if viewer_tokens else ""
+    session = proxy.sessions.get(sid)
+    active = session.last_activity(time.time())
+    code, answer, _ = await api.call("GET", f"/stream/{sid}/status{query}")
+    assert code == 200, answer
+    expires = iso_utc(float(body["viewerToken"].split(".")[0])) if viewer_tokens else None
+    assert answer == {"success": True, "sessionId": sid, "expiresAt": expires}
+    assert session.last_activity(time.time()) == active
+    assert (await api.call("DELETE", f"/session/{sid}", headers=BEARER))[0] == 200
+    code, answer, _ = await api.call("GET", f"/stream/{sid}/status{query}")
+    assert_json_error(code, answer, 404)
+    lines = [(r.levelname, r.getMessage().split(" ")[:3]) for r in caplog.records if r.name == "vsproxy.access"
+             and "/status" in r.getMessage()]
+    assert lines == [("DEBUG", ["200", "GET", f"/stream/{sid}/status"]),
+                     ("WARNING", ["404", "GET", f"/stream/{sid}/status"])], lines
 
 
 # -- operators (HTTP Basic) -----------------------------------------------------------------------

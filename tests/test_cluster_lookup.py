@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio
 from cluster_fixtures import redis_server  # noqa: F401 - the fixture
-from helpers import WhepClient, assert_json_error, poll, wait_until
+from helpers import VIEWER_SECRET, WhepClient, assert_json_error, poll, wait_until
 from test_cluster import Node, cluster, started  # noqa: F401 - the fixture
 
+from vsproxy.auth import ViewerTokens
 from vsproxy.cluster.node import NODE_TTL_SECONDS
 from vsproxy.cluster.sessions import SESSIONS
 
@@ -85,6 +86,34 @@ async def test_a_whep_resource_is_deleted_through_any_node(cluster, sim):  # noq
                                 lambda r: r[1]["session"]["connections"] == 0, "node1's peer to leave")
         code, body, _ = await node2.api.call("DELETE", client.location)  # already ended
         assert_json_error(code, body, 404)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_whep_peers_token_is_renewed_through_any_node(cluster, sim):  # noqa: F811
+    """The POST renewing a peer's viewer token lands on any node too: the node holding the peer
+    keeps it past the old token's expiry."""
+    ttl = 60
+    node1, node2 = await started(cluster(2, {"auth": {"viewer_tokens": {
+        "enabled": True, "secret": VIEWER_SECRET, "ttl_seconds": ttl}}}))
+    code, created, _ = await node1.api.call("POST", "/session/create", {"userId": "u", "robotName": "r"})
+    sid = created["sessionId"]
+    issuer = ViewerTokens(VIEWER_SECRET, ttl)
+    token = issuer.issue(sid, now=time.time() - ttl + 6)  # expires in 5-6 s
+    client = WhepClient(node1.api, f"/stream/{sid}/whep?token={token}")
+    try:
+        assert await client.connect() == 201
+        await client.frames(3, timeout=15)
+        resource = client.location
+        fresh = issuer.issue(sid)
+        code, body, _ = await node2.api.call("POST", f"/stream/{sid}/whep/not-a-resource?token={fresh}")
+        assert_json_error(code, body, 404)
+        code, body, _ = await node2.api.call("POST", resource, headers={"Authorization": f"Bearer {fresh}"})
+        assert code == 200 and body["expiresAt"], body
+        await asyncio.sleep(max(0.0, float(token.split(".")[0]) - time.time()) + 1.5)
+        await client.frames(10, timeout=5)  # still playing, on the same connection
+        assert (await node1.api.call("GET", f"/session/{sid}"))[1]["session"]["connections"] == 1
+    finally:
+        await client.close()
 
 
 @pytest.mark.gen_test(timeout=60)

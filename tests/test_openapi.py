@@ -302,7 +302,11 @@ COVERED_ELSEWHERE = {
     **{("/stream/{sessionId}/whep/{resourceId}", method, status):
        "test_whep.py::test_whep_responses_conform_to_the_document"
        for method, status in (("DELETE", "200"), ("DELETE", "400"), ("DELETE", "404"), ("DELETE", "413"),
-                              ("PATCH", "405"), ("PATCH", "400"), ("PATCH", "413"))},
+                              ("PATCH", "405"), ("PATCH", "400"), ("PATCH", "413"),
+                              ("POST", "200"), ("POST", "400"), ("POST", "401"), ("POST", "403"), ("POST", "404"),
+                              ("POST", "413"), ("POST", "415"))},
+    ("/stream/{sessionId}/whep/{resourceId}", "POST", "409"):
+        "test_whep.py::test_renewing_a_peer_without_viewer_tokens_is_409",
 }
 
 
@@ -389,6 +393,15 @@ async def test_every_rest_response_conforms_to_the_document(call, contract, prox
     await call("GET", snap, f"/stream/{BAD}/snapshot.jpg", expect=400)
     await call("GET", snap, f"/stream/{sid}/snapshot.jpg?token={token}", raw=BIG, expect=413)
     await call("GET", snap, f"/stream/{dead['sessionId']}/snapshot.jpg?token={dead['viewerToken']}", expect=503)
+
+    status = "/stream/{sessionId}/status"
+    await call("GET", status, f"/stream/{sid}/status?token={token}", expect=200)
+    await call("GET", status, f"/stream/{sid}/status", headers=BEARER, expect=403)  # the API token is no viewer's
+    await call("GET", status, f"/stream/{sid}/status", expect=401)
+    await call("GET", status, f"/stream/{sid}/status?token={b1['viewerToken']}", expect=403)
+    await call("GET", status, f"/stream/{UNKNOWN}/status?token={ended}", expect=404)
+    await call("GET", status, f"/stream/{BAD}/status", expect=400)
+    await call("GET", status, f"/stream/{sid}/status?token={token}", raw=BIG, expect=413)
 
     mjpeg = "/stream/{sessionId}/mjpeg"
     await call.raw("GET", mjpeg, f"/stream/{sid}/mjpeg?token={token}&fps=abc", expect=400)

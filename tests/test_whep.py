@@ -13,6 +13,7 @@ from helpers import VIEWER_AUTH, WhepClient, assert_json_error, poll, session_js
 from test_openapi import call, contract  # noqa: F401  (fixtures)
 
 from vsproxy.outputs.wire import WEBRTC
+from vsproxy.sessions import iso_utc
 
 SMALL_DEMO = {"demo": {"width": 320, "height": 240, "fps": 30, "quality": 70}}
 
@@ -371,11 +372,67 @@ async def test_whep_responses_conform_to_the_document(call, contract, api, proxy
                headers={"Content-Type": "application/trickle-ice-sdpfrag"}, expect=405)
     await call("PATCH", RESOURCE, "/stream/%FF/whep/x", raw=b"", expect=400)
     await call("PATCH", RESOURCE, resource, raw=big, expect=413)
+    # A fresh viewer token for the peer: checked first, then the resource.
+    await call("POST", RESOURCE, resource, expect=401)
+    await call("POST", RESOURCE, f"{resource}?token={b['viewerToken']}", expect=403)
+    await call("POST", RESOURCE, f"{resource}?token={token}", raw=b"x=1",
+               headers={"Content-Type": "application/x-www-form-urlencoded"}, expect=415)
+    await call("POST", RESOURCE, f"{resource}?token={token}", raw=big, expect=413)
+    await call("POST", RESOURCE, "/stream/%FF/whep/x", expect=400)
+    await call("POST", RESOURCE, f"{resource}?token={token}", expect=200)
+    await call("POST", RESOURCE, f"/stream/{sid}/whep/nope?token={token}", expect=404)
     await call("DELETE", RESOURCE, resource, raw=big, expect=413)
     await call("DELETE", RESOURCE, "/stream/%FF/whep/x", expect=400)
     await call("DELETE", RESOURCE, resource, expect=200)
     await call("DELETE", RESOURCE, resource, expect=404)
     await call("DELETE", RESOURCE, f"/stream/{sid}/whep/nope", expect=404)
+    await call("POST", RESOURCE, f"{resource}?token={token}", expect=404)  # ended: nothing to renew
+    contract.assert_ok()
+
+
+@pytest.mark.config({**SMALL_DEMO, **VIEWER_AUTH})
+@pytest.mark.gen_test(timeout=30)
+async def test_a_fresh_token_keeps_a_peer_past_its_old_expiry(api, proxy, whep_clients):
+    """A peer ends when its viewer token expires, unless its client POSTs a fresh token of the
+    session to its resource first (as a WebSocket viewer sends one in a message): the same peer
+    then plays on until the new expiry. A refused token leaves the old expiry, and a peer that
+    is not renewed ends at it."""
+    created = await api.create_session()
+    sid = created["sessionId"]
+    other = (await api.create_session(user="someone-else"))["viewerToken"]
+    issuer = proxy.access.viewer_tokens
+    short = issuer.issue(sid, now=time.time() - issuer.ttl + 2)  # expires in 1-2 s
+    renewed = await new_client(api, whep_clients, sid, f"?token={short}")
+    left = await new_client(api, whep_clients, sid, f"?token={short}")
+    assert await renewed.connect() == 201 and await left.connect() == 201
+    await renewed.frames(3)
+    peer = proxy.whep.get(renewed.location.rsplit("/", 1)[1])
+    code, body, _ = await api.call("POST", f"{renewed.location}?token={other}")  # another session's token
+    assert_json_error(code, body, 403)
+    expired = issuer.issue(sid, now=time.time() - issuer.ttl - 5)
+    code, body, _ = await api.call("POST", renewed.location, headers={"Authorization": f"Bearer {expired}"})
+    assert_json_error(code, body, 403)
+    assert "expired" in body["error"]
+    fresh = issuer.issue(sid)
+    code, body, _ = await api.call("POST", renewed.location, headers={"Authorization": f"Bearer {fresh}"})
+    assert code == 200, body
+    assert body == {"success": True, "expiresAt": iso_utc(float(fresh.split(".")[0]))}
+    await asyncio.sleep(max(0.0, float(short.split(".")[0]) - time.time()) + 0.5)
+    await wait_until(lambda: left.location.rsplit("/", 1)[1] not in proxy.whep.peers, "the other peer to expire")
+    assert proxy.whep.peers == {peer.id: peer} and not peer.closed
+    await renewed.frames(10)  # still playing, on the same connection
+
+
+@pytest.mark.config(SMALL_DEMO)
+@pytest.mark.gen_test(timeout=30)
+async def test_renewing_a_peer_without_viewer_tokens_is_409(call, contract, api, proxy, whep_clients):  # noqa: F811
+    """Without viewer tokens a peer never expires: there is nothing to renew, said as for POST
+    /session/{id}/token."""
+    sid = (await api.create_session())["sessionId"]
+    client = await new_client(api, whep_clients, sid)
+    assert await client.connect() == 201
+    await call("POST", RESOURCE, client.location, expect=409)
+    assert len(proxy.whep.peers) == 1
     contract.assert_ok()
 
 

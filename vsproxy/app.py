@@ -154,8 +154,9 @@ class Proxy:
         # fault: a warning. Other 5xx are faults.
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 or status == 503 else logging.ERROR
         path = handler.request.path
-        if status == 200 and (path in ("/health", "/metrics") or path.startswith("/dashboard/api/")):
-            level = logging.DEBUG  # probes, scrapes and dashboard refreshes would drown the log
+        if status == 200 and (path in ("/health", "/metrics") or path.startswith("/dashboard/api/")
+                              or (path.startswith("/stream/") and path.endswith("/status"))):
+            level = logging.DEBUG  # probes, scrapes, dashboard refreshes and stalled players would drown the log
         access_log.log(level, "%d %s %s %.1fms", status, method_name(handler.request.method),
                        handler.request.path, 1000 * handler.request.request_time())
 

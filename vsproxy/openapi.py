@@ -138,6 +138,17 @@ SCHEMAS: dict[str, Any] = {
         "upstream": {"type": "string"},
     }),
     "SessionResponse": _object({"success": _TRUE, "session": _schema("Session")}),
+    "StreamStatusResponse": _object({
+        "success": _TRUE,
+        "sessionId": {"type": "string", "pattern": SESSION_ID_PATTERN},
+        "expiresAt": {"anyOf": [{"type": "string", "pattern": ISO_UTC_PATTERN}, {"type": "null"}],
+                      "description": "When the viewer token of the request expires; null without viewer tokens."},
+    }),
+    "WhepRenewedResponse": _object({
+        "success": _TRUE,
+        "expiresAt": {"type": "string", "pattern": ISO_UTC_PATTERN,
+                      "description": "When the fresh token expires: the peer is closed then (unless renewed again)."},
+    }),
     "SessionDestroyedResponse": _object({
         "success": _TRUE,
         "message": {"type": "string", "const": "Session destroyed"},
@@ -428,6 +439,22 @@ def _paths() -> dict[str, Any]:
             ),
             "options": _preflight("GET"),
         },
+        "/stream/{sessionId}/status": {
+            "parameters": _SESSION_PARAM,
+            "get": _operation(
+                "Whether a viewer may still watch the session", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "413", ok={
+                    "200": _json(_schema("StreamStatusResponse"), "The session exists and the viewer token (where "
+                                                                  "tokens are on) is valid.")}),
+                operationId="streamStatus",
+                parameters=[_ref("parameters", "token")],
+                description="What a player asks when its picture stalls, with only what a viewer has: its viewer "
+                            "token where tokens are on (?token= or Bearer; never the API token). The token is "
+                            "checked first (401 missing, 403 expired or invalid), so only its holder learns "
+                            "whether the session exists (404 once it is gone). Does not count as activity.",
+            ),
+            "options": _preflight("GET"),
+        },
         "/stream/{sessionId}/mjpeg": {
             "parameters": _SESSION_PARAM,
             "get": _operation(
@@ -515,6 +542,21 @@ def _paths() -> dict[str, Any]:
                 description="The resource id (128 random bits, known only to whoever created the peer) is "
                             "the credential. 404 for a peer that already ended.",
             ),
+            "post": _operation(
+                "Renew a WHEP peer's viewer token", "streams", VIEWER_SECURITY,
+                _responses("400", "401", "403", "404", "409", "413", "415", ok={
+                    "200": _json(_schema("WhepRenewedResponse"), "The peer now lasts until the fresh token "
+                                                                 "expires.")}),
+                operationId="whepRenew",
+                parameters=[_ref("parameters", "token")],
+                description="With viewer tokens on, a peer is closed when its token expires. A fresh token of the "
+                            "session (POST /session/{sessionId}/token), as ?token= or Bearer, moves that to its "
+                            "own expiry, without a new peer: what a {\"type\": \"token\"} message does on a "
+                            "WebSocket, checked the same way. The token is checked first (401 missing, 403 "
+                            "invalid, expired or another session's; the old expiry stays), then the resource "
+                            "(404 for a peer that ended). 409 with viewer tokens off. No body (415 for one "
+                            "not declared as JSON).",
+            ),
             "patch": _operation(
                 "Trickle ICE (not supported)", "streams", OPEN,
                 {"405": {**_error("Trickle ICE and ICE restarts are not supported: the SDP answer carries "
@@ -524,7 +566,7 @@ def _paths() -> dict[str, Any]:
                  "413": _ref("responses", "PayloadTooLarge")},
                 operationId="whepPatch",
             ),
-            "options": _preflight("DELETE"),
+            "options": _preflight("POST, DELETE"),
         },
         "/stream/{sessionId}": {
             "parameters": _SESSION_PARAM,

@@ -1,6 +1,7 @@
 """WHEP resources across the cluster: a WebRTC peer lives on the node that answered its offer, but
-behind a load balancer without stickiness its `DELETE /stream/{id}/whep/{resource}` lands on any
-node. Redis keeps which node holds each resource, and a control message asks that node to end it.
+behind a load balancer without stickiness its `DELETE /stream/{id}/whep/{resource}` (or the `POST`
+renewing its viewer token) lands on any node. Redis keeps which node holds each resource, and a
+control message asks that node to end it (or to keep it until the renewed token's expiry).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RESOURCE_TTL_SECONDS = 24 * 3600
 # An ended peer is remembered this long for the DELETE its client may still send (to any node).
 ENDED_TTL_SECONDS = 300
 DELETE_OP = "whep-delete"
+RENEW_OP = "whep-renew"
 
 
 def resource_key(resource_id: str) -> str:
@@ -42,6 +44,7 @@ class WhepDirectory:
         # the two commands, on different connections of the pool, could land in either order.
         self._adding: dict[str, asyncio.Future] = {}
         cluster.event_handlers[DELETE_OP] = self._on_delete
+        cluster.event_handlers[RENEW_OP] = self._on_renew
 
     async def added(self, peer: WhepPeer) -> None:
         """A peer was made here: before its answer goes out, so a DELETE anywhere finds it. Redis
@@ -91,22 +94,44 @@ class WhepDirectory:
         """End a peer of `session_id` held by another node, or answer the first DELETE of one that
         ended there: False if there is none (503 if Redis cannot be reached to find out)."""
         key = resource_key(resource_id)
-        raw = await self.cluster.write(lambda: self.cluster.redis.get(key))
-        if raw is None:
-            return False
-        record = json.loads(raw)
-        if record.get("session") != session_id:
+        record = await self._record(session_id, resource_id)
+        if record is None:
             return False
         if record.get("ended"):  # its first DELETE wins the key; a second finds nothing: 404
             return bool(await self.cluster.write(lambda: self.cluster.redis.delete(key)))
-        # Its node process is gone (killed, or restarted since: another instance), and the peer
-        # with it.
+        if not await self._holder_alive(resource_id, record):
+            return False
+        await self.cluster.write(lambda: self.cluster.publish(
+            {"op": DELETE_OP, "node": record["node"], "resource": resource_id, "session": session_id}))
+        return True
+
+    async def renew(self, session_id: str, resource_id: str, expires: float) -> bool:
+        """Have the node holding a peer of `session_id` end it at `expires` (a renewed viewer
+        token's expiry) instead: False if there is none, or it ended (503 if Redis cannot be
+        reached to find out)."""
+        record = await self._record(session_id, resource_id)
+        if record is None or record.get("ended") or not await self._holder_alive(resource_id, record):
+            return False
+        await self.cluster.write(lambda: self.cluster.publish(
+            {"op": RENEW_OP, "node": record["node"], "resource": resource_id, "session": session_id,
+             "expires": expires}))
+        return True
+
+    async def _record(self, session_id: str, resource_id: str) -> dict | None:
+        """The resource's record in Redis, if it is one of `session_id`."""
+        raw = await self.cluster.write(lambda: self.cluster.redis.get(resource_key(resource_id)))
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        return record if record.get("session") == session_id else None
+
+    async def _holder_alive(self, resource_id: str, record: dict) -> bool:
+        """Is the node process that made the peer still running? If it is gone (killed, or
+        restarted since: another instance), the peer went with it and its record is forgotten."""
         holder = await self.cluster.write(lambda: self.cluster.redis.get(node_key(record["node"])))
         if holder is None or json.loads(holder).get("instance") != record.get("instance"):
             self.forget(resource_id)
             return False
-        await self.cluster.write(lambda: self.cluster.publish(
-            {"op": DELETE_OP, "node": record["node"], "resource": resource_id, "session": session_id}))
         return True
 
     def _on_delete(self, event: dict) -> None:
@@ -115,3 +140,10 @@ class WhepDirectory:
         peer = self.peers.get(event["resource"])
         if peer is not None and peer.session_id == event["session"]:
             self.peers.delete(peer, "ended by the client (DELETE on another node)")
+
+    def _on_renew(self, event: dict) -> None:
+        if event["node"] != self.cluster.node_id:
+            return
+        peer = self.peers.get(event["resource"])
+        if peer is not None and peer.session_id == event["session"]:
+            peer.expire_at(float(event["expires"]))

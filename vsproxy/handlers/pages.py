@@ -110,6 +110,7 @@ class EmbedHandler(PageHandler):
             else choice("transport", "ws", ("auto", "ws")) and "ws",
             "ignored": ignored,
             "whepPath": f"/stream/{session.id}/whep",
+            "statusPath": f"/stream/{session.id}/status",  # asked when the picture stalls
             "token": query_token(self.request),
             # What ?control=1 can do here: the player says so quietly instead of sending in vain.
             "mayControl": grant.control,

@@ -369,8 +369,25 @@ class SnapshotHandler(JsonHandler):
         self.finish(frame.jpeg)
 
 
+class StreamStatusHandler(JsonHandler):
+    """GET /stream/{sessionId}/status: whether a viewer may still watch the session, with only what
+    a viewer has (its viewer token, where tokens are on; never the API token): 200 while it may, 404
+    once the session is gone, 401/403 for a missing or expired token (checked first, as on every
+    stream endpoint: without a valid token nobody learns whether the session exists). What a
+    player asks when its picture stalls."""
+
+    cors_methods = "GET, OPTIONS"
+
+    async def get(self, session_id: str) -> None:
+        grant = self.require_viewer(session_id)
+        session = await self.sessions.lookup(session_id)  # no touch: asking is not watching
+        self.send_json({"success": True, "sessionId": session.id,
+                        "expiresAt": None if grant.expires is None else iso_utc(grant.expires)})
+
+
 _SESSION = r"(?P<session_id>[^/]+)"
 routes = [
+    (rf"/stream/{_SESSION}/status", StreamStatusHandler),
     (rf"/stream/{_SESSION}/mjpeg", MjpegHandler),
     (rf"/stream/{_SESSION}/stream\.mp4", Mp4Handler),
     (rf"/stream/{_SESSION}/snapshot\.jpg", SnapshotHandler),

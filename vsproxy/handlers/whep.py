@@ -2,25 +2,21 @@
 
 `POST /stream/{sessionId}/whep` with an SDP offer creates a peer (201, the SDP answer, a
 `Location` naming the peer's resource, an `ETag`, and the ICE servers as `Link` headers);
-`DELETE` on that resource ends it. Trickle ICE (`PATCH`) is not supported (405): the answer
-carries every host candidate. The peer itself lives in `vsproxy/outputs/webrtc.py`.
+`DELETE` on that resource ends it, and a `POST` to it with a fresh viewer token keeps it until that
+token's expiry (as a `{"type": "token"}` message does for a WebSocket viewer). Trickle ICE (`PATCH`)
+is not supported (405): the answer carries every host candidate. The peer itself lives in
+`vsproxy/outputs/webrtc.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-
 import tornado.web
 
+from ..auth import ViewerTokensOff
 from ..errors import ClientError, WebRtcDisabled
-from ..outputs.webrtc import WhepPeer
 from ..outputs.wire import WEBRTC
-from ..sessions import Session
+from ..sessions import iso_utc
 from .base import JsonHandler, write_json_error
-
-log = logging.getLogger("vsproxy.whep")
 
 SDP_CONTENT_TYPE = "application/sdp"
 EXPOSED_HEADERS = "Location, ETag, Link"
@@ -99,9 +95,7 @@ class WhepHandler(JsonHandler):
         except ClientError:
             peer.close("session gone before the answer")
             raise
-        if grant.expires is not None:  # the peer ends when its viewer token expires
-            peer.expiry = asyncio.get_running_loop().call_later(
-                max(0.0, grant.expires - time.time()), _token_expired, session, peer)
+        peer.expire_at(grant.expires)  # the peer ends when its viewer token expires
         self.set_status(201)
         self.set_header("Content-Type", SDP_CONTENT_TYPE)
         self.set_header("Location", f"/stream/{session_id}/whep/{peer.id}")
@@ -111,17 +105,13 @@ class WhepHandler(JsonHandler):
         self.finish(answer)
 
 
-def _token_expired(session: Session, peer: WhepPeer) -> None:
-    log.info("viewer token expired, closing the viewer", extra={"session": session.id})
-    peer.close("viewer token expired")
-
-
 class WhepResourceHandler(JsonHandler):
-    """DELETE /stream/{sessionId}/whep/{resourceId}: end a WHEP peer. The resource id (128
-    random bits, known only to whoever made the peer) is the capability; PATCH (trickle ICE) is
-    405."""
+    """DELETE /stream/{sessionId}/whep/{resourceId}: end a WHEP peer; POST with a fresh viewer
+    token: the peer lasts until that token expires. The resource id (128 random bits, known only
+    to whoever made the peer) is the capability; PATCH (trickle ICE) is 405."""
 
-    cors_methods = "DELETE, OPTIONS"
+    cors_methods = "POST, DELETE, OPTIONS"
+    post_takes_body = False  # the token comes as ?token= or Bearer, as for every viewer request
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -134,10 +124,20 @@ class WhepResourceHandler(JsonHandler):
         self.set_status(200)
         self.finish()
 
+    async def post(self, session_id: str, resource_id: str) -> None:
+        # The fresh token is checked as a WebSocket viewer's {"type": "token"} message is (this
+        # session's, valid now), and first: without one, nobody learns whether the peer exists.
+        grant = self.require_viewer(session_id)
+        if grant.expires is None:
+            raise ViewerTokensOff("Viewer tokens are off (auth.viewer_tokens.enabled): the peer does not expire")
+        if not await self.whep.renew(session_id, resource_id, grant.expires):
+            raise tornado.web.HTTPError(404, reason="No such WHEP resource (ended, or never created)")
+        self.send_json({"success": True, "expiresAt": iso_utc(grant.expires)})
+
     def patch(self, session_id: str, resource_id: str) -> None:
         # Trickle ICE and ICE restarts are optional in WHEP: the answer has every candidate.
         write_json_error(self, 405, "Trickle ICE is not supported: the SDP answer carries every candidate",
-                         {"Allow": "DELETE, OPTIONS"})
+                         {"Allow": self.cors_methods})
 
 
 _SESSION = r"(?P<session_id>[^/]+)"

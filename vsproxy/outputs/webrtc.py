@@ -329,6 +329,21 @@ class WhepPeer:
     def hang_up(self) -> None:
         """`close` already ended the connection."""
 
+    def expire_at(self, expires: float | None) -> None:
+        """End the peer when its viewer token expires, at `expires` (epoch seconds; None: never).
+        A later call replaces the time of an earlier one: a renewed token's expiry."""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if expires is not None and not self.closed:
+            self.expiry = asyncio.get_running_loop().call_later(max(0.0, expires - time.time()),
+                                                                self._token_expired)
+
+    def _token_expired(self) -> None:
+        self.expiry = None
+        log.info("viewer token expired, closing the viewer", extra={"session": self.session_id})
+        self.close("viewer token expired")
+
     # -- aiortc's side ------------------------------------------------------------------------------
 
     async def next_access_unit(self) -> AccessUnit:
@@ -486,6 +501,18 @@ class WhepPeers:
             # In a cluster its record in Redis decides: a DELETE on another node may have had it.
         if self.directory is not None:
             return await self.directory.end(session_id, resource_id)
+        return False
+
+    async def renew(self, session_id: str, resource_id: str, expires: float) -> bool:
+        """The peer of `session_id` with that resource id now ends at `expires` (its client's
+        renewed viewer token), here or (in a cluster) on the node holding it: False if there is
+        none (it ended, or never was)."""
+        peer = self.peers.get(resource_id)
+        if peer is not None and peer.session_id == session_id:
+            peer.expire_at(expires)
+            return True
+        if self.directory is not None and resource_id not in self._ended:
+            return await self.directory.renew(session_id, resource_id, expires)
         return False
 
     def delete(self, peer: WhepPeer, reason: str) -> None:
