@@ -159,3 +159,31 @@ async def test_the_player_sees_its_session_end_with_api_tokens_on(sim, api, base
     asked = [r.getMessage() for r in caplog.records
              if r.name == "vsproxy.access" and r.levelno >= logging.INFO and "/status" in r.getMessage()]
     assert len(asked) <= 1, asked  # only the answer that the session is gone (404) is worth a line
+
+
+@pytest.mark.config({**TOKENS})
+@pytest.mark.gen_test(timeout=60)
+async def test_a_websocket_player_refused_on_reconnect_for_an_expired_token_tells_its_parent(io_loop, api, base_url,
+                                                                                              proxy):
+    """Its socket drops just before the token expires, and its reconnect comes after: the
+    handshake is refused (403), which a browser sees only as a close. The player asks its status,
+    learns that its token expired, and tells the parent, as when the open socket is closed for
+    the expiry; a token posted then plays again. Before, it tried twice more with the dead token
+    and then fell back to MJPEG, refused as well, without a word to the parent."""
+    sid = (await api.create_session())["sessionId"]
+    token = expiring_token(proxy, sid, 3)
+    with page_server(PARENT_PORT, PARENT_PAGE) as parent:
+        async with chromium() as browser:
+            page, player = await embedded_player(browser, base_url, parent, sid, f"{token}&transport=ws")
+            (viewer,) = proxy.sessions.get(sid).viewers
+            await asyncio.sleep(max(0.0, expiry_of(token) - time.time() - 0.2))
+            viewer.close("upstream restarting")  # not the expiry: the player reconnects, 0.5 s later
+            await wait_page(page, "window.received.some((m) => m.type === 'vsproxy:token-expired')", timeout=5)
+            shown = await player.evaluate(PLAYER)
+            assert shown["state"] == "ended" and shown["mode"] == "ws", shown  # no MJPEG fallback
+
+            frames = shown["frames"]
+            await page.evaluate("(token) => window.post(token)", proxy.access.viewer_tokens.issue(sid))
+            await wait_page(player, "document.body.dataset.state === 'live' && "
+                                    f"window.vsproxyPlayer.frames > {frames + 5}")
+            assert (await player.evaluate(PLAYER))["mode"] == "ws"
