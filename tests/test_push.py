@@ -223,6 +223,11 @@ async def test_publisher_frames_reach_a_binary_viewer_byte_identical_and_in_orde
     await close_publisher(pub)
     await wait_until(lambda: hub.state == "retrying", "the hub to mark the publisher lost")
     await wait_until(lambda: viewer.has_text(lost_message), "the viewers to be told")
+    # Then what they wait for: a publisher, not a reconnect (there is nothing to reconnect to).
+    waiting = {"type": "status", "message": "Waiting for a publisher of upstream 'replicator'"}
+    await wait_until(lambda: viewer.has_text(lambda t: t == waiting), "the viewers to be told what they wait for")
+    assert not viewer.has_text(lambda t: "Reconnecting" in t.get("message", ""))
+    assert hub.describe_state().endswith("; waiting for its publisher"), hub.describe_state()
 
 
 @pytest.mark.gen_test(timeout=40)

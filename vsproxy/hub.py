@@ -355,8 +355,7 @@ class FrameHub:
             sooner = ", or as soon as it answers" if retry.probes(wait) else ""
             try:
                 self._lost(reason)
-                self.notify("status", f"Reconnecting to upstream '{self.name}' in {wait:.1f} s{sooner} "
-                                      f"(attempt {attempt})")
+                self.notify("status", self.source.underlying.retry_status(wait, attempt, sooner))
             except Exception:  # reporting a loss must never end the reconnect loop
                 log.exception("could not report the lost upstream", extra={"upstream": self.name})
             try:
@@ -560,7 +559,7 @@ class FrameHub:
 
     def _offline_frame(self) -> Frame:
         # Plain ASCII: Pillow's built-in font has no em dash or ellipsis.
-        text = "upstream offline - reconnecting" if self.connects else "connecting to upstream..."
+        text = self.source.underlying.offline_text if self.connects else "connecting to upstream..."
         if self.latest is not None and self._sized_seq != self.latest.seq:  # once a frame
             self._sized_seq = self.latest.seq
             self._frame_size = _picture_size(render.jpeg_size(self.latest.jpeg)) or self._frame_size
@@ -738,7 +737,8 @@ class FrameHub:
         if self.connected:
             return f"Upstream '{self.name}' connected"
         if self.state == "retrying" and self.last_error:  # not an error of an earlier run (stopped since)
-            return f"Upstream '{self.name}' offline ({self.last_error}); reconnecting"
+            doing = self.source.underlying.offline_text.rsplit(" - ", 1)[-1]  # reconnecting, or waiting for ...
+            return f"Upstream '{self.name}' offline ({self.last_error}); {doing}"
         return f"Connecting to upstream '{self.name}'"
 
     def status(self) -> dict:

@@ -233,6 +233,14 @@ class Source:
         """Counters of this kind worth showing in /upstreams (empty: none)."""
         return {}
 
+    # The offline picture's words while the upstream, connected before, is down.
+    offline_text: ClassVar[str] = "upstream offline - reconnecting"
+
+    def retry_status(self, wait: float, attempt: int, sooner: str) -> str:
+        """What viewers are told while the hub waits `wait` seconds to run this source again
+        (`sooner`: how the wait may end early, or empty)."""
+        return f"Reconnecting to upstream '{self.name}' in {wait:.1f} s{sooner} (attempt {attempt})"
+
     def send(self, message: str | bytes) -> bool:
         """Relay a viewer's message upstream; False where the kind cannot (or is not connected)."""
         return False

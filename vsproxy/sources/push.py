@@ -92,6 +92,11 @@ class PushSource(Source):
     # A POSTed frame keeps the upstream "connected" this long (a POST-only publisher has no
     # connection whose end would say it stopped).
     post_hold_seconds: float = 10.0
+    # Nothing to reconnect to: a publisher comes back by itself (and is taken at once, backoff or not).
+    offline_text = "upstream offline - waiting for its publisher"
+
+    def retry_status(self, wait: float, attempt: int, sooner: str) -> str:
+        return f"Waiting for a publisher of upstream '{self.name}'"
 
     @classmethod
     def check_settings(cls, settings: PushUpstream, key: str) -> None:
