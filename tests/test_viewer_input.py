@@ -340,7 +340,7 @@ async def test_a_watch_token_cannot_send_control_input(sim, api, ws_connect):
 async def test_a_control_token_sends_input_and_a_forged_claim_is_refused(sim, api, ws_connect):
     created = await connected(api, {**CREATE, "control": True})
     sid, token = created["sessionId"], created["viewerToken"]
-    assert set(created) == {"success", "sessionId", "wsUrl", "httpStreamUrl", "message", "viewerToken"}
+    assert set(created) == {"success", "sessionId", "wsUrl", "httpStreamUrl", "message", "viewerToken", "expiresAt"}
     assert created["wsUrl"].endswith(f"?token={token}")
     conn = await ws_connect(f"/stream/{sid}?token={token}")
     await frames(conn, 1)
